@@ -1,0 +1,239 @@
+//! The `[time, record]` walk over concatenated entries, and capped inflation of compressed ones.
+//!
+//! Entries are validated by skipping, never decoded (invariant 6): each must be a 2-element
+//! array whose time is an integer, a float, an EventTime (ext type 0, 8 bytes, fixext8 or ext8)
+//! or the v1.5 `[time, {metadata}]` pair, and whose record is a map (PROTOCOL.md §3, §5, §13.8).
+//! What passes here is what every fluentd and fluent-bit receiver can at least parse; a frame
+//! with one bad entry is rejected whole (invariant 4), since a relay cannot un-ack later.
+
+use std::io::Read;
+
+use super::msgpack::{read_header, value_len, Header, SkipError};
+
+/// Why a run of entries is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    #[error("entry {index}: {source}")]
+    Msgpack { index: u32, source: SkipError },
+    #[error("entry {index} is cut short")]
+    Truncated { index: u32 },
+    #[error("entry {index} is not a [time, record] array")]
+    NotPair { index: u32 },
+    #[error("entry {index} has a time that is not an integer, float, EventTime or [time, metadata]")]
+    BadTime { index: u32 },
+    #[error("entry {index} has a record that is not a map")]
+    BadRecord { index: u32 },
+    #[error("more than {limit} entries")]
+    TooMany { limit: u32 },
+}
+
+/// Why a compressed payload could not be inflated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InflateError {
+    #[error("compressed payload inflates past the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("corrupt {codec} payload: {reason}")]
+    Corrupt { codec: &'static str, reason: String },
+}
+
+/// Compression of a CompressedPackedForward payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// The `compressed` option value that names this codec.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    /// Recognise a payload by its magic bytes, as fluent-bit does (PROTOCOL.md §3). A valid
+    /// uncompressed payload starts with an array marker, so this never misreads one.
+    pub fn sniff(payload: &[u8]) -> Option<Compression> {
+        if payload.starts_with(&[0x1f, 0x8b]) {
+            Some(Compression::Gzip)
+        } else if payload.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Some(Compression::Zstd)
+        } else {
+            None
+        }
+    }
+}
+
+/// Walk `buf` as concatenated entries; returns how many there are.
+pub fn count_entries(buf: &[u8], max_depth: usize) -> Result<u32, EntryError> {
+    let mut pos = 0usize;
+    let mut index: u32 = 0;
+    while pos < buf.len() {
+        let len = entry_len(&buf[pos..], index, max_depth)?;
+        pos += len;
+        index = index.checked_add(1).ok_or(EntryError::TooMany { limit: u32::MAX })?;
+    }
+    Ok(index)
+}
+
+/// Check one entry at the start of `buf`; returns its length in bytes.
+pub fn entry_len(buf: &[u8], index: u32, max_depth: usize) -> Result<usize, EntryError> {
+    let len = value_len(buf, max_depth)
+        .map_err(|source| EntryError::Msgpack { index, source })?
+        .ok_or(EntryError::Truncated { index })?;
+    let entry = &buf[..len];
+    let Some(Header::Array { offset, count: 2 }) = read_header(entry) else {
+        return Err(EntryError::NotPair { index });
+    };
+    let time = &entry[offset..];
+    let time_len = value_len(time, max_depth)
+        .ok()
+        .flatten()
+        .ok_or(EntryError::BadTime { index })?;
+    if !is_time(&time[..time_len], max_depth) {
+        return Err(EntryError::BadTime { index });
+    }
+    let record = &time[time_len..];
+    match read_header(record) {
+        Some(Header::Map { .. }) => Ok(len),
+        _ => Err(EntryError::BadRecord { index }),
+    }
+}
+
+/// Integer, float, EventTime, or the v1.5 `[EventTime|int, {metadata}]` form.
+fn is_time(time: &[u8], max_depth: usize) -> bool {
+    match read_header(time) {
+        Some(Header::Int) | Some(Header::Float) => true,
+        Some(Header::Ext { kind: 0, len: 8, .. }) => true,
+        Some(Header::Array { offset, count: 2 }) => {
+            let inner = &time[offset..];
+            let Ok(Some(first)) = value_len(inner, max_depth) else {
+                return false;
+            };
+            let plain = matches!(
+                read_header(inner),
+                Some(Header::Int) | Some(Header::Ext { kind: 0, len: 8, .. })
+            );
+            plain && matches!(read_header(&inner[first..]), Some(Header::Map { .. }))
+        }
+        _ => false,
+    }
+}
+
+/// Inflate `payload` (gzip members back to back, or zstd frames) up to `limit` bytes.
+pub fn inflate(codec: Compression, payload: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
+    let mut out = Vec::with_capacity(payload.len().saturating_mul(4).min(limit));
+    let cap = limit as u64 + 1;
+    let result = match codec {
+        Compression::Gzip => flate2::read::MultiGzDecoder::new(payload)
+            .take(cap)
+            .read_to_end(&mut out),
+        Compression::Zstd => match zstd::stream::read::Decoder::with_buffer(payload) {
+            Ok(decoder) => decoder.take(cap).read_to_end(&mut out),
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = result {
+        return Err(InflateError::Corrupt {
+            codec: codec.name(),
+            reason: e.to_string(),
+        });
+    }
+    if out.len() > limit {
+        return Err(InflateError::TooLarge { limit });
+    }
+    Ok(out)
+}
+
+/// Compress `entries` as one gzip member (for upstream nodes configured with gzip).
+pub fn deflate_gzip(entries: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    // Writing into a Vec cannot fail.
+    let _ = encoder.write_all(entries);
+    encoder.finish().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INT_ENTRY: &[u8] = &[0x92, 0xce, 0x6b, 0x07, 0xd1, 0x6d, 0x81, 0xa1, b'a', 0x01];
+
+    #[test]
+    fn every_time_kind_is_accepted() {
+        let event_time_fixext = [
+            0x92, 0xd7, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0x80,
+        ];
+        let event_time_ext8 = [
+            0x92, 0xc7, 0x08, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0x80,
+        ];
+        let float = [0x92, 0xcb, 0x41, 0xd9, 0, 0, 0, 0, 0, 0, 0x80];
+        let v15 = [0x92, 0x92, 0xd7, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0x80, 0x80];
+        for entry in [
+            INT_ENTRY,
+            &event_time_fixext[..],
+            &event_time_ext8[..],
+            &float[..],
+            &v15[..],
+        ] {
+            assert_eq!(count_entries(entry, 32), Ok(1), "{entry:02x?}");
+        }
+        let mut two = INT_ENTRY.to_vec();
+        two.extend_from_slice(&float);
+        assert_eq!(count_entries(&two, 32), Ok(2));
+    }
+
+    #[test]
+    fn malformed_entries_are_named() {
+        assert_eq!(
+            count_entries(&[0x91, 0x01], 32),
+            Err(EntryError::NotPair { index: 0 })
+        );
+        assert_eq!(
+            count_entries(&[0x92, 0xa1, b'x', 0x80], 32),
+            Err(EntryError::BadTime { index: 0 })
+        );
+        assert_eq!(
+            count_entries(&[0x92, 0x01, 0x01], 32),
+            Err(EntryError::BadRecord { index: 0 })
+        );
+        assert_eq!(
+            count_entries(&INT_ENTRY[..5], 32),
+            Err(EntryError::Truncated { index: 0 })
+        );
+        // ext type 0 with 4 bytes is not an EventTime.
+        assert_eq!(
+            count_entries(&[0x92, 0xd6, 0x00, 1, 2, 3, 4, 0x80], 32),
+            Err(EntryError::BadTime { index: 0 })
+        );
+    }
+
+    #[test]
+    fn multi_member_gzip_inflates_whole() {
+        let mut payload = deflate_gzip(INT_ENTRY);
+        payload.extend(deflate_gzip(INT_ENTRY));
+        let out = inflate(Compression::Gzip, &payload, 1024).unwrap();
+        assert_eq!(out, [INT_ENTRY, INT_ENTRY].concat());
+        assert_eq!(
+            inflate(Compression::Gzip, &payload, 10),
+            Err(InflateError::TooLarge { limit: 10 })
+        );
+        assert!(inflate(Compression::Gzip, &payload[..payload.len() - 3], 1024).is_err());
+    }
+
+    #[test]
+    fn zstd_inflates_and_is_capped() {
+        let payload = zstd::encode_all(INT_ENTRY, 1).unwrap();
+        assert_eq!(Compression::sniff(&payload), Some(Compression::Zstd));
+        assert_eq!(
+            inflate(Compression::Zstd, &payload, 1024).unwrap(),
+            INT_ENTRY
+        );
+        assert!(matches!(
+            inflate(Compression::Zstd, &payload, 4),
+            Err(InflateError::TooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,467 @@
+//! One Forward request, found in a byte stream and normalised.
+//!
+//! [`FrameDecoder::decode`] returns `Ok(None)` until a whole msgpack value is buffered (the
+//! mini-redis pattern), then slices it off and parses it: tag, options, and the raw bytes of the
+//! `[time, record]` entries, whatever the carrier mode (PROTOCOL.md §3). A `nil` value is a
+//! health-check no-op (§2.1). Errors mean "close this connection"; the decoder never tries to
+//! resynchronise mid-stream (invariant 4).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::entries::{count_entries, inflate, Compression, EntryError, InflateError};
+use super::msgpack::{read_header, value_len, Header, Progress, SkipError, Skipper};
+
+/// Bounds on what one peer can make ackgate buffer or inflate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request accepted, as bytes on the wire.
+    pub max_frame_bytes: usize,
+    /// Largest inflated CompressedPackedForward payload.
+    pub max_decompressed_bytes: usize,
+    /// Deepest msgpack nesting accepted inside a request.
+    pub max_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 16 << 20,
+            max_decompressed_bytes: 256 << 20,
+            max_depth: 64,
+        }
+    }
+}
+
+/// The carrier mode a request used (PROTOCOL.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Message,
+    Forward,
+    PackedForward,
+    CompressedPackedForward(Compression),
+}
+
+/// A decoded request, with its events as raw entry bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub mode: Mode,
+    /// The tag's bytes (content of the str or bin, without the msgpack header).
+    pub tag: Bytes,
+    /// Concatenated `[time, record]` msgpack arrays exactly as the sender wrote them
+    /// (inflated when the request was compressed; for Message mode, the sender's time and
+    /// record bytes behind a `0x92` array header).
+    pub entries: Bytes,
+    /// Number of entries.
+    pub events: u32,
+    /// The `chunk` option value as raw msgpack bytes (header included), to echo in the ack.
+    pub chunk: Option<Bytes>,
+    /// Bytes the request took on the wire.
+    pub wire_len: usize,
+}
+
+/// What one msgpack value on a Forward connection turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    /// A request carrying events.
+    Frame(Frame),
+    /// msgpack `nil`: a keep-alive no-op, nothing to store or answer.
+    Nil,
+}
+
+/// Why a request was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("malformed msgpack: {0}")]
+    Msgpack(SkipError),
+    #[error("request larger than max_frame_bytes ({limit} bytes)")]
+    TooLarge { limit: usize },
+    #[error("request is not an array (first byte 0x{marker:02x})")]
+    NotArray { marker: u8 },
+    #[error("request array has {count} elements, expected 2 to 4")]
+    BadArity { count: usize },
+    #[error("tag is not a string")]
+    BadTag,
+    #[error("second element is neither entries nor a time (marker 0x{marker:02x})")]
+    UnknownMode { marker: u8 },
+    #[error("{mode:?} request with {count} elements")]
+    ModeArity { mode: Mode, count: usize },
+    #[error("Message-mode record is not a map")]
+    BadMessageRecord,
+    #[error("option is not a map or nil")]
+    BadOption,
+    #[error("option {key:?} has the wrong type")]
+    BadOptionValue { key: &'static str },
+    #[error("unsupported compressed option {0:?}")]
+    UnknownCompression(String),
+    #[error("fluent_signal {0} (metrics/traces) is not relayed")]
+    UnsupportedSignal(i64),
+    #[error("forward entries array declares {declared} entries, found {found}")]
+    CountMismatch { declared: usize, found: u32 },
+    #[error("{0}")]
+    Entry(#[from] EntryError),
+    #[error("{0}")]
+    Inflate(#[from] InflateError),
+    #[error("request is empty: no entries")]
+    Empty,
+}
+
+/// Finds request boundaries in a connection's byte stream.
+#[derive(Debug, Clone)]
+pub struct FrameDecoder {
+    skipper: Skipper,
+    limits: Limits,
+}
+
+impl FrameDecoder {
+    pub fn new(limits: Limits) -> Self {
+        FrameDecoder {
+            skipper: Skipper::new(limits.max_depth, limits.max_frame_bytes),
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Take one request off the front of `buf`, or `Ok(None)` if it is not all there yet.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, FrameError> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        match self.skipper.advance(buf) {
+            Ok(Progress::Incomplete { needed_at_least }) => {
+                // A declared str32/bin32 length tells how much is coming: grow once.
+                buf.reserve(needed_at_least.saturating_sub(buf.len()));
+                Ok(None)
+            }
+            Ok(Progress::Complete(end)) => {
+                self.skipper.reset();
+                let bytes = buf.split_to(end).freeze();
+                parse_request(bytes, &self.limits).map(Some)
+            }
+            Err(SkipError::TooLong { .. }) => Err(FrameError::TooLarge {
+                limit: self.limits.max_frame_bytes,
+            }),
+            Err(other) => Err(FrameError::Msgpack(other)),
+        }
+    }
+
+}
+
+/// Options ackgate reads; every other key is tolerated and ignored (PROTOCOL.md §4).
+#[derive(Debug, Default)]
+struct Options {
+    chunk: Option<Bytes>,
+    compressed: Option<Bytes>,
+}
+
+/// Parse one complete msgpack value as a Forward request.
+pub fn parse_request(bytes: Bytes, limits: &Limits) -> Result<Decoded, FrameError> {
+    let wire_len = bytes.len();
+    let depth = limits.max_depth;
+    let (offset, count) = match read_header(&bytes) {
+        Some(Header::Nil) => return Ok(Decoded::Nil),
+        Some(Header::Array { offset, count }) => (offset, count),
+        _ => {
+            return Err(FrameError::NotArray {
+                marker: bytes.first().copied().unwrap_or(0),
+            })
+        }
+    };
+    if !(2..=4).contains(&count) {
+        return Err(FrameError::BadArity { count });
+    }
+    let mut elements = Vec::with_capacity(count);
+    let mut pos = offset;
+    for _ in 0..count {
+        let len = value_len(&bytes[pos..], depth)
+            .map_err(FrameError::Msgpack)?
+            .ok_or(FrameError::Msgpack(SkipError::TooLong {
+                needed: 0,
+                limit: wire_len,
+            }))?;
+        elements.push(pos..pos + len);
+        pos += len;
+    }
+    let tag = match read_header(&bytes[elements[0].clone()]) {
+        Some(Header::Str { offset, len }) | Some(Header::Bin { offset, len }) => {
+            let start = elements[0].start + offset;
+            bytes.slice(start..start + len)
+        }
+        _ => return Err(FrameError::BadTag),
+    };
+    let second = elements[1].clone();
+    let marker = bytes[second.start];
+    let header = read_header(&bytes[second.clone()]);
+    let (mode, entries, events, option_index) = match header {
+        Some(Header::Array {
+            offset,
+            count: declared,
+        }) => {
+            if count > 3 {
+                return Err(FrameError::ModeArity {
+                    mode: Mode::Forward,
+                    count,
+                });
+            }
+            let entries = bytes.slice(second.start + offset..second.end);
+            let found = count_entries(&entries, depth)?;
+            if found as usize != declared {
+                return Err(FrameError::CountMismatch { declared, found });
+            }
+            (Mode::Forward, entries, found, 2)
+        }
+        Some(Header::Str { offset, len }) | Some(Header::Bin { offset, len }) => {
+            if count > 3 {
+                return Err(FrameError::ModeArity {
+                    mode: Mode::PackedForward,
+                    count,
+                });
+            }
+            let start = second.start + offset;
+            let payload = bytes.slice(start..start + len);
+            let options = parse_options(&bytes, elements.get(2), depth)?;
+            let codec = match options.compressed.as_deref() {
+                None => Compression::sniff(&payload),
+                Some(b"text") => None,
+                Some(b"gzip") => Some(Compression::Gzip),
+                Some(b"zstd") => Some(Compression::Zstd),
+                Some(other) => {
+                    return Err(FrameError::UnknownCompression(
+                        String::from_utf8_lossy(other).into_owned(),
+                    ))
+                }
+            };
+            let (mode, entries) = match codec {
+                None => (Mode::PackedForward, payload),
+                Some(codec) => (
+                    Mode::CompressedPackedForward(codec),
+                    Bytes::from(inflate(codec, &payload, limits.max_decompressed_bytes)?),
+                ),
+            };
+            let events = count_entries(&entries, depth)?;
+            (mode, entries, events, 2)
+        }
+        Some(Header::Int) | Some(Header::Float) | Some(Header::Ext { kind: 0, len: 8, .. }) => {
+            if count < 3 {
+                return Err(FrameError::ModeArity {
+                    mode: Mode::Message,
+                    count,
+                });
+            }
+            let record = elements[2].clone();
+            if !matches!(read_header(&bytes[record.clone()]), Some(Header::Map { .. })) {
+                return Err(FrameError::BadMessageRecord);
+            }
+            // [time, record] from the sender's own bytes: only the array header is ours.
+            let mut entry = BytesMut::with_capacity(1 + record.end - second.start);
+            entry.put_u8(0x92);
+            entry.put_slice(&bytes[second.start..record.end]);
+            (Mode::Message, entry.freeze(), 1, 3)
+        }
+        _ => return Err(FrameError::UnknownMode { marker }),
+    };
+    let options = parse_options(&bytes, elements.get(option_index), depth)?;
+    if events == 0 {
+        return Err(FrameError::Empty);
+    }
+    Ok(Decoded::Frame(Frame {
+        mode,
+        tag,
+        entries,
+        events,
+        chunk: options.chunk,
+        wire_len,
+    }))
+}
+
+fn parse_options(
+    bytes: &Bytes,
+    element: Option<&std::ops::Range<usize>>,
+    depth: usize,
+) -> Result<Options, FrameError> {
+    let mut options = Options::default();
+    let Some(range) = element else {
+        return Ok(options);
+    };
+    let map = &bytes[range.clone()];
+    let (mut pos, pairs) = match read_header(map) {
+        Some(Header::Nil) => return Ok(options),
+        Some(Header::Map { offset, count }) => (offset, count),
+        _ => return Err(FrameError::BadOption),
+    };
+    for _ in 0..pairs {
+        let key_len = value_len(&map[pos..], depth)
+            .map_err(FrameError::Msgpack)?
+            .ok_or(FrameError::BadOption)?;
+        let key = match read_header(&map[pos..]) {
+            Some(Header::Str { offset, len }) | Some(Header::Bin { offset, len }) => {
+                &map[pos + offset..pos + offset + len]
+            }
+            _ => b"",
+        };
+        let value_start = pos + key_len;
+        let value_end = value_start
+            + value_len(&map[value_start..], depth)
+                .map_err(FrameError::Msgpack)?
+                .ok_or(FrameError::BadOption)?;
+        let value = &map[value_start..value_end];
+        match key {
+            b"chunk" => match read_header(value) {
+                Some(Header::Str { .. }) | Some(Header::Bin { .. }) => {
+                    options.chunk = Some(bytes.slice(range.start + value_start..range.start + value_end));
+                }
+                _ => return Err(FrameError::BadOptionValue { key: "chunk" }),
+            },
+            b"compressed" => match read_header(value) {
+                Some(Header::Str { offset, len }) | Some(Header::Bin { offset, len }) => {
+                    let start = range.start + value_start + offset;
+                    options.compressed = Some(bytes.slice(start..start + len));
+                }
+                Some(Header::Nil) => {}
+                _ => return Err(FrameError::BadOptionValue { key: "compressed" }),
+            },
+            b"fluent_signal" => match read_int(value) {
+                Some(0) => {}
+                Some(other) => return Err(FrameError::UnsupportedSignal(other)),
+                None => return Err(FrameError::BadOptionValue {
+                    key: "fluent_signal",
+                }),
+            },
+            _ => {}
+        }
+        pos = value_end;
+    }
+    Ok(options)
+}
+
+/// Decode a msgpack integer (any width) that fits in i64.
+pub fn read_int(value: &[u8]) -> Option<i64> {
+    let marker = *value.first()?;
+    let tail = |n: usize| -> Option<&[u8]> { value.get(1..1 + n) };
+    Some(match marker {
+        0x00..=0x7f => marker as i64,
+        0xe0..=0xff => (marker as i8) as i64,
+        0xcc => tail(1)?[0] as i64,
+        0xcd => u16::from_be_bytes(tail(2)?.try_into().ok()?) as i64,
+        0xce => u32::from_be_bytes(tail(4)?.try_into().ok()?) as i64,
+        0xcf => i64::try_from(u64::from_be_bytes(tail(8)?.try_into().ok()?)).ok()?,
+        0xd0 => (tail(1)?[0] as i8) as i64,
+        0xd1 => i16::from_be_bytes(tail(2)?.try_into().ok()?) as i64,
+        0xd2 => i32::from_be_bytes(tail(4)?.try_into().ok()?) as i64,
+        0xd3 => i64::from_be_bytes(tail(8)?.try_into().ok()?),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(bytes: &[u8]) -> Result<Vec<Decoded>, FrameError> {
+        let mut decoder = FrameDecoder::new(Limits::default());
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(decoded) = decoder.decode(&mut buf)? {
+            out.push(decoded);
+        }
+        assert!(buf.is_empty(), "trailing bytes: {buf:02x?}");
+        Ok(out)
+    }
+
+    fn frame(decoded: &Decoded) -> &Frame {
+        match decoded {
+            Decoded::Frame(f) => f,
+            Decoded::Nil => panic!("nil"),
+        }
+    }
+
+    /// v0.10 layout (PROTOCOL.md §3.2): 0x92, tag, str32 entries, no option.
+    #[test]
+    fn legacy_packed_forward_str32() {
+        let entry = [0x92, 0xce, 0x55, 0xec, 0xe6, 0xf8, 0x81, 0xa3, b'm', b's', b'g', 0xa2, b'h', b'i'];
+        let mut req = vec![0x92, 0xa7];
+        req.extend_from_slice(b"app.log");
+        req.extend_from_slice(&[0xdb, 0, 0, 0, entry.len() as u8]);
+        req.extend_from_slice(&entry);
+        let out = decode_all(&req).unwrap();
+        let f = frame(&out[0]);
+        assert_eq!(f.mode, Mode::PackedForward);
+        assert_eq!(&f.tag[..], b"app.log");
+        assert_eq!(&f.entries[..], &entry[..]);
+        assert_eq!(f.events, 1);
+        assert_eq!(f.chunk, None);
+    }
+
+    #[test]
+    fn message_mode_keeps_sender_bytes_and_chunk() {
+        // ["t", 1, {"a": 1}, {"chunk": "ab"}]
+        let req = [
+            0x94, 0xa1, b't', 0x01, 0x81, 0xa1, b'a', 0x01, 0x81, 0xa5, b'c', b'h', b'u', b'n',
+            b'k', 0xa2, b'a', b'b',
+        ];
+        let out = decode_all(&req).unwrap();
+        let f = frame(&out[0]);
+        assert_eq!(f.mode, Mode::Message);
+        assert_eq!(&f.entries[..], &[0x92, 0x01, 0x81, 0xa1, b'a', 0x01]);
+        assert_eq!(f.chunk.as_deref(), Some(&[0xa2, b'a', b'b'][..]));
+    }
+
+    #[test]
+    fn nil_is_a_noop_between_frames() {
+        let req = [0xc0, 0x93, 0xa1, b't', 0x91, 0x92, 0x01, 0x80, 0xc0, 0xc0];
+        let out = decode_all(&req).unwrap();
+        assert_eq!(out.len(), 3, "the nil after the entries is the option");
+        assert_eq!(out[0], Decoded::Nil);
+        assert_eq!(frame(&out[1]).mode, Mode::Forward);
+        assert_eq!(&frame(&out[1]).entries[..], &[0x92, 0x01, 0x80]);
+    }
+
+    #[test]
+    fn rejections_name_the_problem() {
+        assert_eq!(
+            decode_all(&[0x01]),
+            Err(FrameError::NotArray { marker: 0x01 })
+        );
+        assert_eq!(
+            decode_all(&[0x92, 0x01, 0x90]),
+            Err(FrameError::BadTag)
+        );
+        assert_eq!(
+            decode_all(&[0x93, 0xa1, b't', 0x91, 0x92, 0x01, 0x80, 0x01]),
+            Err(FrameError::BadOption)
+        );
+        assert_eq!(
+            decode_all(&[0x92, 0xa1, b't', 0x91, 0x91, 0x01]),
+            Err(FrameError::Entry(EntryError::NotPair { index: 0 }))
+        );
+        assert_eq!(
+            decode_all(&[0x92, 0xa1, b't', 0xc4, 0x01, 0x05]),
+            Err(FrameError::Entry(EntryError::NotPair { index: 0 }))
+        );
+    }
+
+    #[test]
+    fn oversized_declared_length_is_rejected_before_buffering() {
+        let mut decoder = FrameDecoder::new(Limits {
+            max_frame_bytes: 1024,
+            ..Limits::default()
+        });
+        let mut buf = BytesMut::from(&[0x92, 0xa1, b't', 0xdb, 0x00, 0x10, 0x00, 0x00][..]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Err(FrameError::TooLarge { limit: 1024 })
+        );
+    }
+
+    #[test]
+    fn read_int_every_width() {
+        assert_eq!(read_int(&[0x05]), Some(5));
+        assert_eq!(read_int(&[0xff]), Some(-1));
+        assert_eq!(read_int(&[0xcd, 1, 0]), Some(256));
+        assert_eq!(read_int(&[0xd0, 0xfe]), Some(-2));
+        assert_eq!(read_int(&[0xa1, b'x']), None);
+        assert_eq!(read_int(&[0xce, 1]), None);
+    }
+}

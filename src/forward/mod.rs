@@ -1,0 +1,23 @@
+//! The Forward protocol as bytes: frames in, frames out. Nothing here owns a socket or reads a
+//! clock, so every fact of PROTOCOL.md becomes a unit test on a byte slice.
+//!
+//! - [`msgpack`]: the streaming *skipper*. It finds where one msgpack value ends without
+//!   building it, resumably across reads, with depth and length limits.
+//! - [`frame`]: one request (Message, Forward, PackedForward, CompressedPackedForward or `nil`)
+//!   normalised into tag, options and the raw bytes of its `[time, record]` entries.
+//! - [`entries`]: the walk over concatenated entries (count, time kinds, record check) and the
+//!   capped gzip / zstd inflation of compressed payloads.
+//! - [`ack`]: `{"ack": <chunk>}` out (to senders) and in (from aggregators).
+//! - [`packed`]: the PackedForward request ackgate sends upstream with its own chunk id.
+//!
+//! Invariant 6 (event bytes reach the aggregator exactly as the sender wrote them) lives here:
+//! entries are sliced from the input, never decoded and re-encoded.
+
+pub mod ack;
+pub mod entries;
+pub mod frame;
+pub mod msgpack;
+pub mod packed;
+pub mod value;
+
+pub use frame::{Decoded, Frame, FrameDecoder, FrameError, Limits, Mode};

@@ -1,0 +1,127 @@
+//! The request ackgate sends upstream: `[tag, entries, {"chunk": id, "size": n}]`.
+//!
+//! PackedForward with the entries as **str32**, exactly like fluentd's own out_forward, because
+//! aggregators running old msgpack-ruby (fluentd v0.12.0–0.12.31) cannot read bin (PROTOCOL.md
+//! §2.2, §13.12). The tag is packed with the old "raw" markers (fixstr, str16, str32; never
+//! str8) for the same reason. The chunk id is the record's 16-byte id in Base64: fixed when the
+//! record was spooled, identical on every retry (invariant 3), so an aggregator can deduplicate.
+
+use base64::Engine as _;
+
+use super::entries::Compression;
+
+/// Base64 (standard alphabet, padded: 24 chars) of a 16-byte chunk id.
+pub fn chunk_id_base64(id: &[u8; 16]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(id)
+}
+
+/// Append a msgpack str header for `len` bytes using only pre-2013 "raw" markers.
+pub fn put_raw_header(out: &mut Vec<u8>, len: usize) {
+    if len < 32 {
+        out.push(0xa0 | len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(0xda);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0xdb);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+}
+
+/// Append a msgpack str (old "raw" markers only).
+pub fn put_raw(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_raw_header(out, bytes.len());
+    out.extend_from_slice(bytes);
+}
+
+/// Append a msgpack unsigned integer in its smallest form.
+pub fn put_uint(out: &mut Vec<u8>, n: u64) {
+    if n < 128 {
+        out.push(n as u8);
+    } else if n <= u8::MAX as u64 {
+        out.extend_from_slice(&[0xcc, n as u8]);
+    } else if n <= u16::MAX as u64 {
+        out.push(0xcd);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else if n <= u32::MAX as u64 {
+        out.push(0xce);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+    } else {
+        out.push(0xcf);
+        out.extend_from_slice(&n.to_be_bytes());
+    }
+}
+
+/// Encode one upstream PackedForward request. `entries` are the spooled bytes, written as they
+/// are (already compressed when `compressed` is set).
+pub fn encode_packed_forward(
+    tag: &[u8],
+    entries: &[u8],
+    chunk_id: &str,
+    events: u32,
+    compressed: Option<Compression>,
+    out: &mut Vec<u8>,
+) {
+    out.reserve(tag.len() + entries.len() + chunk_id.len() + 48);
+    out.push(0x93);
+    put_raw(out, tag);
+    out.push(0xdb);
+    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    out.extend_from_slice(entries);
+    out.push(if compressed.is_some() { 0x83 } else { 0x82 });
+    put_raw(out, b"chunk");
+    put_raw(out, chunk_id.as_bytes());
+    put_raw(out, b"size");
+    put_uint(out, events as u64);
+    if let Some(codec) = compressed {
+        put_raw(out, b"compressed");
+        put_raw(out, codec.name().as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forward::frame::{parse_request, Decoded, Limits, Mode};
+
+    #[test]
+    fn upstream_request_bytes_are_pinned() {
+        let entry = [0x92, 0x01, 0x80];
+        let id = chunk_id_base64(&[0u8; 16]);
+        assert_eq!(id, "AAAAAAAAAAAAAAAAAAAAAA==");
+        let mut out = Vec::new();
+        encode_packed_forward(b"app", &entry, &id, 1, None, &mut out);
+        let mut expected = vec![0x93, 0xa3, b'a', b'p', b'p', 0xdb, 0, 0, 0, 3, 0x92, 0x01, 0x80];
+        expected.extend_from_slice(&[0x82, 0xa5]);
+        expected.extend_from_slice(b"chunk");
+        expected.push(0xb8);
+        expected.extend_from_slice(id.as_bytes());
+        expected.extend_from_slice(&[0xa4, b's', b'i', b'z', b'e', 0x01]);
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn our_own_request_parses_back_with_identical_entries() {
+        let entries = [0x92, 0xce, 1, 2, 3, 4, 0x81, 0xa1, b'k', 0xa1, b'v'].repeat(3);
+        let tag = vec![b'x'; 40];
+        let mut out = Vec::new();
+        encode_packed_forward(&tag, &entries, "id", 3, None, &mut out);
+        let Ok(Decoded::Frame(frame)) = parse_request(out.into(), &Limits::default()) else {
+            panic!("did not parse");
+        };
+        assert_eq!(frame.mode, Mode::PackedForward);
+        assert_eq!(&frame.tag[..], &tag[..]);
+        assert_eq!(&frame.entries[..], &entries[..]);
+        assert_eq!(frame.events, 3);
+        assert_eq!(frame.chunk.as_deref(), Some(&[0xa2, b'i', b'd'][..]));
+
+        let gz = crate::forward::entries::deflate_gzip(&entries);
+        let mut out = Vec::new();
+        encode_packed_forward(&tag, &gz, "id", 3, Some(Compression::Gzip), &mut out);
+        let Ok(Decoded::Frame(frame)) = parse_request(out.into(), &Limits::default()) else {
+            panic!("did not parse");
+        };
+        assert_eq!(frame.mode, Mode::CompressedPackedForward(Compression::Gzip));
+        assert_eq!(&frame.entries[..], &entries[..]);
+    }
+}

@@ -1,0 +1,1 @@
+//! msgpack ⇄ JSON for the tools (`send`, `receive`, `spool show`). Not on the relay path.

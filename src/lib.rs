@@ -1,0 +1,2 @@
+//! ackgate: a durable Fluentd Forward relay.
+pub mod forward;
