@@ -1,1 +1,202 @@
-fn main() {}
+//! The `ackgate` command: run the relay, check a config, and the small Forward tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use ackgate::config::{Config, LogFormat};
+use ackgate::ingress::{self, IngressContext};
+use ackgate::spool::Spool;
+use ackgate::{tools, upstream};
+
+#[derive(Parser)]
+#[command(
+    name = "ackgate",
+    version,
+    about = "A durable Fluentd Forward relay: spool with fsync, ack after the commit, forward until the aggregator acks."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    Run {
+        /// Path of the TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration and print the effective one (every default filled in).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Send JSON lines as Forward events (a fluent-cat replacement).
+    Send(tools::SendArgs),
+    /// Run an acking Forward aggregator that prints the events it receives as JSON lines.
+    Receive(tools::ReceiveArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging(&config.log.level, config.log.format);
+            exit_with(runtime().and_then(|rt| rt.block_on(run(config))))
+        }
+        Command::Send(args) => {
+            init_logging("warn", LogFormat::Text);
+            exit_with(runtime().and_then(|rt| {
+                rt.block_on(async {
+                    let report = tools::send(args).await?;
+                    eprintln!(
+                        "sent {} event(s) in {} request(s), {} acked",
+                        report.events, report.requests, report.acked
+                    );
+                    Ok(())
+                })
+            }))
+        }
+        Command::Receive(args) => {
+            init_logging("info", LogFormat::Text);
+            exit_with(runtime().and_then(|rt| {
+                rt.block_on(async {
+                    let stop = CancellationToken::new();
+                    let signal_stop = stop.clone();
+                    tokio::spawn(async move {
+                        wait_for_signal().await;
+                        signal_stop.cancel();
+                    });
+                    tools::receive(args, stop).await?;
+                    Ok(())
+                })
+            }))
+        }
+    }
+}
+
+fn exit_with(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
+                _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
+            }
+        }
+        _ => {
+            warn!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Start spool, ingress and upstream; on SIGTERM/SIGINT stop accepting, let connections finish
+/// their pending commits and acks, give in-flight chunks `shutdown_grace` to be acked, then
+/// commit what the spool still holds and exit.
+async fn run(config: Config) -> anyhow::Result<()> {
+    let spool_config = config.spool.clone();
+    let (spool, writer) = tokio::task::spawn_blocking(move || Spool::open(&spool_config))
+        .await
+        .context("spool open task failed")??;
+    let stats = spool.stats();
+    info!(path = %config.spool.path.display(), records = stats.records, bytes = stats.bytes,
+        max_bytes = stats.max_bytes, "spool opened");
+
+    let shutdown = CancellationToken::new();
+    let (listener, udp) = ingress::bind(&config.ingress)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.ingress.listen))?;
+    let local = listener.local_addr()?;
+    let ctx = Arc::new(IngressContext::new(config.ingress.clone(), spool.clone()));
+    let connections = TaskTracker::new();
+    let accept = tokio::spawn(ingress::run_tcp(
+        listener,
+        ctx,
+        shutdown.clone(),
+        connections.clone(),
+    ));
+    let heartbeat =
+        udp.map(|socket| tokio::spawn(ingress::run_udp_heartbeat(socket, shutdown.clone())));
+    let (_dispatcher, nodes) = upstream::start(&config.upstream, spool.clone(), shutdown.clone());
+    info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
+
+    wait_for_signal().await;
+    shutdown.cancel();
+    let _ = accept.await;
+    if let Some(heartbeat) = heartbeat {
+        let _ = heartbeat.await;
+    }
+    connections.close();
+    connections.wait().await;
+    info!("ingress drained: every stored request was acked");
+    nodes.wait().await;
+    tokio::task::spawn_blocking(move || writer.shutdown())
+        .await
+        .context("spool writer did not stop cleanly")?;
+    let stats = spool.stats();
+    info!(
+        records = stats.records,
+        bytes = stats.bytes,
+        "stopped; records left in the spool are sent after the next start"
+    );
+    Ok(())
+}

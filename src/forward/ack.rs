@@ -100,14 +100,19 @@ mod tests {
         let mut out = Vec::new();
         encode_ack(&[0xa2, b'i', b'd'], &mut out);
         assert_eq!(decode_ack(&out[..4], 1024), Ok(None));
-        assert_eq!(decode_ack(b"{\"ack\":\"id\"}", 1024), Err(AckError::NotMap(b'{')));
+        assert_eq!(
+            decode_ack(b"{\"ack\":\"id\"}", 1024),
+            Err(AckError::NotMap(b'{'))
+        );
         assert_eq!(decode_ack(&[0x80], 1024), Err(AckError::NoAck));
         assert_eq!(
             decode_ack(&[0x81, 0xa3, b'a', b'c', b'k', 0x01], 1024),
             Err(AckError::NoAck)
         );
         // Extra keys are tolerated; the ack is found after them.
-        let two = [0x82, 0xa1, b'x', 0x01, 0xa3, b'a', b'c', b'k', 0xa1, b'z', 0xff];
+        let two = [
+            0x82, 0xa1, b'x', 0x01, 0xa3, b'a', b'c', b'k', 0xa1, b'z', 0xff,
+        ];
         assert_eq!(decode_ack(&two, 1024), Ok(Some((&b"z"[..], 10))));
     }
 }

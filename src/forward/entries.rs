@@ -19,7 +19,9 @@ pub enum EntryError {
     Truncated { index: u32 },
     #[error("entry {index} is not a [time, record] array")]
     NotPair { index: u32 },
-    #[error("entry {index} has a time that is not an integer, float, EventTime or [time, metadata]")]
+    #[error(
+        "entry {index} has a time that is not an integer, float, EventTime or [time, metadata]"
+    )]
     BadTime { index: u32 },
     #[error("entry {index} has a record that is not a map")]
     BadRecord { index: u32 },
@@ -72,7 +74,9 @@ pub fn count_entries(buf: &[u8], max_depth: usize) -> Result<u32, EntryError> {
     while pos < buf.len() {
         let len = entry_len(&buf[pos..], index, max_depth)?;
         pos += len;
-        index = index.checked_add(1).ok_or(EntryError::TooMany { limit: u32::MAX })?;
+        index = index
+            .checked_add(1)
+            .ok_or(EntryError::TooMany { limit: u32::MAX })?;
     }
     Ok(index)
 }
@@ -105,7 +109,9 @@ pub fn entry_len(buf: &[u8], index: u32, max_depth: usize) -> Result<usize, Entr
 fn is_time(time: &[u8], max_depth: usize) -> bool {
     match read_header(time) {
         Some(Header::Int) | Some(Header::Float) => true,
-        Some(Header::Ext { kind: 0, len: 8, .. }) => true,
+        Some(Header::Ext {
+            kind: 0, len: 8, ..
+        }) => true,
         Some(Header::Array { offset, count: 2 }) => {
             let inner = &time[offset..];
             let Ok(Some(first)) = value_len(inner, max_depth) else {
@@ -113,7 +119,12 @@ fn is_time(time: &[u8], max_depth: usize) -> bool {
             };
             let plain = matches!(
                 read_header(inner),
-                Some(Header::Int) | Some(Header::Ext { kind: 0, len: 8, .. })
+                Some(Header::Int)
+                    | Some(Header::Ext {
+                        kind: 0,
+                        len: 8,
+                        ..
+                    })
             );
             plain && matches!(read_header(&inner[first..]), Some(Header::Map { .. }))
         }
@@ -163,12 +174,8 @@ mod tests {
 
     #[test]
     fn every_time_kind_is_accepted() {
-        let event_time_fixext = [
-            0x92, 0xd7, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0x80,
-        ];
-        let event_time_ext8 = [
-            0x92, 0xc7, 0x08, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0x80,
-        ];
+        let event_time_fixext = [0x92, 0xd7, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0x80];
+        let event_time_ext8 = [0x92, 0xc7, 0x08, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0x80];
         let float = [0x92, 0xcb, 0x41, 0xd9, 0, 0, 0, 0, 0, 0, 0x80];
         let v15 = [0x92, 0x92, 0xd7, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0x80, 0x80];
         for entry in [

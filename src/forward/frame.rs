@@ -146,7 +146,6 @@ impl FrameDecoder {
             Err(other) => Err(FrameError::Msgpack(other)),
         }
     }
-
 }
 
 /// Options ackgate reads; every other key is tolerated and ignored (PROTOCOL.md §4).
@@ -243,7 +242,11 @@ pub fn parse_request(bytes: Bytes, limits: &Limits) -> Result<Decoded, FrameErro
             let events = count_entries(&entries, depth)?;
             (mode, entries, events, 2)
         }
-        Some(Header::Int) | Some(Header::Float) | Some(Header::Ext { kind: 0, len: 8, .. }) => {
+        Some(Header::Int)
+        | Some(Header::Float)
+        | Some(Header::Ext {
+            kind: 0, len: 8, ..
+        }) => {
             if count < 3 {
                 return Err(FrameError::ModeArity {
                     mode: Mode::Message,
@@ -251,7 +254,10 @@ pub fn parse_request(bytes: Bytes, limits: &Limits) -> Result<Decoded, FrameErro
                 });
             }
             let record = elements[2].clone();
-            if !matches!(read_header(&bytes[record.clone()]), Some(Header::Map { .. })) {
+            if !matches!(
+                read_header(&bytes[record.clone()]),
+                Some(Header::Map { .. })
+            ) {
                 return Err(FrameError::BadMessageRecord);
             }
             // [time, record] from the sender's own bytes: only the array header is ours.
@@ -310,7 +316,8 @@ fn parse_options(
         match key {
             b"chunk" => match read_header(value) {
                 Some(Header::Str { .. }) | Some(Header::Bin { .. }) => {
-                    options.chunk = Some(bytes.slice(range.start + value_start..range.start + value_end));
+                    options.chunk =
+                        Some(bytes.slice(range.start + value_start..range.start + value_end));
                 }
                 _ => return Err(FrameError::BadOptionValue { key: "chunk" }),
             },
@@ -325,9 +332,11 @@ fn parse_options(
             b"fluent_signal" => match read_int(value) {
                 Some(0) => {}
                 Some(other) => return Err(FrameError::UnsupportedSignal(other)),
-                None => return Err(FrameError::BadOptionValue {
-                    key: "fluent_signal",
-                }),
+                None => {
+                    return Err(FrameError::BadOptionValue {
+                        key: "fluent_signal",
+                    })
+                }
             },
             _ => {}
         }
@@ -380,7 +389,9 @@ mod tests {
     /// v0.10 layout (PROTOCOL.md §3.2): 0x92, tag, str32 entries, no option.
     #[test]
     fn legacy_packed_forward_str32() {
-        let entry = [0x92, 0xce, 0x55, 0xec, 0xe6, 0xf8, 0x81, 0xa3, b'm', b's', b'g', 0xa2, b'h', b'i'];
+        let entry = [
+            0x92, 0xce, 0x55, 0xec, 0xe6, 0xf8, 0x81, 0xa3, b'm', b's', b'g', 0xa2, b'h', b'i',
+        ];
         let mut req = vec![0x92, 0xa7];
         req.extend_from_slice(b"app.log");
         req.extend_from_slice(&[0xdb, 0, 0, 0, entry.len() as u8]);
@@ -424,10 +435,7 @@ mod tests {
             decode_all(&[0x01]),
             Err(FrameError::NotArray { marker: 0x01 })
         );
-        assert_eq!(
-            decode_all(&[0x92, 0x01, 0x90]),
-            Err(FrameError::BadTag)
-        );
+        assert_eq!(decode_all(&[0x92, 0x01, 0x90]), Err(FrameError::BadTag));
         assert_eq!(
             decode_all(&[0x93, 0xa1, b't', 0x91, 0x92, 0x01, 0x80, 0x01]),
             Err(FrameError::BadOption)

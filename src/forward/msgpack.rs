@@ -260,15 +260,31 @@ pub enum Header {
     Int,
     Float,
     /// str (fixstr, str8/16/32): content starts at `offset`, `len` bytes.
-    Str { offset: usize, len: usize },
+    Str {
+        offset: usize,
+        len: usize,
+    },
     /// bin8/16/32.
-    Bin { offset: usize, len: usize },
+    Bin {
+        offset: usize,
+        len: usize,
+    },
     /// Array of `count` values starting at `offset`.
-    Array { offset: usize, count: usize },
+    Array {
+        offset: usize,
+        count: usize,
+    },
     /// Map of `count` pairs starting at `offset`.
-    Map { offset: usize, count: usize },
+    Map {
+        offset: usize,
+        count: usize,
+    },
     /// Ext of type `kind` with `len` data bytes at `offset`.
-    Ext { kind: i8, offset: usize, len: usize },
+    Ext {
+        kind: i8,
+        offset: usize,
+        len: usize,
+    },
 }
 
 /// Read the header of the value at `buf[0]`, which must be complete (already skipped).
@@ -338,7 +354,7 @@ pub fn read_header(buf: &[u8]) -> Option<Header> {
             offset: 5,
             count: len32(),
         },
-        0xd4 | 0xd5 | 0xd6 | 0xd7 | 0xd8 => {
+        0xd4..=0xd8 => {
             let len = 1usize << (marker - 0xd4);
             if buf.len() < 2 {
                 return None;
@@ -349,7 +365,7 @@ pub fn read_header(buf: &[u8]) -> Option<Header> {
                 len,
             }
         }
-        0xc7 | 0xc8 | 0xc9 => {
+        0xc7..=0xc9 => {
             let (len, offset) = match marker {
                 0xc7 => (len8(), 3),
                 0xc8 => (len16(), 4),
@@ -406,7 +422,9 @@ mod tests {
     #[test]
     fn nested_containers_resume_across_reads() {
         // [1, {"a": [2, 3]}, "xy"]
-        let value = [0x93, 0x01, 0x81, 0xa1, b'a', 0x92, 0x02, 0x03, 0xa2, b'x', b'y'];
+        let value = [
+            0x93, 0x01, 0x81, 0xa1, b'a', 0x92, 0x02, 0x03, 0xa2, b'x', b'y',
+        ];
         let mut skipper = Skipper::new(8, 1024);
         for cut in 0..value.len() {
             let progress = skipper.advance(&value[..cut]).unwrap();
@@ -442,9 +460,6 @@ mod tests {
     fn empty_containers_complete() {
         assert_eq!(whole(&[0x90, 0x05]), Ok(Progress::Complete(1)));
         assert_eq!(whole(&[0x92, 0x80, 0x90]), Ok(Progress::Complete(3)));
-        assert_eq!(
-            whole(&[0xdf, 0, 0, 0, 0]),
-            Ok(Progress::Complete(5))
-        );
+        assert_eq!(whole(&[0xdf, 0, 0, 0, 0]), Ok(Progress::Complete(5)));
     }
 }

@@ -91,7 +91,9 @@ mod tests {
         assert_eq!(id, "AAAAAAAAAAAAAAAAAAAAAA==");
         let mut out = Vec::new();
         encode_packed_forward(b"app", &entry, &id, 1, None, &mut out);
-        let mut expected = vec![0x93, 0xa3, b'a', b'p', b'p', 0xdb, 0, 0, 0, 3, 0x92, 0x01, 0x80];
+        let mut expected = vec![
+            0x93, 0xa3, b'a', b'p', b'p', 0xdb, 0, 0, 0, 3, 0x92, 0x01, 0x80,
+        ];
         expected.extend_from_slice(&[0x82, 0xa5]);
         expected.extend_from_slice(b"chunk");
         expected.push(0xb8);

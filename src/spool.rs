@@ -1,0 +1,662 @@
+//! The redb spool: every accepted batch waits here until an aggregator has acked it.
+//!
+//! One thread owns all writes (redb allows one write transaction at a time, and a single owner
+//! makes group commit natural): it takes every request that is waiting, up to
+//! `group_commit_bytes`, writes them in one transaction, commits once with
+//! `Durability::Immediate`, and only then answers the waiting connections, which only then ack
+//! their senders (invariant 1). Requests with the same tag in one group become one record.
+//! Deletes after upstream acks ride in the next group commit; with no ingest they are flushed
+//! at most every [`LAZY_FLUSH`] (a lost delete is a duplicate upstream, never a loss).
+//! Records are only removed by [`Spool::delete`], which the dispatcher calls after an ack
+//! (invariant 2). Each record's chunk id is drawn here, once (invariant 3).
+//!
+//! The byte budget ([`Spool::reserve`]) is what turns a full spool into TCP backpressure
+//! (invariant 5): ingress waits for room before it hands a request over, and does not read its
+//! socket while it waits.
+
+pub mod record;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{oneshot, watch, Notify};
+
+pub use record::{RecordError, StoredRecord};
+
+use crate::config::SpoolConfig;
+
+/// Records: sequence key → [`record::encode_record`] value.
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+/// Retry state: sequence key → [`record::encode_retry`] value.
+const RETRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("retries");
+/// Counters kept in step with the records in the same transactions.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const META_NEXT_KEY: &str = "next_key";
+const META_BYTES: &str = "bytes";
+const META_RECORDS: &str = "records";
+
+/// Longest a delete waits for a group commit to ride in before it is committed on its own.
+pub const LAZY_FLUSH: Duration = Duration::from_millis(100);
+/// Requests with the same tag in one group are merged into records of at most this size.
+pub const MERGE_LIMIT: usize = 1 << 20;
+
+/// Why the spool could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    #[error("cannot create spool directory {path}: {reason}")]
+    CreateDir { path: PathBuf, reason: String },
+    #[error("cannot open spool {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("spool commit failed: {0}")]
+    Commit(String),
+    #[error("spool read failed: {0}")]
+    Read(String),
+    #[error("spool record {key} is damaged: {source}")]
+    Damaged { key: u64, source: RecordError },
+    #[error("spool is shutting down")]
+    Closed,
+}
+
+fn err<E: std::fmt::Display>(make: fn(String) -> SpoolError) -> impl Fn(E) -> SpoolError {
+    move |e| make(e.to_string())
+}
+
+/// Counters for logs, metrics and `ackgate spool stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    pub records: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub commits: u64,
+}
+
+enum Command {
+    Append(Append),
+    Delete {
+        key: u64,
+    },
+    Failure {
+        key: u64,
+        attempts: u32,
+        error: String,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+struct Append {
+    tag: Bytes,
+    entries: Bytes,
+    events: u32,
+    received_ms: u64,
+    /// Bytes reserved in the budget for this request (released if the commit fails).
+    reserved: u64,
+    reply: oneshot::Sender<Result<u64, SpoolError>>,
+}
+
+/// The spool byte budget: reserve before handing a request over, release on delete.
+struct Budget {
+    used: AtomicU64,
+    max: u64,
+    freed: Notify,
+}
+
+impl Budget {
+    fn try_reserve(&self, bytes: u64) -> bool {
+        let mut used = self.used.load(Ordering::Acquire);
+        loop {
+            // A request larger than the whole budget is let through when the spool is empty,
+            // so a misconfiguration cannot wedge a connection forever.
+            if used + bytes > self.max && used > 0 {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + bytes,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+        self.freed.notify_waiters();
+    }
+}
+
+struct Shared {
+    /// `None` only while the writer reopens the file after a failed commit.
+    db: RwLock<Option<Arc<Database>>>,
+    budget: Budget,
+    records: AtomicU64,
+    commits: AtomicU64,
+    /// Highest key committed so far (0 = none): the dispatcher waits on it for new records.
+    committed: watch::Sender<u64>,
+    path: PathBuf,
+    cache_bytes: usize,
+}
+
+/// Handle to the spool: cheap to clone, usable from any task or thread.
+#[derive(Clone)]
+pub struct Spool {
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+}
+
+/// Owns the writer thread; [`SpoolWriter::shutdown`] commits what is pending and joins it.
+pub struct SpoolWriter {
+    commands: mpsc::Sender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SpoolWriter {
+    /// Commit pending work (deletes included) and stop the writer thread.
+    pub fn shutdown(mut self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).is_ok() {
+            let _ = rx.blocking_recv();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, SpoolError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| SpoolError::CreateDir {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    let db = Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(|e| SpoolError::Open {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    // Make sure the tables exist so readers never see "table does not exist".
+    let open_err = |e: &dyn std::fmt::Display| SpoolError::Open {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let txn = db.begin_write().map_err(|e| open_err(&e))?;
+    {
+        txn.open_table(RECORDS).map_err(|e| open_err(&e))?;
+        txn.open_table(RETRIES).map_err(|e| open_err(&e))?;
+        txn.open_table(META).map_err(|e| open_err(&e))?;
+    }
+    txn.commit().map_err(|e| open_err(&e))?;
+    Ok(db)
+}
+
+impl Spool {
+    /// Open (or create) the spool and start its writer thread.
+    pub fn open(config: &SpoolConfig) -> Result<(Spool, SpoolWriter), SpoolError> {
+        let cache_bytes = usize::try_from(config.cache_bytes.0).unwrap_or(usize::MAX);
+        let db = open_database(&config.path, cache_bytes)?;
+        let (next_key, bytes, records) = read_counters(&db)?;
+        let last_key = next_key - 1;
+        let (committed, _) = watch::channel(last_key);
+        let shared = Arc::new(Shared {
+            db: RwLock::new(Some(Arc::new(db))),
+            budget: Budget {
+                used: AtomicU64::new(bytes),
+                max: config.max_bytes.0,
+                freed: Notify::new(),
+            },
+            records: AtomicU64::new(records),
+            commits: AtomicU64::new(0),
+            committed,
+            path: config.path.clone(),
+            cache_bytes,
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            shared: shared.clone(),
+            commands: rx,
+            next_key,
+            bytes,
+            records,
+            group_bytes: config.group_commit_bytes.0,
+            pending_deletes: Vec::new(),
+            pending_failures: HashMap::new(),
+            oldest_pending: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| SpoolError::Open {
+                path: config.path.clone(),
+                reason: format!("cannot start writer thread: {e}"),
+            })?;
+        Ok((
+            Spool {
+                shared,
+                commands: tx.clone(),
+            },
+            SpoolWriter {
+                commands: tx,
+                thread: Some(thread),
+            },
+        ))
+    }
+
+    /// Bytes a request will take in the spool (what [`Spool::reserve`] must be given).
+    pub fn cost(tag: &[u8], entries: &[u8]) -> u64 {
+        (record::HEADER_LEN + tag.len() + entries.len()) as u64
+    }
+
+    /// Wait until `bytes` fit under `max_bytes`, then take them. While a connection waits
+    /// here it does not read its socket: that is the backpressure of invariant 5.
+    pub async fn reserve(&self, bytes: u64) {
+        loop {
+            let freed = self.shared.budget.freed.notified();
+            if self.shared.budget.try_reserve(bytes) {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    /// Take `bytes` of the budget if they fit now.
+    pub fn try_reserve(&self, bytes: u64) -> bool {
+        self.shared.budget.try_reserve(bytes)
+    }
+
+    /// Hand a request (already reserved) to the writer. The receiver resolves once the group
+    /// that carries it is committed with fsync, with the record key it went into.
+    pub fn append(
+        &self,
+        tag: Bytes,
+        entries: Bytes,
+        events: u32,
+        reserved: u64,
+    ) -> oneshot::Receiver<Result<u64, SpoolError>> {
+        let (reply, rx) = oneshot::channel();
+        let append = Append {
+            tag,
+            entries,
+            events,
+            received_ms: now_ms(),
+            reserved,
+            reply,
+        };
+        if let Err(mpsc::SendError(Command::Append(append))) =
+            self.commands.send(Command::Append(append))
+        {
+            self.shared.budget.release(append.reserved);
+            let _ = append.reply.send(Err(SpoolError::Closed));
+        }
+        rx
+    }
+
+    /// Remove a record after its upstream ack (invariant 2). Its bytes are released at once;
+    /// the delete itself is committed with the next group.
+    pub fn delete(&self, key: u64, stored_len: u64) {
+        self.shared.budget.release(stored_len);
+        let _ = self.commands.send(Command::Delete { key });
+    }
+
+    /// Remember a failed attempt (committed lazily, shown by `ackgate spool list`).
+    pub fn note_failure(&self, key: u64, attempts: u32, error: String) {
+        let _ = self.commands.send(Command::Failure {
+            key,
+            attempts,
+            error,
+        });
+    }
+
+    /// The highest committed key, to wait on for new records.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.committed.subscribe()
+    }
+
+    pub fn stats(&self) -> SpoolStats {
+        SpoolStats {
+            records: self.shared.records.load(Ordering::Acquire),
+            bytes: self.shared.budget.used.load(Ordering::Acquire),
+            max_bytes: self.shared.budget.max,
+            commits: self.shared.commits.load(Ordering::Acquire),
+        }
+    }
+
+    fn db(&self) -> Result<Arc<Database>, SpoolError> {
+        self.shared
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| SpoolError::Read("spool is being reopened".into()))
+    }
+
+    /// Read up to `max_records` records (and about `max_bytes`) with keys ≥ `from`, oldest
+    /// first. Blocking: call from a blocking context.
+    pub fn read_from(
+        &self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, SpoolError> {
+        let db = self.db()?;
+        let read = db.begin_read().map_err(err(SpoolError::Read))?;
+        let records = read.open_table(RECORDS).map_err(err(SpoolError::Read))?;
+        let retries = read.open_table(RETRIES).map_err(err(SpoolError::Read))?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in records.range(from..).map_err(err(SpoolError::Read))? {
+            let (key, value) = item.map_err(err(SpoolError::Read))?;
+            let key = key.value();
+            let mut record = record::decode_record(key, value.value())
+                .map_err(|source| SpoolError::Damaged { key, source })?;
+            if let Some(state) = retries.get(key).map_err(err(SpoolError::Read))? {
+                if let Some((attempts, _, error)) = record::decode_retry(state.value()) {
+                    record.attempts = attempts;
+                    record.last_error = Some(error);
+                }
+            }
+            bytes += record.entries.len();
+            out.push(record);
+            if out.len() >= max_records || bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Read one record. Blocking.
+    pub fn read(&self, key: u64) -> Result<Option<StoredRecord>, SpoolError> {
+        Ok(self
+            .read_from(key, 1, 0)?
+            .into_iter()
+            .next()
+            .filter(|r| r.key == key))
+    }
+}
+
+/// The single writer: state that only the writer thread touches.
+struct Writer {
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    next_key: u64,
+    bytes: u64,
+    records: u64,
+    group_bytes: u64,
+    pending_deletes: Vec<u64>,
+    pending_failures: HashMap<u64, (u32, String)>,
+    oldest_pending: Option<Instant>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        loop {
+            let first = match self.oldest_pending {
+                Some(since) => {
+                    let wait = LAZY_FLUSH.saturating_sub(since.elapsed());
+                    match self.commands.recv_timeout(wait) {
+                        Ok(command) => Some(command),
+                        Err(mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            self.commit_group(Vec::new());
+                            return;
+                        }
+                    }
+                }
+                None => match self.commands.recv() {
+                    Ok(command) => Some(command),
+                    Err(_) => return,
+                },
+            };
+            let mut appends = Vec::new();
+            let mut group = 0u64;
+            let mut shutdown = None;
+            let mut next = first;
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Append(append) => {
+                        group += append.entries.len() as u64;
+                        appends.push(append);
+                    }
+                    Command::Delete { key } => {
+                        self.pending_deletes.push(key);
+                        self.pending_failures.remove(&key);
+                        self.oldest_pending.get_or_insert_with(Instant::now);
+                    }
+                    Command::Failure {
+                        key,
+                        attempts,
+                        error,
+                    } => {
+                        self.pending_failures.insert(key, (attempts, error));
+                        self.oldest_pending.get_or_insert_with(Instant::now);
+                    }
+                    Command::Shutdown(reply) => {
+                        shutdown = Some(reply);
+                        break;
+                    }
+                }
+                if group >= self.group_bytes {
+                    break;
+                }
+                next = self.commands.try_recv().ok();
+            }
+            let due = self
+                .oldest_pending
+                .is_some_and(|since| since.elapsed() >= LAZY_FLUSH);
+            if !appends.is_empty() || due || shutdown.is_some() {
+                self.commit_group(appends);
+            }
+            if let Some(reply) = shutdown {
+                let _ = reply.send(());
+                return;
+            }
+        }
+    }
+
+    /// One write transaction, one fsync, then every waiter is answered.
+    fn commit_group(&mut self, appends: Vec<Append>) {
+        if appends.is_empty() && self.pending_deletes.is_empty() && self.pending_failures.is_empty()
+        {
+            self.oldest_pending = None;
+            return;
+        }
+        let Some(db) = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let received = now_ms();
+        // Merge same-tag requests of this group, keeping arrival order within a tag.
+        let mut merged: Vec<(Bytes, Vec<usize>, usize)> = Vec::new();
+        for (i, append) in appends.iter().enumerate() {
+            let slot = merged.iter_mut().rev().find(|(tag, _, len)| {
+                *tag == append.tag && *len + append.entries.len() <= MERGE_LIMIT
+            });
+            match slot {
+                Some((_, members, len)) => {
+                    members.push(i);
+                    *len += append.entries.len();
+                }
+                None => merged.push((append.tag.clone(), vec![i], append.entries.len())),
+            }
+        }
+        let first_key = self.next_key;
+        let result = (|| -> Result<(u64, u64, u64, Vec<u64>), String> {
+            let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+            // Explicit though it is the default: senders are acked on this commit (invariant 1).
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| e.to_string())?;
+            let mut added_bytes = 0u64;
+            let mut removed_bytes = 0u64;
+            let mut removed = 0u64;
+            let mut keys = vec![0u64; appends.len()];
+            {
+                let mut records = txn.open_table(RECORDS).map_err(|e| e.to_string())?;
+                for (key, (tag, members, _)) in (first_key..).zip(merged.iter()) {
+                    let events: u32 = members
+                        .iter()
+                        .map(|&i| appends[i].events)
+                        .fold(0u32, |a, b| a.saturating_add(b));
+                    let parts: Vec<&[u8]> =
+                        members.iter().map(|&i| &appends[i].entries[..]).collect();
+                    let received_ms = members
+                        .iter()
+                        .map(|&i| appends[i].received_ms)
+                        .min()
+                        .unwrap_or(received);
+                    let chunk_id = *uuid::Uuid::new_v4().as_bytes();
+                    let value = record::encode_record(&chunk_id, received_ms, events, tag, &parts);
+                    added_bytes += value.len() as u64;
+                    records
+                        .insert(key, value.as_slice())
+                        .map_err(|e| e.to_string())?;
+                    for &i in members {
+                        keys[i] = key;
+                    }
+                }
+                for key in &self.pending_deletes {
+                    if let Some(old) = records.remove(*key).map_err(|e| e.to_string())? {
+                        removed_bytes += old.value().len() as u64;
+                        removed += 1;
+                    }
+                }
+                let mut retries = txn.open_table(RETRIES).map_err(|e| e.to_string())?;
+                for key in &self.pending_deletes {
+                    retries.remove(*key).map_err(|e| e.to_string())?;
+                }
+                let now = now_ms();
+                for (key, (attempts, error)) in &self.pending_failures {
+                    // Only for records that still exist (an ack may have raced the failure).
+                    if records.get(*key).map_err(|e| e.to_string())?.is_some() {
+                        let value = record::encode_retry(*attempts, now, error);
+                        retries
+                            .insert(*key, value.as_slice())
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+                let next_key = first_key + merged.len() as u64;
+                let bytes = (self.bytes + added_bytes).saturating_sub(removed_bytes);
+                let count = (self.records + merged.len() as u64).saturating_sub(removed);
+                meta.insert(META_NEXT_KEY, next_key)
+                    .map_err(|e| e.to_string())?;
+                meta.insert(META_BYTES, bytes).map_err(|e| e.to_string())?;
+                meta.insert(META_RECORDS, count)
+                    .map_err(|e| e.to_string())?;
+            }
+            txn.commit().map_err(|e| e.to_string())?;
+            Ok((added_bytes, removed_bytes, removed, keys))
+        })();
+        match result {
+            Ok((added_bytes, removed_bytes, removed, keys)) => {
+                self.next_key = first_key + merged.len() as u64;
+                self.bytes = (self.bytes + added_bytes).saturating_sub(removed_bytes);
+                self.records = (self.records + merged.len() as u64).saturating_sub(removed);
+                self.shared.records.store(self.records, Ordering::Release);
+                self.shared.commits.fetch_add(1, Ordering::AcqRel);
+                self.pending_deletes.clear();
+                self.pending_failures.clear();
+                self.oldest_pending = None;
+                if !merged.is_empty() {
+                    // Reservations were estimates per request; the budget follows the file.
+                    let reserved: u64 = appends.iter().map(|a| a.reserved).sum();
+                    if added_bytes > reserved {
+                        self.shared
+                            .budget
+                            .used
+                            .fetch_add(added_bytes - reserved, Ordering::AcqRel);
+                    } else {
+                        self.shared.budget.release(reserved - added_bytes);
+                    }
+                    self.shared.committed.send_replace(self.next_key - 1);
+                }
+                for (append, key) in appends.into_iter().zip(keys) {
+                    let _ = append.reply.send(Ok(key));
+                }
+            }
+            Err(reason) => {
+                tracing::error!(%reason, requests = appends.len(), path = %self.shared.path.display(),
+                    "spool commit failed: no request of this group is acked; reopening the spool");
+                for append in appends {
+                    self.shared.budget.release(append.reserved);
+                    let _ = append.reply.send(Err(SpoolError::Commit(reason.clone())));
+                }
+                // redb: a failed commit is final, its changes may or may not be durable, and
+                // the handle refuses further writes until reopened. Deletes stay pending.
+                self.reopen();
+            }
+        }
+    }
+
+    /// After a failed commit: drop the handle (redb locks the file per handle, and a failed
+    /// handle refuses writes), open the file again, and reload the counters from it, since the
+    /// failed commit may or may not have reached the disk. Retries until it succeeds.
+    fn reopen(&mut self) {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = None;
+            let reopened = open_database(&self.shared.path, self.shared.cache_bytes)
+                .and_then(|db| read_counters(&db).map(|counters| (db, counters)));
+            match reopened {
+                Ok((db, (next_key, bytes, records))) => {
+                    self.next_key = next_key;
+                    self.bytes = bytes;
+                    self.records = records;
+                    self.shared.records.store(records, Ordering::Release);
+                    self.shared.budget.used.store(bytes, Ordering::Release);
+                    self.shared.budget.freed.notify_waiters();
+                    *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+                    tracing::warn!(path = %self.shared.path.display(), "spool reopened after a failed commit");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?delay, "spool reopen failed");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// (next key, bytes, records) as last committed.
+fn read_counters(db: &Database) -> Result<(u64, u64, u64), SpoolError> {
+    let read = db.begin_read().map_err(err(SpoolError::Read))?;
+    let meta = read.open_table(META).map_err(err(SpoolError::Read))?;
+    let get = |name: &str| -> Result<u64, SpoolError> {
+        Ok(meta
+            .get(name)
+            .map_err(err(SpoolError::Read))?
+            .map(|g| g.value())
+            .unwrap_or(0))
+    };
+    Ok((
+        get(META_NEXT_KEY)?.max(1),
+        get(META_BYTES)?,
+        get(META_RECORDS)?,
+    ))
+}

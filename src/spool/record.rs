@@ -1,0 +1,207 @@
+//! The on-disk layout of a spooled record and of its retry state. Pure: bytes in, bytes out.
+//!
+//! A version byte first, then fixed-width little-endian integers (never `usize`), so a spool
+//! written by one build opens in the next. The chunk id is part of the record and written once
+//! (invariant 3); attempts and the last error live in a separate small value so that counting
+//! a retry never rewrites a multi-MiB record.
+
+use bytes::Bytes;
+
+/// Layout version of [`RecordHeader`] values.
+pub const RECORD_VERSION: u8 = 1;
+/// Layout version of retry-state values.
+pub const RETRY_VERSION: u8 = 1;
+/// version + chunk id + received_ms + events + tag length.
+pub const HEADER_LEN: usize = 1 + 16 + 8 + 4 + 4;
+
+/// Why stored bytes could not be read back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record value is {0} bytes, shorter than its header")]
+    Short(usize),
+    #[error("record layout version {0} is not known to this build")]
+    Version(u8),
+    #[error("record tag length {tag_len} exceeds the value ({len} bytes)")]
+    TagLength { tag_len: u32, len: usize },
+}
+
+/// One spooled batch, as read back from disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Sequence key in the records table.
+    pub key: u64,
+    /// ackgate's chunk id for this record, fixed at write time (invariant 3).
+    pub chunk_id: [u8; 16],
+    /// When the first request of this record was received, ms since the Unix epoch.
+    pub received_ms: u64,
+    /// Number of `[time, record]` entries.
+    pub events: u32,
+    pub tag: Bytes,
+    /// Concatenated raw entries, exactly as senders wrote them (invariant 6).
+    pub entries: Bytes,
+    /// Upstream attempts that failed so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+impl StoredRecord {
+    /// Bytes this record takes in the spool budget.
+    pub fn stored_len(&self) -> u64 {
+        (HEADER_LEN + self.tag.len() + self.entries.len()) as u64
+    }
+}
+
+/// Encode a record value.
+pub fn encode_record(
+    chunk_id: &[u8; 16],
+    received_ms: u64,
+    events: u32,
+    tag: &[u8],
+    entries: &[&[u8]],
+) -> Vec<u8> {
+    let entries_len: usize = entries.iter().map(|e| e.len()).sum();
+    let mut out = Vec::with_capacity(HEADER_LEN + tag.len() + entries_len);
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(chunk_id);
+    out.extend_from_slice(&received_ms.to_le_bytes());
+    out.extend_from_slice(&events.to_le_bytes());
+    out.extend_from_slice(&(tag.len() as u32).to_le_bytes());
+    out.extend_from_slice(tag);
+    for part in entries {
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// Decode a record value (attempts and last error are filled in from the retry state).
+pub fn decode_record(key: u64, value: &[u8]) -> Result<StoredRecord, RecordError> {
+    if value.len() < HEADER_LEN {
+        return Err(RecordError::Short(value.len()));
+    }
+    if value[0] != RECORD_VERSION {
+        return Err(RecordError::Version(value[0]));
+    }
+    let mut chunk_id = [0u8; 16];
+    chunk_id.copy_from_slice(&value[1..17]);
+    let u64_at = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&value[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    let u32_at = |at: usize| {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&value[at..at + 4]);
+        u32::from_le_bytes(b)
+    };
+    let received_ms = u64_at(17);
+    let events = u32_at(25);
+    let tag_len = u32_at(29);
+    let tag_end = HEADER_LEN
+        .checked_add(tag_len as usize)
+        .filter(|end| *end <= value.len())
+        .ok_or(RecordError::TagLength {
+            tag_len,
+            len: value.len(),
+        })?;
+    let whole = Bytes::copy_from_slice(value);
+    Ok(StoredRecord {
+        key,
+        chunk_id,
+        received_ms,
+        events,
+        tag: whole.slice(HEADER_LEN..tag_end),
+        entries: whole.slice(tag_end..),
+        attempts: 0,
+        last_error: None,
+    })
+}
+
+/// Retry state: attempts, time of the last attempt, last error text (truncated to 1 KiB).
+pub fn encode_retry(attempts: u32, last_attempt_ms: u64, error: &str) -> Vec<u8> {
+    let error = truncate_utf8(error, 1024);
+    let mut out = Vec::with_capacity(15 + error.len());
+    out.push(RETRY_VERSION);
+    out.extend_from_slice(&attempts.to_le_bytes());
+    out.extend_from_slice(&last_attempt_ms.to_le_bytes());
+    out.extend_from_slice(&(error.len() as u16).to_le_bytes());
+    out.extend_from_slice(error.as_bytes());
+    out
+}
+
+/// Decode retry state into (attempts, last_attempt_ms, error); `None` if unreadable.
+pub fn decode_retry(value: &[u8]) -> Option<(u32, u64, String)> {
+    if value.len() < 15 || value[0] != RETRY_VERSION {
+        return None;
+    }
+    let attempts = u32::from_le_bytes(value[1..5].try_into().ok()?);
+    let at = u64::from_le_bytes(value[5..13].try_into().ok()?);
+    let len = u16::from_le_bytes(value[13..15].try_into().ok()?) as usize;
+    let text = value.get(15..15 + len)?;
+    Some((attempts, at, String::from_utf8_lossy(text).into_owned()))
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_byte_exact() {
+        let id = [7u8; 16];
+        let value = encode_record(
+            &id,
+            1_700_000_000_123,
+            3,
+            b"app.log",
+            &[b"\x92\x01\x80", b"\xff"],
+        );
+        assert_eq!(value.len(), HEADER_LEN + 7 + 4);
+        let record = decode_record(42, &value).unwrap();
+        assert_eq!(record.key, 42);
+        assert_eq!(record.chunk_id, id);
+        assert_eq!(record.received_ms, 1_700_000_000_123);
+        assert_eq!(record.events, 3);
+        assert_eq!(&record.tag[..], b"app.log");
+        assert_eq!(&record.entries[..], b"\x92\x01\x80\xff");
+        assert_eq!(record.stored_len(), value.len() as u64);
+        // Pinned layout: version, id, LE integers.
+        assert_eq!(value[0], 1);
+        assert_eq!(&value[25..29], &3u32.to_le_bytes());
+    }
+
+    #[test]
+    fn damaged_values_are_errors() {
+        assert_eq!(decode_record(1, &[1, 2, 3]), Err(RecordError::Short(3)));
+        let mut value = encode_record(&[0; 16], 0, 1, b"t", &[b"x"]);
+        value[0] = 9;
+        assert_eq!(decode_record(1, &value), Err(RecordError::Version(9)));
+        let mut value = encode_record(&[0; 16], 0, 1, b"t", &[b"x"]);
+        value[29] = 200;
+        assert!(matches!(
+            decode_record(1, &value),
+            Err(RecordError::TagLength { .. })
+        ));
+    }
+
+    #[test]
+    fn retry_state_round_trips_and_truncates() {
+        let v = encode_retry(3, 99, "ack timeout");
+        assert_eq!(decode_retry(&v), Some((3, 99, "ack timeout".to_string())));
+        let long = "é".repeat(2000);
+        let v = encode_retry(1, 0, &long);
+        let (_, _, text) = decode_retry(&v).unwrap();
+        assert!(text.len() <= 1024 && text.chars().all(|c| c == 'é'));
+        assert_eq!(decode_retry(&[1, 2]), None);
+    }
+}

@@ -1,0 +1,211 @@
+//! The queue of records waiting for an upstream ack, shared by every node connection.
+//!
+//! Memory holds only what is in flight: records are read from the spool in key order through a
+//! cursor, a small batch at a time; a record whose attempt failed goes back as a (due time,
+//! key) pair and is read again from the spool when due. At start-up the cursor is 0, so every
+//! record left in the spool is sent again with its original chunk id (invariant 3). A record is
+//! handed to one connection at a time, and deleted only when that connection sees its ack
+//! (invariant 2).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{watch, Mutex, Notify};
+use tokio::time::Instant;
+
+use crate::spool::{Spool, SpoolError, StoredRecord};
+
+/// Records read from the spool per cursor step.
+const READ_AHEAD_RECORDS: usize = 32;
+/// Entry bytes read from the spool per cursor step (at least one record is always read).
+const READ_AHEAD_BYTES: usize = 4 << 20;
+
+/// Exponential backoff with "equal jitter": half the delay is fixed, half is random, so
+/// retries of many records and nodes spread out instead of arriving together.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// Delay before attempt number `failures + 1` (`failures` ≥ 1).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(30);
+        let full = self
+            .initial
+            .checked_mul(1u32 << exp)
+            .unwrap_or(self.max)
+            .min(self.max);
+        let half = full / 2;
+        let jitter = rand::rng().random_range(0.0..=1.0);
+        half + half.mul_f64(jitter)
+    }
+}
+
+/// A record handed to a node connection.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub record: StoredRecord,
+}
+
+struct State {
+    /// Next key to read from the spool.
+    cursor: u64,
+    /// Records read ahead from the spool, in key order.
+    buffered: VecDeque<StoredRecord>,
+    /// Failed records waiting for their retry time: (due, key, failed attempts so far).
+    retries: BinaryHeap<Reverse<(Instant, u64, u32)>>,
+}
+
+/// The shared queue.
+pub struct Dispatcher {
+    spool: Spool,
+    state: Mutex<State>,
+    /// Wakes idle connections when a retry is queued.
+    requeued: Notify,
+    pub backoff: Backoff,
+}
+
+impl Dispatcher {
+    pub fn new(spool: Spool, backoff: Backoff) -> Self {
+        Dispatcher {
+            spool,
+            state: Mutex::new(State {
+                // Keys start at 1; the committed watch says 0 while the spool is empty.
+                cursor: 1,
+                buffered: VecDeque::new(),
+                retries: BinaryHeap::new(),
+            }),
+            requeued: Notify::new(),
+            backoff,
+        }
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Take the next record to send, if one is ready now: due retries first, then new ones.
+    pub async fn take(&self) -> Result<Option<Taken>, SpoolError> {
+        let mut state = self.state.lock().await;
+        let now = Instant::now();
+        while let Some(Reverse((due, key, attempts))) = state.retries.peek().copied() {
+            if due > now {
+                break;
+            }
+            state.retries.pop();
+            let spool = self.spool.clone();
+            let record = tokio::task::spawn_blocking(move || spool.read(key))
+                .await
+                .map_err(|e| SpoolError::Read(e.to_string()))??;
+            match record {
+                Some(mut record) => {
+                    // The failure count on disk is written lazily; memory is ahead of it.
+                    record.attempts = record.attempts.max(attempts);
+                    return Ok(Some(Taken { record }));
+                }
+                // Deleted meanwhile (acked by a late ack on another path): nothing to resend.
+                None => continue,
+            }
+        }
+        if state.buffered.is_empty() {
+            let committed = *self.spool.subscribe().borrow();
+            if committed >= state.cursor {
+                let spool = self.spool.clone();
+                let from = state.cursor;
+                let batch = tokio::task::spawn_blocking(move || {
+                    spool.read_from(from, READ_AHEAD_RECORDS, READ_AHEAD_BYTES)
+                })
+                .await
+                .map_err(|e| SpoolError::Read(e.to_string()))??;
+                if let Some(last) = batch.last() {
+                    state.cursor = last.key + 1;
+                } else {
+                    state.cursor = state.cursor.max(committed + 1);
+                }
+                state.buffered.extend(batch);
+            }
+        }
+        Ok(state.buffered.pop_front().map(|record| Taken { record }))
+    }
+
+    /// Give a record back after a failed attempt; it is due again after a backoff delay.
+    pub async fn requeue(&self, record: &StoredRecord, attempts: u32, error: &str) {
+        let due = Instant::now() + self.backoff.delay(attempts);
+        self.spool
+            .note_failure(record.key, attempts, error.to_string());
+        self.state
+            .lock()
+            .await
+            .retries
+            .push(Reverse((due, record.key, attempts)));
+        self.requeued.notify_waiters();
+    }
+
+    /// Give a record back untouched (taken but never sent, e.g. during shutdown).
+    pub async fn put_back(&self, record: StoredRecord) {
+        let mut state = self.state.lock().await;
+        state
+            .retries
+            .push(Reverse((Instant::now(), record.key, record.attempts)));
+        self.requeued.notify_waiters();
+    }
+
+    /// Wait until [`Dispatcher::take`] may have something: a new commit, a requeue, or a
+    /// retry falling due.
+    pub async fn wait_for_work(&self, committed: &mut watch::Receiver<u64>) {
+        loop {
+            let requeued = self.requeued.notified();
+            let next_due = {
+                let state = self.state.lock().await;
+                if !state.buffered.is_empty() || *committed.borrow_and_update() >= state.cursor {
+                    return;
+                }
+                match state.retries.peek() {
+                    Some(Reverse((due, _, _))) if *due <= Instant::now() => return,
+                    Some(Reverse((due, _, _))) => Some(*due),
+                    None => None,
+                }
+            };
+            tokio::select! {
+                changed = committed.changed() => {
+                    if changed.is_err() {
+                        // The spool is gone: nothing will ever arrive.
+                        std::future::pending::<()>().await;
+                    }
+                }
+                _ = requeued => {}
+                _ = async {
+                    match next_due {
+                        Some(due) => tokio::time::sleep_until(due).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let backoff = Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        };
+        for _ in 0..100 {
+            let first = backoff.delay(1);
+            assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
+            let fourth = backoff.delay(4);
+            assert!(fourth >= Duration::from_secs(4) && fourth <= Duration::from_secs(8));
+            let late = backoff.delay(40);
+            assert!(late >= Duration::from_secs(30) && late <= Duration::from_secs(60));
+        }
+    }
+}
