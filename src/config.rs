@@ -109,8 +109,38 @@ pub struct UpstreamConfig {
     /// How long shutdown waits for in-flight chunks to be acked before closing.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: HumanDuration,
+    /// How node health is probed: "transport" (connect, handshake if configured, close),
+    /// "tcp" (alias of transport), "udp" (`\0` datagram to the node's port), or "none" (a
+    /// node's own connections decide). Same names and meaning as fluentd's out_forward.
+    #[serde(default = "default_heartbeat_type")]
+    pub heartbeat_type: HeartbeatType,
+    /// Time between heartbeats to each node.
+    #[serde(default = "default_heartbeat_interval")]
+    pub heartbeat_interval: HumanDuration,
+    /// phi accrual threshold above which a node is detached (fluentd default 16).
+    #[serde(default = "default_phi_threshold")]
+    pub phi_threshold: f64,
+    /// Use the phi accrual detector (else only hard_timeout detaches a node).
+    #[serde(default = "default_true")]
+    pub phi_failure_detector: bool,
+    /// A node without a heartbeat reply for this long is detached.
+    #[serde(default = "default_hard_timeout")]
+    pub hard_timeout: HumanDuration,
+    /// A detached node is used again after this long of steady heartbeats.
+    #[serde(default = "default_recover_wait")]
+    pub recover_wait: HumanDuration,
     /// Aggregators; at least one.
     pub nodes: Vec<NodeConfig>,
+}
+
+/// `upstream.heartbeat_type`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HeartbeatType {
+    Transport,
+    Tcp,
+    Udp,
+    None,
 }
 
 /// `[[upstream.nodes]]`: one aggregator.
@@ -122,6 +152,29 @@ pub struct NodeConfig {
     /// Name in logs and metrics; defaults to the address.
     #[serde(default)]
     pub name: Option<String>,
+    /// Share of records among available primaries (fluentd default 60; 0 = never used).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// A standby node takes records only while no primary node is available.
+    #[serde(default)]
+    pub standby: bool,
+    /// "text" (none) or "gzip": compress the entries of each chunk sent to this node.
+    #[serde(default)]
+    pub compress: Compress,
+    /// Rewrite `[[time, {}], record]` entries to `[time, record]` for this node: fluentd up to
+    /// 1.19 cannot read fluent-bit ≥ 5's empty v1.5 metadata. The only case where ackgate
+    /// changes event bytes; off by default.
+    #[serde(default)]
+    pub strip_empty_metadata: bool,
+}
+
+/// `upstream.nodes[].compress`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compress {
+    #[default]
+    Text,
+    Gzip,
 }
 
 impl NodeConfig {
@@ -204,6 +257,24 @@ fn default_retry_max() -> HumanDuration {
 fn default_shutdown_grace() -> HumanDuration {
     HumanDuration(Duration::from_secs(5))
 }
+fn default_heartbeat_type() -> HeartbeatType {
+    HeartbeatType::None
+}
+fn default_heartbeat_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_phi_threshold() -> f64 {
+    16.0
+}
+fn default_hard_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_recover_wait() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_weight() -> u32 {
+    60
+}
 fn default_log_level() -> String {
     "info".to_string()
 }
@@ -248,6 +319,21 @@ impl Config {
                     &format!("{:?} is not host:port", node.address),
                 ));
             }
+        }
+        if self.upstream.nodes.iter().all(|n| n.weight == 0) {
+            return Err(invalid(
+                "upstream.nodes[].weight",
+                "at least one node needs a weight above 0",
+            ));
+        }
+        if !(self.upstream.phi_threshold > 0.0) {
+            return Err(invalid("upstream.phi_threshold", "must be greater than 0"));
+        }
+        if self.upstream.heartbeat_interval.0.is_zero() {
+            return Err(invalid(
+                "upstream.heartbeat_interval",
+                "must be greater than 0",
+            ));
         }
         if self.upstream.window == 0 {
             return Err(invalid("upstream.window", "must be at least 1"));

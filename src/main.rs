@@ -176,7 +176,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let heartbeat =
         udp.map(|socket| tokio::spawn(ingress::run_udp_heartbeat(socket, shutdown.clone())));
-    let (_dispatcher, nodes) = upstream::start(&config.upstream, spool.clone(), shutdown.clone());
+    let (_dispatcher, _balancer, nodes) =
+        upstream::start(&config.upstream, spool.clone(), shutdown.clone());
     info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
 
     wait_for_signal().await;

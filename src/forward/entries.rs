@@ -132,6 +132,68 @@ fn is_time(time: &[u8], max_depth: usize) -> bool {
     }
 }
 
+/// The compatibility rewrite for aggregators that cannot read v1.5 metadata (fluentd ≤ 1.19
+/// raises on `[[time, {}], record]`, sends no ack and resets: captures/README.md): every entry
+/// whose metadata map is **empty** becomes `[time, record]`, with the time and record bytes
+/// unchanged. Entries with non-empty metadata are left alone. `None` if nothing changed.
+/// This is the one opt-in exception to invariant 6.
+pub fn strip_empty_metadata(
+    entries: &[u8],
+    max_depth: usize,
+) -> Result<Option<Vec<u8>>, EntryError> {
+    let mut out: Option<Vec<u8>> = None;
+    let mut pos = 0usize;
+    let mut index = 0u32;
+    while pos < entries.len() {
+        let len = entry_len(&entries[pos..], index, max_depth)?;
+        let entry = &entries[pos..pos + len];
+        let rewritten = empty_metadata_parts(entry, max_depth);
+        match (rewritten, out.as_mut()) {
+            (Some((time, record)), Some(buf)) => {
+                buf.push(0x92);
+                buf.extend_from_slice(time);
+                buf.extend_from_slice(record);
+            }
+            (Some((time, record)), None) => {
+                let mut buf = Vec::with_capacity(entries.len());
+                buf.extend_from_slice(&entries[..pos]);
+                buf.push(0x92);
+                buf.extend_from_slice(time);
+                buf.extend_from_slice(record);
+                out = Some(buf);
+            }
+            (None, Some(buf)) => buf.extend_from_slice(entry),
+            (None, None) => {}
+        }
+        pos += len;
+        index += 1;
+    }
+    Ok(out)
+}
+
+/// For `[[time, {}], record]`: the time and record bytes.
+fn empty_metadata_parts(entry: &[u8], max_depth: usize) -> Option<(&[u8], &[u8])> {
+    let Some(Header::Array { offset, count: 2 }) = read_header(entry) else {
+        return None;
+    };
+    let pair = &entry[offset..];
+    let Some(Header::Array {
+        offset: inner,
+        count: 2,
+    }) = read_header(pair)
+    else {
+        return None;
+    };
+    let pair_len = value_len(pair, max_depth).ok()??;
+    let time_len = value_len(&pair[inner..], max_depth).ok()??;
+    let time = &pair[inner..inner + time_len];
+    let meta = &pair[inner + time_len..pair_len];
+    match read_header(meta) {
+        Some(Header::Map { count: 0, .. }) => Some((time, &pair[pair_len..])),
+        _ => None,
+    }
+}
+
 /// Inflate `payload` (gzip members back to back, or zstd frames) up to `limit` bytes.
 pub fn inflate(codec: Compression, payload: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
     let mut out = Vec::with_capacity(payload.len().saturating_mul(4).min(limit));
@@ -215,6 +277,31 @@ mod tests {
             count_entries(&[0x92, 0xd6, 0x00, 1, 2, 3, 4, 0x80], 32),
             Err(EntryError::BadTime { index: 0 })
         );
+    }
+
+    #[test]
+    fn strip_empty_metadata_rewrites_only_empty_maps() {
+        // fluent-bit 5 layout: [[EventTime, df 00 00 00 00], {"a": 1}]
+        let v15 = [
+            0x92, 0x92, 0xd7, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0xdf, 0, 0, 0, 0, 0x81, 0xa1, b'a',
+            0x01,
+        ];
+        let plain = [
+            0x92, 0xd7, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0x81, 0xa1, b'a', 0x01,
+        ];
+        let with_meta = [
+            0x92, 0x92, 0x01, 0x81, 0xa1, b'k', 0x02, 0x81, 0xa1, b'a', 0x01,
+        ];
+        let mut input = INT_ENTRY.to_vec();
+        input.extend_from_slice(&v15);
+        input.extend_from_slice(&with_meta);
+        let out = strip_empty_metadata(&input, 32).unwrap().unwrap();
+        let mut expected = INT_ENTRY.to_vec();
+        expected.extend_from_slice(&plain);
+        expected.extend_from_slice(&with_meta);
+        assert_eq!(out, expected);
+        assert_eq!(strip_empty_metadata(INT_ENTRY, 32), Ok(None));
+        assert_eq!(count_entries(&out, 32), Ok(3));
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! The side facing aggregators: the shared queue ([`dispatcher`]) and one task per node
-//! ([`node`]). `start` builds both from the config; the returned tracker finishes once every
-//! node has drained its window (or given up at `shutdown_grace`) after shutdown.
+//! The side facing aggregators: the shared queue ([`dispatcher`]), node health and weighted
+//! choice ([`health`]), and one task per node ([`node`]). `start` builds them from the config;
+//! the returned tracker finishes once every node has drained its window (or given up at
+//! `shutdown_grace`) after shutdown.
 
 pub mod dispatcher;
+pub mod health;
 pub mod node;
 
 use std::sync::Arc;
@@ -10,25 +12,50 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::UpstreamConfig;
+use crate::config::{Compress, HeartbeatType, UpstreamConfig};
+use crate::forward::entries::Compression;
 use crate::spool::Spool;
 use dispatcher::{Backoff, Dispatcher};
+use health::{Balancer, HealthSettings, HeartbeatKind};
 use node::NodeSettings;
 
-/// Start one task per configured node, all fed by one dispatcher over `spool`.
+/// Start one task per configured node (and the heartbeat task), fed by one dispatcher.
 pub fn start(
     config: &UpstreamConfig,
     spool: Spool,
     shutdown: CancellationToken,
-) -> (Arc<Dispatcher>, TaskTracker) {
+) -> (Arc<Dispatcher>, Arc<Balancer>, TaskTracker) {
     let backoff = Backoff {
         initial: config.retry_initial.0,
         max: config.retry_max.0,
     };
     let dispatcher = Arc::new(Dispatcher::new(spool, backoff));
+    let health = HealthSettings {
+        heartbeat: match config.heartbeat_type {
+            HeartbeatType::Transport | HeartbeatType::Tcp => HeartbeatKind::Transport,
+            HeartbeatType::Udp => HeartbeatKind::Udp,
+            HeartbeatType::None => HeartbeatKind::None,
+        },
+        interval: config.heartbeat_interval.0,
+        phi_threshold: config.phi_threshold,
+        phi_failure_detector: config.phi_failure_detector,
+        hard_timeout: config.hard_timeout.0,
+        recover_wait: config.recover_wait.0,
+    };
+    let balancer = Arc::new(Balancer::new(
+        config
+            .nodes
+            .iter()
+            .map(|n| (n.display_name().to_string(), n.weight, n.standby))
+            .collect(),
+        health,
+        config.window as u64,
+    ));
     let tracker = TaskTracker::new();
-    for node in &config.nodes {
+    let mut all = Vec::new();
+    for (index, node) in config.nodes.iter().enumerate() {
         let settings = NodeSettings {
+            index,
             name: node.display_name().to_string(),
             address: node.address.clone(),
             ack_timeout: config.ack_timeout.0,
@@ -36,13 +63,25 @@ pub fn start(
             window: config.window as usize,
             reconnect: backoff,
             shutdown_grace: config.shutdown_grace.0,
+            compress: match node.compress {
+                Compress::Text => None,
+                Compress::Gzip => Some(Compression::Gzip),
+            },
+            strip_empty_metadata: node.strip_empty_metadata,
         };
+        all.push(settings.clone());
         tracker.spawn(node::run_node(
             settings,
             dispatcher.clone(),
+            balancer.clone(),
             shutdown.clone(),
         ));
     }
+    tracker.spawn(node::run_heartbeats(
+        all,
+        balancer.clone(),
+        shutdown.clone(),
+    ));
     tracker.close();
-    (dispatcher, tracker)
+    (dispatcher, balancer, tracker)
 }

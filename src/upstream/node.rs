@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::dispatcher::{Backoff, Dispatcher};
+use super::health::Balancer;
 use crate::forward::ack::{decode_ack, AckError};
+use crate::forward::entries::{deflate_gzip, strip_empty_metadata, Compression};
 use crate::forward::packed::{chunk_id_base64, encode_packed_forward};
 use crate::spool::StoredRecord;
 
@@ -30,6 +32,8 @@ const MAX_ACK_BYTES: usize = 4096;
 /// Settings of one node connection.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
+    /// Position of this node in the [`Balancer`].
+    pub index: usize,
     pub name: String,
     pub address: String,
     pub ack_timeout: Duration,
@@ -37,6 +41,10 @@ pub struct NodeSettings {
     pub window: usize,
     pub reconnect: Backoff,
     pub shutdown_grace: Duration,
+    /// Compress chunk entries (gzip) for this node.
+    pub compress: Option<Compression>,
+    /// Rewrite empty v1.5 metadata for this node (the opt-in exception to invariant 6).
+    pub strip_empty_metadata: bool,
 }
 
 /// Why a node connection failed.
@@ -75,18 +83,33 @@ struct InFlight {
 pub async fn run_node(
     settings: NodeSettings,
     dispatcher: Arc<Dispatcher>,
+    balancer: Arc<Balancer>,
     shutdown: CancellationToken,
 ) {
+    let index = settings.index;
     let mut committed = dispatcher.spool().subscribe();
     let mut failures: u32 = 0;
     loop {
+        // Wait until this node may be used and there is something to send.
+        loop {
+            let changed = balancer.changed.notified();
+            if balancer.should_connect(index) {
+                break;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
         tokio::select! {
             _ = dispatcher.wait_for_work(&mut committed) => {}
+            _ = balancer.changed.notified() => continue,
             _ = shutdown.cancelled() => return,
         }
         let stream = match connect(&settings).await {
             Ok(stream) => stream,
             Err(e) => {
+                balancer.failed(index, &e.to_string());
                 failures = failures.saturating_add(1);
                 let delay = settings.reconnect.delay(failures);
                 if failures == 1 || failures.is_power_of_two() {
@@ -101,15 +124,18 @@ pub async fn run_node(
         if failures > 0 {
             info!(node = %settings.name, after_failures = failures, "upstream node reachable again");
         }
+        balancer.connected(index);
         let mut session = Session {
             settings: &settings,
             dispatcher: &dispatcher,
+            balancer: &balancer,
             stream,
             in_flight: VecDeque::new(),
             acked: 0,
         };
         let result = session.run(&shutdown, &mut committed).await;
         let acked = session.acked;
+        balancer.disconnected(index);
         match result {
             Ok(()) => {
                 failures = 0;
@@ -125,6 +151,7 @@ pub async fn run_node(
                     _ => warn!(node = %settings.name, error = %e, chunks,
                         "upstream connection failed; aborting it and resending in-flight chunks with the same ids"),
                 }
+                balancer.failed(index, &e.to_string());
                 session.abort_and_requeue(&e.to_string()).await;
                 if acked == 0 {
                     failures = failures.saturating_add(1);
@@ -169,6 +196,7 @@ async fn connect(settings: &NodeSettings) -> Result<TcpStream, NodeError> {
 struct Session<'a> {
     settings: &'a NodeSettings,
     dispatcher: &'a Dispatcher,
+    balancer: &'a Balancer,
     stream: TcpStream,
     in_flight: VecDeque<InFlight>,
     acked: u64,
@@ -186,14 +214,19 @@ impl Session<'_> {
         let mut out = Vec::new();
         let mut draining_until: Option<Instant> = None;
         loop {
-            // Fill the window.
-            while draining_until.is_none() && self.in_flight.len() < self.settings.window {
+            // Fill the window, within this node's weighted share.
+            let index = self.settings.index;
+            while draining_until.is_none()
+                && self.in_flight.len() < self.settings.window
+                && self.balancer.may_take(index)
+            {
                 let taken = self
                     .dispatcher
                     .take()
                     .await
                     .map_err(|e| NodeError::Spool(e.to_string()))?;
                 let Some(taken) = taken else { break };
+                self.balancer.record_taken(index);
                 self.send(taken.record, &mut out).await?;
             }
             if draining_until.is_some() && self.in_flight.is_empty() {
@@ -226,6 +259,7 @@ impl Session<'_> {
                     });
                 }
                 _ = self.dispatcher.wait_for_work(committed), if window_open => {}
+                _ = self.balancer.changed.notified(), if window_open => {}
                 _ = shutdown.cancelled(), if draining_until.is_none() => {
                     draining_until = Some(Instant::now() + self.settings.shutdown_grace);
                 }
@@ -243,14 +277,22 @@ impl Session<'_> {
     async fn send(&mut self, record: StoredRecord, out: &mut Vec<u8>) -> Result<(), NodeError> {
         let chunk_id = chunk_id_base64(&record.chunk_id);
         out.clear();
-        encode_packed_forward(
-            &record.tag,
-            &record.entries,
-            &chunk_id,
-            record.events,
-            None,
-            out,
-        );
+        let stripped = if self.settings.strip_empty_metadata {
+            // Entries were validated at ingress; if the walk fails they go out unchanged.
+            strip_empty_metadata(&record.entries, 64).ok().flatten()
+        } else {
+            None
+        };
+        let entries: &[u8] = stripped.as_deref().unwrap_or(&record.entries);
+        let compressed = self
+            .settings
+            .compress
+            .map(|codec| (codec, deflate_gzip(entries)));
+        let (payload, codec) = match &compressed {
+            Some((codec, bytes)) => (&bytes[..], Some(*codec)),
+            None => (entries, None),
+        };
+        encode_packed_forward(&record.tag, payload, &chunk_id, record.events, codec, out);
         // Counted as in flight before the write: if the write fails, it is requeued.
         self.in_flight.push_back(InFlight {
             record,
@@ -290,6 +332,7 @@ impl Session<'_> {
                 self.dispatcher
                     .spool()
                     .delete(done.record.key, done.record.stored_len());
+                self.balancer.ack_received(self.settings.index);
                 self.acked += 1;
             }
         }
@@ -299,6 +342,7 @@ impl Session<'_> {
     async fn abort_and_requeue(&mut self, reason: &str) {
         let _ = self.stream.set_zero_linger();
         for done in self.in_flight.drain(..) {
+            self.balancer.record_returned(self.settings.index);
             let attempts = done.record.attempts.saturating_add(1);
             self.dispatcher
                 .requeue(&done.record, attempts, reason)
@@ -315,5 +359,91 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Probe every node each `interval` as `upstream.heartbeat_type` says, feed the replies to the
+/// balancer's failure detectors, and let them detach silent nodes (PROTOCOL.md §8).
+pub async fn run_heartbeats(
+    nodes: Vec<NodeSettings>,
+    balancer: Arc<Balancer>,
+    shutdown: CancellationToken,
+) {
+    use super::health::HeartbeatKind;
+    let settings = balancer.settings();
+    if settings.heartbeat == HeartbeatKind::None || nodes.is_empty() {
+        return;
+    }
+    let udp = if settings.heartbeat == HeartbeatKind::Udp {
+        match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
+            Ok(socket) => Some(Arc::new(socket)),
+            Err(e) => {
+                warn!(error = %e, "cannot open the UDP heartbeat socket; nodes are judged by their connections only");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // Resolved once, like fluentd without expire_dns_cache: replies must come from exactly here.
+    let mut targets = Vec::with_capacity(nodes.len());
+    for node in &nodes {
+        let resolved = tokio::net::lookup_host(&node.address)
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next());
+        targets.push(resolved);
+    }
+    if let Some(socket) = udp.clone() {
+        let balancer = balancer.clone();
+        let targets = targets.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                let received = tokio::select! {
+                    r = socket.recv_from(&mut buf) => r,
+                    _ = shutdown.cancelled() => return,
+                };
+                if let Ok((_, from)) = received {
+                    match targets.iter().position(|t| *t == Some(from)) {
+                        Some(index) => balancer.heartbeat(index),
+                        None => debug!(%from, "heartbeat reply from an unknown address"),
+                    }
+                }
+            }
+        });
+    }
+    let mut ticker = tokio::time::interval(settings.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        for (index, node) in nodes.iter().enumerate() {
+            match (&udp, targets[index]) {
+                (Some(socket), Some(target)) => {
+                    let _ = socket.send_to(b"\0", target).await;
+                }
+                (Some(_), None) => {}
+                (None, _) => {
+                    let balancer = balancer.clone();
+                    let node = node.clone();
+                    let deadline = settings.interval.min(node.connect_timeout);
+                    tokio::spawn(async move {
+                        let probe = NodeSettings {
+                            connect_timeout: deadline,
+                            ..node
+                        };
+                        if let Ok(mut stream) = connect(&probe).await {
+                            let _ = timeout(deadline, stream.shutdown()).await;
+                            balancer.heartbeat(index);
+                        }
+                    });
+                }
+            }
+            balancer.check(index);
+        }
     }
 }

@@ -1,0 +1,451 @@
+//! Which nodes may take work: health from heartbeats and failures, and the weighted choice.
+//!
+//! Health follows fluentd's out_forward (PROTOCOL.md §8.3, §10): a phi accrual failure
+//! detector over heartbeat arrivals (every heartbeat reply and every ack adds a sample), a hard
+//! timeout, and recovery only through heartbeats once `recover_wait` worth of samples arrived.
+//! A connect failure, an ack timeout or a broken connection marks a node unavailable at once,
+//! like fluentd's `node.disable!`. With `heartbeat_type = "none"` a node is judged by its own
+//! connections only: unavailable after a failure, available again when a connect succeeds.
+//!
+//! Weights: every available primary gets records in proportion to its weight (each may run at
+//! most one window ahead of its share, so a slow node holds back only its own share); standby
+//! nodes take records only while no primary is available.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// fluentd's phi accrual detector (out_forward/failure_detector.rb), in seconds.
+#[derive(Debug, Clone)]
+pub struct PhiDetector {
+    interval: f64,
+    last: Option<Instant>,
+    /// Inter-arrival gaps in seconds, newest last, at most [`PhiDetector::MAX_SAMPLES`].
+    gaps: VecDeque<f64>,
+}
+
+impl PhiDetector {
+    pub const MAX_SAMPLES: usize = 1000;
+
+    pub fn new(interval: Duration) -> Self {
+        PhiDetector {
+            interval: interval.as_secs_f64().max(0.001),
+            last: None,
+            gaps: VecDeque::new(),
+        }
+    }
+
+    /// A heartbeat (or ack) arrived now.
+    pub fn add(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            let gap = now.saturating_duration_since(last).as_secs_f64();
+            if self.gaps.len() == Self::MAX_SAMPLES {
+                self.gaps.pop_front();
+            }
+            self.gaps.push_back(gap);
+        }
+        self.last = Some(now);
+    }
+
+    pub fn sample_size(&self) -> usize {
+        self.gaps.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.gaps.clear();
+        self.last = None;
+    }
+
+    /// phi at `now`: (1/ln 10) · t / mean, with fluentd's shifts by the interval.
+    pub fn phi(&self, now: Instant) -> f64 {
+        let Some(last) = self.last else { return 0.0 };
+        if self.gaps.is_empty() {
+            return 0.0;
+        }
+        // Weighted average, newest samples weigh most (weights 1..n), as fluentd does.
+        let n = self.gaps.len() as f64;
+        let weighted: f64 = self
+            .gaps
+            .iter()
+            .enumerate()
+            .map(|(i, gap)| gap * (i as f64 + 1.0))
+            .sum();
+        let mean = weighted / (n * (n + 1.0) / 2.0) - self.interval + 1.0;
+        let t = now.saturating_duration_since(last).as_secs_f64() - self.interval + 1.0;
+        if mean <= 0.0 {
+            return f64::INFINITY;
+        }
+        (1.0 / std::f64::consts::LN_10) * t / mean
+    }
+
+    pub fn since_last(&self, now: Instant) -> Option<Duration> {
+        self.last.map(|last| now.saturating_duration_since(last))
+    }
+}
+
+/// Health settings shared by every node.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthSettings {
+    pub heartbeat: HeartbeatKind,
+    pub interval: Duration,
+    pub phi_threshold: f64,
+    pub phi_failure_detector: bool,
+    pub hard_timeout: Duration,
+    pub recover_wait: Duration,
+}
+
+/// How node health is probed (`upstream.heartbeat_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatKind {
+    /// Open a connection (with the handshake when configured) and close it.
+    Transport,
+    /// Send `\0` over UDP to the node's port and expect `\0` back from it.
+    Udp,
+    /// No probes: a node's own connections decide.
+    None,
+}
+
+#[derive(Debug)]
+struct NodeState {
+    available: bool,
+    detector: PhiDetector,
+    /// Records handed to this node (for the weighted share).
+    taken: u64,
+    /// Connections currently open to this node.
+    connected: bool,
+}
+
+/// Health and share of one node.
+#[derive(Debug)]
+pub struct NodeHealth {
+    pub name: String,
+    pub weight: u32,
+    pub standby: bool,
+    state: Mutex<NodeState>,
+}
+
+impl NodeHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, NodeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_available(&self) -> bool {
+        self.lock().available
+    }
+
+    pub fn taken(&self) -> u64 {
+        self.lock().taken
+    }
+}
+
+/// Every node's health, and the weighted choice between them.
+#[derive(Debug)]
+pub struct Balancer {
+    nodes: Vec<NodeHealth>,
+    settings: HealthSettings,
+    /// Records a node may run ahead of its weighted share.
+    slack: u64,
+    /// Woken when availability or shares change.
+    pub changed: Notify,
+}
+
+impl Balancer {
+    pub fn new(nodes: Vec<(String, u32, bool)>, settings: HealthSettings, slack: u64) -> Self {
+        let now = Instant::now();
+        let nodes = nodes
+            .into_iter()
+            .map(|(name, weight, standby)| {
+                let mut detector = PhiDetector::new(settings.interval);
+                detector.add(now);
+                NodeHealth {
+                    name,
+                    weight,
+                    standby,
+                    // Optimistic start, like fluentd: a node is available until proven not.
+                    state: Mutex::new(NodeState {
+                        available: weight > 0,
+                        detector,
+                        taken: 0,
+                        connected: false,
+                    }),
+                }
+            })
+            .collect();
+        Balancer {
+            nodes,
+            settings,
+            slack: slack.max(1),
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn settings(&self) -> HealthSettings {
+        self.settings
+    }
+
+    pub fn node(&self, index: usize) -> &NodeHealth {
+        &self.nodes[index]
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Nodes that may take records now: available primaries, else available standbys.
+    fn eligible(&self) -> Vec<usize> {
+        let available: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].weight > 0 && self.nodes[i].is_available())
+            .collect();
+        let primaries: Vec<usize> = available
+            .iter()
+            .copied()
+            .filter(|&i| !self.nodes[i].standby)
+            .collect();
+        if primaries.is_empty() {
+            available
+        } else {
+            primaries
+        }
+    }
+
+    /// Whether node `index` may take one more record without running ahead of its share.
+    pub fn may_take(&self, index: usize) -> bool {
+        let eligible = self.eligible();
+        if !eligible.contains(&index) {
+            return false;
+        }
+        let share = |i: usize| {
+            let node = &self.nodes[i];
+            node.taken() as f64 / node.weight.max(1) as f64
+        };
+        let floor = eligible
+            .iter()
+            .map(|&i| share(i))
+            .fold(f64::INFINITY, f64::min);
+        let node = &self.nodes[index];
+        let next = (node.taken() + 1) as f64 / node.weight.max(1) as f64;
+        next <= floor + self.slack as f64 / node.weight.max(1) as f64
+    }
+
+    /// Whether node `index` should try to connect now (it is eligible, or it is unavailable
+    /// with no heartbeats to bring it back, so its own connect is the probe).
+    pub fn should_connect(&self, index: usize) -> bool {
+        let node = &self.nodes[index];
+        if node.weight == 0 {
+            return false;
+        }
+        if node.is_available() {
+            return self.eligible().contains(&index);
+        }
+        self.settings.heartbeat == HeartbeatKind::None && !self.standby_blocked(index)
+    }
+
+    fn standby_blocked(&self, index: usize) -> bool {
+        self.nodes[index].standby
+            && self
+                .nodes
+                .iter()
+                .any(|n| !n.standby && n.weight > 0 && n.is_available())
+    }
+
+    /// A node that comes back starts at the current floor of the others' shares, so it does
+    /// not take every record until it has "caught up" on the time it was away.
+    fn rebase(&self, index: usize) {
+        let floor = (0..self.nodes.len())
+            .filter(|&i| i != index && self.nodes[i].weight > 0 && self.nodes[i].is_available())
+            .map(|i| self.nodes[i].taken() as f64 / self.nodes[i].weight.max(1) as f64)
+            .fold(f64::INFINITY, f64::min);
+        if floor.is_finite() {
+            let node = &self.nodes[index];
+            let mut state = node.lock();
+            state.taken = state.taken.max((floor * node.weight.max(1) as f64) as u64);
+        }
+    }
+
+    pub fn record_taken(&self, index: usize) {
+        self.nodes[index].lock().taken += 1;
+    }
+
+    /// A record taken by `index` went back to the queue unsent or unacked.
+    pub fn record_returned(&self, index: usize) {
+        let mut state = self.nodes[index].lock();
+        state.taken = state.taken.saturating_sub(1);
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// An ack arrived: a heartbeat sample that cannot re-enable a node (fluentd `heartbeat(false)`).
+    pub fn ack_received(&self, index: usize) {
+        self.nodes[index].lock().detector.add(Instant::now());
+    }
+
+    /// Connect succeeded. Without heartbeats this is what brings a node back.
+    pub fn connected(&self, index: usize) {
+        let mut state = self.nodes[index].lock();
+        state.connected = true;
+        if self.settings.heartbeat == HeartbeatKind::None && !state.available {
+            state.available = true;
+            drop(state);
+            self.rebase(index);
+            tracing::info!(node = %self.nodes[index].name, "upstream node available again");
+            self.changed.notify_waiters();
+        }
+    }
+
+    pub fn disconnected(&self, index: usize) {
+        self.nodes[index].lock().connected = false;
+    }
+
+    /// Connect failure, ack timeout, broken connection: unavailable until proven healthy.
+    pub fn failed(&self, index: usize, reason: &str) {
+        let mut state = self.nodes[index].lock();
+        let was = state.available;
+        state.available = false;
+        state.detector.clear();
+        drop(state);
+        if was {
+            tracing::warn!(node = %self.nodes[index].name, %reason, "upstream node marked unavailable");
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// A heartbeat reply arrived (fluentd `heartbeat(true)`): may re-enable the node.
+    pub fn heartbeat(&self, index: usize) {
+        let now = Instant::now();
+        let needed = (self.settings.recover_wait.as_secs_f64()
+            / self.settings.interval.as_secs_f64().max(0.001))
+        .ceil() as usize;
+        let mut state = self.nodes[index].lock();
+        state.detector.add(now);
+        // fluentd: `sample_size > recover_wait / heartbeat_interval`.
+        if !state.available && state.detector.sample_size() > needed {
+            state.available = true;
+            drop(state);
+            self.rebase(index);
+            tracing::info!(node = %self.nodes[index].name, "upstream node recovered (heartbeats)");
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Periodic check: phi or hard timeout may mark a node unavailable.
+    pub fn check(&self, index: usize) {
+        if self.settings.heartbeat == HeartbeatKind::None {
+            return;
+        }
+        let now = Instant::now();
+        let mut state = self.nodes[index].lock();
+        if !state.available {
+            return;
+        }
+        let silent = state.detector.since_last(now).unwrap_or_default();
+        let phi = state.detector.phi(now);
+        let reason = if silent > self.settings.hard_timeout {
+            Some(format!("no heartbeat for {silent:?} (hard_timeout)"))
+        } else if self.settings.phi_failure_detector && phi > self.settings.phi_threshold {
+            Some(format!(
+                "phi {phi:.1} above phi_threshold {}",
+                self.settings.phi_threshold
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            state.available = false;
+            state.detector.clear();
+            drop(state);
+            tracing::warn!(node = %self.nodes[index].name, %reason, "upstream node detached by its failure detector");
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(heartbeat: HeartbeatKind) -> HealthSettings {
+        HealthSettings {
+            heartbeat,
+            interval: Duration::from_secs(1),
+            phi_threshold: 16.0,
+            phi_failure_detector: true,
+            hard_timeout: Duration::from_secs(60),
+            recover_wait: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn phi_detaches_after_about_37_seconds_of_silence() {
+        let balancer = Balancer::new(
+            vec![("a".into(), 60, false)],
+            settings(HeartbeatKind::Udp),
+            1,
+        );
+        for _ in 0..30 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            balancer.heartbeat(0);
+            balancer.check(0);
+        }
+        assert!(balancer.node(0).is_available());
+        let mut silent = 0;
+        while balancer.node(0).is_available() {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            balancer.check(0);
+            silent += 1;
+            assert!(silent < 60, "never detached");
+        }
+        // fluentd arithmetic: 16 · ln 10 ≈ 36.8 s with a steady 1 s mean (PROTOCOL.md §8.3).
+        assert!((36..=38).contains(&silent), "detached after {silent}s");
+        // Recovery needs more than recover_wait / interval = 10 samples (12 replies after
+        // the detector was cleared), as in fluentd.
+        for i in 0..12 {
+            assert!(
+                !balancer.node(0).is_available(),
+                "recovered after {i} heartbeats"
+            );
+            tokio::time::advance(Duration::from_secs(1)).await;
+            balancer.heartbeat(0);
+        }
+        assert!(balancer.node(0).is_available());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weights_share_and_standby_takes_over() {
+        let balancer = Balancer::new(
+            vec![
+                ("a".into(), 60, false),
+                ("b".into(), 20, false),
+                ("s".into(), 60, true),
+            ],
+            settings(HeartbeatKind::None),
+            4,
+        );
+        assert!(!balancer.may_take(2), "standby while primaries are up");
+        let mut taken = [0u32; 2];
+        for round in 0..8000 {
+            let i = round % 2;
+            if balancer.may_take(i) {
+                balancer.record_taken(i);
+                taken[i] += 1;
+            }
+        }
+        let ratio = taken[0] as f64 / (taken[0] + taken[1]) as f64;
+        assert!((0.73..=0.77).contains(&ratio), "share of a = {ratio}");
+        balancer.failed(0, "test");
+        balancer.failed(1, "test");
+        assert!(balancer.may_take(2), "standby once no primary is available");
+        balancer.connected(0);
+        assert!(balancer.node(0).is_available());
+        assert!(
+            !balancer.should_connect(2) && !balancer.may_take(2),
+            "back to primaries"
+        );
+    }
+}
