@@ -84,6 +84,14 @@ pub struct SpoolConfig {
     /// redb page cache size.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: ByteSize,
+    /// Bound on dead letters (undeliverable records, rejected requests); past it the oldest
+    /// are evicted with an error log.
+    #[serde(default = "default_dead_letter_max_bytes")]
+    pub dead_letter_max_bytes: ByteSize,
+    /// Records older than this are moved to the dead letters instead of being retried
+    /// forever. Unset (the default): retried until acked.
+    #[serde(default)]
+    pub max_age: Option<HumanDuration>,
 }
 
 /// `[upstream]`: the aggregators ackgate forwards to.
@@ -106,6 +114,11 @@ pub struct UpstreamConfig {
     /// Longest retry delay.
     #[serde(default = "default_retry_max")]
     pub retry_max: HumanDuration,
+    /// A record that has failed this many times while other chunks were acked is split in
+    /// two (or, holding one event, moved to the dead letters): aggregators drop some chunks
+    /// silently (fluentd's chunk_size_limit) and would otherwise be retried forever.
+    #[serde(default = "default_split_after_attempts")]
+    pub split_after_attempts: u32,
     /// How long shutdown waits for in-flight chunks to be acked before closing.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: HumanDuration,
@@ -239,6 +252,12 @@ fn default_group_commit_bytes() -> ByteSize {
 fn default_cache_bytes() -> ByteSize {
     ByteSize(16 << 20)
 }
+fn default_dead_letter_max_bytes() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_split_after_attempts() -> u32 {
+    4
+}
 fn default_ack_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
@@ -333,6 +352,12 @@ impl Config {
             return Err(invalid(
                 "upstream.heartbeat_interval",
                 "must be greater than 0",
+            ));
+        }
+        if self.upstream.split_after_attempts == 0 {
+            return Err(invalid(
+                "upstream.split_after_attempts",
+                "must be at least 1",
             ));
         }
         if self.upstream.window == 0 {

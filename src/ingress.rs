@@ -33,6 +33,8 @@ use crate::spool::{Spool, SpoolError};
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection caught mid-request by shutdown may take to finish that request.
 const SHUTDOWN_READ_GRACE: Duration = Duration::from_secs(2);
+/// Bytes of a rejected request kept as a dead letter for inspection.
+const REJECTED_KEEP_BYTES: usize = 64 * 1024;
 /// Bytes read from a socket per read call.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -220,6 +222,11 @@ async fn serve_connection(
                 Err(e) => {
                     warn!(%peer, reason = %e, request = requests + 1,
                         "closing connection: invalid request; nothing of it was spooled");
+                    let mut bytes = decoder
+                        .take_rejected()
+                        .unwrap_or_else(|| buf.split().freeze());
+                    bytes.truncate(REJECTED_KEEP_BYTES);
+                    ctx.spool.reject(peer.to_string(), e.to_string(), bytes);
                     end = Some(Close::Rejected);
                 }
             }

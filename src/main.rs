@@ -176,8 +176,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let heartbeat =
         udp.map(|socket| tokio::spawn(ingress::run_udp_heartbeat(socket, shutdown.clone())));
-    let (_dispatcher, _balancer, nodes) =
-        upstream::start(&config.upstream, spool.clone(), shutdown.clone());
+    let (_dispatcher, _balancer, nodes) = upstream::start(
+        &config.upstream,
+        config.spool.max_age.map(|d| d.0),
+        spool.clone(),
+        shutdown.clone(),
+    );
     info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
 
     wait_for_signal().await;

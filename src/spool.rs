@@ -16,7 +16,6 @@
 
 pub mod record;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
@@ -26,7 +25,7 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{oneshot, watch, Notify};
 
-pub use record::{RecordError, StoredRecord};
+pub use record::{DeadKind, DeadLetter, RecordError, StoredRecord};
 
 use crate::config::SpoolConfig;
 
@@ -39,6 +38,11 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_NEXT_KEY: &str = "next_key";
 const META_BYTES: &str = "bytes";
 const META_RECORDS: &str = "records";
+const META_NEXT_DEAD: &str = "next_dead";
+const META_DEAD_BYTES: &str = "dead_bytes";
+/// Dead letters: id → [`record::encode_dead`] value. Records that can never be delivered and
+/// the bytes of rejected requests, kept for inspection, bounded by `dead_letter_max_bytes`.
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 
 /// Longest a delete waits for a group commit to ride in before it is committed on its own.
 pub const LAZY_FLUSH: Duration = Duration::from_millis(100);
@@ -73,18 +77,12 @@ pub struct SpoolStats {
     pub bytes: u64,
     pub max_bytes: u64,
     pub commits: u64,
+    pub dead_letter_bytes: u64,
 }
 
 enum Command {
     Append(Append),
-    Delete {
-        key: u64,
-    },
-    Failure {
-        key: u64,
-        attempts: u32,
-        error: String,
-    },
+    Maintenance(Maintenance),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -141,6 +139,7 @@ struct Shared {
     db: RwLock<Option<Arc<Database>>>,
     budget: Budget,
     records: AtomicU64,
+    dead_bytes: AtomicU64,
     commits: AtomicU64,
     /// Highest key committed so far (0 = none): the dispatcher waits on it for new records.
     committed: watch::Sender<u64>,
@@ -205,6 +204,7 @@ fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, SpoolError
         txn.open_table(RECORDS).map_err(|e| open_err(&e))?;
         txn.open_table(RETRIES).map_err(|e| open_err(&e))?;
         txn.open_table(META).map_err(|e| open_err(&e))?;
+        txn.open_table(DEAD).map_err(|e| open_err(&e))?;
     }
     txn.commit().map_err(|e| open_err(&e))?;
     Ok(db)
@@ -215,17 +215,18 @@ impl Spool {
     pub fn open(config: &SpoolConfig) -> Result<(Spool, SpoolWriter), SpoolError> {
         let cache_bytes = usize::try_from(config.cache_bytes.0).unwrap_or(usize::MAX);
         let db = open_database(&config.path, cache_bytes)?;
-        let (next_key, bytes, records) = read_counters(&db)?;
-        let last_key = next_key - 1;
+        let counters = read_counters(&db)?;
+        let last_key = counters.next_key - 1;
         let (committed, _) = watch::channel(last_key);
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(Arc::new(db))),
             budget: Budget {
-                used: AtomicU64::new(bytes),
+                used: AtomicU64::new(counters.bytes),
                 max: config.max_bytes.0,
                 freed: Notify::new(),
             },
-            records: AtomicU64::new(records),
+            records: AtomicU64::new(counters.records),
+            dead_bytes: AtomicU64::new(counters.dead_bytes),
             commits: AtomicU64::new(0),
             committed,
             path: config.path.clone(),
@@ -235,12 +236,14 @@ impl Spool {
         let writer = Writer {
             shared: shared.clone(),
             commands: rx,
-            next_key,
-            bytes,
-            records,
+            next_key: counters.next_key,
+            next_dead: counters.next_dead,
+            bytes: counters.bytes,
+            records: counters.records,
+            dead_bytes: counters.dead_bytes,
+            dead_max_bytes: config.dead_letter_max_bytes.0,
             group_bytes: config.group_commit_bytes.0,
-            pending_deletes: Vec::new(),
-            pending_failures: HashMap::new(),
+            pending: Vec::new(),
             oldest_pending: None,
         };
         let thread = std::thread::Builder::new()
@@ -315,16 +318,84 @@ impl Spool {
     /// the delete itself is committed with the next group.
     pub fn delete(&self, key: u64, stored_len: u64) {
         self.shared.budget.release(stored_len);
-        let _ = self.commands.send(Command::Delete { key });
+        self.maintain(Maintenance::Delete(key));
     }
 
     /// Remember a failed attempt (committed lazily, shown by `ackgate spool list`).
     pub fn note_failure(&self, key: u64, attempts: u32, error: String) {
-        let _ = self.commands.send(Command::Failure {
+        self.maintain(Maintenance::Failure {
             key,
             attempts,
             error,
         });
+    }
+
+    /// Move a record that can never be delivered to the dead letters, with the reason and the
+    /// node that refused it. It is never dropped silently: it stays until requeued or purged.
+    pub fn dead_letter(&self, key: u64, stored_len: u64, reason: String, origin: String) {
+        self.shared.budget.release(stored_len);
+        self.maintain(Maintenance::DeadLetter {
+            key,
+            reason,
+            origin,
+        });
+    }
+
+    /// Keep the bytes of a rejected request for inspection (invariant 4). Never sent upstream.
+    pub fn reject(&self, origin: String, reason: String, bytes: Bytes) {
+        self.maintain(Maintenance::Reject {
+            origin,
+            reason,
+            bytes,
+        });
+    }
+
+    /// Replace a record by several smaller ones (new keys, new chunk ids, same tag and
+    /// received time), in one transaction. Resolves with the new keys.
+    pub fn split(
+        &self,
+        key: u64,
+        parts: Vec<(u32, Bytes)>,
+    ) -> oneshot::Receiver<Result<Vec<u64>, SpoolError>> {
+        let (reply, rx) = oneshot::channel();
+        self.maintain(Maintenance::Split { key, parts, reply });
+        rx
+    }
+
+    /// Put a dead-lettered record back in the queue (with its original chunk id).
+    pub fn requeue_dead(&self, id: u64) -> oneshot::Receiver<Result<Option<u64>, SpoolError>> {
+        let (reply, rx) = oneshot::channel();
+        self.maintain(Maintenance::Requeue { id, reply });
+        rx
+    }
+
+    /// Delete every dead letter. Resolves with how many there were.
+    pub fn purge_dead(&self) -> oneshot::Receiver<Result<u64, SpoolError>> {
+        let (reply, rx) = oneshot::channel();
+        self.maintain(Maintenance::Purge { reply });
+        rx
+    }
+
+    fn maintain(&self, work: Maintenance) {
+        let _ = self.commands.send(Command::Maintenance(work));
+    }
+
+    /// Dead letters with ids ≥ `from`, oldest first. Blocking.
+    pub fn dead_letters(&self, from: u64, max: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+        let db = self.db()?;
+        let read = db.begin_read().map_err(err(SpoolError::Read))?;
+        let dead = read.open_table(DEAD).map_err(err(SpoolError::Read))?;
+        let mut out = Vec::new();
+        for item in dead.range(from..).map_err(err(SpoolError::Read))? {
+            let (id, value) = item.map_err(err(SpoolError::Read))?;
+            if let Some(letter) = record::decode_dead(id.value(), value.value()) {
+                out.push(letter);
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// The highest committed key, to wait on for new records.
@@ -338,6 +409,7 @@ impl Spool {
             bytes: self.shared.budget.used.load(Ordering::Acquire),
             max_bytes: self.shared.budget.max,
             commits: self.shared.commits.load(Ordering::Acquire),
+            dead_letter_bytes: self.shared.dead_bytes.load(Ordering::Acquire),
         }
     }
 
@@ -394,17 +466,70 @@ impl Spool {
     }
 }
 
+/// Work that rides in the next group commit (or a lazy flush): nothing waits on it but the
+/// spool's own bookkeeping, and losing it in a crash costs a duplicate or a retry, never data.
+enum Maintenance {
+    Delete(u64),
+    Failure {
+        key: u64,
+        attempts: u32,
+        error: String,
+    },
+    DeadLetter {
+        key: u64,
+        reason: String,
+        origin: String,
+    },
+    Reject {
+        origin: String,
+        reason: String,
+        bytes: Bytes,
+    },
+    Split {
+        key: u64,
+        parts: Vec<(u32, Bytes)>,
+        reply: oneshot::Sender<Result<Vec<u64>, SpoolError>>,
+    },
+    Requeue {
+        id: u64,
+        reply: oneshot::Sender<Result<Option<u64>, SpoolError>>,
+    },
+    Purge {
+        reply: oneshot::Sender<Result<u64, SpoolError>>,
+    },
+}
+
 /// The single writer: state that only the writer thread touches.
 struct Writer {
     shared: Arc<Shared>,
     commands: mpsc::Receiver<Command>,
     next_key: u64,
+    next_dead: u64,
     bytes: u64,
     records: u64,
+    dead_bytes: u64,
+    dead_max_bytes: u64,
     group_bytes: u64,
-    pending_deletes: Vec<u64>,
-    pending_failures: HashMap<u64, (u32, String)>,
+    pending: Vec<Maintenance>,
     oldest_pending: Option<Instant>,
+}
+
+/// What one transaction changed, applied to the writer's counters once it is committed.
+#[derive(Default)]
+struct Applied {
+    added_records: u64,
+    removed_records: u64,
+    added_bytes: u64,
+    removed_bytes: u64,
+    dead_bytes: i64,
+    next_dead: u64,
+    evicted: u64,
+}
+
+type TxResult<T> = Result<T, String>;
+
+fn txerr<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
 }
 
 impl Writer {
@@ -437,18 +562,19 @@ impl Writer {
                         group += append.entries.len() as u64;
                         appends.push(append);
                     }
-                    Command::Delete { key } => {
-                        self.pending_deletes.push(key);
-                        self.pending_failures.remove(&key);
-                        self.oldest_pending.get_or_insert_with(Instant::now);
-                    }
-                    Command::Failure {
-                        key,
-                        attempts,
-                        error,
-                    } => {
-                        self.pending_failures.insert(key, (attempts, error));
-                        self.oldest_pending.get_or_insert_with(Instant::now);
+                    Command::Maintenance(work) => {
+                        let urgent = matches!(
+                            work,
+                            Maintenance::Split { .. }
+                                | Maintenance::Requeue { .. }
+                                | Maintenance::Purge { .. }
+                        );
+                        self.pending.push(work);
+                        let since = self.oldest_pending.get_or_insert_with(Instant::now);
+                        if urgent {
+                            // Someone waits for the answer: do not make it wait LAZY_FLUSH.
+                            *since -= LAZY_FLUSH;
+                        }
                     }
                     Command::Shutdown(reply) => {
                         shutdown = Some(reply);
@@ -475,9 +601,8 @@ impl Writer {
 
     /// One write transaction, one fsync, then every waiter is answered.
     fn commit_group(&mut self, appends: Vec<Append>) {
-        if appends.is_empty() && self.pending_deletes.is_empty() && self.pending_failures.is_empty()
-        {
-            self.oldest_pending = None;
+        self.oldest_pending = None;
+        if appends.is_empty() && self.pending.is_empty() {
             return;
         }
         let Some(db) = self
@@ -504,19 +629,23 @@ impl Writer {
                 None => merged.push((append.tag.clone(), vec![i], append.entries.len())),
             }
         }
-        let first_key = self.next_key;
-        let result = (|| -> Result<(u64, u64, u64, Vec<u64>), String> {
-            let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        let pending = std::mem::take(&mut self.pending);
+        let mut next_key = self.next_key;
+        let mut keys = vec![0u64; appends.len()];
+        let mut answers: Vec<Box<dyn FnOnce(Option<&str>)>> = Vec::new();
+        let result = (|| -> TxResult<Applied> {
+            let mut txn = db.begin_write().map_err(txerr)?;
             // Explicit though it is the default: senders are acked on this commit (invariant 1).
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| e.to_string())?;
-            let mut added_bytes = 0u64;
-            let mut removed_bytes = 0u64;
-            let mut removed = 0u64;
-            let mut keys = vec![0u64; appends.len()];
+            txn.set_durability(Durability::Immediate).map_err(txerr)?;
+            let mut applied = Applied {
+                next_dead: self.next_dead,
+                ..Applied::default()
+            };
             {
-                let mut records = txn.open_table(RECORDS).map_err(|e| e.to_string())?;
-                for (key, (tag, members, _)) in (first_key..).zip(merged.iter()) {
+                let mut records = txn.open_table(RECORDS).map_err(txerr)?;
+                let mut retries = txn.open_table(RETRIES).map_err(txerr)?;
+                let mut dead = txn.open_table(DEAD).map_err(txerr)?;
+                for (tag, members, _) in &merged {
                     let events: u32 = members
                         .iter()
                         .map(|&i| appends[i].events)
@@ -530,72 +659,227 @@ impl Writer {
                         .unwrap_or(received);
                     let chunk_id = *uuid::Uuid::new_v4().as_bytes();
                     let value = record::encode_record(&chunk_id, received_ms, events, tag, &parts);
-                    added_bytes += value.len() as u64;
-                    records
-                        .insert(key, value.as_slice())
-                        .map_err(|e| e.to_string())?;
+                    applied.added_bytes += value.len() as u64;
+                    applied.added_records += 1;
+                    records.insert(next_key, value.as_slice()).map_err(txerr)?;
                     for &i in members {
-                        keys[i] = key;
+                        keys[i] = next_key;
                     }
-                }
-                for key in &self.pending_deletes {
-                    if let Some(old) = records.remove(*key).map_err(|e| e.to_string())? {
-                        removed_bytes += old.value().len() as u64;
-                        removed += 1;
-                    }
-                }
-                let mut retries = txn.open_table(RETRIES).map_err(|e| e.to_string())?;
-                for key in &self.pending_deletes {
-                    retries.remove(*key).map_err(|e| e.to_string())?;
+                    next_key += 1;
                 }
                 let now = now_ms();
-                for (key, (attempts, error)) in &self.pending_failures {
-                    // Only for records that still exist (an ack may have raced the failure).
-                    if records.get(*key).map_err(|e| e.to_string())?.is_some() {
-                        let value = record::encode_retry(*attempts, now, error);
-                        retries
-                            .insert(*key, value.as_slice())
-                            .map_err(|e| e.to_string())?;
+                for work in pending {
+                    match work {
+                        Maintenance::Delete(key) => {
+                            if let Some(old) = records.remove(key).map_err(txerr)? {
+                                applied.removed_bytes += old.value().len() as u64;
+                                applied.removed_records += 1;
+                            }
+                            retries.remove(key).map_err(txerr)?;
+                        }
+                        Maintenance::Failure {
+                            key,
+                            attempts,
+                            error,
+                        } => {
+                            // Only for records that still exist (an ack may have raced it).
+                            if records.get(key).map_err(txerr)?.is_some() {
+                                let value = record::encode_retry(attempts, now, &error);
+                                retries.insert(key, value.as_slice()).map_err(txerr)?;
+                            }
+                        }
+                        Maintenance::DeadLetter {
+                            key,
+                            reason,
+                            origin,
+                        } => {
+                            let old = match records.remove(key).map_err(txerr)? {
+                                Some(guard) => guard.value().to_vec(),
+                                None => continue,
+                            };
+                            retries.remove(key).map_err(txerr)?;
+                            applied.removed_bytes += old.len() as u64;
+                            applied.removed_records += 1;
+                            let value = record::encode_dead(
+                                record::DeadKind::Record,
+                                now,
+                                &reason,
+                                &origin,
+                                &old,
+                            );
+                            applied.dead_bytes += value.len() as i64;
+                            dead.insert(applied.next_dead, value.as_slice())
+                                .map_err(txerr)?;
+                            applied.next_dead += 1;
+                        }
+                        Maintenance::Reject {
+                            origin,
+                            reason,
+                            bytes,
+                        } => {
+                            let value = record::encode_dead(
+                                record::DeadKind::Rejected,
+                                now,
+                                &reason,
+                                &origin,
+                                &bytes,
+                            );
+                            applied.dead_bytes += value.len() as i64;
+                            dead.insert(applied.next_dead, value.as_slice())
+                                .map_err(txerr)?;
+                            applied.next_dead += 1;
+                        }
+                        Maintenance::Split { key, parts, reply } => {
+                            let removed = match records.remove(key).map_err(txerr)? {
+                                Some(guard) => {
+                                    Some(record::decode_record(key, guard.value()).map_err(txerr)?)
+                                }
+                                None => None,
+                            };
+                            let Some(old) = removed else {
+                                answers.push(Box::new(move |_| {
+                                    let _ = reply.send(Ok(Vec::new()));
+                                }));
+                                continue;
+                            };
+                            retries.remove(key).map_err(txerr)?;
+                            applied.removed_bytes += old.stored_len();
+                            applied.removed_records += 1;
+                            let mut new_keys = Vec::with_capacity(parts.len());
+                            for (events, entries) in &parts {
+                                let chunk_id = *uuid::Uuid::new_v4().as_bytes();
+                                let value = record::encode_record(
+                                    &chunk_id,
+                                    old.received_ms,
+                                    *events,
+                                    &old.tag,
+                                    &[entries],
+                                );
+                                applied.added_bytes += value.len() as u64;
+                                applied.added_records += 1;
+                                records.insert(next_key, value.as_slice()).map_err(txerr)?;
+                                new_keys.push(next_key);
+                                next_key += 1;
+                            }
+                            answers.push(Box::new(move |failed| {
+                                let _ = reply.send(match failed {
+                                    None => Ok(new_keys),
+                                    Some(reason) => Err(SpoolError::Commit(reason.to_string())),
+                                });
+                            }));
+                        }
+                        Maintenance::Requeue { id, reply } => {
+                            let found = dead.remove(id).map_err(txerr)?.map(|v| v.value().to_vec());
+                            let requeued =
+                                match found.as_deref().and_then(|v| record::decode_dead(id, v)) {
+                                    Some(letter) if letter.kind == record::DeadKind::Record => {
+                                        applied.dead_bytes -=
+                                            found.as_ref().map_or(0, |v| v.len() as i64);
+                                        // The original record value, chunk id included (invariant 3).
+                                        records
+                                            .insert(next_key, &letter.payload[..])
+                                            .map_err(txerr)?;
+                                        applied.added_bytes += letter.payload.len() as u64;
+                                        applied.added_records += 1;
+                                        next_key += 1;
+                                        Some(next_key - 1)
+                                    }
+                                    Some(_) => {
+                                        // Rejected input cannot be sent: put it back untouched.
+                                        if let Some(v) = &found {
+                                            dead.insert(id, v.as_slice()).map_err(txerr)?;
+                                        }
+                                        None
+                                    }
+                                    None => None,
+                                };
+                            answers.push(Box::new(move |failed| {
+                                let _ = reply.send(match failed {
+                                    None => Ok(requeued),
+                                    Some(reason) => Err(SpoolError::Commit(reason.to_string())),
+                                });
+                            }));
+                        }
+                        Maintenance::Purge { reply } => {
+                            let mut purged = 0u64;
+                            while let Some((_, value)) = dead.pop_first().map_err(txerr)? {
+                                applied.dead_bytes -= value.value().len() as i64;
+                                purged += 1;
+                            }
+                            answers.push(Box::new(move |failed| {
+                                let _ = reply.send(match failed {
+                                    None => Ok(purged),
+                                    Some(reason) => Err(SpoolError::Commit(reason.to_string())),
+                                });
+                            }));
+                        }
                     }
                 }
-                let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-                let next_key = first_key + merged.len() as u64;
-                let bytes = (self.bytes + added_bytes).saturating_sub(removed_bytes);
-                let count = (self.records + merged.len() as u64).saturating_sub(removed);
-                meta.insert(META_NEXT_KEY, next_key)
-                    .map_err(|e| e.to_string())?;
-                meta.insert(META_BYTES, bytes).map_err(|e| e.to_string())?;
-                meta.insert(META_RECORDS, count)
-                    .map_err(|e| e.to_string())?;
+                // Dead letters are bounded: the oldest go first, loudly.
+                let mut dead_total = (self.dead_bytes as i64 + applied.dead_bytes).max(0) as u64;
+                while dead_total > self.dead_max_bytes {
+                    let Some((id, value)) = dead.pop_first().map_err(txerr)? else {
+                        break;
+                    };
+                    let len = value.value().len() as u64;
+                    tracing::error!(
+                        dead_letter = id.value(),
+                        bytes = len,
+                        "dead letters over spool.dead_letter_max_bytes: evicting the oldest one"
+                    );
+                    dead_total = dead_total.saturating_sub(len);
+                    applied.dead_bytes -= len as i64;
+                    applied.evicted += 1;
+                }
+                let mut meta = txn.open_table(META).map_err(txerr)?;
+                let bytes =
+                    (self.bytes + applied.added_bytes).saturating_sub(applied.removed_bytes);
+                let count =
+                    (self.records + applied.added_records).saturating_sub(applied.removed_records);
+                meta.insert(META_NEXT_KEY, next_key).map_err(txerr)?;
+                meta.insert(META_BYTES, bytes).map_err(txerr)?;
+                meta.insert(META_RECORDS, count).map_err(txerr)?;
+                meta.insert(META_NEXT_DEAD, applied.next_dead)
+                    .map_err(txerr)?;
+                meta.insert(META_DEAD_BYTES, dead_total).map_err(txerr)?;
             }
-            txn.commit().map_err(|e| e.to_string())?;
-            Ok((added_bytes, removed_bytes, removed, keys))
+            txn.commit().map_err(txerr)?;
+            Ok(applied)
         })();
         match result {
-            Ok((added_bytes, removed_bytes, removed, keys)) => {
-                self.next_key = first_key + merged.len() as u64;
-                self.bytes = (self.bytes + added_bytes).saturating_sub(removed_bytes);
-                self.records = (self.records + merged.len() as u64).saturating_sub(removed);
+            Ok(applied) => {
+                self.next_key = next_key;
+                self.next_dead = applied.next_dead;
+                self.bytes =
+                    (self.bytes + applied.added_bytes).saturating_sub(applied.removed_bytes);
+                self.records =
+                    (self.records + applied.added_records).saturating_sub(applied.removed_records);
+                self.dead_bytes = (self.dead_bytes as i64 + applied.dead_bytes).max(0) as u64;
                 self.shared.records.store(self.records, Ordering::Release);
+                self.shared
+                    .dead_bytes
+                    .store(self.dead_bytes, Ordering::Release);
                 self.shared.commits.fetch_add(1, Ordering::AcqRel);
-                self.pending_deletes.clear();
-                self.pending_failures.clear();
-                self.oldest_pending = None;
-                if !merged.is_empty() {
-                    // Reservations were estimates per request; the budget follows the file.
-                    let reserved: u64 = appends.iter().map(|a| a.reserved).sum();
-                    if added_bytes > reserved {
-                        self.shared
-                            .budget
-                            .used
-                            .fetch_add(added_bytes - reserved, Ordering::AcqRel);
-                    } else {
-                        self.shared.budget.release(reserved - added_bytes);
-                    }
-                    self.shared.committed.send_replace(self.next_key - 1);
+                // The budget follows the file: reservations were per-request estimates, and
+                // deletes were released when they were requested.
+                let reserved: u64 = appends.iter().map(|a| a.reserved).sum();
+                let appended: u64 = applied.added_bytes;
+                if appended > reserved {
+                    self.shared
+                        .budget
+                        .used
+                        .fetch_add(appended - reserved, Ordering::AcqRel);
+                } else if reserved > appended {
+                    self.shared.budget.release(reserved - appended);
+                }
+                if next_key > 1 {
+                    self.shared.committed.send_replace(next_key - 1);
                 }
                 for (append, key) in appends.into_iter().zip(keys) {
                     let _ = append.reply.send(Ok(key));
+                }
+                for answer in answers {
+                    answer(None);
                 }
             }
             Err(reason) => {
@@ -605,8 +889,11 @@ impl Writer {
                     self.shared.budget.release(append.reserved);
                     let _ = append.reply.send(Err(SpoolError::Commit(reason.clone())));
                 }
+                for answer in answers {
+                    answer(Some(&reason));
+                }
                 // redb: a failed commit is final, its changes may or may not be durable, and
-                // the handle refuses further writes until reopened. Deletes stay pending.
+                // the handle refuses further writes until reopened.
                 self.reopen();
             }
         }
@@ -622,12 +909,22 @@ impl Writer {
             let reopened = open_database(&self.shared.path, self.shared.cache_bytes)
                 .and_then(|db| read_counters(&db).map(|counters| (db, counters)));
             match reopened {
-                Ok((db, (next_key, bytes, records))) => {
-                    self.next_key = next_key;
-                    self.bytes = bytes;
-                    self.records = records;
-                    self.shared.records.store(records, Ordering::Release);
-                    self.shared.budget.used.store(bytes, Ordering::Release);
+                Ok((db, counters)) => {
+                    self.next_key = counters.next_key;
+                    self.bytes = counters.bytes;
+                    self.records = counters.records;
+                    self.next_dead = counters.next_dead;
+                    self.dead_bytes = counters.dead_bytes;
+                    self.shared
+                        .records
+                        .store(counters.records, Ordering::Release);
+                    self.shared
+                        .dead_bytes
+                        .store(counters.dead_bytes, Ordering::Release);
+                    self.shared
+                        .budget
+                        .used
+                        .store(counters.bytes, Ordering::Release);
                     self.shared.budget.freed.notify_waiters();
                     *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
                     tracing::warn!(path = %self.shared.path.display(), "spool reopened after a failed commit");
@@ -643,8 +940,16 @@ impl Writer {
     }
 }
 
-/// (next key, bytes, records) as last committed.
-fn read_counters(db: &Database) -> Result<(u64, u64, u64), SpoolError> {
+/// Counters as last committed.
+struct Counters {
+    next_key: u64,
+    bytes: u64,
+    records: u64,
+    next_dead: u64,
+    dead_bytes: u64,
+}
+
+fn read_counters(db: &Database) -> Result<Counters, SpoolError> {
     let read = db.begin_read().map_err(err(SpoolError::Read))?;
     let meta = read.open_table(META).map_err(err(SpoolError::Read))?;
     let get = |name: &str| -> Result<u64, SpoolError> {
@@ -654,9 +959,11 @@ fn read_counters(db: &Database) -> Result<(u64, u64, u64), SpoolError> {
             .map(|g| g.value())
             .unwrap_or(0))
     };
-    Ok((
-        get(META_NEXT_KEY)?.max(1),
-        get(META_BYTES)?,
-        get(META_RECORDS)?,
-    ))
+    Ok(Counters {
+        next_key: get(META_NEXT_KEY)?.max(1),
+        bytes: get(META_BYTES)?,
+        records: get(META_RECORDS)?,
+        next_dead: get(META_NEXT_DEAD)?.max(1),
+        dead_bytes: get(META_DEAD_BYTES)?,
+    })
 }

@@ -110,6 +110,8 @@ pub enum FrameError {
 pub struct FrameDecoder {
     skipper: Skipper,
     limits: Limits,
+    /// The whole request that the last error rejected, kept for inspection (invariant 4).
+    rejected: Option<Bytes>,
 }
 
 impl FrameDecoder {
@@ -117,11 +119,18 @@ impl FrameDecoder {
         FrameDecoder {
             skipper: Skipper::new(limits.max_depth, limits.max_frame_bytes),
             limits,
+            rejected: None,
         }
     }
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// After an error: the rejected request when it was complete; else `None` (the bytes are
+    /// still at the front of the caller's buffer).
+    pub fn take_rejected(&mut self) -> Option<Bytes> {
+        self.rejected.take()
     }
 
     /// Take one request off the front of `buf`, or `Ok(None)` if it is not all there yet.
@@ -138,7 +147,9 @@ impl FrameDecoder {
             Ok(Progress::Complete(end)) => {
                 self.skipper.reset();
                 let bytes = buf.split_to(end).freeze();
-                parse_request(bytes, &self.limits).map(Some)
+                parse_request(bytes.clone(), &self.limits)
+                    .map(Some)
+                    .inspect_err(|_| self.rejected = Some(bytes))
             }
             Err(SkipError::TooLong { .. }) => Err(FrameError::TooLarge {
                 limit: self.limits.max_frame_bytes,

@@ -205,3 +205,102 @@ mod tests {
         assert_eq!(decode_retry(&[1, 2]), None);
     }
 }
+
+/// Layout version of dead-letter values.
+pub const DEAD_VERSION: u8 = 1;
+
+/// What a dead letter holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadKind {
+    /// A spooled record taken out of the queue (its full record value is kept).
+    Record = 1,
+    /// Bytes of an invalid request, kept for inspection (invariant 4); never sent anywhere.
+    Rejected = 2,
+}
+
+/// A dead letter as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub kind: DeadKind,
+    pub dead_at_ms: u64,
+    pub reason: String,
+    /// The node (records) or the peer address (rejected input).
+    pub origin: String,
+    /// Record value ([`encode_record`]) or the rejected bytes.
+    pub payload: Bytes,
+}
+
+/// Encode a dead letter.
+pub fn encode_dead(
+    kind: DeadKind,
+    dead_at_ms: u64,
+    reason: &str,
+    origin: &str,
+    payload: &[u8],
+) -> Vec<u8> {
+    let reason = truncate_utf8(reason, 4096);
+    let origin = truncate_utf8(origin, 1024);
+    let mut out = Vec::with_capacity(16 + reason.len() + origin.len() + payload.len());
+    out.push(DEAD_VERSION);
+    out.push(kind as u8);
+    out.extend_from_slice(&dead_at_ms.to_le_bytes());
+    out.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(&(origin.len() as u16).to_le_bytes());
+    out.extend_from_slice(origin.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Decode a dead letter; `None` if the value is damaged.
+pub fn decode_dead(id: u64, value: &[u8]) -> Option<DeadLetter> {
+    if value.len() < 12 || value[0] != DEAD_VERSION {
+        return None;
+    }
+    let kind = match value[1] {
+        1 => DeadKind::Record,
+        2 => DeadKind::Rejected,
+        _ => return None,
+    };
+    let dead_at_ms = u64::from_le_bytes(value[2..10].try_into().ok()?);
+    let reason_len = u16::from_le_bytes(value[10..12].try_into().ok()?) as usize;
+    let reason_end = 12 + reason_len;
+    let reason = String::from_utf8_lossy(value.get(12..reason_end)?).into_owned();
+    let origin_len =
+        u16::from_le_bytes(value.get(reason_end..reason_end + 2)?.try_into().ok()?) as usize;
+    let origin_start = reason_end + 2;
+    let origin =
+        String::from_utf8_lossy(value.get(origin_start..origin_start + origin_len)?).into_owned();
+    let payload = Bytes::copy_from_slice(value.get(origin_start + origin_len..)?);
+    Some(DeadLetter {
+        id,
+        kind,
+        dead_at_ms,
+        reason,
+        origin,
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod dead_tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_round_trips() {
+        let value = encode_dead(
+            DeadKind::Rejected,
+            5,
+            "bad entry",
+            "127.0.0.1:5000",
+            b"\xc1\x00",
+        );
+        let dead = decode_dead(9, &value).unwrap();
+        assert_eq!(dead.kind, DeadKind::Rejected);
+        assert_eq!(dead.reason, "bad entry");
+        assert_eq!(dead.origin, "127.0.0.1:5000");
+        assert_eq!(&dead.payload[..], b"\xc1\x00");
+        assert_eq!(decode_dead(9, &value[..11]), None);
+    }
+}

@@ -8,8 +8,11 @@
 //! (invariant 2).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
-use std::time::Duration;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
 
 use rand::Rng;
 use tokio::sync::{watch, Mutex, Notify};
@@ -58,6 +61,19 @@ struct State {
     buffered: VecDeque<StoredRecord>,
     /// Failed records waiting for their retry time: (due, key, failed attempts so far).
     retries: BinaryHeap<Reverse<(Instant, u64, u32)>>,
+    /// For each failed record: the ack count when it first failed. If other chunks were acked
+    /// since, the pipeline works and this record is the problem (poison), not the network.
+    first_failure: HashMap<u64, u64>,
+}
+
+/// What to do with records that fail again and again.
+#[derive(Debug, Clone, Copy)]
+pub struct PoisonPolicy {
+    /// After this many failed attempts, while other chunks are acked, a record is split in two
+    /// (or, holding one event, moved to the dead letters).
+    pub split_after_attempts: u32,
+    /// Records older than this go to the dead letters.
+    pub max_age: Option<Duration>,
 }
 
 /// The shared queue.
@@ -67,10 +83,13 @@ pub struct Dispatcher {
     /// Wakes idle connections when a retry is queued.
     requeued: Notify,
     pub backoff: Backoff,
+    policy: PoisonPolicy,
+    /// Acks received from any node since start.
+    acks: AtomicU64,
 }
 
 impl Dispatcher {
-    pub fn new(spool: Spool, backoff: Backoff) -> Self {
+    pub fn new(spool: Spool, backoff: Backoff, policy: PoisonPolicy) -> Self {
         Dispatcher {
             spool,
             state: Mutex::new(State {
@@ -78,10 +97,43 @@ impl Dispatcher {
                 cursor: 1,
                 buffered: VecDeque::new(),
                 retries: BinaryHeap::new(),
+                first_failure: HashMap::new(),
             }),
             requeued: Notify::new(),
             backoff,
+            policy,
+            acks: AtomicU64::new(0),
         }
+    }
+
+    /// An upstream ack deleted `record`.
+    pub fn acked(&self, record: &StoredRecord) {
+        self.acks.fetch_add(1, Ordering::AcqRel);
+        self.spool.delete(record.key, record.stored_len());
+    }
+
+    /// Whether `record` is past `max_age` (then it was moved to the dead letters).
+    fn expire(&self, record: &StoredRecord) -> bool {
+        let Some(max_age) = self.policy.max_age else {
+            return false;
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let age = Duration::from_millis(now.saturating_sub(record.received_ms));
+        if age <= max_age {
+            return false;
+        }
+        let reason = format!(
+            "older than spool.max_age {max_age:?} after {} failed attempt(s); last error: {}",
+            record.attempts,
+            record.last_error.as_deref().unwrap_or("none")
+        );
+        tracing::error!(record = record.key, events = record.events, %reason, "moving record to dead letters");
+        self.spool
+            .dead_letter(record.key, record.stored_len(), reason, String::new());
+        true
     }
 
     pub fn spool(&self) -> &Spool {
@@ -105,6 +157,10 @@ impl Dispatcher {
                 Some(mut record) => {
                     // The failure count on disk is written lazily; memory is ahead of it.
                     record.attempts = record.attempts.max(attempts);
+                    if self.expire(&record) {
+                        state.first_failure.remove(&key);
+                        continue;
+                    }
                     return Ok(Some(Taken { record }));
                 }
                 // Deleted meanwhile (acked by a late ack on another path): nothing to resend.
@@ -129,19 +185,47 @@ impl Dispatcher {
                 state.buffered.extend(batch);
             }
         }
-        Ok(state.buffered.pop_front().map(|record| Taken { record }))
+        while let Some(record) = state.buffered.pop_front() {
+            if !self.expire(&record) {
+                return Ok(Some(Taken { record }));
+            }
+        }
+        Ok(None)
     }
 
     /// Give a record back after a failed attempt; it is due again after a backoff delay.
-    pub async fn requeue(&self, record: &StoredRecord, attempts: u32, error: &str) {
+    /// A record that keeps failing while other chunks are acked is split in two, or, holding
+    /// a single event, moved to the dead letters: never retried silently forever.
+    pub async fn requeue(&self, record: &StoredRecord, attempts: u32, error: &str, node: &str) {
+        let acks = self.acks.load(Ordering::Acquire);
+        let mut state = self.state.lock().await;
+        let first = *state.first_failure.entry(record.key).or_insert(acks);
+        let poisoned = attempts >= self.policy.split_after_attempts && acks > first;
+        if poisoned {
+            state.first_failure.remove(&record.key);
+            drop(state);
+            if record.events > 1 {
+                if let Some(parts) = split_in_two(&record.entries, record.events) {
+                    tracing::warn!(record = record.key, events = record.events, attempts, node, %error,
+                        "record not acked after repeated attempts while other chunks were: splitting it in two");
+                    let _ = self.spool.split(record.key, parts).await;
+                    self.requeued.notify_waiters();
+                    return;
+                }
+            }
+            let reason = format!(
+                "not acked after {attempts} attempts while other chunks were acked (the aggregator drops it: chunk_size_limit? invalid event?); last error: {error}"
+            );
+            tracing::error!(record = record.key, events = record.events, node, %reason, "moving record to dead letters");
+            self.spool
+                .dead_letter(record.key, record.stored_len(), reason, node.to_string());
+            return;
+        }
         let due = Instant::now() + self.backoff.delay(attempts);
         self.spool
             .note_failure(record.key, attempts, error.to_string());
-        self.state
-            .lock()
-            .await
-            .retries
-            .push(Reverse((due, record.key, attempts)));
+        state.retries.push(Reverse((due, record.key, attempts)));
+        drop(state);
         self.requeued.notify_waiters();
     }
 
@@ -189,9 +273,37 @@ impl Dispatcher {
     }
 }
 
+/// Cut concatenated entries into two runs of about half the events each.
+fn split_in_two(entries: &Bytes, events: u32) -> Option<Vec<(u32, Bytes)>> {
+    let half = events / 2;
+    let mut pos = 0usize;
+    for index in 0..half {
+        pos += crate::forward::entries::entry_len(&entries[pos..], index, 64).ok()?;
+    }
+    if pos == 0 || pos >= entries.len() {
+        return None;
+    }
+    Some(vec![
+        (half, entries.slice(..pos)),
+        (events - half, entries.slice(pos..)),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_in_two_cuts_on_entry_boundaries() {
+        let entry = [0x92u8, 0x01, 0x81, 0xa1, b'a', 0x02];
+        let entries = Bytes::from(entry.repeat(5));
+        let parts = split_in_two(&entries, 5).unwrap();
+        assert_eq!(parts[0].0, 2);
+        assert_eq!(parts[0].1.len(), 12);
+        assert_eq!(parts[1].0, 3);
+        assert_eq!(parts[1].1.len(), 18);
+        assert!(split_in_two(&Bytes::from(entry.to_vec()), 1).is_none());
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {

@@ -15,13 +15,14 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Compress, HeartbeatType, UpstreamConfig};
 use crate::forward::entries::Compression;
 use crate::spool::Spool;
-use dispatcher::{Backoff, Dispatcher};
+use dispatcher::{Backoff, Dispatcher, PoisonPolicy};
 use health::{Balancer, HealthSettings, HeartbeatKind};
 use node::NodeSettings;
 
 /// Start one task per configured node (and the heartbeat task), fed by one dispatcher.
 pub fn start(
     config: &UpstreamConfig,
+    max_age: Option<std::time::Duration>,
     spool: Spool,
     shutdown: CancellationToken,
 ) -> (Arc<Dispatcher>, Arc<Balancer>, TaskTracker) {
@@ -29,7 +30,11 @@ pub fn start(
         initial: config.retry_initial.0,
         max: config.retry_max.0,
     };
-    let dispatcher = Arc::new(Dispatcher::new(spool, backoff));
+    let policy = PoisonPolicy {
+        split_after_attempts: config.split_after_attempts,
+        max_age,
+    };
+    let dispatcher = Arc::new(Dispatcher::new(spool, backoff, policy));
     let health = HealthSettings {
         heartbeat: match config.heartbeat_type {
             HeartbeatType::Transport | HeartbeatType::Tcp => HeartbeatKind::Transport,

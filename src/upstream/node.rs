@@ -329,9 +329,7 @@ impl Session<'_> {
             };
             let _ = responses.split_to(used);
             if let Some(done) = self.in_flight.remove(position) {
-                self.dispatcher
-                    .spool()
-                    .delete(done.record.key, done.record.stored_len());
+                self.dispatcher.acked(&done.record);
                 self.balancer.ack_received(self.settings.index);
                 self.acked += 1;
             }
@@ -345,7 +343,7 @@ impl Session<'_> {
             self.balancer.record_returned(self.settings.index);
             let attempts = done.record.attempts.saturating_add(1);
             self.dispatcher
-                .requeue(&done.record, attempts, reason)
+                .requeue(&done.record, attempts, reason, &self.settings.name)
                 .await;
         }
     }
