@@ -40,6 +40,16 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Prometheus metrics and health endpoints; off unless `[metrics] listen` is set.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: `/metrics`, `/health`, `/ready` over HTTP on their own address.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
 }
 
 /// `[ingress]`: the side facing senders.
@@ -345,7 +355,7 @@ impl Config {
                 "at least one node needs a weight above 0",
             ));
         }
-        if !(self.upstream.phi_threshold > 0.0) {
+        if self.upstream.phi_threshold.is_nan() || self.upstream.phi_threshold <= 0.0 {
             return Err(invalid("upstream.phi_threshold", "must be greater than 0"));
         }
         if self.upstream.heartbeat_interval.0.is_zero() {

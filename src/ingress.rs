@@ -27,6 +27,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::IngressConfig;
 use crate::forward::ack::encode_ack;
 use crate::forward::{Decoded, FrameDecoder, Limits};
+use crate::metrics::{label, metrics};
 use crate::spool::{Spool, SpoolError};
 
 /// Deadline for writing one ack to a sender.
@@ -138,6 +139,8 @@ struct Pending {
     /// Raw msgpack bytes of the sender's `chunk` option, if it asked for an ack.
     chunk: Option<Bytes>,
     events: u32,
+    /// Entry bytes, for metrics.
+    bytes: u64,
 }
 
 /// A decoded request waiting for room in the spool budget.
@@ -173,6 +176,12 @@ async fn serve_connection(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let m = metrics();
+    m.connections_total.inc();
+    m.connections_open.inc();
+    let _open = scopeguard(|| {
+        metrics().connections_open.dec();
+    });
     let (mut reader, mut writer) = stream.into_split();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut decoder = FrameDecoder::new(ctx.limits);
@@ -195,6 +204,7 @@ async fn serve_connection(
                 if matches!(buf[0], b'{' | b'[') {
                     warn!(%peer, reason = "JSON request: this port speaks msgpack Forward only",
                         "closing connection: invalid request; nothing of it was spooled");
+                    m.rejected.get_or_create(&label("reason", "json")).inc();
                     end = Some(Close::Rejected);
                     break;
                 }
@@ -222,6 +232,7 @@ async fn serve_connection(
                 Err(e) => {
                     warn!(%peer, reason = %e, request = requests + 1,
                         "closing connection: invalid request; nothing of it was spooled");
+                    m.rejected.get_or_create(&label("reason", e.kind())).inc();
                     let mut bytes = decoder
                         .take_rejected()
                         .unwrap_or_else(|| buf.split().freeze());
@@ -250,8 +261,15 @@ async fn serve_connection(
                 let done = pending.pop_front();
                 match (committed, done) {
                     (Ok(_key), Some(done)) => {
+                        m.requests_in.inc();
+                        m.events_in.inc_by(done.events as u64);
+                        m.bytes_in.inc_by(done.bytes);
                         if let Some(chunk) = done.chunk {
-                            if let Err(e) = write_ack(&mut writer, &chunk).await {
+                            let written = write_ack(&mut writer, &chunk).await;
+                            if written.is_ok() {
+                                m.acks_sent.inc();
+                            }
+                            if let Err(e) = written {
                                 // Already stored: a resend will be a duplicate, not a loss.
                                 debug!(%peer, error = %e, events = done.events, "ack not delivered; the request is stored");
                                 end = Some(Close::Io);
@@ -339,11 +357,13 @@ async fn serve_connection(
 }
 
 fn submit(spool: &Spool, staged: Staged, pending: &mut VecDeque<Pending>) {
+    let bytes = staged.entries.len() as u64;
     let commit = spool.append(staged.tag, staged.entries, staged.events, staged.cost);
     pending.push_back(Pending {
         commit,
         chunk: staged.chunk,
         events: staged.events,
+        bytes,
     });
 }
 
@@ -369,6 +389,19 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// Runs a closure when dropped (connection gauges stay right on every exit path).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> OnDrop<F> {
+    OnDrop(f)
 }
 
 /// One ack, one write, with a deadline (PROTOCOL.md §13.2).

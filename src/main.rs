@@ -39,10 +39,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Inspect a stopped spool: stats, list, show, retry, dead letters.
+    Spool(ackgate::inspect::SpoolArgs),
     /// Send JSON lines as Forward events (a fluent-cat replacement).
     Send(tools::SendArgs),
     /// Run an acking Forward aggregator that prints the events it receives as JSON lines.
     Receive(tools::ReceiveArgs),
+    /// Load-test ackgate (as a child process) against its baselines: direct path, disk ceiling.
+    Bench(ackgate::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,23 @@ fn main() -> ExitCode {
             init_logging(&config.log.level, config.log.format);
             exit_with(runtime().and_then(|rt| rt.block_on(run(config))))
         }
+        Command::Spool(args) => {
+            let config = match Config::load(&args.config) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging("warn", LogFormat::Text);
+            exit_with(runtime().and_then(|rt| {
+                rt.block_on(async {
+                    let mut stdout = std::io::stdout().lock();
+                    ackgate::inspect::run(args, config, &mut stdout).await?;
+                    Ok(())
+                })
+            }))
+        }
         Command::Send(args) => {
             init_logging("warn", LogFormat::Text);
             exit_with(runtime().and_then(|rt| {
@@ -78,6 +99,20 @@ fn main() -> ExitCode {
                         "sent {} event(s) in {} request(s), {} acked",
                         report.events, report.requests, report.acked
                     );
+                    Ok(())
+                })
+            }))
+        }
+        Command::Bench(args) => {
+            init_logging("warn", LogFormat::Text);
+            exit_with(runtime().and_then(|rt| {
+                rt.block_on(async {
+                    let json = args.json;
+                    let report = ackgate::bench::bench(args).await?;
+                    print!("{report}");
+                    if json {
+                        println!("{}", report.to_json());
+                    }
                     Ok(())
                 })
             }))
@@ -162,6 +197,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         max_bytes = stats.max_bytes, "spool opened");
 
     let shutdown = CancellationToken::new();
+    // Metrics stay up until the very end, so a drain can be watched.
+    let metrics_stop = CancellationToken::new();
     let (listener, udp) = ingress::bind(&config.ingress)
         .await
         .with_context(|| format!("cannot listen on {}", config.ingress.listen))?;
@@ -176,15 +213,33 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let heartbeat =
         udp.map(|socket| tokio::spawn(ingress::run_udp_heartbeat(socket, shutdown.clone())));
-    let (_dispatcher, _balancer, nodes) = upstream::start(
+    let (dispatcher, _balancer, nodes) = upstream::start(
         &config.upstream,
         config.spool.max_age.map(|d| d.0),
         spool.clone(),
         shutdown.clone(),
     );
+    let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let metrics_task = match &config.metrics {
+        Some(metrics) => {
+            let listener = tokio::net::TcpListener::bind(metrics.listen)
+                .await
+                .with_context(|| format!("cannot listen on metrics.listen {}", metrics.listen))?;
+            info!(listen = %listener.local_addr()?, "metrics listening");
+            Some(tokio::spawn(ackgate::metrics::serve(
+                listener,
+                spool.clone(),
+                dispatcher.clone(),
+                accepting.clone(),
+                metrics_stop.clone(),
+            )))
+        }
+        None => None,
+    };
     info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
 
     wait_for_signal().await;
+    accepting.store(false, std::sync::atomic::Ordering::Release);
     shutdown.cancel();
     let _ = accept.await;
     if let Some(heartbeat) = heartbeat {
@@ -197,6 +252,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || writer.shutdown())
         .await
         .context("spool writer did not stop cleanly")?;
+    metrics_stop.cancel();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     let stats = spool.stats();
     info!(
         records = stats.records,

@@ -56,6 +56,8 @@ pub enum SpoolError {
     CreateDir { path: PathBuf, reason: String },
     #[error("cannot open spool {path}: {reason}")]
     Open { path: PathBuf, reason: String },
+    #[error("spool {path} is open in another process (a running ackgate?): stop it first, or use its metrics endpoint")]
+    InUse { path: PathBuf },
     #[error("spool commit failed: {0}")]
     Commit(String),
     #[error("spool read failed: {0}")]
@@ -190,9 +192,14 @@ fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, SpoolError
     let db = Database::builder()
         .set_cache_size(cache_bytes)
         .create(path)
-        .map_err(|e| SpoolError::Open {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::InUse {
+                path: path.to_path_buf(),
+            },
+            other => SpoolError::Open {
+                path: path.to_path_buf(),
+                reason: other.to_string(),
+            },
         })?;
     // Make sure the tables exist so readers never see "table does not exist".
     let open_err = |e: &dyn std::fmt::Display| SpoolError::Open {
@@ -456,6 +463,17 @@ impl Spool {
         Ok(out)
     }
 
+    /// When the oldest record still queued was received (ms since the epoch). Blocking.
+    pub fn oldest_received_ms(&self) -> Option<u64> {
+        let db = self.db().ok()?;
+        let read = db.begin_read().ok()?;
+        let records = read.open_table(RECORDS).ok()?;
+        let (key, value) = records.first().ok()??;
+        record::decode_record(key.value(), value.value())
+            .ok()
+            .map(|r| r.received_ms)
+    }
+
     /// Read one record. Blocking.
     pub fn read(&self, key: u64) -> Result<Option<StoredRecord>, SpoolError> {
         Ok(self
@@ -527,6 +545,9 @@ struct Applied {
 }
 
 type TxResult<T> = Result<T, String>;
+
+/// Replies to a maintenance request, sent once its transaction committed (`None`) or failed.
+type Answer = Box<dyn FnOnce(Option<&str>)>;
 
 fn txerr<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
@@ -632,7 +653,8 @@ impl Writer {
         let pending = std::mem::take(&mut self.pending);
         let mut next_key = self.next_key;
         let mut keys = vec![0u64; appends.len()];
-        let mut answers: Vec<Box<dyn FnOnce(Option<&str>)>> = Vec::new();
+        let mut answers: Vec<Answer> = Vec::new();
+        let started = Instant::now();
         let result = (|| -> TxResult<Applied> {
             let mut txn = db.begin_write().map_err(txerr)?;
             // Explicit though it is the default: senders are acked on this commit (invariant 1).
@@ -848,6 +870,11 @@ impl Writer {
         })();
         match result {
             Ok(applied) => {
+                let m = crate::metrics::metrics();
+                m.commit_seconds.observe(started.elapsed().as_secs_f64());
+                if !appends.is_empty() {
+                    m.commit_requests.observe(appends.len() as f64);
+                }
                 self.next_key = next_key;
                 self.next_dead = applied.next_dead;
                 self.bytes =

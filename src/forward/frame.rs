@@ -105,6 +105,22 @@ pub enum FrameError {
     Empty,
 }
 
+impl FrameError {
+    /// A short stable label for metrics (`rejected_connections{reason=...}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FrameError::Msgpack(_) => "malformed_msgpack",
+            FrameError::TooLarge { .. } => "too_large",
+            FrameError::Entry(_) | FrameError::CountMismatch { .. } | FrameError::Empty => {
+                "bad_entry"
+            }
+            FrameError::Inflate(_) | FrameError::UnknownCompression(_) => "bad_compression",
+            FrameError::UnsupportedSignal(_) => "unsupported_signal",
+            _ => "bad_request",
+        }
+    }
+}
+
 /// Finds request boundaries in a connection's byte stream.
 #[derive(Debug, Clone)]
 pub struct FrameDecoder {

@@ -16,6 +16,8 @@
 pub mod ack;
 pub mod entries;
 pub mod frame;
+pub mod handshake;
+pub mod json;
 pub mod msgpack;
 pub mod packed;
 pub mod value;

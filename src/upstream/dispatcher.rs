@@ -131,6 +131,7 @@ impl Dispatcher {
             record.last_error.as_deref().unwrap_or("none")
         );
         tracing::error!(record = record.key, events = record.events, %reason, "moving record to dead letters");
+        crate::metrics::metrics().dead_letters.inc();
         self.spool
             .dead_letter(record.key, record.stored_len(), reason, String::new());
         true
@@ -208,6 +209,7 @@ impl Dispatcher {
                 if let Some(parts) = split_in_two(&record.entries, record.events) {
                     tracing::warn!(record = record.key, events = record.events, attempts, node, %error,
                         "record not acked after repeated attempts while other chunks were: splitting it in two");
+                    crate::metrics::metrics().splits.inc();
                     let _ = self.spool.split(record.key, parts).await;
                     self.requeued.notify_waiters();
                     return;
@@ -217,6 +219,7 @@ impl Dispatcher {
                 "not acked after {attempts} attempts while other chunks were acked (the aggregator drops it: chunk_size_limit? invalid event?); last error: {error}"
             );
             tracing::error!(record = record.key, events = record.events, node, %reason, "moving record to dead letters");
+            crate::metrics::metrics().dead_letters.inc();
             self.spool
                 .dead_letter(record.key, record.stored_len(), reason, node.to_string());
             return;
@@ -227,6 +230,21 @@ impl Dispatcher {
         state.retries.push(Reverse((due, record.key, attempts)));
         drop(state);
         self.requeued.notify_waiters();
+    }
+
+    /// Make every record waiting for a retry due now (`ackgate spool retry`). Returns how many.
+    pub async fn retry_now(&self) -> usize {
+        let mut state = self.state.lock().await;
+        let now = Instant::now();
+        let waiting: Vec<_> = state.retries.drain().collect();
+        let count = waiting.len();
+        state.retries = waiting
+            .into_iter()
+            .map(|Reverse((_, key, attempts))| Reverse((now, key, attempts)))
+            .collect();
+        drop(state);
+        self.requeued.notify_waiters();
+        count
     }
 
     /// Give a record back untouched (taken but never sent, e.g. during shutdown).

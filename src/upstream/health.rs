@@ -153,6 +153,16 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    /// Mirror node availability into `ackgate_node_available`.
+    fn publish(&self) {
+        let m = crate::metrics::metrics();
+        for node in &self.nodes {
+            m.node_available
+                .get_or_create(&crate::metrics::label("node", &node.name))
+                .set(node.is_available() as i64);
+        }
+    }
+
     pub fn new(nodes: Vec<(String, u32, bool)>, settings: HealthSettings, slack: u64) -> Self {
         let now = Instant::now();
         let nodes = nodes
@@ -174,12 +184,14 @@ impl Balancer {
                 }
             })
             .collect();
-        Balancer {
+        let balancer = Balancer {
             nodes,
             settings,
             slack: slack.max(1),
             changed: Notify::new(),
-        }
+        };
+        balancer.publish();
+        balancer
     }
 
     pub fn settings(&self) -> HealthSettings {
@@ -278,6 +290,7 @@ impl Balancer {
         let mut state = self.nodes[index].lock();
         state.taken = state.taken.saturating_sub(1);
         drop(state);
+        self.publish();
         self.changed.notify_waiters();
     }
 
@@ -295,6 +308,7 @@ impl Balancer {
             drop(state);
             self.rebase(index);
             tracing::info!(node = %self.nodes[index].name, "upstream node available again");
+            self.publish();
             self.changed.notify_waiters();
         }
     }
@@ -313,6 +327,7 @@ impl Balancer {
         if was {
             tracing::warn!(node = %self.nodes[index].name, %reason, "upstream node marked unavailable");
         }
+        self.publish();
         self.changed.notify_waiters();
     }
 
@@ -330,6 +345,7 @@ impl Balancer {
             drop(state);
             self.rebase(index);
             tracing::info!(node = %self.nodes[index].name, "upstream node recovered (heartbeats)");
+            self.publish();
             self.changed.notify_waiters();
         }
     }
@@ -361,6 +377,7 @@ impl Balancer {
             state.detector.clear();
             drop(state);
             tracing::warn!(node = %self.nodes[index].name, %reason, "upstream node detached by its failure detector");
+            self.publish();
             self.changed.notify_waiters();
         }
     }

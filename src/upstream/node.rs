@@ -24,6 +24,7 @@ use super::health::Balancer;
 use crate::forward::ack::{decode_ack, AckError};
 use crate::forward::entries::{deflate_gzip, strip_empty_metadata, Compression};
 use crate::forward::packed::{chunk_id_base64, encode_packed_forward};
+use crate::metrics::label;
 use crate::spool::StoredRecord;
 
 /// Largest ack response accepted from an aggregator.
@@ -144,10 +145,16 @@ pub async fn run_node(
             Err(e) => {
                 let chunks = session.in_flight.len();
                 match &e {
-                    NodeError::AckTimeout { timeout, .. } => warn!(
+                    NodeError::AckTimeout { timeout, .. } => {
+                        crate::metrics::metrics()
+                            .ack_timeouts
+                            .get_or_create(&label("node", &settings.name))
+                            .inc();
+                        warn!(
                         node = %settings.name, ack_timeout = ?timeout, chunks,
                         "no ack from upstream node within ack_timeout; aborting the connection and resending with the same chunk ids"
-                    ),
+                        );
+                    }
                     _ => warn!(node = %settings.name, error = %e, chunks,
                         "upstream connection failed; aborting it and resending in-flight chunks with the same ids"),
                 }
@@ -299,8 +306,17 @@ impl Session<'_> {
             chunk_id,
             sent_at: Instant::now(),
         });
+        let m = crate::metrics::metrics();
+        m.in_flight
+            .get_or_create(&label("node", &self.settings.name))
+            .set(self.in_flight.len() as i64);
         match timeout(self.settings.ack_timeout, self.stream.write_all(out)).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                m.bytes_out
+                    .get_or_create(&label("node", &self.settings.name))
+                    .inc_by(out.len() as u64);
+                Ok(())
+            }
             Ok(Err(e)) => Err(NodeError::Io(e.to_string())),
             Err(_) => Err(NodeError::WriteTimeout(self.settings.ack_timeout)),
         }
@@ -330,6 +346,15 @@ impl Session<'_> {
             let _ = responses.split_to(used);
             if let Some(done) = self.in_flight.remove(position) {
                 self.dispatcher.acked(&done.record);
+                let m = crate::metrics::metrics();
+                let node = label("node", &self.settings.name);
+                m.chunks_acked.get_or_create(&node).inc();
+                m.events_out
+                    .get_or_create(&node)
+                    .inc_by(done.record.events as u64);
+                m.in_flight
+                    .get_or_create(&node)
+                    .set(self.in_flight.len() as i64);
                 self.balancer.ack_received(self.settings.index);
                 self.acked += 1;
             }
@@ -339,6 +364,12 @@ impl Session<'_> {
     /// RST instead of FIN: queued bytes must not reach the aggregator after we gave up.
     async fn abort_and_requeue(&mut self, reason: &str) {
         let _ = self.stream.set_zero_linger();
+        let m = crate::metrics::metrics();
+        let node = label("node", &self.settings.name);
+        m.retries
+            .get_or_create(&node)
+            .inc_by(self.in_flight.len() as u64);
+        m.in_flight.get_or_create(&node).set(0);
         for done in self.in_flight.drain(..) {
             self.balancer.record_returned(self.settings.index);
             let attempts = done.record.attempts.saturating_add(1);

@@ -1,0 +1,381 @@
+//! The real ackgate, run as a child process on a generated config, and what /proc says about
+//! it: resident memory (VmRSS, VmHWM) sampled during a run, CPU time (utime + stime) over it.
+//!
+//! Readiness is the `ackgate ready listen=IP:PORT` line on its stderr, never a sleep. Its
+//! stderr is read to the end (a full pipe would stall it) and the last lines are kept for the
+//! error message if it dies. Optionally it runs under `strace -f -ttt --seccomp-bpf` limited
+//! to fsync/fdatasync, so only those calls stop it, to count commits from outside.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::oneshot;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::BenchError;
+
+/// Lines of the child's stderr kept for error messages.
+const TAIL_LINES: usize = 30;
+
+/// How to start the child.
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    pub exe: PathBuf,
+    pub config: PathBuf,
+    /// Run under strace, writing its log here.
+    pub strace_log: Option<PathBuf>,
+    pub ready_timeout: Duration,
+}
+
+/// A running ackgate.
+pub struct AckgateChild {
+    process: tokio::process::Child,
+    /// The ackgate process (not strace's).
+    pub pid: u32,
+    pub listen: SocketAddr,
+    /// Spawn to ready line.
+    pub ready_after: Duration,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    warnings: Arc<AtomicU64>,
+}
+
+/// Start ackgate and wait for its ready line.
+pub async fn spawn(spec: &ChildSpec) -> Result<AckgateChild, BenchError> {
+    let mut command = match &spec.strace_log {
+        Some(log) => {
+            let mut c = Command::new("strace");
+            c.args([
+                "-f",
+                "-ttt",
+                "--seccomp-bpf",
+                "-e",
+                "trace=fsync,fdatasync",
+                "-o",
+            ])
+            .arg(log)
+            .arg("--")
+            .arg(&spec.exe);
+            c
+        }
+        None => Command::new(&spec.exe),
+    };
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(&spec.config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let mut process = command.spawn().map_err(|e| BenchError::Spawn {
+        exe: spec.exe.clone(),
+        reason: e.to_string(),
+    })?;
+    let stderr = process.stderr.take().ok_or_else(|| BenchError::Spawn {
+        exe: spec.exe.clone(),
+        reason: "no stderr pipe".into(),
+    })?;
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let warnings = Arc::new(AtomicU64::new(0));
+    let (ready_tx, ready_rx) = oneshot::channel();
+    tokio::spawn(read_stderr(
+        BufReader::new(stderr),
+        tail.clone(),
+        warnings.clone(),
+        ready_tx,
+    ));
+    let listen = match timeout(spec.ready_timeout, ready_rx).await {
+        Ok(Ok(listen)) => listen,
+        Ok(Err(_)) => {
+            let _ = timeout(Duration::from_secs(2), process.wait()).await;
+            return Err(BenchError::NotReady {
+                reason: "ackgate exited before its ready line".into(),
+                stderr: tail_text(&tail),
+            });
+        }
+        Err(_) => {
+            let _ = process.start_kill();
+            return Err(BenchError::NotReady {
+                reason: format!("no ready line within {:?}", spec.ready_timeout),
+                stderr: tail_text(&tail),
+            });
+        }
+    };
+    let ready_after = started.elapsed();
+    let outer = process.id().unwrap_or(0);
+    let pid = if spec.strace_log.is_some() {
+        traced_child(outer).await.unwrap_or(outer)
+    } else {
+        outer
+    };
+    Ok(AckgateChild {
+        process,
+        pid,
+        listen,
+        ready_after,
+        tail,
+        warnings,
+    })
+}
+
+/// The pid strace started (its only child), read from /proc.
+async fn traced_child(strace: u32) -> Option<u32> {
+    let path = format!("/proc/{strace}/task/{strace}/children");
+    for _ in 0..100 {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                return Some(pid);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn read_stderr(
+    stderr: BufReader<tokio::process::ChildStderr>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    warnings: Arc<AtomicU64>,
+    ready: oneshot::Sender<SocketAddr>,
+) {
+    let mut ready = Some(ready);
+    let mut lines = stderr.lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if ready.is_some() && line.contains("ackgate ready") {
+            if let Some(addr) = parse_listen(&line) {
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(addr);
+                }
+            }
+        }
+        if line.contains(" WARN ") || line.contains(" ERROR ") {
+            warnings.fetch_add(1, Ordering::AcqRel);
+        }
+        let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+}
+
+/// `listen=127.0.0.1:40123` out of the ready line.
+fn parse_listen(line: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix("listen="))
+        .and_then(|addr| addr.parse().ok())
+}
+
+fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
+    let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+    tail.iter().cloned().collect::<Vec<_>>().join("\n")
+}
+
+impl AckgateChild {
+    /// WARN and ERROR lines ackgate wrote so far.
+    pub fn warnings(&self) -> u64 {
+        self.warnings.load(Ordering::Acquire)
+    }
+
+    /// The last lines ackgate wrote.
+    pub fn tail(&self) -> String {
+        tail_text(&self.tail)
+    }
+
+    /// SIGTERM, then wait up to `grace` for a clean exit (and for strace to write its log);
+    /// SIGKILL after that. Returns how long the stop took.
+    pub async fn stop(mut self, grace: Duration) -> Duration {
+        let started = Instant::now();
+        signal(self.pid, libc::SIGTERM);
+        if timeout(grace, self.process.wait()).await.is_err() {
+            signal(self.pid, libc::SIGKILL);
+            let _ = self.process.start_kill();
+            let _ = timeout(Duration::from_secs(5), self.process.wait()).await;
+        }
+        started.elapsed()
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        if pid > 0 {
+            // SAFETY: kill(2) on a pid this process spawned; no memory is touched.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+}
+
+/// One reading of /proc/PID.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcSample {
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    /// utime + stime in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+/// Read VmRSS, VmHWM and utime + stime of `pid`.
+pub fn read_proc(pid: u32) -> Option<ProcSample> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3, "state".
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(ProcSample {
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+        cpu_ticks: utime + stime,
+    })
+}
+
+pub fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf reads a constant of the running system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// Memory and CPU of a process over a stretch of time.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ProcStats {
+    pub rss_max_mib: f64,
+    pub rss_mean_mib: f64,
+    /// Peak RSS since the process started (VmHWM) at the end of the stretch.
+    pub hwm_mib: f64,
+    /// CPU time over wall time, in % of one core.
+    pub cpu_percent: f64,
+    pub cpu_seconds: f64,
+    pub samples: u64,
+}
+
+/// Samples a process every `every` until finished.
+pub struct Sampler {
+    pid: u32,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<(u64, u64, u64)>,
+    start: Instant,
+    start_ticks: u64,
+}
+
+impl Sampler {
+    pub fn start(pid: u32, every: Duration) -> Sampler {
+        let stop = CancellationToken::new();
+        let start_ticks = read_proc(pid).map(|s| s.cpu_ticks).unwrap_or(0);
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut max, mut sum, mut n) = (0u64, 0u64, 0u64);
+            loop {
+                if let Some(s) = read_proc(pid) {
+                    max = max.max(s.rss_kib);
+                    sum += s.rss_kib;
+                    n += 1;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = token.cancelled() => return (max, sum, n),
+                }
+            }
+        });
+        Sampler {
+            pid,
+            stop,
+            task,
+            start: Instant::now(),
+            start_ticks,
+        }
+    }
+
+    pub async fn finish(self) -> ProcStats {
+        let end = read_proc(self.pid).unwrap_or_default();
+        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+        self.stop.cancel();
+        let (max, sum, n) = self.task.await.unwrap_or((0, 0, 0));
+        let max = max.max(end.rss_kib);
+        let cpu_seconds =
+            end.cpu_ticks.saturating_sub(self.start_ticks) as f64 / clock_ticks_per_s();
+        ProcStats {
+            rss_max_mib: max as f64 / 1024.0,
+            rss_mean_mib: if n == 0 {
+                0.0
+            } else {
+                sum as f64 / n as f64 / 1024.0
+            },
+            hwm_mib: end.hwm_kib as f64 / 1024.0,
+            cpu_percent: cpu_seconds / wall * 100.0,
+            cpu_seconds,
+            samples: n,
+        }
+    }
+}
+
+/// Count the fsync and fdatasync calls in an `strace -ttt` log that started at or after
+/// `from` and before `to` (seconds since the Unix epoch).
+pub fn count_syncs(log: &Path, from: f64, to: f64) -> std::io::Result<u64> {
+    let text = std::fs::read_to_string(log)?;
+    Ok(text
+        .lines()
+        .filter(|line| {
+            let mut fields = line.split_whitespace();
+            // "PID SECONDS.MICROS fdatasync(5 ..." (with -f, a pid first).
+            let _pid = fields.next();
+            let Some(at) = fields.next().and_then(|t| t.parse::<f64>().ok()) else {
+                return false;
+            };
+            let call = fields.next().unwrap_or("");
+            (call.starts_with("fdatasync(") || call.starts_with("fsync(")) && at >= from && at < to
+        })
+        .count() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_and_proc_are_read() {
+        let line =
+            "2026-01-01T00:00:00Z  INFO ackgate: ackgate ready listen=127.0.0.1:40123 nodes=1";
+        assert_eq!(parse_listen(line), Some("127.0.0.1:40123".parse().unwrap()));
+        let me = read_proc(std::process::id()).unwrap();
+        assert!(me.rss_kib > 0 && me.hwm_kib >= me.rss_kib);
+    }
+
+    #[test]
+    fn strace_lines_are_counted_by_time() {
+        let dir = std::env::temp_dir().join(format!("ackgate-strace-{}", std::process::id()));
+        let text = "11 100.5 fdatasync(3)             = 0\n\
+                    12 101.0 fsync(4 <unfinished ...>\n\
+                    12 101.2 <... fsync resumed>)   = 0\n\
+                    11 103.0 fdatasync(3)             = 0\n";
+        std::fs::write(&dir, text).unwrap();
+        assert_eq!(count_syncs(&dir, 100.0, 102.0).unwrap(), 2);
+        assert_eq!(count_syncs(&dir, 0.0, 1e12).unwrap(), 3);
+        let _ = std::fs::remove_file(&dir);
+    }
+}

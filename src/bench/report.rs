@@ -1,0 +1,622 @@
+//! What `ackgate bench` prints: the figures of each run, each next to its same-invocation
+//! baseline (direct path, disk ceiling, the 0 ms run), and the five targets of issue 7 judged.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::aggregator::Aggregator;
+use super::child::ProcStats;
+use super::disk::DiskCeiling;
+use super::histogram::LatencySummary;
+use super::load::{LoadResult, LoadSpec};
+use super::BenchArgs;
+
+/// RSS bound of the targets.
+const RSS_TARGET_MIB: f64 = 32.0;
+/// Start-up bound of the targets (1 M queued records).
+const STARTUP_TARGET_S: f64 = 2.0;
+
+/// The machine the figures come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub mem_total_mib: u64,
+    pub kernel: String,
+    /// Directory of the spools and the ceiling file, and its filesystem.
+    pub dir: String,
+    pub filesystem: String,
+}
+
+impl Machine {
+    fn probe(dir: &Path) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |text: &str, key: &str| -> String {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let mem_kib: u64 = field(&meminfo, "MemTotal")
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model: field(&cpuinfo, "model name"),
+            mem_total_mib: mem_kib / 1024,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            dir: dir.display().to_string(),
+            filesystem: filesystem_of(dir),
+        }
+    }
+}
+
+/// "ext4 on /dev/vda (mounted at /)": the longest mount point that holds `dir`.
+fn filesystem_of(dir: &Path) -> String {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && dir.starts_with(f[1])).then(|| (f[1].len(), f[2], f[0], f[1]))
+        })
+        .max_by_key(|m| m.0)
+        .map(|(_, fs, dev, at)| format!("{fs} on {dev} (mounted at {at})"))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The load settings, echoed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub connections: u32,
+    pub legacy: bool,
+    pub window: u32,
+    pub event_bytes: u64,
+    pub batch: u32,
+    pub duration_s: f64,
+    pub events: Option<u64>,
+    pub rate: Option<f64>,
+    pub upstream_window: u32,
+    pub spool_max_bytes: u64,
+}
+
+/// One load run (direct or through ackgate).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunFigures {
+    pub label: String,
+    pub rtt_ms: Option<f64>,
+    pub rate_cap: Option<f64>,
+    pub requests: u64,
+    /// Acked (ack mode) or written (legacy) events.
+    pub events: u64,
+    pub seconds: f64,
+    pub events_per_s: f64,
+    /// Event payload MB/s (10^6 bytes) accepted.
+    pub mb_per_s: f64,
+    /// Events the aggregator received while the senders ran, per second of the run.
+    pub delivered_events_per_s: f64,
+    pub delivered_total: u64,
+    pub duplicates: u64,
+    /// Accepted events that never reached the aggregator (0 unless the drain timed out).
+    pub missing: u64,
+    /// Time after the load until the aggregator had every accepted event.
+    pub drain_seconds: Option<f64>,
+    pub ack_latency: Option<LatencySummary>,
+    pub delivery_latency: LatencySummary,
+    pub ackgate: Option<ProcStats>,
+    pub bench_cpu_percent: f64,
+    pub unacked: u64,
+    pub errors: Vec<String>,
+    pub error_count: u64,
+    pub ackgate_warnings: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ackgate_tail: Option<String>,
+}
+
+/// What a run measured, gathered by the caller.
+pub struct Measured<'a> {
+    pub load: &'a LoadResult,
+    /// Aggregator count when the senders finished.
+    pub delivered_at_end: u64,
+    pub drain: Option<Duration>,
+    /// Bench-process CPU ticks over the load.
+    pub own_ticks: u64,
+}
+
+impl RunFigures {
+    pub fn new(
+        label: &str,
+        rtt: Option<Duration>,
+        spec: &LoadSpec,
+        m: Measured<'_>,
+        aggregator: &Aggregator,
+    ) -> RunFigures {
+        let load = m.load;
+        let seconds = load.elapsed.as_secs_f64().max(1e-9);
+        let delivered = aggregator.delivered.events();
+        let duplicates = aggregator.delivered.duplicates.load(Ordering::Acquire);
+        let ticks = super::child::clock_ticks_per_s();
+        RunFigures {
+            label: label.to_string(),
+            rtt_ms: rtt.map(|r| r.as_secs_f64() * 1e3),
+            rate_cap: spec.rate,
+            requests: load.requests,
+            events: load.events,
+            seconds,
+            events_per_s: load.events as f64 / seconds,
+            mb_per_s: (load.events * spec.event_bytes as u64) as f64 / 1e6 / seconds,
+            delivered_events_per_s: m.delivered_at_end as f64 / seconds,
+            delivered_total: delivered,
+            duplicates,
+            missing: load
+                .events
+                .saturating_sub(delivered.saturating_sub(duplicates)),
+            drain_seconds: m.drain.map(|d| d.as_secs_f64()),
+            ack_latency: (!spec.legacy).then(|| load.ack_latency.summary()),
+            delivery_latency: aggregator.delivered.latency().summary(),
+            ackgate: None,
+            bench_cpu_percent: m.own_ticks as f64 / ticks / seconds * 100.0,
+            unacked: load.unacked,
+            errors: load.errors.clone(),
+            error_count: load.error_count,
+            ackgate_warnings: 0,
+            ackgate_tail: None,
+        }
+    }
+}
+
+/// The backlog scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct BacklogReport {
+    pub target_events: u64,
+    pub records: Option<u64>,
+    pub fill_events: u64,
+    pub fill_requests: u64,
+    pub fill_seconds: f64,
+    pub fill_events_per_s: f64,
+    pub fill_errors: Vec<String>,
+    pub fill_rss: ProcStats,
+    pub spool_file_mib: f64,
+    pub hold_rss: ProcStats,
+    pub shutdown_seconds: f64,
+    pub startup_seconds: f64,
+    pub startup_rss: ProcStats,
+    pub drained: u64,
+    pub drain_complete: bool,
+    pub drain_seconds: f64,
+    pub drain_events_per_s: f64,
+    pub drain_mb_per_s: f64,
+    pub drain_rss: ProcStats,
+    pub duplicates: u64,
+    pub ackgate_warnings: u64,
+}
+
+/// One phase of the fsync scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct FsyncPhase {
+    pub requests: u64,
+    pub events: u64,
+    /// Chunks the aggregator acked during the phase (each one a delete in the spool).
+    pub upstream_acks: u64,
+    pub fsyncs_during_load: u64,
+    pub fsyncs_idle_after: u64,
+    pub fsyncs_total: u64,
+    pub errors: Vec<String>,
+}
+
+/// The fsync scenario: same load with and without upstream acks (deletes).
+#[derive(Debug, Clone, Serialize)]
+pub struct FsyncReport {
+    pub rate: f64,
+    pub seconds: f64,
+    pub idle_seconds: f64,
+    pub acks_flowing: FsyncPhase,
+    pub aggregator_down: FsyncPhase,
+}
+
+/// One target of issue 7.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+/// Everything one invocation measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub machine: Machine,
+    pub settings: Settings,
+    pub ceiling: Option<DiskCeiling>,
+    pub direct: Option<RunFigures>,
+    pub runs: Vec<RunFigures>,
+    pub half_load: Option<RunFigures>,
+    pub backlog: Option<BacklogReport>,
+    pub fsyncs: Option<FsyncReport>,
+    pub checks: Vec<Check>,
+    pub kept: Option<String>,
+}
+
+impl BenchReport {
+    pub(super) fn new(args: &BenchArgs, dir: &Path) -> BenchReport {
+        BenchReport {
+            machine: Machine::probe(dir),
+            settings: Settings {
+                connections: args.connections,
+                legacy: args.legacy,
+                window: args.window,
+                event_bytes: args.event_bytes,
+                batch: args.batch,
+                duration_s: args.duration.as_secs_f64(),
+                events: args.events,
+                rate: args.rate,
+                upstream_window: args.upstream_window,
+                spool_max_bytes: args.spool_max_bytes,
+            },
+            ceiling: None,
+            direct: None,
+            runs: Vec::new(),
+            half_load: None,
+            backlog: None,
+            fsyncs: None,
+            checks: Vec::new(),
+            kept: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+
+    /// Ceiling in events/s: (bandwidth-bound, commit-bound).
+    pub fn ceiling_events(&self) -> Option<(f64, f64)> {
+        let c = self.ceiling.as_ref()?;
+        let bytes = self.settings.event_bytes as f64;
+        Some((
+            c.mb_per_s * 1e6 / bytes,
+            c.commits_per_s * f64::from(self.settings.batch),
+        ))
+    }
+
+    /// Judge the targets that this invocation measured.
+    pub(super) fn judge(&mut self) {
+        let mut checks = Vec::new();
+        if let (Some(run), Some((bandwidth, commits))) = (self.runs.first(), self.ceiling_events())
+        {
+            let direct = self
+                .direct
+                .as_ref()
+                .map(|d| {
+                    format!(
+                        "; direct path {:.0} ev/s, ackgate/direct {:.2}",
+                        d.events_per_s,
+                        run.events_per_s / d.events_per_s.max(1e-9)
+                    )
+                })
+                .unwrap_or_default();
+            checks.push(Check {
+                target: "throughput ≥ 0.80 × durable-write ceiling (MB/s ÷ event bytes)".into(),
+                measured: format!(
+                    "{:.0} ev/s = {:.3} × {:.0} ev/s (commits/s × batch: {:.0} ev/s, ×{:.2}){direct}",
+                    run.events_per_s,
+                    run.events_per_s / bandwidth,
+                    bandwidth,
+                    commits,
+                    run.events_per_s / commits.max(1e-9),
+                ),
+                met: run.events_per_s >= 0.8 * bandwidth,
+            });
+        }
+        let zero = self.runs.iter().find(|r| r.rtt_ms == Some(0.0));
+        let longest = self
+            .runs
+            .iter()
+            .filter(|r| r.rtt_ms.is_some_and(|t| t > 0.0))
+            .max_by(|a, b| {
+                a.rtt_ms
+                    .partial_cmp(&b.rtt_ms)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+        if let (Some(zero), Some(far)) = (zero, longest) {
+            let ratio = far.delivered_events_per_s / zero.delivered_events_per_s.max(1e-9);
+            checks.push(Check {
+                target: format!(
+                    "delivered ev/s at {:.0} ms RTT ≥ 0.80 × at 0 ms",
+                    far.rtt_ms.unwrap_or(0.0)
+                ),
+                measured: format!(
+                    "{:.0} vs {:.0} ev/s = {ratio:.3}",
+                    far.delivered_events_per_s, zero.delivered_events_per_s
+                ),
+                met: ratio >= 0.8,
+            });
+        }
+        if let (Some(half), Some(ceiling)) = (&self.half_load, &self.ceiling) {
+            if let Some(ack) = &half.ack_latency {
+                let limit = 2.0 * ceiling.fsync.p99_ms + 1.0;
+                checks.push(Check {
+                    target: "ack p99 at half load ≤ 2 × fsync p99 + 1 ms".into(),
+                    measured: format!(
+                        "{:.2} ms vs limit {limit:.2} ms (fsync p99 {:.2} ms) = {:.2} × limit",
+                        ack.p99_ms,
+                        ceiling.fsync.p99_ms,
+                        ack.p99_ms / limit
+                    ),
+                    met: ack.p99_ms <= limit,
+                });
+            }
+        }
+        let steady: Vec<&ProcStats> = self
+            .runs
+            .iter()
+            .chain(self.half_load.iter())
+            .filter_map(|r| r.ackgate.as_ref())
+            .collect();
+        if !steady.is_empty() {
+            let max = steady.iter().map(|s| s.rss_max_mib).fold(0.0, f64::max);
+            checks.push(Check {
+                target: format!("RSS ≤ {RSS_TARGET_MIB} MiB at steady load"),
+                measured: format!("max VmRSS {max:.1} MiB over the ackgate runs"),
+                met: max <= RSS_TARGET_MIB,
+            });
+        }
+        if let Some(b) = &self.backlog {
+            let max = [
+                b.hold_rss.rss_max_mib,
+                b.drain_rss.rss_max_mib,
+                b.fill_rss.rss_max_mib,
+            ]
+            .into_iter()
+            .fold(0.0, f64::max);
+            checks.push(Check {
+                target: format!(
+                    "RSS ≤ {RSS_TARGET_MIB} MiB with a backlog ({:.0} MiB spool file)",
+                    b.spool_file_mib
+                ),
+                measured: format!(
+                    "fill {:.1}, hold {:.1}, drain {:.1} MiB (max VmRSS)",
+                    b.fill_rss.rss_max_mib, b.hold_rss.rss_max_mib, b.drain_rss.rss_max_mib
+                ),
+                met: max <= RSS_TARGET_MIB,
+            });
+            if let Some(records) = b.records {
+                checks.push(Check {
+                    target: format!(
+                        "start-up with {records} queued records < {STARTUP_TARGET_S} s"
+                    ),
+                    measured: format!("{:.3} s to the ready line", b.startup_seconds),
+                    met: b.startup_seconds < STARTUP_TARGET_S && b.fill_requests >= records,
+                });
+            }
+        }
+        if let Some(f) = &self.fsyncs {
+            let a = &f.acks_flowing;
+            let d = &f.aggregator_down;
+            let extra = a.fsyncs_during_load as f64 - d.fsyncs_during_load as f64;
+            let per_ack = extra / (a.upstream_acks.max(1) as f64);
+            checks.push(Check {
+                target: "deletes after acks cost no commit of their own".into(),
+                measured: format!(
+                    "fsyncs during load: {} with acks flowing ({} upstream acks) vs {} without: {:+.0} = {per_ack:+.2} per ack; {} in {:.0} s idle after",
+                    a.fsyncs_during_load, a.upstream_acks, d.fsyncs_during_load, extra, a.fsyncs_idle_after, f.idle_seconds
+                ),
+                met: per_ack < 0.1,
+            });
+        }
+        self.checks = checks;
+    }
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}"))
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = &self.machine;
+        let s = &self.settings;
+        writeln!(
+            f,
+            "machine: {} cpus ({}), {} MiB RAM, Linux {}",
+            m.cpus, m.cpu_model, m.mem_total_mib, m.kernel
+        )?;
+        writeln!(f, "spool dir: {} ({})", m.dir, m.filesystem)?;
+        writeln!(
+            f,
+            "load: {} {} connection(s), window {}, {} events of {} B per request, {:.0} s{}{}; ackgate upstream.window {}",
+            s.connections,
+            if s.legacy { "legacy (v0.10, no ack)" } else { "ack-mode" },
+            s.window,
+            s.batch,
+            s.event_bytes,
+            s.duration_s,
+            s.events.map(|e| format!(" or {e} events")).unwrap_or_default(),
+            s.rate.map(|r| format!(", capped at {r:.0} ev/s")).unwrap_or_default(),
+            s.upstream_window,
+        )?;
+        if let Some(c) = &self.ceiling {
+            writeln!(f)?;
+            writeln!(f, "disk ceiling (same directory, same invocation):")?;
+            writeln!(
+                f,
+                "  4 KiB write+fdatasync: {:.0} commits/s, fsync p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+                c.commits_per_s, c.fsync.p50_ms, c.fsync.p99_ms, c.fsync.p999_ms
+            )?;
+            writeln!(f, "  1 MiB write+fdatasync: {:.0} MB/s", c.mb_per_s)?;
+            if let Some((bw, commits)) = self.ceiling_events() {
+                writeln!(
+                    f,
+                    "  as {} B events: {bw:.0} ev/s by bandwidth, {commits:.0} ev/s by commits/s × batch",
+                    s.event_bytes
+                )?;
+            }
+        }
+        let runs: Vec<&RunFigures> = self
+            .direct
+            .iter()
+            .chain(self.runs.iter())
+            .chain(self.half_load.iter())
+            .collect();
+        if !runs.is_empty() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "{:<34} {:>10} {:>7} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>7}",
+                "run",
+                "ev/s",
+                "MB/s",
+                "deliv ev/s",
+                "ack p50",
+                "ack p99",
+                "ack p999",
+                "e2e p50",
+                "e2e p99",
+                "RSS MiB",
+                "CPU %",
+                "vs base"
+            )?;
+            let direct = self.direct.as_ref().map(|d| d.events_per_s);
+            let zero = self
+                .runs
+                .iter()
+                .find(|r| r.rtt_ms == Some(0.0))
+                .map(|r| r.delivered_events_per_s);
+            for r in runs {
+                let ack = r.ack_latency.as_ref();
+                let base = match (r.label.as_str(), r.rtt_ms) {
+                    ("direct", _) => "1.00".to_string(),
+                    (_, Some(t)) if t > 0.0 => zero
+                        .map(|z| format!("{:.2}r", r.delivered_events_per_s / z.max(1e-9)))
+                        .unwrap_or("-".into()),
+                    _ => direct
+                        .map(|d| format!("{:.2}d", r.events_per_s / d.max(1e-9)))
+                        .unwrap_or("-".into()),
+                };
+                writeln!(
+                    f,
+                    "{:<34} {:>10.0} {:>7.1} {:>10.0} {:>8} {:>8} {:>8} {:>8.1} {:>8.1} {:>7} {:>6} {:>7}",
+                    r.label,
+                    r.events_per_s,
+                    r.mb_per_s,
+                    r.delivered_events_per_s,
+                    opt_ms(ack.map(|a| a.p50_ms)),
+                    opt_ms(ack.map(|a| a.p99_ms)),
+                    opt_ms(ack.map(|a| a.p999_ms)),
+                    r.delivery_latency.p50_ms,
+                    r.delivery_latency.p99_ms,
+                    r.ackgate.map_or("-".into(), |a| format!("{:.1}", a.rss_max_mib)),
+                    r.ackgate.map_or("-".into(), |a| format!("{:.0}", a.cpu_percent)),
+                    base,
+                )?;
+            }
+            writeln!(f, "  (latencies in ms; RSS = max VmRSS of ackgate during the load; CPU % of one core, ackgate only;")?;
+            writeln!(f, "   vs base: d = ackgate/direct path events/s, r = delivered ev/s / the 0 ms run's)")?;
+            for r in self
+                .direct
+                .iter()
+                .chain(self.runs.iter())
+                .chain(self.half_load.iter())
+            {
+                let drain = r
+                    .drain_seconds
+                    .map_or("not complete".into(), |d| format!("{d:.2} s"));
+                writeln!(
+                    f,
+                    "  {}: {} events in {:.2} s; delivered {} (dup {}, missing {}), drain after load {drain}; bench CPU {:.0}%{}{}",
+                    r.label,
+                    r.events,
+                    r.seconds,
+                    r.delivered_total,
+                    r.duplicates,
+                    r.missing,
+                    r.bench_cpu_percent,
+                    if r.error_count > 0 { format!("; {} sender error(s): {}", r.error_count, r.errors.join(" | ")) } else { String::new() },
+                    if r.ackgate_warnings > 0 { format!("; {} ackgate WARN/ERROR lines", r.ackgate_warnings) } else { String::new() },
+                )?;
+            }
+        }
+        if let Some(b) = &self.backlog {
+            writeln!(f)?;
+            writeln!(f, "backlog (aggregator down during the fill):")?;
+            writeln!(
+                f,
+                "  fill: {} events in {} requests, {:.1} s ({:.0} ev/s); spool file {:.0} MiB; RSS max {:.1} MiB",
+                b.fill_events, b.fill_requests, b.fill_seconds, b.fill_events_per_s, b.spool_file_mib, b.fill_rss.rss_max_mib
+            )?;
+            writeln!(
+                f,
+                "  hold (no traffic): RSS max {:.1} MiB, mean {:.1} MiB",
+                b.hold_rss.rss_max_mib, b.hold_rss.rss_mean_mib
+            )?;
+            writeln!(
+                f,
+                "  stop: {:.2} s; start-up to ready line: {:.3} s; RSS after start {:.1} MiB",
+                b.shutdown_seconds, b.startup_seconds, b.startup_rss.rss_max_mib
+            )?;
+            writeln!(
+                f,
+                "  drain: {} events in {:.1} s ({:.0} ev/s, {:.1} MB/s){}; RSS max {:.1} MiB, mean {:.1}; CPU {:.0}%; dup {}",
+                b.drained,
+                b.drain_seconds,
+                b.drain_events_per_s,
+                b.drain_mb_per_s,
+                if b.drain_complete { "" } else { " NOT COMPLETE" },
+                b.drain_rss.rss_max_mib,
+                b.drain_rss.rss_mean_mib,
+                b.drain_rss.cpu_percent,
+                b.duplicates
+            )?;
+            if !b.fill_errors.is_empty() {
+                writeln!(f, "  fill errors: {}", b.fill_errors.join(" | "))?;
+            }
+        }
+        if let Some(x) = &self.fsyncs {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "fsync count (strace --seccomp-bpf), {:.0} ev/s for {:.0} s, then {:.0} s idle:",
+                x.rate, x.seconds, x.idle_seconds
+            )?;
+            for (name, p) in [
+                ("acks flowing", &x.acks_flowing),
+                ("aggregator down", &x.aggregator_down),
+            ] {
+                writeln!(
+                    f,
+                    "  {name:<16} requests {:>6}  upstream acks {:>6}  fsyncs: load {:>6}, idle {:>4}, whole process {:>6}{}",
+                    p.requests, p.upstream_acks, p.fsyncs_during_load, p.fsyncs_idle_after, p.fsyncs_total,
+                    if p.errors.is_empty() { String::new() } else { format!("  errors: {}", p.errors.join(" | ")) }
+                )?;
+            }
+        }
+        if !self.checks.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "targets:")?;
+            for c in &self.checks {
+                writeln!(
+                    f,
+                    "  [{}] {}: {}",
+                    if c.met { "met " } else { "MISS" },
+                    c.target,
+                    c.measured
+                )?;
+            }
+        }
+        if let Some(kept) = &self.kept {
+            writeln!(f, "kept: {kept}")?;
+        }
+        Ok(())
+    }
+}
