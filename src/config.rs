@@ -77,6 +77,128 @@ pub struct IngressConfig {
     /// node for good when these go unanswered (PROTOCOL.md §8.1).
     #[serde(default = "default_true")]
     pub udp_heartbeat: bool,
+    /// Source networks allowed to connect (CIDRs such as "10.0.0.0/8" or "127.0.0.1/32").
+    /// Empty (the default): every source. Rejected connections are logged with the peer.
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// Deadline for the TLS and shared-key handshakes of a new connection.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: HumanDuration,
+    /// Chunk ids remembered per sender address: a sender that resends a chunk whose ack it
+    /// lost is acked again without the chunk being spooled twice. 0 turns this off.
+    #[serde(default = "default_recent_chunks")]
+    pub recent_chunks_per_peer: u32,
+    /// Shared-key handshake required from senders (fluentd's `<security>`).
+    #[serde(default)]
+    pub security: Option<IngressSecurity>,
+    /// TLS on the listen port (fluentd's `<transport tls>`).
+    #[serde(default)]
+    pub tls: Option<IngressTls>,
+}
+
+/// `[ingress.security]`: fluentd's in_forward `<security>` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressSecurity {
+    /// Our name in the PONG; senders refuse a server with their own self_hostname.
+    pub self_hostname: String,
+    /// The key every sender must prove it knows.
+    pub shared_key: String,
+    /// Also require a username and password from `users`.
+    #[serde(default)]
+    pub user_auth: bool,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+/// `[[ingress.security.users]]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    pub password: String,
+}
+
+/// `[ingress.tls]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA: when set, every sender must present a client certificate signed by it.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A network in CIDR notation; a bare address means just that host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub network: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let network: std::net::IpAddr = address
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: prefix must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Cidr { network, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Cidr::parse(&text).map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
 }
 
 /// `[spool]`: the redb file where every accepted batch waits for its upstream ack.
@@ -152,6 +274,9 @@ pub struct UpstreamConfig {
     /// A detached node is used again after this long of steady heartbeats.
     #[serde(default = "default_recover_wait")]
     pub recover_wait: HumanDuration,
+    /// Handshake defaults for every node.
+    #[serde(default)]
+    pub security: Option<UpstreamSecurity>,
     /// Aggregators; at least one.
     pub nodes: Vec<NodeConfig>,
 }
@@ -189,6 +314,43 @@ pub struct NodeConfig {
     /// changes event bytes; off by default.
     #[serde(default)]
     pub strip_empty_metadata: bool,
+    /// Shared key for this node's handshake; defaults to `upstream.security.shared_key`.
+    #[serde(default)]
+    pub shared_key: Option<String>,
+    /// User for aggregators with `user_auth` (sent only when the HELO asks for it).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Connect with TLS (fluentd's `transport tls`).
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM CA to trust for this node; without it the system's roots.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Verify the node's certificate and name (default true). false: encrypted but not
+    /// authenticated, for lab setups only.
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
+    /// Client certificate and key (PEM) for aggregators that require one.
+    #[serde(default)]
+    pub tls_client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_client_key: Option<PathBuf>,
+    /// Name to verify (and send as SNI) instead of the address's host.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+}
+
+/// `[upstream.security]`: handshake settings for every node (fluentd's out_forward
+/// `<security>`); a node's own `shared_key` overrides the key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSecurity {
+    /// Our name in the PING; must differ from the aggregator's self_hostname.
+    pub self_hostname: String,
+    #[serde(default)]
+    pub shared_key: Option<String>,
 }
 
 /// `upstream.nodes[].compress`.
@@ -252,6 +414,12 @@ fn default_idle_timeout() -> HumanDuration {
 }
 fn default_max_pending_frames() -> u32 {
     64
+}
+fn default_handshake_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_recent_chunks() -> u32 {
+    1024
 }
 fn default_max_bytes() -> ByteSize {
     ByteSize(1 << 30)
@@ -349,6 +517,32 @@ impl Config {
                 ));
             }
         }
+        for (i, node) in self.upstream.nodes.iter().enumerate() {
+            let has_key = node.shared_key.is_some()
+                || self
+                    .upstream
+                    .security
+                    .as_ref()
+                    .is_some_and(|s| s.shared_key.is_some());
+            if has_key && self.upstream.security.is_none() {
+                return Err(invalid(
+                    &format!("upstream.nodes[{i}].shared_key"),
+                    "needs [upstream.security] self_hostname for the handshake",
+                ));
+            }
+            if node.tls_client_cert.is_some() != node.tls_client_key.is_some() {
+                return Err(invalid(
+                    &format!("upstream.nodes[{i}].tls_client_cert"),
+                    "tls_client_cert and tls_client_key go together",
+                ));
+            }
+            if (node.username.is_some() || node.password.is_some()) && !has_key {
+                return Err(invalid(
+                    &format!("upstream.nodes[{i}].username"),
+                    "user auth is part of the shared-key handshake: set a shared_key",
+                ));
+            }
+        }
         if self.upstream.nodes.iter().all(|n| n.weight == 0) {
             return Err(invalid(
                 "upstream.nodes[].weight",
@@ -381,6 +575,27 @@ impl Config {
                 "upstream.retry_initial",
                 "must not be greater than upstream.retry_max",
             ));
+        }
+        if let Some(security) = &self.ingress.security {
+            if security.shared_key.is_empty() {
+                return Err(invalid("ingress.security.shared_key", "must not be empty"));
+            }
+            if security.user_auth && security.users.is_empty() {
+                return Err(invalid(
+                    "ingress.security.users",
+                    "user_auth = true needs at least one [[ingress.security.users]]",
+                ));
+            }
+        }
+        if let Some(tls) = &self.ingress.tls {
+            for (key, path) in [
+                ("ingress.tls.cert", &tls.cert),
+                ("ingress.tls.key", &tls.key),
+            ] {
+                if !path.exists() {
+                    return Err(invalid(key, &format!("{} does not exist", path.display())));
+                }
+            }
         }
         if self.ingress.max_connections == 0 {
             return Err(invalid("ingress.max_connections", "must be at least 1"));

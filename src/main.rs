@@ -203,7 +203,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.ingress.listen))?;
     let local = listener.local_addr()?;
-    let ctx = Arc::new(IngressContext::new(config.ingress.clone(), spool.clone()));
+    let ctx = Arc::new(
+        IngressContext::new(config.ingress.clone(), spool.clone())
+            .context("cannot set up ingress TLS")?,
+    );
     let connections = TaskTracker::new();
     let accept = tokio::spawn(ingress::run_tcp(
         listener,
@@ -218,7 +221,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.spool.max_age.map(|d| d.0),
         spool.clone(),
         shutdown.clone(),
-    );
+    )
+    .context("cannot set up upstream TLS")?;
     let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let metrics_task = match &config.metrics {
         Some(metrics) => {

@@ -3,6 +3,7 @@
 //! the returned tracker finishes once every node has drained its window (or given up at
 //! `shutdown_grace`) after shutdown.
 
+pub mod connect;
 pub mod dispatcher;
 pub mod health;
 pub mod node;
@@ -12,9 +13,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Compress, HeartbeatType, UpstreamConfig};
+use crate::config::{split_host_port, Compress, HeartbeatType, UpstreamConfig};
 use crate::forward::entries::Compression;
 use crate::spool::Spool;
+use crate::tls::ClientTlsSettings;
+use connect::{client_tls, ClientAuth};
 use dispatcher::{Backoff, Dispatcher, PoisonPolicy};
 use health::{Balancer, HealthSettings, HeartbeatKind};
 use node::NodeSettings;
@@ -25,7 +28,7 @@ pub fn start(
     max_age: Option<std::time::Duration>,
     spool: Spool,
     shutdown: CancellationToken,
-) -> (Arc<Dispatcher>, Arc<Balancer>, TaskTracker) {
+) -> Result<(Arc<Dispatcher>, Arc<Balancer>, TaskTracker), crate::tls::TlsError> {
     let backoff = Backoff {
         initial: config.retry_initial.0,
         max: config.retry_max.0,
@@ -73,6 +76,34 @@ pub fn start(
                 Compress::Gzip => Some(Compression::Gzip),
             },
             strip_empty_metadata: node.strip_empty_metadata,
+            tls: if node.tls {
+                let host = split_host_port(&node.address)
+                    .map(|(host, _)| host)
+                    .unwrap_or(&node.address);
+                Some(client_tls(
+                    &ClientTlsSettings {
+                        ca: node.tls_ca.clone(),
+                        verify: node.tls_verify,
+                        client_cert: node
+                            .tls_client_cert
+                            .clone()
+                            .zip(node.tls_client_key.clone()),
+                        server_name: node.tls_server_name.clone(),
+                    },
+                    host,
+                )?)
+            } else {
+                None
+            },
+            auth: config.security.as_ref().and_then(|security| {
+                let key = node.shared_key.clone().or(security.shared_key.clone())?;
+                Some(ClientAuth {
+                    self_hostname: security.self_hostname.clone(),
+                    shared_key: key,
+                    username: node.username.clone().unwrap_or_default(),
+                    password: node.password.clone().unwrap_or_default(),
+                })
+            }),
         };
         all.push(settings.clone());
         tracker.spawn(node::run_node(
@@ -88,5 +119,5 @@ pub fn start(
         shutdown.clone(),
     ));
     tracker.close();
-    (dispatcher, balancer, tracker)
+    Ok((dispatcher, balancer, tracker))
 }

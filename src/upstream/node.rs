@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::connect::{open, ClientAuth, ClientTls, UpstreamStream};
 use super::dispatcher::{Backoff, Dispatcher};
 use super::health::Balancer;
 use crate::forward::ack::{decode_ack, AckError};
@@ -31,7 +31,7 @@ use crate::spool::StoredRecord;
 const MAX_ACK_BYTES: usize = 4096;
 
 /// Settings of one node connection.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeSettings {
     /// Position of this node in the [`Balancer`].
     pub index: usize,
@@ -46,6 +46,10 @@ pub struct NodeSettings {
     pub compress: Option<Compression>,
     /// Rewrite empty v1.5 metadata for this node (the opt-in exception to invariant 6).
     pub strip_empty_metadata: bool,
+    /// TLS, when the node has `tls = true`.
+    pub tls: Option<ClientTls>,
+    /// Shared-key handshake, when the node has a key.
+    pub auth: Option<ClientAuth>,
 }
 
 /// Why a node connection failed.
@@ -53,8 +57,6 @@ pub struct NodeSettings {
 pub enum NodeError {
     #[error("connect to {address} failed: {reason}")]
     Connect { address: String, reason: String },
-    #[error("connect to {address} timed out after {timeout:?}")]
-    ConnectTimeout { address: String, timeout: Duration },
     #[error("no ack within ack_timeout {timeout:?} for {chunks} chunk(s)")]
     AckTimeout { timeout: Duration, chunks: usize },
     #[error("write timed out after {0:?}")]
@@ -178,33 +180,25 @@ pub async fn run_node(
     }
 }
 
-async fn connect(settings: &NodeSettings) -> Result<TcpStream, NodeError> {
-    match timeout(
+async fn connect(settings: &NodeSettings) -> Result<UpstreamStream, NodeError> {
+    open(
+        &settings.address,
+        settings.tls.as_ref(),
+        settings.auth.as_ref(),
         settings.connect_timeout,
-        TcpStream::connect(&settings.address),
     )
     .await
-    {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(e)) => Err(NodeError::Connect {
-            address: settings.address.clone(),
-            reason: e.to_string(),
-        }),
-        Err(_) => Err(NodeError::ConnectTimeout {
-            address: settings.address.clone(),
-            timeout: settings.connect_timeout,
-        }),
-    }
+    .map_err(|e| NodeError::Connect {
+        address: settings.address.clone(),
+        reason: e.to_string(),
+    })
 }
 
 struct Session<'a> {
     settings: &'a NodeSettings,
     dispatcher: &'a Dispatcher,
     balancer: &'a Balancer,
-    stream: TcpStream,
+    stream: UpstreamStream,
     in_flight: VecDeque<InFlight>,
     acked: u64,
 }
@@ -363,7 +357,7 @@ impl Session<'_> {
 
     /// RST instead of FIN: queued bytes must not reach the aggregator after we gave up.
     async fn abort_and_requeue(&mut self, reason: &str) {
-        let _ = self.stream.set_zero_linger();
+        self.stream.set_abort_on_close();
         let m = crate::metrics::metrics();
         let node = label("node", &self.settings.name);
         m.retries

@@ -1,13 +1,12 @@
-//! The side facing senders: TCP listener, one task per connection, UDP heartbeat responder.
+//! One sender connection: handshake, requests in, acks out in order after their commits.
 //!
-//! A connection may pipeline many requests. Each complete request is handed to the spool (after
-//! waiting for room in its byte budget: invariant 5, the socket is not read meanwhile) and its
-//! ack, when the sender asked for one, is written only once the spool reports the group commit
-//! (invariant 1), in request order, as one write. Invalid input closes that connection only,
-//! is logged with the peer and the reason, and nothing of the bad request reaches the spool
-//! (invariant 4); requests before it on the same connection are still committed and acked.
-//! A connection is never closed while it has a request that asked for an ack and is not yet
-//! stored: old v0.12 senders take EOF as success (PROTOCOL.md §9.2, §13.5).
+//! Each complete request is handed to the spool (after waiting for room in its byte budget:
+//! invariant 5, the socket is not read meanwhile) and its ack, when the sender asked for one,
+//! is written only once the spool reports the group commit (invariant 1), in request order, as
+//! one write. Invalid input closes this connection only, is logged with the peer and the
+//! reason, and nothing of the bad request reaches the spool (invariant 4); requests before it
+//! are still committed and acked. A connection is never closed while a request that asked for
+//! an ack is not yet stored: old v0.12 senders take EOF as success (PROTOCOL.md §9.2, §13.5).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -15,18 +14,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn};
 
-use crate::config::IngressConfig;
+use super::handshake;
+use super::recent::ChunkKey;
+use super::IngressContext;
 use crate::forward::ack::encode_ack;
-use crate::forward::{Decoded, FrameDecoder, Limits};
+use crate::forward::json::{chunk_json_value, encode_json_ack, is_json_start, JsonDecoder};
+use crate::forward::{Decoded, FrameDecoder};
 use crate::metrics::{label, metrics};
 use crate::spool::{Spool, SpoolError};
 
@@ -39,96 +38,48 @@ const REJECTED_KEEP_BYTES: usize = 64 * 1024;
 /// Bytes read from a socket per read call.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// What the accept loop and every connection share.
-pub struct IngressContext {
-    pub config: IngressConfig,
-    pub spool: Spool,
-    pub limits: Limits,
+/// The connection's wire format, fixed by its first byte.
+enum Decoder {
+    Unknown,
+    Msgpack(FrameDecoder),
+    Json(JsonDecoder),
 }
 
-impl IngressContext {
-    pub fn new(config: IngressConfig, spool: Spool) -> Self {
-        let limits = Limits {
-            max_frame_bytes: config.max_frame_bytes.0 as usize,
-            max_decompressed_bytes: config.max_decompressed_bytes.0 as usize,
-            ..Limits::default()
-        };
-        IngressContext {
-            config,
-            spool,
-            limits,
+impl Decoder {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, DecodeError> {
+        match self {
+            Decoder::Unknown => Ok(None),
+            Decoder::Msgpack(d) => d.decode(buf).map_err(DecodeError::Msgpack),
+            Decoder::Json(d) => d.decode(buf).map_err(DecodeError::Json),
         }
     }
-}
 
-/// Accept connections until `shutdown`, then wait for every connection to finish its pending
-/// commits and acks (they are tracked by `tracker`).
-pub async fn run_tcp(
-    listener: TcpListener,
-    ctx: Arc<IngressContext>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let permits = Arc::new(Semaphore::new(ctx.config.max_connections as usize));
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        // The permit is taken before accept: with none free, connections wait in the backlog.
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => {
-                backoff = Duration::from_millis(10);
-                pair
-            }
-            Err(e) => {
-                // EMFILE and friends: wait a little instead of spinning.
-                warn!(error = %e, retry_in = ?backoff, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
-        let span = tracing::info_span!("conn", %peer);
-        tracker.spawn(
-            async move {
-                let _permit = permit;
-                serve_connection(stream, peer, ctx, shutdown).await;
-            }
-            .instrument(span),
-        );
+    fn take_rejected(&mut self) -> Option<Bytes> {
+        match self {
+            Decoder::Msgpack(d) => d.take_rejected(),
+            _ => None,
+        }
+    }
+
+    fn is_json(&self) -> bool {
+        matches!(self, Decoder::Json(_))
     }
 }
 
-/// Answer every datagram with one `\0` from the socket it arrived on, so the reply's source
-/// is the address and port the sender targeted (PROTOCOL.md §8.1).
-pub async fn run_udp_heartbeat(socket: UdpSocket, shutdown: CancellationToken) {
-    let mut buf = [0u8; 128];
-    loop {
-        let received = tokio::select! {
-            r = socket.recv_from(&mut buf) => r,
-            _ = shutdown.cancelled() => return,
-        };
-        match received {
-            Ok((_, from)) => {
-                if let Err(e) = socket.send_to(b"\0", from).await {
-                    debug!(%from, error = %e, "heartbeat reply failed");
-                }
-            }
-            Err(e) => {
-                // ICMP port unreachable from an earlier reply shows up here on Linux; harmless.
-                debug!(error = %e, "heartbeat receive error");
-            }
+/// A rejected request, in either wire format.
+#[derive(Debug, thiserror::Error)]
+enum DecodeError {
+    #[error("{0}")]
+    Msgpack(crate::forward::FrameError),
+    #[error("{0}")]
+    Json(crate::forward::json::JsonFrameError),
+}
+
+impl DecodeError {
+    fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::Msgpack(e) => e.kind(),
+            DecodeError::Json(_) => "bad_json",
         }
     }
 }
@@ -141,10 +92,13 @@ struct Pending {
     events: u32,
     /// Entry bytes, for metrics.
     bytes: u64,
+    /// Identity for retransmit detection, remembered once committed.
+    key: Option<ChunkKey>,
 }
 
 /// A decoded request waiting for room in the spool budget.
 struct Staged {
+    key: Option<ChunkKey>,
     tag: Bytes,
     entries: Bytes,
     events: u32,
@@ -169,22 +123,33 @@ enum Close {
     Io,
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// Serve one connection (plain or TLS): optional shared-key handshake, then requests until the
+/// peer closes, idles out, sends something invalid, or shutdown.
+pub(super) async fn serve<S>(
+    stream: S,
     peer: SocketAddr,
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let m = metrics();
-    m.connections_total.inc();
-    m.connections_open.inc();
-    let _open = scopeguard(|| {
-        metrics().connections_open.dec();
-    });
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut decoder = FrameDecoder::new(ctx.limits);
+    if let Some(auth) = &ctx.security {
+        let deadline = Instant::now() + ctx.config.handshake_timeout.0;
+        if let Err(e) = handshake::accept(&mut reader, &mut writer, &mut buf, auth, deadline).await
+        {
+            warn!(%peer, reason = %e, "closing connection: shared-key handshake failed");
+            m.rejected
+                .get_or_create(&label("reason", "handshake"))
+                .inc();
+            let _ = writer.shutdown().await;
+            return;
+        }
+        debug!(%peer, "shared-key handshake accepted");
+    }
+    let mut decoder = Decoder::Unknown;
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut staged: Option<Staged> = None;
     let max_pending = ctx.config.max_pending_frames as usize;
@@ -192,30 +157,58 @@ async fn serve_connection(
     let mut idle_deadline = Instant::now() + idle;
     let mut shutdown_deadline: Option<Instant> = None;
     let mut eof = false;
-    let mut first_bytes = true;
     let mut requests = 0u64;
     let mut end: Option<Close> = None;
 
     loop {
         // Decode what is buffered, as long as there is room for more pending requests.
         while end.is_none() && staged.is_none() && pending.len() < max_pending {
-            if first_bytes && !buf.is_empty() {
-                first_bytes = false;
-                if matches!(buf[0], b'{' | b'[') {
-                    warn!(%peer, reason = "JSON request: this port speaks msgpack Forward only",
-                        "closing connection: invalid request; nothing of it was spooled");
-                    m.rejected.get_or_create(&label("reason", "json")).inc();
-                    end = Some(Close::Rejected);
-                    break;
-                }
+            if matches!(decoder, Decoder::Unknown) && !buf.is_empty() {
+                // fluentd's rule: the first byte of the connection picks msgpack or JSON
+                // for its whole life (PROTOCOL.md §2.1). JSON cannot be authenticated.
+                decoder = if is_json_start(buf[0]) {
+                    if ctx.security.is_some() {
+                        warn!(%peer, reason = "JSON request on a port that requires the shared-key handshake",
+                            "closing connection: invalid request; nothing of it was spooled");
+                        m.rejected.get_or_create(&label("reason", "json")).inc();
+                        end = Some(Close::Rejected);
+                        break;
+                    }
+                    Decoder::Json(JsonDecoder::new(ctx.limits))
+                } else {
+                    Decoder::Msgpack(FrameDecoder::new(ctx.limits))
+                };
             }
             match decoder.decode(&mut buf) {
                 Ok(None) => break,
                 Ok(Some(Decoded::Nil)) => continue,
                 Ok(Some(Decoded::Frame(frame))) => {
                     requests += 1;
+                    let key = frame
+                        .chunk
+                        .as_ref()
+                        .filter(|_| ctx.recent.enabled())
+                        .map(|chunk| ChunkKey::new(chunk, &frame.tag, &frame.entries));
+                    if let Some(key) = key.as_ref().filter(|k| ctx.recent.seen(peer.ip(), k)) {
+                        // A resend of a chunk already committed for this sender: ack it
+                        // again (in order), store nothing.
+                        debug!(%peer, events = frame.events, "retransmitted chunk acked again without spooling");
+                        m.retransmits.inc();
+                        let (done, commit) = oneshot::channel();
+                        let _ = done.send(Ok(0));
+                        pending.push_back(Pending {
+                            commit,
+                            chunk: frame.chunk,
+                            events: 0,
+                            bytes: 0,
+                            key: None,
+                        });
+                        let _ = key;
+                        continue;
+                    }
                     let cost = Spool::cost(&frame.tag, &frame.entries);
                     staged = Some(Staged {
+                        key,
                         tag: frame.tag,
                         entries: frame.entries,
                         events: frame.events,
@@ -261,11 +254,16 @@ async fn serve_connection(
                 let done = pending.pop_front();
                 match (committed, done) {
                     (Ok(_key), Some(done)) => {
-                        m.requests_in.inc();
-                        m.events_in.inc_by(done.events as u64);
-                        m.bytes_in.inc_by(done.bytes);
+                        if done.events > 0 {
+                            m.requests_in.inc();
+                            m.events_in.inc_by(done.events as u64);
+                            m.bytes_in.inc_by(done.bytes);
+                        }
+                        if let Some(key) = done.key {
+                            ctx.recent.remember(peer.ip(), key);
+                        }
                         if let Some(chunk) = done.chunk {
-                            let written = write_ack(&mut writer, &chunk).await;
+                            let written = write_ack(&mut writer, &chunk, decoder.is_json()).await;
                             if written.is_ok() {
                                 m.acks_sent.inc();
                             }
@@ -353,7 +351,7 @@ async fn serve_connection(
         Close::Eof
     });
     debug!(%peer, requests, ?reason, "connection closed");
-    let _ = writer.shutdown().await;
+    let _ = timeout(ACK_WRITE_TIMEOUT, writer.shutdown()).await;
 }
 
 fn submit(spool: &Spool, staged: Staged, pending: &mut VecDeque<Pending>) {
@@ -364,6 +362,7 @@ fn submit(spool: &Spool, staged: Staged, pending: &mut VecDeque<Pending>) {
         chunk: staged.chunk,
         events: staged.events,
         bytes,
+        key: staged.key,
     });
 }
 
@@ -391,23 +390,17 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Runs a closure when dropped (connection gauges stay right on every exit path).
-struct OnDrop<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for OnDrop<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-
-fn scopeguard<F: FnMut()>(f: F) -> OnDrop<F> {
-    OnDrop(f)
-}
-
-/// One ack, one write, with a deadline (PROTOCOL.md §13.2).
-async fn write_ack(writer: &mut OwnedWriteHalf, chunk: &[u8]) -> std::io::Result<()> {
+/// One ack, one write, with a deadline (PROTOCOL.md §13.2); JSON on a JSON connection.
+async fn write_ack<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    chunk: &[u8],
+    json: bool,
+) -> std::io::Result<()> {
     let mut ack = Vec::with_capacity(8 + chunk.len());
-    encode_ack(chunk, &mut ack);
+    match json.then(|| chunk_json_value(chunk)).flatten() {
+        Some(text) => ack = encode_json_ack(&text),
+        None => encode_ack(chunk, &mut ack),
+    }
     match timeout(ACK_WRITE_TIMEOUT, writer.write_all(&ack)).await {
         Ok(result) => result,
         Err(_) => Err(std::io::Error::new(
@@ -415,17 +408,4 @@ async fn write_ack(writer: &mut OwnedWriteHalf, chunk: &[u8]) -> std::io::Result
             "ack write timed out",
         )),
     }
-}
-
-/// Bind the TCP listener and, when enabled, the UDP heartbeat socket on the same address.
-pub async fn bind(config: &IngressConfig) -> std::io::Result<(TcpListener, Option<UdpSocket>)> {
-    let listener = TcpListener::bind(config.listen).await?;
-    let local = listener.local_addr()?;
-    let udp = if config.udp_heartbeat {
-        Some(UdpSocket::bind(local).await?)
-    } else {
-        None
-    };
-    info!(listen = %local, udp_heartbeat = config.udp_heartbeat, "ingress bound");
-    Ok((listener, udp))
 }

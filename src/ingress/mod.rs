@@ -1,0 +1,216 @@
+//! The side facing senders: the accept loop (allow-list, connection limit, TLS) and the UDP
+//! heartbeat responder. Each connection is served by [`connection`]; the shared-key handshake
+//! is in [`handshake`]; [`recent`] remembers committed chunk ids to absorb sender retransmits.
+
+pub mod connection;
+pub mod handshake;
+pub mod recent;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::IngressConfig;
+use crate::forward::handshake::ServerAuth;
+use crate::forward::Limits;
+use crate::metrics::{label, metrics};
+use crate::spool::Spool;
+use crate::tls::{server_config, ServerTlsSettings, TlsError};
+use recent::RecentChunks;
+
+/// What the accept loop and every connection share.
+pub struct IngressContext {
+    pub config: IngressConfig,
+    pub spool: Spool,
+    pub limits: Limits,
+    /// Shared-key handshake settings, when `[ingress.security]` is set.
+    pub security: Option<ServerAuth>,
+    /// TLS, when `[ingress.tls]` is set.
+    pub tls: Option<TlsAcceptor>,
+    /// Recently committed chunk ids per sender.
+    pub recent: RecentChunks,
+}
+
+impl IngressContext {
+    /// Build the shared state; fails only on unreadable TLS files.
+    pub fn new(config: IngressConfig, spool: Spool) -> Result<Self, TlsError> {
+        let limits = Limits {
+            max_frame_bytes: config.max_frame_bytes.0 as usize,
+            max_decompressed_bytes: config.max_decompressed_bytes.0 as usize,
+            ..Limits::default()
+        };
+        let security = config.security.as_ref().map(|s| ServerAuth {
+            self_hostname: s.self_hostname.clone(),
+            shared_key: s.shared_key.clone(),
+            users: s
+                .users
+                .iter()
+                .map(|u| (u.username.clone(), u.password.clone()))
+                .collect(),
+            user_auth: s.user_auth,
+        });
+        let tls = match &config.tls {
+            Some(t) => Some(TlsAcceptor::from(server_config(&ServerTlsSettings {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: t.client_ca.clone(),
+            })?)),
+            None => None,
+        };
+        let recent = RecentChunks::new(config.recent_chunks_per_peer as usize);
+        Ok(IngressContext {
+            config,
+            spool,
+            limits,
+            security,
+            tls,
+            recent,
+        })
+    }
+
+    fn allowed(&self, peer: &SocketAddr) -> bool {
+        self.config.allow.is_empty() || self.config.allow.iter().any(|c| c.contains(peer.ip()))
+    }
+}
+
+/// Accept connections until `shutdown`, then wait for every connection to finish its pending
+/// commits and acks (they are tracked by `tracker`).
+pub async fn run_tcp(
+    listener: TcpListener,
+    ctx: Arc<IngressContext>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(ctx.config.max_connections as usize));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        // The permit is taken before accept: with none free, connections wait in the backlog.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::from_millis(10);
+                pair
+            }
+            Err(e) => {
+                // EMFILE and friends: wait a little instead of spinning.
+                warn!(error = %e, retry_in = ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if !ctx.allowed(&peer) {
+            warn!(%peer, reason = "source address not in ingress.allow", "connection refused");
+            metrics()
+                .rejected
+                .get_or_create(&label("reason", "not_allowed"))
+                .inc();
+            let _ = stream.set_zero_linger();
+            continue;
+        }
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        let span = tracing::info_span!("conn", %peer);
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                handle(stream, peer, ctx, shutdown).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Count the connection, do TLS if configured, and serve it.
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<IngressContext>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let m = metrics();
+    m.connections_total.inc();
+    m.connections_open.inc();
+    let _open = OnDrop(|| metrics().connections_open.dec());
+    match &ctx.tls {
+        None => connection::serve(stream, peer, ctx.clone(), shutdown).await,
+        Some(acceptor) => {
+            match timeout(ctx.config.handshake_timeout.0, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => connection::serve(tls, peer, ctx.clone(), shutdown).await,
+                Ok(Err(e)) => {
+                    warn!(%peer, reason = %e, "closing connection: TLS handshake failed");
+                    m.rejected.get_or_create(&label("reason", "tls")).inc();
+                }
+                Err(_) => {
+                    warn!(%peer, reason = "TLS handshake not completed within handshake_timeout",
+                        "closing connection");
+                    m.rejected.get_or_create(&label("reason", "tls")).inc();
+                }
+            }
+        }
+    }
+}
+
+/// Runs a closure when dropped (the open-connections gauge stays right on every exit path).
+struct OnDrop<F: FnMut() -> i64>(F);
+
+impl<F: FnMut() -> i64> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+/// Answer every datagram with one `\0` from the socket it arrived on, so the reply's source
+/// is the address and port the sender targeted (PROTOCOL.md §8.1).
+pub async fn run_udp_heartbeat(socket: UdpSocket, shutdown: CancellationToken) {
+    let mut buf = [0u8; 128];
+    loop {
+        let received = tokio::select! {
+            r = socket.recv_from(&mut buf) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match received {
+            Ok((_, from)) => {
+                if let Err(e) = socket.send_to(b"\0", from).await {
+                    debug!(%from, error = %e, "heartbeat reply failed");
+                }
+            }
+            Err(e) => {
+                // ICMP port unreachable from an earlier reply shows up here on Linux; harmless.
+                debug!(error = %e, "heartbeat receive error");
+            }
+        }
+    }
+}
+
+/// Bind the TCP listener and, when enabled, the UDP heartbeat socket on the same address.
+pub async fn bind(config: &IngressConfig) -> std::io::Result<(TcpListener, Option<UdpSocket>)> {
+    let listener = TcpListener::bind(config.listen).await?;
+    let local = listener.local_addr()?;
+    let udp = if config.udp_heartbeat {
+        Some(UdpSocket::bind(local).await?)
+    } else {
+        None
+    };
+    info!(listen = %local, udp_heartbeat = config.udp_heartbeat, "ingress bound");
+    Ok((listener, udp))
+}

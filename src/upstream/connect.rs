@@ -1,0 +1,223 @@
+//! Opening a connection to a node: TCP with a deadline, TLS when configured, then the client
+//! side of the shared-key handshake when the node has a key (PROTOCOL.md §7). The result can be
+//! aborted with SO_LINGER 0 whatever its layers, so a timed-out connection never delivers its
+//! queued bytes late (DESIGN.md, dispatcher).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::forward::handshake::{check_pong, encode_ping, message_len, parse_helo, parse_pong};
+
+/// Shared-key handshake settings of one node.
+#[derive(Clone)]
+pub struct ClientAuth {
+    pub self_hostname: String,
+    pub shared_key: String,
+    pub username: String,
+    pub password: String,
+}
+
+/// TLS settings of one node, built once.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub connector: TlsConnector,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect failed: {0}")]
+    Tcp(io::Error),
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("shared-key handshake failed: {0}")]
+    Handshake(String),
+}
+
+/// A node connection, plain or TLS.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl UpstreamStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            UpstreamStream::Plain(s) => s,
+            UpstreamStream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Make the coming close an abort (RST): the kernel drops what it has not sent yet.
+    pub fn set_abort_on_close(&self) {
+        let _ = self.tcp().set_zero_linger();
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connect to `address` within `deadline`: TCP, TLS, handshake.
+pub async fn open(
+    address: &str,
+    tls: Option<&ClientTls>,
+    auth: Option<&ClientAuth>,
+    deadline: Duration,
+) -> Result<UpstreamStream, ConnectError> {
+    let until = Instant::now() + deadline;
+    let tcp = timeout_at(until, TcpStream::connect(address))
+        .await
+        .map_err(|_| ConnectError::Timeout(deadline))?
+        .map_err(ConnectError::Tcp)?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream = match tls {
+        None => UpstreamStream::Plain(tcp),
+        Some(tls) => {
+            let stream = timeout_at(until, tls.connector.connect(tls.server_name.clone(), tcp))
+                .await
+                .map_err(|_| ConnectError::Timeout(deadline))?
+                .map_err(ConnectError::Tls)?;
+            UpstreamStream::Tls(Box::new(stream))
+        }
+    };
+    if let Some(auth) = auth {
+        handshake(&mut stream, auth, until)
+            .await
+            .map_err(|e| match e {
+                HandshakeIo::Timeout => ConnectError::Timeout(deadline),
+                HandshakeIo::Failed(reason) => ConnectError::Handshake(reason),
+            })?;
+    }
+    Ok(stream)
+}
+
+enum HandshakeIo {
+    Timeout,
+    Failed(String),
+}
+
+/// Read one handshake message (HELO or PONG) with the deadline.
+async fn read_message(
+    stream: &mut UpstreamStream,
+    buf: &mut BytesMut,
+    until: Instant,
+) -> Result<BytesMut, HandshakeIo> {
+    loop {
+        match message_len(buf) {
+            Ok(Some(len)) => return Ok(buf.split_to(len)),
+            Ok(None) => {}
+            Err(e) => return Err(HandshakeIo::Failed(e.to_string())),
+        }
+        let n = timeout_at(until, stream.read_buf(buf))
+            .await
+            .map_err(|_| HandshakeIo::Timeout)?
+            .map_err(|e| HandshakeIo::Failed(e.to_string()))?;
+        if n == 0 {
+            return Err(HandshakeIo::Failed(
+                "node closed the connection during the handshake (no <security> there?)".into(),
+            ));
+        }
+    }
+}
+
+async fn handshake(
+    stream: &mut UpstreamStream,
+    auth: &ClientAuth,
+    until: Instant,
+) -> Result<(), HandshakeIo> {
+    let mut buf = BytesMut::with_capacity(512);
+    let helo = read_message(stream, &mut buf, until).await?;
+    let helo = parse_helo(&helo).map_err(|e| HandshakeIo::Failed(format!("HELO: {e}")))?;
+    // fluentd's out_forward uses 32 hex chars of randomness per node as its salt.
+    let salt = hex::encode(rand::random::<[u8; 16]>());
+    let ping = encode_ping(
+        auth.self_hostname.as_bytes(),
+        salt.as_bytes(),
+        auth.shared_key.as_bytes(),
+        &helo,
+        auth.username.as_bytes(),
+        auth.password.as_bytes(),
+    );
+    timeout_at(until, stream.write_all(&ping))
+        .await
+        .map_err(|_| HandshakeIo::Timeout)?
+        .map_err(|e| HandshakeIo::Failed(e.to_string()))?;
+    let pong = read_message(stream, &mut buf, until).await?;
+    let pong = parse_pong(&pong).map_err(|e| HandshakeIo::Failed(format!("PONG: {e}")))?;
+    check_pong(
+        &pong,
+        auth.self_hostname.as_bytes(),
+        salt.as_bytes(),
+        &helo.nonce,
+        auth.shared_key.as_bytes(),
+    )
+    .map_err(|e| HandshakeIo::Failed(e.to_string()))?;
+    if !buf.is_empty() {
+        return Err(HandshakeIo::Failed(
+            "bytes after PONG before any request".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Build the TLS connector for a node.
+pub fn client_tls(
+    settings: &crate::tls::ClientTlsSettings,
+    host: &str,
+) -> Result<ClientTls, crate::tls::TlsError> {
+    let config = crate::tls::client_config(settings)?;
+    Ok(ClientTls {
+        connector: TlsConnector::from(Arc::clone(&config)),
+        server_name: crate::tls::server_name(settings, host)?,
+    })
+}
