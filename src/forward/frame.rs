@@ -101,8 +101,6 @@ pub enum FrameError {
     Entry(#[from] EntryError),
     #[error("{0}")]
     Inflate(#[from] InflateError),
-    #[error("request is empty: no entries")]
-    Empty,
 }
 
 impl FrameError {
@@ -111,9 +109,7 @@ impl FrameError {
         match self {
             FrameError::Msgpack(_) => "malformed_msgpack",
             FrameError::TooLarge { .. } => "too_large",
-            FrameError::Entry(_) | FrameError::CountMismatch { .. } | FrameError::Empty => {
-                "bad_entry"
-            }
+            FrameError::Entry(_) | FrameError::CountMismatch { .. } => "bad_entry",
             FrameError::Inflate(_) | FrameError::UnknownCompression(_) => "bad_compression",
             FrameError::UnsupportedSignal(_) => "unsupported_signal",
             _ => "bad_request",
@@ -248,9 +244,10 @@ pub fn parse_request(bytes: Bytes, limits: &Limits) -> Result<Decoded, FrameErro
             let start = second.start + offset;
             let payload = bytes.slice(start..start + len);
             let options = parse_options(&bytes, elements.get(2), depth)?;
+            // The magic bytes win over the option, as in fluent-bit: a valid uncompressed
+            // payload starts with an array marker, so gzip/zstd magic is never ambiguous.
             let codec = match options.compressed.as_deref() {
-                None => Compression::sniff(&payload),
-                Some(b"text") => None,
+                None | Some(b"text") => Compression::sniff(&payload),
                 Some(b"gzip") => Some(Compression::Gzip),
                 Some(b"zstd") => Some(Compression::Zstd),
                 Some(other) => {
@@ -295,10 +292,8 @@ pub fn parse_request(bytes: Bytes, limits: &Limits) -> Result<Decoded, FrameErro
         }
         _ => return Err(FrameError::UnknownMode { marker }),
     };
+    // An empty batch is valid: nothing to store, but acked when asked (as fluentd does).
     let options = parse_options(&bytes, elements.get(option_index), depth)?;
-    if events == 0 {
-        return Err(FrameError::Empty);
-    }
     Ok(Decoded::Frame(Frame {
         mode,
         tag,

@@ -189,11 +189,14 @@ pub(super) async fn serve<S>(
                         .as_ref()
                         .filter(|_| ctx.recent.enabled())
                         .map(|chunk| ChunkKey::new(chunk, &frame.tag, &frame.entries));
-                    if let Some(key) = key.as_ref().filter(|k| ctx.recent.seen(peer.ip(), k)) {
-                        // A resend of a chunk already committed for this sender: ack it
-                        // again (in order), store nothing.
-                        debug!(%peer, events = frame.events, "retransmitted chunk acked again without spooling");
-                        m.retransmits.inc();
+                    let retransmit = key.as_ref().is_some_and(|k| ctx.recent.seen(peer.ip(), k));
+                    if retransmit || frame.events == 0 {
+                        // A resend of a chunk already committed for this sender, or an empty
+                        // batch: ack it (in order), store nothing.
+                        if retransmit {
+                            debug!(%peer, events = frame.events, "retransmitted chunk acked again without spooling");
+                            m.retransmits.inc();
+                        }
                         let (done, commit) = oneshot::channel();
                         let _ = done.send(Ok(0));
                         pending.push_back(Pending {
@@ -203,7 +206,6 @@ pub(super) async fn serve<S>(
                             bytes: 0,
                             key: None,
                         });
-                        let _ = key;
                         continue;
                     }
                     let cost = Spool::cost(&frame.tag, &frame.entries);
