@@ -207,6 +207,7 @@ fn config_text(spool: &Path, node: &str, max_bytes: u64, window: u32) -> String 
          [upstream]\nwindow = {window}\nheartbeat_type = \"none\"\n\
          retry_initial = \"100ms\"\nretry_max = \"1s\"\n\n\
          [[upstream.nodes]]\naddress = \"{node}\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\n\
          [log]\nlevel = \"info\"\n",
         spool = spool.display().to_string(),
     )
@@ -383,12 +384,14 @@ impl Ctx {
         let child = child::spawn(&spec).await?;
         let mut load_spec = self.spec();
         load_spec.rate = rate;
+        let commits_before = child::spool_commits(child.metrics).await;
         let sampler = Sampler::start(child.pid, SAMPLE_EVERY);
         let own = own_cpu_ticks();
         let load = load::run(child.listen, &load_spec).await;
         let own_ticks = own_cpu_ticks().saturating_sub(own);
         let delivered_at_end = aggregator.delivered.events();
         let stats = sampler.finish().await;
+        let commits_after = child::spool_commits(child.metrics).await;
         let drain = wait_delivered(&aggregator, load.events, self.args.drain_timeout).await;
         let measured = Measured {
             load: &load,
@@ -398,6 +401,9 @@ impl Ctx {
         };
         let mut figures = RunFigures::new(label, rtt, &load_spec, measured, &aggregator);
         figures.ackgate = Some(stats);
+        figures.spool_commits = commits_before
+            .zip(commits_after)
+            .map(|(before, after)| after.saturating_sub(before));
         figures.ackgate_warnings = child.warnings();
         if load.error_count > 0 {
             figures.ackgate_tail = Some(child.tail());
@@ -548,11 +554,15 @@ impl Ctx {
         let child: AckgateChild = child::spawn(&spec).await?;
         let mut load_spec = self.spec();
         load_spec.rate = Some(rate);
+        let c0 = child::spool_commits(child.metrics).await;
         let t0 = wall_secs();
         let load = load::run(child.listen, &load_spec).await;
         let t1 = wall_secs();
+        let c1 = child::spool_commits(child.metrics).await;
         tokio::time::sleep(FSYNC_IDLE).await;
         let t2 = wall_secs();
+        let c2 = child::spool_commits(child.metrics).await;
+        let diff = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| b.saturating_sub(a));
         let upstream_acks_load = aggregator
             .as_ref()
             .map_or(0, |a| a.delivered.frames.load(Ordering::Acquire));
@@ -570,6 +580,8 @@ impl Ctx {
             fsyncs_during_load: count(t0, t1)?,
             fsyncs_idle_after: count(t1, t2)?,
             fsyncs_total: count(0.0, f64::MAX)?,
+            commits_during_load: diff(c0, c1),
+            commits_idle_after: diff(c1, c2),
             errors: load.errors.clone(),
         };
         if let Some(aggregator) = aggregator {

@@ -314,6 +314,8 @@ async fn answer(
                     "text/plain",
                     "not accepting\n".into(),
                 )
+            } else if stats.disk_full {
+                ("503 Service Unavailable", "text/plain", "spool disk full\n".into())
             } else if stats.bytes >= stats.max_bytes {
                 (
                     "503 Service Unavailable",

@@ -80,6 +80,8 @@ pub struct SpoolStats {
     pub max_bytes: u64,
     pub commits: u64,
     pub dead_letter_bytes: u64,
+    /// The last commit failed for lack of disk space; ingress is paused.
+    pub disk_full: bool,
 }
 
 enum Command {
@@ -103,10 +105,26 @@ struct Budget {
     used: AtomicU64,
     max: u64,
     freed: Notify,
+    /// Set while the disk is full: nothing fits, whatever `used` says.
+    blocked: std::sync::atomic::AtomicBool,
 }
 
 impl Budget {
+    fn set_blocked(&self, blocked: bool) {
+        self.blocked.store(blocked, Ordering::Release);
+        if !blocked {
+            self.freed.notify_waiters();
+        }
+    }
+
+    fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::Acquire)
+    }
+
     fn try_reserve(&self, bytes: u64) -> bool {
+        if self.is_blocked() {
+            return false;
+        }
         let mut used = self.used.load(Ordering::Acquire);
         loop {
             // A request larger than the whole budget is let through when the spool is empty,
@@ -231,6 +249,7 @@ impl Spool {
                 used: AtomicU64::new(counters.bytes),
                 max: config.max_bytes.0,
                 freed: Notify::new(),
+                blocked: std::sync::atomic::AtomicBool::new(false),
             },
             records: AtomicU64::new(counters.records),
             dead_bytes: AtomicU64::new(counters.dead_bytes),
@@ -252,6 +271,7 @@ impl Spool {
             group_bytes: config.group_commit_bytes.0,
             pending: Vec::new(),
             oldest_pending: None,
+            held: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -417,6 +437,7 @@ impl Spool {
             max_bytes: self.shared.budget.max,
             commits: self.shared.commits.load(Ordering::Acquire),
             dead_letter_bytes: self.shared.dead_bytes.load(Ordering::Acquire),
+            disk_full: self.shared.budget.is_blocked(),
         }
     }
 
@@ -530,6 +551,17 @@ struct Writer {
     group_bytes: u64,
     pending: Vec<Maintenance>,
     oldest_pending: Option<Instant>,
+    /// Requests whose commit failed because the disk was full: kept, unacked, and retried once
+    /// deletes have freed space. While any are held, ingress gets no budget (backpressure).
+    held: Vec<Append>,
+}
+
+/// How long a held group waits before its commit is tried again.
+const DISK_FULL_RETRY: Duration = Duration::from_millis(500);
+
+/// Whether a commit error means "no space left on device".
+fn is_disk_full(reason: &str) -> bool {
+    reason.contains("os error 28") || reason.contains("No space left") || reason.contains("StorageFull")
 }
 
 /// What one transaction changed, applied to the writer's counters once it is committed.
@@ -556,9 +588,15 @@ fn txerr<E: std::fmt::Display>(e: E) -> String {
 impl Writer {
     fn run(mut self) {
         loop {
-            let first = match self.oldest_pending {
-                Some(since) => {
-                    let wait = LAZY_FLUSH.saturating_sub(since.elapsed());
+            let waiting_since = match (&self.oldest_pending, self.held.is_empty()) {
+                (Some(since), true) => Some((*since, LAZY_FLUSH)),
+                (Some(since), false) => Some((*since, DISK_FULL_RETRY.min(LAZY_FLUSH))),
+                (None, false) => Some((Instant::now(), DISK_FULL_RETRY)),
+                (None, true) => None,
+            };
+            let first = match waiting_since {
+                Some((since, patience)) => {
+                    let wait = patience.saturating_sub(since.elapsed());
                     match self.commands.recv_timeout(wait) {
                         Ok(command) => Some(command),
                         Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -610,6 +648,16 @@ impl Writer {
             let due = self
                 .oldest_pending
                 .is_some_and(|since| since.elapsed() >= LAZY_FLUSH);
+            if !self.held.is_empty() {
+                // Disk full earlier: first commit the deletes alone, to free space, then try
+                // the held requests (oldest first) with whatever came since.
+                if !self.pending.is_empty() {
+                    self.commit_group(Vec::new());
+                }
+                let mut retry = std::mem::take(&mut self.held);
+                retry.append(&mut appends);
+                appends = retry;
+            }
             if !appends.is_empty() || due || shutdown.is_some() {
                 self.commit_group(appends);
             }
@@ -651,6 +699,14 @@ impl Writer {
             }
         }
         let pending = std::mem::take(&mut self.pending);
+        // Kept aside: if the commit fails, these deletes must still happen (they free space).
+        let deletes: Vec<u64> = pending
+            .iter()
+            .filter_map(|w| match w {
+                Maintenance::Delete(key) => Some(*key),
+                _ => None,
+            })
+            .collect();
         let mut next_key = self.next_key;
         let mut keys = vec![0u64; appends.len()];
         let mut answers: Vec<Answer> = Vec::new();
@@ -870,6 +926,10 @@ impl Writer {
         })();
         match result {
             Ok(applied) => {
+                if self.shared.budget.is_blocked() {
+                    tracing::warn!(path = %self.shared.path.display(), "spool disk has room again: ingress resumes");
+                    self.shared.budget.set_blocked(false);
+                }
                 let m = crate::metrics::metrics();
                 m.commit_seconds.observe(started.elapsed().as_secs_f64());
                 if !appends.is_empty() {
@@ -909,9 +969,25 @@ impl Writer {
                     answer(None);
                 }
             }
+            Err(reason) if is_disk_full(&reason) && !appends.is_empty() => {
+                if self.held.is_empty() {
+                    tracing::error!(%reason, requests = appends.len(), path = %self.shared.path.display(),
+                        "spool disk is full: holding these requests unacked and pausing ingress until upstream acks free space");
+                }
+                self.shared.budget.set_blocked(true);
+                for answer in answers {
+                    answer(Some(&reason));
+                }
+                self.pending
+                    .extend(deletes.into_iter().map(Maintenance::Delete));
+                self.held = appends;
+                self.reopen();
+            }
             Err(reason) => {
                 tracing::error!(%reason, requests = appends.len(), path = %self.shared.path.display(),
                     "spool commit failed: no request of this group is acked; reopening the spool");
+                self.pending
+                    .extend(deletes.into_iter().map(Maintenance::Delete));
                 for append in appends {
                     self.shared.budget.release(append.reserved);
                     let _ = append.reply.send(Err(SpoolError::Commit(reason.clone())));
@@ -948,10 +1024,12 @@ impl Writer {
                     self.shared
                         .dead_bytes
                         .store(counters.dead_bytes, Ordering::Release);
+                    // Requests still held keep their reservations.
+                    let held: u64 = self.held.iter().map(|a| a.reserved).sum();
                     self.shared
                         .budget
                         .used
-                        .store(counters.bytes, Ordering::Release);
+                        .store(counters.bytes + held, Ordering::Release);
                     self.shared.budget.freed.notify_waiters();
                     *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
                     tracing::warn!(path = %self.shared.path.display(), "spool reopened after a failed commit");

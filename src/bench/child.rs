@@ -42,6 +42,8 @@ pub struct AckgateChild {
     /// The ackgate process (not strace's).
     pub pid: u32,
     pub listen: SocketAddr,
+    /// The metrics listener, when ackgate logged one before its ready line.
+    pub metrics: Option<SocketAddr>,
     /// Spawn to ready line.
     pub ready_after: Duration,
     tail: Arc<Mutex<VecDeque<String>>>,
@@ -95,8 +97,8 @@ pub async fn spawn(spec: &ChildSpec) -> Result<AckgateChild, BenchError> {
         warnings.clone(),
         ready_tx,
     ));
-    let listen = match timeout(spec.ready_timeout, ready_rx).await {
-        Ok(Ok(listen)) => listen,
+    let (listen, metrics) = match timeout(spec.ready_timeout, ready_rx).await {
+        Ok(Ok(addrs)) => addrs,
         Ok(Err(_)) => {
             let _ = timeout(Duration::from_secs(2), process.wait()).await;
             return Err(BenchError::NotReady {
@@ -123,6 +125,7 @@ pub async fn spawn(spec: &ChildSpec) -> Result<AckgateChild, BenchError> {
         process,
         pid,
         listen,
+        metrics,
         ready_after,
         tail,
         warnings,
@@ -147,15 +150,19 @@ async fn read_stderr(
     stderr: BufReader<tokio::process::ChildStderr>,
     tail: Arc<Mutex<VecDeque<String>>>,
     warnings: Arc<AtomicU64>,
-    ready: oneshot::Sender<SocketAddr>,
+    ready: oneshot::Sender<(SocketAddr, Option<SocketAddr>)>,
 ) {
     let mut ready = Some(ready);
+    let mut metrics = None;
     let mut lines = stderr.lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        if ready.is_some() && line.contains("metrics listening") {
+            metrics = parse_listen(&line);
+        }
         if ready.is_some() && line.contains("ackgate ready") {
             if let Some(addr) = parse_listen(&line) {
                 if let Some(tx) = ready.take() {
-                    let _ = tx.send(addr);
+                    let _ = tx.send((addr, metrics));
                 }
             }
         }
@@ -216,6 +223,33 @@ fn signal(pid: u32, sig: libc::c_int) {
             }
         }
     }
+}
+
+/// `ackgate_spool_commits` from ackgate's /metrics, if it serves one.
+pub async fn spool_commits(metrics: Option<SocketAddr>) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = metrics?;
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = Vec::new();
+        stream.take(4 << 20).read_to_end(&mut body).await.ok()?;
+        Some(String::from_utf8_lossy(&body).into_owned())
+    };
+    let text = timeout(Duration::from_secs(5), fetch).await.ok()??;
+    parse_commits(&text)
+}
+
+fn parse_commits(text: &str) -> Option<u64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.contains("spool_commits"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 /// One reading of /proc/PID.
@@ -364,6 +398,13 @@ mod tests {
         assert_eq!(parse_listen(line), Some("127.0.0.1:40123".parse().unwrap()));
         let me = read_proc(std::process::id()).unwrap();
         assert!(me.rss_kib > 0 && me.hwm_kib >= me.rss_kib);
+    }
+
+    #[test]
+    fn commits_are_read_from_metrics_text() {
+        let text = "# HELP ackgate_spool_commits Spool commits.\n# TYPE ackgate_spool_commits counter\nackgate_spool_commits_total 42\n";
+        assert_eq!(parse_commits(text), Some(42));
+        assert_eq!(parse_commits("nothing 1\n"), None);
     }
 
     #[test]

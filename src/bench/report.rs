@@ -116,6 +116,8 @@ pub struct RunFigures {
     pub ack_latency: Option<LatencySummary>,
     pub delivery_latency: LatencySummary,
     pub ackgate: Option<ProcStats>,
+    /// Spool commits during the load (ackgate's /metrics).
+    pub spool_commits: Option<u64>,
     pub bench_cpu_percent: f64,
     pub unacked: u64,
     pub errors: Vec<String>,
@@ -167,6 +169,7 @@ impl RunFigures {
             ack_latency: (!spec.legacy).then(|| load.ack_latency.summary()),
             delivery_latency: aggregator.delivered.latency().summary(),
             ackgate: None,
+            spool_commits: None,
             bench_cpu_percent: m.own_ticks as f64 / ticks / seconds * 100.0,
             unacked: load.unacked,
             errors: load.errors.clone(),
@@ -213,6 +216,9 @@ pub struct FsyncPhase {
     pub fsyncs_during_load: u64,
     pub fsyncs_idle_after: u64,
     pub fsyncs_total: u64,
+    /// Spool commits (ackgate's /metrics) during the load and the idle time after it.
+    pub commits_during_load: Option<u64>,
+    pub commits_idle_after: Option<u64>,
     pub errors: Vec<String>,
 }
 
@@ -406,10 +412,18 @@ impl BenchReport {
             let d = &f.aggregator_down;
             let extra = a.fsyncs_during_load as f64 - d.fsyncs_during_load as f64;
             let per_ack = extra / (a.upstream_acks.max(1) as f64);
+            let commits = match (a.commits_during_load, d.commits_during_load) {
+                (Some(a_c), Some(d_c)) => format!(
+                    "; commits during load {a_c} vs {d_c} ({:+.2} per ack), {} idle after",
+                    (a_c as f64 - d_c as f64) / a.upstream_acks.max(1) as f64,
+                    a.commits_idle_after.unwrap_or(0)
+                ),
+                _ => String::new(),
+            };
             checks.push(Check {
                 target: "deletes after acks cost no commit of their own".into(),
                 measured: format!(
-                    "fsyncs during load: {} with acks flowing ({} upstream acks) vs {} without: {:+.0} = {per_ack:+.2} per ack; {} in {:.0} s idle after",
+                    "fsyncs during load: {} with acks flowing ({} upstream acks) vs {} without: {:+.0} = {per_ack:+.2} per ack; {} in {:.0} s idle after{commits}",
                     a.fsyncs_during_load, a.upstream_acks, d.fsyncs_during_load, extra, a.fsyncs_idle_after, f.idle_seconds
                 ),
                 met: per_ack < 0.1,
@@ -534,10 +548,16 @@ impl fmt::Display for BenchReport {
                     .map_or("not complete".into(), |d| format!("{d:.2} s"));
                 writeln!(
                     f,
-                    "  {}: {} events in {:.2} s; delivered {} (dup {}, missing {}), drain after load {drain}; bench CPU {:.0}%{}{}",
+                    "  {}: {} events in {} requests, {:.2} s{}; delivered {} (dup {}, missing {}), drain after load {drain}; bench CPU {:.0}%{}{}",
                     r.label,
                     r.events,
+                    r.requests,
                     r.seconds,
+                    r.spool_commits.map_or(String::new(), |c| format!(
+                        "; {c} spool commits ({:.0}/s, {:.1} requests per commit)",
+                        c as f64 / r.seconds,
+                        r.requests as f64 / c.max(1) as f64
+                    )),
                     r.delivered_total,
                     r.duplicates,
                     r.missing,
@@ -593,10 +613,12 @@ impl fmt::Display for BenchReport {
                 ("acks flowing", &x.acks_flowing),
                 ("aggregator down", &x.aggregator_down),
             ] {
+                let commits = |c: Option<u64>| c.map_or("-".to_string(), |c| c.to_string());
                 writeln!(
                     f,
-                    "  {name:<16} requests {:>6}  upstream acks {:>6}  fsyncs: load {:>6}, idle {:>4}, whole process {:>6}{}",
-                    p.requests, p.upstream_acks, p.fsyncs_during_load, p.fsyncs_idle_after, p.fsyncs_total,
+                    "  {name:<16} requests {:>6}  upstream acks {:>6}  commits: load {:>6}, idle {:>4}  fsyncs: load {:>6}, idle {:>4}, whole process {:>6}{}",
+                    p.requests, p.upstream_acks, commits(p.commits_during_load), commits(p.commits_idle_after),
+                    p.fsyncs_during_load, p.fsyncs_idle_after, p.fsyncs_total,
                     if p.errors.is_empty() { String::new() } else { format!("  errors: {}", p.errors.join(" | ")) }
                 )?;
             }

@@ -283,6 +283,8 @@ impl Balancer {
 
     pub fn record_taken(&self, index: usize) {
         self.nodes[index].lock().taken += 1;
+        // Others may now be within their share again.
+        self.changed.notify_waiters();
     }
 
     /// A record taken by `index` went back to the queue unsent or unacked.

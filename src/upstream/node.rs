@@ -239,6 +239,9 @@ impl Session<'_> {
                 .map(|f| f.sent_at + self.settings.ack_timeout);
             let window_open =
                 draining_until.is_none() && self.in_flight.len() < self.settings.window;
+            // Wait for new work only when this node may take it: a node ahead of its weighted
+            // share waits for the balancer instead (else it would spin on buffered records).
+            let may_take = window_open && self.balancer.may_take(index);
             tokio::select! {
                 read = self.stream.read_buf(&mut responses) => {
                     match read {
@@ -259,7 +262,7 @@ impl Session<'_> {
                         chunks: self.in_flight.len(),
                     });
                 }
-                _ = self.dispatcher.wait_for_work(committed), if window_open => {}
+                _ = self.dispatcher.wait_for_work(committed), if may_take => {}
                 _ = self.balancer.changed.notified(), if window_open => {}
                 _ = shutdown.cancelled(), if draining_until.is_none() => {
                     draining_until = Some(Instant::now() + self.settings.shutdown_grace);
