@@ -250,12 +250,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = heartbeat.await;
     }
     connections.close();
-    connections.wait().await;
-    info!("ingress drained: every stored request was acked");
+    // Connections finish their pending commits and acks. If the spool cannot commit (disk
+    // full), stop waiting after shutdown_grace: those requests were never acked, and their
+    // senders resend them.
+    let grace = config.upstream.shutdown_grace.0.max(std::time::Duration::from_secs(5));
+    if tokio::time::timeout(grace, connections.wait()).await.is_ok() {
+        info!("ingress drained: every stored request was acked");
+    } else {
+        warn!(waited = ?grace, "connections still wait for spool commits; stopping the spool without acking them");
+    }
     nodes.wait().await;
     tokio::task::spawn_blocking(move || writer.shutdown())
         .await
         .context("spool writer did not stop cleanly")?;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
     metrics_stop.cancel();
     if let Some(task) = metrics_task {
         let _ = task.await;

@@ -662,6 +662,13 @@ impl Writer {
                 self.commit_group(appends);
             }
             if let Some(reply) = shutdown {
+                // Still held (disk still full): those senders get no ack and will resend;
+                // nothing they were told was stored is lost.
+                for append in self.held.drain(..) {
+                    let _ = append
+                        .reply
+                        .send(Err(SpoolError::Commit("shutting down with the spool disk full".into())));
+                }
                 let _ = reply.send(());
                 return;
             }
@@ -674,14 +681,23 @@ impl Writer {
         if appends.is_empty() && self.pending.is_empty() {
             return;
         }
-        let Some(db) = self
-            .shared
-            .db
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
-            return;
+        let current = |shared: &Shared| shared.db.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let db = match current(&self.shared) {
+            Some(db) => db,
+            None => {
+                self.reopen();
+                match current(&self.shared) {
+                    Some(db) => db,
+                    None => {
+                        let reason = "spool file cannot be opened";
+                        for append in appends {
+                            self.shared.budget.release(append.reserved);
+                            let _ = append.reply.send(Err(SpoolError::Commit(reason.into())));
+                        }
+                        return;
+                    }
+                }
+            }
         };
         let received = now_ms();
         // Merge same-tag requests of this group, keeping arrival order within a tag.
@@ -924,6 +940,8 @@ impl Writer {
             txn.commit().map_err(txerr)?;
             Ok(applied)
         })();
+        // The handle must be gone before a reopen: redb locks the file per handle.
+        drop(db);
         match result {
             Ok(applied) => {
                 if self.shared.budget.is_blocked() {
@@ -970,7 +988,7 @@ impl Writer {
                 }
             }
             Err(reason) if is_disk_full(&reason) && !appends.is_empty() => {
-                if self.held.is_empty() {
+                if !self.shared.budget.is_blocked() {
                     tracing::error!(%reason, requests = appends.len(), path = %self.shared.path.display(),
                         "spool disk is full: holding these requests unacked and pausing ingress until upstream acks free space");
                 }
@@ -1007,7 +1025,9 @@ impl Writer {
     /// failed commit may or may not have reached the disk. Retries until it succeeds.
     fn reopen(&mut self) {
         let mut delay = Duration::from_millis(50);
-        loop {
+        // Bounded, so the writer keeps answering (shutdown included); an unopened spool is
+        // tried again at the next group.
+        for _ in 0..8 {
             *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = None;
             let reopened = open_database(&self.shared.path, self.shared.cache_bytes)
                 .and_then(|db| read_counters(&db).map(|counters| (db, counters)));
@@ -1038,7 +1058,7 @@ impl Writer {
                 Err(e) => {
                     tracing::error!(error = %e, retry_in = ?delay, "spool reopen failed");
                     std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
         }
