@@ -160,7 +160,10 @@ pub async fn run_node(
                     _ => warn!(node = %settings.name, error = %e, chunks,
                         "upstream connection failed; aborting it and resending in-flight chunks with the same ids"),
                 }
-                balancer.failed(index, &e.to_string());
+                // A spool problem is ours, not the node's: do not mark it down for it.
+                if !matches!(e, NodeError::Spool(_)) {
+                    balancer.failed(index, &e.to_string());
+                }
                 session.abort_and_requeue(&e.to_string()).await;
                 if acked == 0 {
                     failures = failures.saturating_add(1);
