@@ -203,14 +203,25 @@ pub async fn run_udp_heartbeat(socket: UdpSocket, shutdown: CancellationToken) {
 }
 
 /// Bind the TCP listener and, when enabled, the UDP heartbeat socket on the same address.
+/// With port 0 the kernel picks the TCP port; the same UDP port may be taken, so the pair is
+/// tried a few times.
 pub async fn bind(config: &IngressConfig) -> std::io::Result<(TcpListener, Option<UdpSocket>)> {
-    let listener = TcpListener::bind(config.listen).await?;
-    let local = listener.local_addr()?;
-    let udp = if config.udp_heartbeat {
-        Some(UdpSocket::bind(local).await?)
-    } else {
-        None
-    };
-    info!(listen = %local, udp_heartbeat = config.udp_heartbeat, "ingress bound");
-    Ok((listener, udp))
+    let attempts = if config.listen.port() == 0 { 16 } else { 1 };
+    let mut last_error = None;
+    for _ in 0..attempts {
+        let listener = TcpListener::bind(config.listen).await?;
+        let local = listener.local_addr()?;
+        if !config.udp_heartbeat {
+            info!(listen = %local, udp_heartbeat = false, "ingress bound");
+            return Ok((listener, None));
+        }
+        match UdpSocket::bind(local).await {
+            Ok(udp) => {
+                info!(listen = %local, udp_heartbeat = true, "ingress bound");
+                return Ok((listener, Some(udp)));
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| std::io::Error::other("cannot bind the UDP heartbeat port")))
 }

@@ -92,6 +92,8 @@ pub async fn run_node(
     let index = settings.index;
     let mut committed = dispatcher.spool().subscribe();
     let mut failures: u32 = 0;
+    // Set by connect failures, so "reachable again" is said once, after the node was not.
+    let mut unreachable = false;
     loop {
         // Wait until this node may be used and there is something to send.
         loop {
@@ -113,6 +115,7 @@ pub async fn run_node(
             Ok(stream) => stream,
             Err(e) => {
                 balancer.failed(index, &e.to_string());
+                unreachable = true;
                 failures = failures.saturating_add(1);
                 let delay = settings.reconnect.delay(failures);
                 if failures == 1 || failures.is_power_of_two() {
@@ -124,8 +127,9 @@ pub async fn run_node(
                 }
             }
         };
-        if failures > 0 {
+        if unreachable {
             info!(node = %settings.name, after_failures = failures, "upstream node reachable again");
+            unreachable = false;
         }
         balancer.connected(index);
         let mut session = Session {

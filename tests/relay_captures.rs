@@ -1,0 +1,248 @@
+//! What real senders wrote (shared/captures, see its README.md) goes through the real binary:
+//! every `*.sender.bin` (fluentd v0.10 / v0.12 / v1.18, fluent-bit 5.1.1) and every hand-built
+//! `client-*.request.bin` is written to ackgate on its own connection. The aggregator must
+//! receive the very entries `FrameDecoder` finds in the file (DESIGN.md invariant 6), and a
+//! request carrying `chunk` must be answered with exactly `81 a3 "ack"` + the raw chunk value;
+//! where a real fluentd 1.18 (or fluent-bit) reply was captured for that request, ackgate's
+//! ack must equal it byte for byte (PROTOCOL.md §13.1, §13.2).
+//!
+//! Two exceptions: the JSON request (fluentd's JSON variant, PROTOCOL.md §2.1, §13.13) is
+//! either accepted and answered exactly like fluentd 1.18 (`{"ack":"j1"}`), with its event
+//! relayed as msgpack, or rejected (closed, logged with the peer and a reason, nothing spooled);
+//! [`JSON_REQUESTS_ACCEPTED`] pins which. The `-secure` senders start with a handshake PING,
+//! which is a later issue, so only the bytes after that PING are sent.
+//!
+//! The directory is `$ACKGATE_CAPTURES` if set, else `<crate>/../shared/captures`.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use ackgate::forward::msgpack::value_len;
+use ackgate::forward::{Decoded, FrameDecoder, Limits};
+use bytes::BytesMut;
+use common::*;
+
+/// Real receiver replies captured for a request file: (request or sender file, reply file).
+/// For the `-secure` pairs the reply starts with HELO and PONG; the ack is its last value.
+const REAL_REPLIES: &[(&str, &str)] = &[
+    (
+        "client-packed-str-chunk.request.bin",
+        "fluentd-1.18-in_forward-ack.reply.bin",
+    ),
+    (
+        "client-packed-bin-chunk.request.bin",
+        "fluentd-1.18-in_forward-ack-bin-chunk.reply.bin",
+    ),
+    (
+        "client-message-str-chunk.request.bin",
+        "fluentd-1.18-in_forward-ack-message.reply.bin",
+    ),
+    (
+        "client-forward-str-chunk.request.bin",
+        "fluentd-1.18-in_forward-ack-forward.reply.bin",
+    ),
+    (
+        "fluentd-1.18-out_forward-secure.sender.bin",
+        "fluentd-1.18-in_forward-secure.reply.bin",
+    ),
+    (
+        "fluent-bit-5.1.1-out_forward-secure.sender.bin",
+        "fluent-bit-5.1.1-in_forward-secure.reply.bin",
+    ),
+    (
+        "fluent-bit-5.1.1-out_forward-secure-no_metadata-to-fluentd.sender.bin",
+        "fluentd-1.18-in_forward-secure-from-fluent-bit-no_metadata.reply.bin",
+    ),
+];
+
+/// The four hand-built chunk requests, whose fluentd 1.18 reply must match exactly.
+const CLIENT_CHUNK_REQUESTS: usize = 4;
+
+/// Whether ingress speaks fluentd's JSON variant (src/forward/json.rs) or refuses it. Flip to
+/// `false` if JSON support is withdrawn: the test then demands the rejection instead.
+const JSON_REQUESTS_ACCEPTED: bool = true;
+
+/// `["t",1700000000,{"a":1},{"chunk":"j1"}]` relayed as msgpack: `[1700000000, {"a": 1}]`.
+const JSON_EVENT: &[u8] = &[0x92, 0xce, 0x65, 0x53, 0xf1, 0x00, 0x81, 0xa1, b'a', 0x01];
+
+fn read(dir: &Path, name: &str) -> Vec<u8> {
+    let path = dir.join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// The last complete msgpack value in `bytes`.
+fn last_value(bytes: &[u8]) -> Vec<u8> {
+    let mut pos = 0;
+    let mut last = None;
+    while pos < bytes.len() {
+        let n = value_len(&bytes[pos..], DEPTH)
+            .expect("reply is msgpack")
+            .expect("reply ends with a whole value");
+        last = Some(bytes[pos..pos + n].to_vec());
+        pos += n;
+    }
+    last.expect("reply is not empty")
+}
+
+/// Read exactly `n` bytes (however they are split across recvs) within `timeout`.
+fn read_exactly(stream: &mut std::net::TcpStream, n: usize, timeout: Duration) -> Vec<u8> {
+    stream.set_read_timeout(Some(timeout)).expect("timeout");
+    let mut out = vec![0u8; n];
+    std::io::Read::read_exact(stream, &mut out)
+        .unwrap_or_else(|e| panic!("no {n}-byte answer within {timeout:?}: {e}"));
+    out
+}
+
+/// Events and chunk values ackgate's own decoder finds in `bytes`.
+fn decode_file(name: &str, bytes: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut decoder = FrameDecoder::new(Limits::default());
+    let mut buf = BytesMut::from(bytes);
+    let mut events = Vec::new();
+    let mut chunks = Vec::new();
+    while let Some(decoded) = decoder
+        .decode(&mut buf)
+        .unwrap_or_else(|e| panic!("{name}: FrameDecoder rejects the capture: {e}"))
+    {
+        if let Decoded::Frame(frame) = decoded {
+            events.extend(split_entries(&frame.entries));
+            if let Some(chunk) = frame.chunk {
+                chunks.push(chunk.to_vec());
+            }
+        }
+    }
+    assert!(
+        buf.is_empty(),
+        "{name}: trailing bytes after the last request"
+    );
+    (events, chunks)
+}
+
+#[test]
+fn every_captured_sender_is_relayed_and_acked_like_fluentd() {
+    let dir = captures_dir();
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("captures dir {}: {e}", dir.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.ends_with(".sender.bin") || (n.starts_with("client-") && n.ends_with(".request.bin"))
+        })
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 20,
+        "expected the README's 20+ request files in {}, found {files:?}",
+        dir.display()
+    );
+
+    let agg = Aggregator::start();
+    let gate = Ackgate::start(agg.addr());
+    let mut expected = Vec::new();
+    let mut compared_with_real_reply = 0;
+    let mut json_seen = false;
+
+    for name in &files {
+        let bytes = read(&dir, name);
+        if name == "client-json.request.bin" && JSON_REQUESTS_ACCEPTED {
+            json_seen = true;
+            let mut stream = connect(gate.addr());
+            stream.write_all(&bytes).expect("write json");
+            let real = read(&dir, "fluentd-1.18-in_forward-json.reply.bin");
+            let answer = read_exactly(&mut stream, real.len(), Duration::from_secs(10));
+            assert_eq!(
+                String::from_utf8_lossy(&answer),
+                String::from_utf8_lossy(&real),
+                "{name}: the JSON ack differs from fluentd 1.18's"
+            );
+            expected.push(JSON_EVENT.to_vec());
+            continue;
+        }
+        if name == "client-json.request.bin" {
+            json_seen = true;
+            let mut stream = connect(gate.addr());
+            let local = stream.local_addr().expect("local addr");
+            stream.write_all(&bytes).expect("write json");
+            let answer = expect_closed(&mut stream, Duration::from_secs(10));
+            assert!(answer.is_empty(), "JSON request got an answer: {answer:?}");
+            let line = gate.wait_for_log_since(
+                0,
+                &[
+                    "closing connection: invalid request; nothing of it was spooled",
+                    &format!("peer={local}"),
+                    "reason=",
+                ],
+                Duration::from_secs(10),
+            );
+            assert!(
+                line.contains("WARN"),
+                "rejection not logged as a warning: {line}"
+            );
+            continue;
+        }
+        let payload = if name.contains("-secure") {
+            // Handshake support is a later issue: skip the leading PING.
+            let ping = value_len(&bytes, DEPTH)
+                .expect("msgpack")
+                .expect("a whole PING");
+            bytes[ping..].to_vec()
+        } else {
+            bytes.clone()
+        };
+        let (events, chunks) = decode_file(name, &payload);
+        let mut stream = connect(gate.addr());
+        stream.write_all(&payload).expect("write capture");
+        for chunk in &chunks {
+            let ack = read_one_ack(&mut stream, Duration::from_secs(10));
+            let mut want = vec![0x81, 0xa3, b'a', b'c', b'k'];
+            want.extend_from_slice(chunk);
+            assert_eq!(
+                ack, want,
+                "{name}: ack is not 81 a3 'ack' + the raw chunk value"
+            );
+            if let Some((_, reply)) = REAL_REPLIES.iter().find(|(req, _)| req == name) {
+                let real = last_value(&read(&dir, reply));
+                assert_eq!(
+                    hex(&ack),
+                    hex(&real),
+                    "{name}: ackgate's ack differs from the real reply in {reply}"
+                );
+                compared_with_real_reply += 1;
+            }
+        }
+        expected.extend(events);
+    }
+    assert!(
+        json_seen,
+        "client-json.request.bin is missing from the captures"
+    );
+    assert!(
+        compared_with_real_reply >= CLIENT_CHUNK_REQUESTS,
+        "only {compared_with_real_reply} acks were compared with real replies"
+    );
+
+    agg.wait_for_all(&expected, Duration::from_secs(20));
+    assert_same_events(&expected, &agg.events(), "captured senders");
+    let tags: Vec<String> = agg
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.tag).into_owned())
+        .collect();
+    assert_eq!(
+        tags.iter().any(|t| t == "t"),
+        JSON_REQUESTS_ACCEPTED,
+        "the JSON request's event {} the aggregator",
+        if JSON_REQUESTS_ACCEPTED {
+            "did not reach"
+        } else {
+            "was rejected but reached"
+        }
+    );
+    assert!(
+        agg.errors().is_empty(),
+        "aggregator errors: {:?}",
+        agg.errors()
+    );
+}
