@@ -41,7 +41,7 @@ enum Command {
     },
     /// Inspect a stopped spool: stats, list, show, retry, dead letters.
     Spool(ackgate::inspect::SpoolArgs),
-    /// Send JSON lines as Forward events (a fluent-cat replacement).
+    /// Send JSON lines or msgpack records as Forward events, optionally over TLS with a shared key (a fluent-cat replacement).
     Send(tools::SendArgs),
     /// Run an acking Forward aggregator that prints the events it receives as JSON lines.
     Receive(tools::ReceiveArgs),

@@ -24,7 +24,8 @@ const INPUT_BUFFER: usize = 1 << 16;
 /// A batch is cut once its entries reach this size, whatever `--batch` says: half of the
 /// default `max_frame_bytes` of ackgate's ingress (16 MiB), leaving room for one more record.
 pub(super) const MAX_BATCH_BYTES: usize = 8 << 20;
-/// Largest msgpack record accepted from the input: ackgate's default frame limit.
+/// Largest record accepted from the input (msgpack, or JSON once encoded): ackgate's default
+/// frame limit. With [`MAX_BATCH_BYTES`] it keeps a request's length well inside a u32.
 pub(super) const MAX_RECORD_BYTES: usize = 16 << 20;
 
 /// How `send`'s input is written.
@@ -154,8 +155,18 @@ pub(super) fn read_json<R: Read>(
         let text = line.trim_ascii();
         if !text.is_empty() {
             let record = parse_record(text, number)?;
+            let before = current.entries.len();
             put_time(now(), spec.encoding.time_format, &mut current.entries);
             json_to_msgpack(&record, spec.encoding.legacy, &mut current.entries);
+            let size = current.entries.len() - before;
+            if size > MAX_RECORD_BYTES {
+                return Err(ToolError::BadLine {
+                    line: number,
+                    reason: format!(
+                        "record of {size} bytes, over the {MAX_RECORD_BYTES}-byte limit"
+                    ),
+                });
+            }
             current.events += 1;
         }
         let drained = flush_when_drained && current.events > 0 && input.buffer().is_empty();

@@ -6,8 +6,8 @@
 //! - [`send`] (in `send.rs`) replaces `fluent-cat`: JSON lines or msgpack maps in (`input.rs`),
 //!   PackedForward / Forward / Message requests out, optionally with a `chunk` option whose acks
 //!   are matched by id while up to `--window` requests are in flight (PROTOCOL.md §6.3);
-//!   `--legacy` writes the fluentd v0.10 bytes of PROTOCOL.md §3.2 / §9.1. A progress line
-//!   (`progress.rs`) shows on a terminal.
+//!   `--legacy` writes the fluentd v0.10 bytes of PROTOCOL.md §3.2 / §9.1 (the bytes, pure, in
+//!   `request.rs`). A progress line (`progress.rs`) shows on a terminal.
 //! - [`receive`] (in `receive.rs`) is a real aggregator for tests and demos: every frame is
 //!   written as JSON lines and flushed, and only then acked (PROTOCOL.md §13.1, §13.2); UDP
 //!   heartbeats are answered (§8.1); optionally TLS and the server side of the handshake (§7).
@@ -18,6 +18,7 @@
 mod input;
 mod progress;
 mod receive;
+mod request;
 mod send;
 #[cfg(test)]
 mod tests;
@@ -71,10 +72,7 @@ pub enum ToolError {
     #[error("cannot connect to {addr}: {error}")]
     Connect { addr: String, error: ConnectError },
     #[error("network I/O with {addr}: {error}")]
-    Network {
-        addr: String,
-        error: std::io::Error,
-    },
+    Network { addr: String, error: std::io::Error },
     #[error("write to {addr} not finished within {timeout:?}")]
     WriteTimeout { addr: String, timeout: Duration },
     #[error("no ack for chunk {chunk} within {timeout:?}")]

@@ -149,10 +149,14 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, UdpSocket), ToolErro
         attempts += 1;
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| ToolError::Bind { addr, error: source })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| ToolError::Bind { addr, error: source })?;
+            .map_err(|source| ToolError::Bind {
+                addr,
+                error: source,
+            })?;
+        let local = listener.local_addr().map_err(|source| ToolError::Bind {
+            addr,
+            error: source,
+        })?;
         match UdpSocket::bind(local).await {
             Ok(udp) => return Ok((listener, udp)),
             Err(e)
@@ -420,7 +424,7 @@ fn frame_to_lines(frame: &Frame, max_depth: usize) -> Result<String, ToolError> 
 pub(super) mod tests {
     use super::*;
     use crate::tools::input::put_time;
-    use crate::tools::send::tests::decode_one;
+    use crate::tools::request::tests::decode_one;
     use crate::tools::TimeFormat;
     use clap::Parser;
 

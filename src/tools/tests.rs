@@ -15,7 +15,8 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::receive::tests::ReceiveCli;
-use super::send::tests::{request, send_args};
+use super::request::tests::request;
+use super::send::tests::send_args;
 use super::*;
 use crate::upstream::connect::ConnectError;
 
