@@ -108,6 +108,11 @@ impl Metrics {
             m.acks_sent.clone(),
         );
         r.register(
+            "retransmits",
+            "Sender retransmits of committed chunks, acked again without spooling",
+            m.retransmits.clone(),
+        );
+        r.register(
             "connections_open",
             "Sender connections open now",
             m.connections_open.clone(),
