@@ -165,29 +165,49 @@ fn init_logging(level: &str, format: LogFormat) {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
-                _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
+/// SIGTERM/SIGINT handlers, installed before anything is announced, so a signal that arrives
+/// right after the ready line is a graceful stop and not the default (fatal) action.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        if term.is_none() || int.is_none() {
+            warn!("cannot install signal handlers; stop with SIGKILL");
+        }
+        Signals { term, int }
+    }
+
+    async fn wait(&mut self) {
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
         }
-        _ => {
-            warn!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
+        tokio::select! {
+            _ = next(&mut self.term) => info!(signal = "SIGTERM", "shutting down"),
+            _ = next(&mut self.int) => info!(signal = "SIGINT", "shutting down"),
         }
     }
+}
+
+async fn wait_for_signal() {
+    Signals::install().wait().await
 }
 
 /// Start spool, ingress and upstream; on SIGTERM/SIGINT stop accepting, let connections finish
 /// their pending commits and acks, give in-flight chunks `shutdown_grace` to be acked, then
 /// commit what the spool still holds and exit.
 async fn run(config: Config) -> anyhow::Result<()> {
+    let mut signals = Signals::install();
     let spool_config = config.spool.clone();
     let (spool, writer) = tokio::task::spawn_blocking(move || Spool::open(&spool_config))
         .await
@@ -242,7 +262,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
 
-    wait_for_signal().await;
+    signals.wait().await;
     accepting.store(false, std::sync::atomic::Ordering::Release);
     shutdown.cancel();
     let _ = accept.await;
@@ -253,8 +273,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Connections finish their pending commits and acks. If the spool cannot commit (disk
     // full), stop waiting after shutdown_grace: those requests were never acked, and their
     // senders resend them.
-    let grace = config.upstream.shutdown_grace.0.max(std::time::Duration::from_secs(5));
-    if tokio::time::timeout(grace, connections.wait()).await.is_ok() {
+    let grace = config
+        .upstream
+        .shutdown_grace
+        .0
+        .max(std::time::Duration::from_secs(5));
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_ok()
+    {
         info!("ingress drained: every stored request was acked");
     } else {
         warn!(waited = ?grace, "connections still wait for spool commits; stopping the spool without acking them");

@@ -320,7 +320,11 @@ async fn answer(
                     "not accepting\n".into(),
                 )
             } else if stats.disk_full {
-                ("503 Service Unavailable", "text/plain", "spool disk full\n".into())
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "spool disk full\n".into(),
+                )
             } else if stats.bytes >= stats.max_bytes {
                 (
                     "503 Service Unavailable",

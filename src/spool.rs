@@ -107,6 +107,11 @@ struct Budget {
     freed: Notify,
     /// Set while the disk is full: nothing fits, whatever `used` says.
     blocked: std::sync::atomic::AtomicBool,
+    /// Bytes handed to the writer and not yet committed (they sit in memory meanwhile).
+    uncommitted: AtomicU64,
+    /// Bound on `uncommitted`: with the writer behind, ingress stops reading, so memory stays
+    /// flat however many connections pipeline requests.
+    max_uncommitted: u64,
 }
 
 impl Budget {
@@ -125,6 +130,10 @@ impl Budget {
         if self.is_blocked() {
             return false;
         }
+        let pending = self.uncommitted.load(Ordering::Acquire);
+        if pending > 0 && pending + bytes > self.max_uncommitted {
+            return false;
+        }
         let mut used = self.used.load(Ordering::Acquire);
         loop {
             // A request larger than the whole budget is let through when the spool is empty,
@@ -138,10 +147,23 @@ impl Budget {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return true,
+                Ok(_) => {
+                    self.uncommitted.fetch_add(bytes, Ordering::AcqRel);
+                    return true;
+                }
                 Err(now) => used = now,
             }
         }
+    }
+
+    /// Requests of `bytes` left the writer's queue (committed or failed).
+    fn settled(&self, bytes: u64) {
+        let _ = self
+            .uncommitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+        self.freed.notify_waiters();
     }
 
     fn release(&self, bytes: u64) {
@@ -250,6 +272,8 @@ impl Spool {
                 max: config.max_bytes.0,
                 freed: Notify::new(),
                 blocked: std::sync::atomic::AtomicBool::new(false),
+                uncommitted: AtomicU64::new(0),
+                max_uncommitted: config.group_commit_bytes.0.saturating_mul(4).max(1 << 20),
             },
             records: AtomicU64::new(counters.records),
             dead_bytes: AtomicU64::new(counters.dead_bytes),
@@ -272,6 +296,8 @@ impl Spool {
             pending: Vec::new(),
             oldest_pending: None,
             held: Vec::new(),
+            pending_urgent: false,
+            unflushed_since: None,
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -336,6 +362,7 @@ impl Spool {
             self.commands.send(Command::Append(append))
         {
             self.shared.budget.release(append.reserved);
+            self.shared.budget.settled(append.reserved);
             let _ = append.reply.send(Err(SpoolError::Closed));
         }
         rx
@@ -554,14 +581,24 @@ struct Writer {
     /// Requests whose commit failed because the disk was full: kept, unacked, and retried once
     /// deletes have freed space. While any are held, ingress gets no budget (backpressure).
     held: Vec<Append>,
+    /// Pending maintenance that someone waits for (split, requeue, purge): committed durably.
+    pending_urgent: bool,
+    /// Since when deletes were committed without fsync (`Durability::None`): they become
+    /// durable with the next group commit, or with an idle flush after [`IDLE_FLUSH`].
+    unflushed_since: Option<Instant>,
 }
+
+/// Longest that non-durable delete commits wait for a group commit to make them durable.
+const IDLE_FLUSH: Duration = Duration::from_secs(2);
 
 /// How long a held group waits before its commit is tried again.
 const DISK_FULL_RETRY: Duration = Duration::from_millis(500);
 
 /// Whether a commit error means "no space left on device".
 fn is_disk_full(reason: &str) -> bool {
-    reason.contains("os error 28") || reason.contains("No space left") || reason.contains("StorageFull")
+    reason.contains("os error 28")
+        || reason.contains("No space left")
+        || reason.contains("StorageFull")
 }
 
 /// What one transaction changed, applied to the writer's counters once it is committed.
@@ -592,7 +629,7 @@ impl Writer {
                 (Some(since), true) => Some((*since, LAZY_FLUSH)),
                 (Some(since), false) => Some((*since, DISK_FULL_RETRY.min(LAZY_FLUSH))),
                 (None, false) => Some((Instant::now(), DISK_FULL_RETRY)),
-                (None, true) => None,
+                (None, true) => self.unflushed_since.map(|since| (since, IDLE_FLUSH)),
             };
             let first = match waiting_since {
                 Some((since, patience)) => {
@@ -601,7 +638,7 @@ impl Writer {
                         Ok(command) => Some(command),
                         Err(mpsc::RecvTimeoutError::Timeout) => None,
                         Err(mpsc::RecvTimeoutError::Disconnected) => {
-                            self.commit_group(Vec::new());
+                            self.commit_group(Vec::new(), true);
                             return;
                         }
                     }
@@ -629,6 +666,7 @@ impl Writer {
                                 | Maintenance::Purge { .. }
                         );
                         self.pending.push(work);
+                        self.pending_urgent |= urgent;
                         let since = self.oldest_pending.get_or_insert_with(Instant::now);
                         if urgent {
                             // Someone waits for the answer: do not make it wait LAZY_FLUSH.
@@ -652,22 +690,32 @@ impl Writer {
                 // Disk full earlier: first commit the deletes alone, to free space, then try
                 // the held requests (oldest first) with whatever came since.
                 if !self.pending.is_empty() {
-                    self.commit_group(Vec::new());
+                    // Durable: only a durable commit lets redb reuse the freed pages.
+                    self.commit_group(Vec::new(), true);
                 }
                 let mut retry = std::mem::take(&mut self.held);
                 retry.append(&mut appends);
                 appends = retry;
             }
-            if !appends.is_empty() || due || shutdown.is_some() {
-                self.commit_group(appends);
+            let idle_flush = self
+                .unflushed_since
+                .is_some_and(|since| since.elapsed() >= IDLE_FLUSH);
+            if !appends.is_empty() || due || shutdown.is_some() || idle_flush {
+                // Requests are acked on this commit: durable. Deletes and retry notes alone
+                // are not worth an fsync of their own (a lost delete is a duplicate upstream,
+                // never a loss): they ride in the next durable commit.
+                let durable =
+                    !appends.is_empty() || shutdown.is_some() || idle_flush || self.pending_urgent;
+                self.commit_group(appends, durable);
             }
             if let Some(reply) = shutdown {
                 // Still held (disk still full): those senders get no ack and will resend;
                 // nothing they were told was stored is lost.
                 for append in self.held.drain(..) {
-                    let _ = append
-                        .reply
-                        .send(Err(SpoolError::Commit("shutting down with the spool disk full".into())));
+                    self.shared.budget.settled(append.reserved);
+                    let _ = append.reply.send(Err(SpoolError::Commit(
+                        "shutting down with the spool disk full".into(),
+                    )));
                 }
                 let _ = reply.send(());
                 return;
@@ -675,12 +723,19 @@ impl Writer {
         }
     }
 
-    /// One write transaction, one fsync, then every waiter is answered.
-    fn commit_group(&mut self, appends: Vec<Append>) {
+    /// One write transaction, then every waiter is answered. `durable`: with fsync
+    /// (`Durability::Immediate`); otherwise persisted by the next durable commit.
+    fn commit_group(&mut self, appends: Vec<Append>, durable: bool) {
         self.oldest_pending = None;
-        if appends.is_empty() && self.pending.is_empty() {
+        self.pending_urgent = false;
+        if appends.is_empty()
+            && self.pending.is_empty()
+            && !(durable && self.unflushed_since.is_some())
+        {
             return;
         }
+        // Appends are always acked on this commit, so they always get fsync (invariant 1).
+        let durable = durable || !appends.is_empty();
         let current = |shared: &Shared| shared.db.read().unwrap_or_else(|p| p.into_inner()).clone();
         let db = match current(&self.shared) {
             Some(db) => db,
@@ -692,6 +747,7 @@ impl Writer {
                         let reason = "spool file cannot be opened";
                         for append in appends {
                             self.shared.budget.release(append.reserved);
+                            self.shared.budget.settled(append.reserved);
                             let _ = append.reply.send(Err(SpoolError::Commit(reason.into())));
                         }
                         return;
@@ -730,7 +786,13 @@ impl Writer {
         let result = (|| -> TxResult<Applied> {
             let mut txn = db.begin_write().map_err(txerr)?;
             // Explicit though it is the default: senders are acked on this commit (invariant 1).
-            txn.set_durability(Durability::Immediate).map_err(txerr)?;
+            // Non-durable commits carry only deletes and retry notes.
+            txn.set_durability(if durable {
+                Durability::Immediate
+            } else {
+                Durability::None
+            })
+            .map_err(txerr)?;
             let mut applied = Applied {
                 next_dead: self.next_dead,
                 ..Applied::default()
@@ -944,6 +1006,11 @@ impl Writer {
         drop(db);
         match result {
             Ok(applied) => {
+                if durable {
+                    self.unflushed_since = None;
+                } else {
+                    self.unflushed_since.get_or_insert_with(Instant::now);
+                }
                 if self.shared.budget.is_blocked() {
                     tracing::warn!(path = %self.shared.path.display(), "spool disk has room again: ingress resumes");
                     self.shared.budget.set_blocked(false);
@@ -980,9 +1047,11 @@ impl Writer {
                 if next_key > 1 {
                     self.shared.committed.send_replace(next_key - 1);
                 }
+                let settled: u64 = appends.iter().map(|a| a.reserved).sum();
                 for (append, key) in appends.into_iter().zip(keys) {
                     let _ = append.reply.send(Ok(key));
                 }
+                self.shared.budget.settled(settled);
                 for answer in answers {
                     answer(None);
                 }
@@ -1008,6 +1077,7 @@ impl Writer {
                     .extend(deletes.into_iter().map(Maintenance::Delete));
                 for append in appends {
                     self.shared.budget.release(append.reserved);
+                    self.shared.budget.settled(append.reserved);
                     let _ = append.reply.send(Err(SpoolError::Commit(reason.clone())));
                 }
                 for answer in answers {

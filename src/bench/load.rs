@@ -149,6 +149,9 @@ pub struct LoadSpec {
     pub unique_tags: bool,
     /// How long a request may wait for its ack.
     pub ack_timeout: Duration,
+    /// Under a rate cap, every connection sends at the same instants (bursts) instead of
+    /// being spread over the interval.
+    pub aligned: bool,
 }
 
 /// What the senders saw.
@@ -310,12 +313,18 @@ fn tag_for(spec: &LoadSpec, conn: u32, seq: u64) -> String {
     }
 }
 
-/// When request `seq` of a connection may start under the rate cap.
-fn pace(spec: &LoadSpec, start: Instant, seq: u64) -> Option<Instant> {
+/// When request `seq` of connection `conn` may start under the rate cap. Connections are
+/// spread over the interval (unless `spec.aligned`), so requests arrive evenly, not in bursts.
+fn pace(spec: &LoadSpec, conn: u32, start: Instant, seq: u64) -> Option<Instant> {
     let rate = spec.rate?;
-    let per_conn = rate / f64::from(spec.connections.max(1));
-    let interval = f64::from(spec.batch) / per_conn.max(1e-9);
-    Some(start + Duration::from_secs_f64(interval * seq as f64))
+    let connections = f64::from(spec.connections.max(1));
+    let interval = f64::from(spec.batch) / (rate / connections).max(1e-9);
+    let phase = if spec.aligned {
+        0.0
+    } else {
+        f64::from(conn) / connections
+    };
+    Some(start + Duration::from_secs_f64(interval * (seq as f64 + phase)))
 }
 
 async fn connect(target: SocketAddr) -> Result<TcpStream, String> {
@@ -348,7 +357,7 @@ async fn legacy_connection(
     let mut requests = Requests::new(conn, spec);
     let mut seq = 0u64;
     while Instant::now() < shared.deadline {
-        if let Some(due) = pace(spec, shared.start, seq) {
+        if let Some(due) = pace(spec, conn, shared.start, seq) {
             if due >= shared.deadline {
                 break;
             }
@@ -427,7 +436,7 @@ async fn ack_connection(
         if Instant::now() >= shared.deadline {
             break;
         }
-        if let Some(due) = pace(spec, shared.start, seq) {
+        if let Some(due) = pace(spec, conn, shared.start, seq) {
             if due >= shared.deadline {
                 break;
             }

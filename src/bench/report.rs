@@ -245,7 +245,10 @@ pub struct Check {
 pub struct BenchReport {
     pub machine: Machine,
     pub settings: Settings,
+    /// Ceiling measured before the runs.
     pub ceiling: Option<DiskCeiling>,
+    /// Ceiling measured again after the runs (relay scenario).
+    pub ceiling_after: Option<DiskCeiling>,
     pub direct: Option<RunFigures>,
     pub runs: Vec<RunFigures>,
     pub half_load: Option<RunFigures>,
@@ -272,6 +275,7 @@ impl BenchReport {
                 spool_max_bytes: args.spool_max_bytes,
             },
             ceiling: None,
+            ceiling_after: None,
             direct: None,
             runs: Vec::new(),
             half_load: None,
@@ -286,13 +290,34 @@ impl BenchReport {
         serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
 
-    /// Ceiling in events/s: (bandwidth-bound, commit-bound).
+    /// The stricter reading of the two ceilings: the higher bandwidth and commit rate, the
+    /// lower fsync p99 (MB/s, commits/s, fsync p99 ms).
+    pub fn strict_ceiling(&self) -> Option<(f64, f64, f64)> {
+        let readings: Vec<&DiskCeiling> = self
+            .ceiling
+            .iter()
+            .chain(self.ceiling_after.iter())
+            .collect();
+        if readings.is_empty() {
+            return None;
+        }
+        Some((
+            readings.iter().map(|c| c.mb_per_s).fold(0.0, f64::max),
+            readings.iter().map(|c| c.commits_per_s).fold(0.0, f64::max),
+            readings
+                .iter()
+                .map(|c| c.fsync.p99_ms)
+                .fold(f64::INFINITY, f64::min),
+        ))
+    }
+
+    /// Ceiling in events/s: (bandwidth-bound, commit-bound), from the stricter reading.
     pub fn ceiling_events(&self) -> Option<(f64, f64)> {
-        let c = self.ceiling.as_ref()?;
+        let (mb_per_s, commits_per_s, _) = self.strict_ceiling()?;
         let bytes = self.settings.event_bytes as f64;
         Some((
-            c.mb_per_s * 1e6 / bytes,
-            c.commits_per_s * f64::from(self.settings.batch),
+            mb_per_s * 1e6 / bytes,
+            commits_per_s * f64::from(self.settings.batch),
         ))
     }
 
@@ -349,15 +374,14 @@ impl BenchReport {
                 met: ratio >= 0.8,
             });
         }
-        if let (Some(half), Some(ceiling)) = (&self.half_load, &self.ceiling) {
+        if let (Some(half), Some((_, _, fsync_p99))) = (&self.half_load, self.strict_ceiling()) {
             if let Some(ack) = &half.ack_latency {
-                let limit = 2.0 * ceiling.fsync.p99_ms + 1.0;
+                let limit = 2.0 * fsync_p99 + 1.0;
                 checks.push(Check {
                     target: "ack p99 at half load ≤ 2 × fsync p99 + 1 ms".into(),
                     measured: format!(
-                        "{:.2} ms vs limit {limit:.2} ms (fsync p99 {:.2} ms) = {:.2} × limit",
+                        "{:.2} ms vs limit {limit:.2} ms (fsync p99 {fsync_p99:.2} ms) = {:.2} × limit",
                         ack.p99_ms,
-                        ceiling.fsync.p99_ms,
                         ack.p99_ms / limit
                     ),
                     met: ack.p99_ms <= limit,
@@ -460,22 +484,27 @@ impl fmt::Display for BenchReport {
             s.rate.map(|r| format!(", capped at {r:.0} ev/s")).unwrap_or_default(),
             s.upstream_window,
         )?;
-        if let Some(c) = &self.ceiling {
+        let readings = [("before", &self.ceiling), ("after", &self.ceiling_after)];
+        if self.ceiling.is_some() {
             writeln!(f)?;
             writeln!(f, "disk ceiling (same directory, same invocation):")?;
+        }
+        for (when, c) in readings {
+            let Some(c) = c else { continue };
             writeln!(
                 f,
-                "  4 KiB write+fdatasync: {:.0} commits/s, fsync p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
-                c.commits_per_s, c.fsync.p50_ms, c.fsync.p99_ms, c.fsync.p999_ms
+                "  {when:<6} 4 KiB write+fdatasync: {:.0} commits/s, fsync p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; 1 MiB write+fdatasync: {:.0} MB/s",
+                c.commits_per_s, c.fsync.p50_ms, c.fsync.p99_ms, c.fsync.p999_ms, c.mb_per_s
             )?;
-            writeln!(f, "  1 MiB write+fdatasync: {:.0} MB/s", c.mb_per_s)?;
-            if let Some((bw, commits)) = self.ceiling_events() {
-                writeln!(
-                    f,
-                    "  as {} B events: {bw:.0} ev/s by bandwidth, {commits:.0} ev/s by commits/s × batch",
-                    s.event_bytes
-                )?;
-            }
+        }
+        if let (Some((bw, commits)), Some((mb, cps, p99))) =
+            (self.ceiling_events(), self.strict_ceiling())
+        {
+            writeln!(
+                f,
+                "  stricter reading: {mb:.0} MB/s, {cps:.0} commits/s, fsync p99 {p99:.2} ms; as {} B events: {bw:.0} ev/s by bandwidth, {commits:.0} ev/s by commits/s × batch",
+                s.event_bytes
+            )?;
         }
         let runs: Vec<&RunFigures> = self
             .direct

@@ -31,7 +31,8 @@ impl ChunkKey {
         tag.hash(&mut hasher);
         entries.hash(&mut hasher);
         ChunkKey {
-            chunk: chunk.clone(),
+            // A copy: a slice would keep the whole read buffer of the request alive.
+            chunk: Bytes::copy_from_slice(chunk),
             content: hasher.finish(),
         }
     }
