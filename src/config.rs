@@ -240,6 +240,10 @@ pub struct UpstreamConfig {
     /// Chunks in flight (written, not yet acked) per connection.
     #[serde(default = "default_window")]
     pub window: u32,
+    /// Entry bytes in flight per connection (at least one chunk is always allowed). With
+    /// `window`, this is what keeps throughput up on a long round trip: bytes per RTT.
+    #[serde(default = "default_window_bytes")]
+    pub window_bytes: ByteSize,
     /// First retry delay after a failure; doubles per attempt, with jitter.
     #[serde(default = "default_retry_initial")]
     pub retry_initial: HumanDuration,
@@ -443,7 +447,10 @@ fn default_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(5))
 }
 fn default_window() -> u32 {
-    8
+    32
+}
+fn default_window_bytes() -> ByteSize {
+    ByteSize(8 << 20)
 }
 fn default_retry_initial() -> HumanDuration {
     HumanDuration(Duration::from_secs(1))
@@ -815,7 +822,7 @@ address = "127.0.0.1:24225"
         let config = parse(MINIMAL).unwrap();
         assert_eq!(config.spool.max_bytes, ByteSize(1 << 30));
         assert_eq!(config.upstream.ack_timeout.0, Duration::from_secs(30));
-        assert_eq!(config.upstream.window, 8);
+        assert_eq!(config.upstream.window, 32);
         assert_eq!(config.ingress.max_frame_bytes, ByteSize(16 << 20));
         // The effective config parses back to the same values.
         let again = parse(&config.to_toml()).unwrap();

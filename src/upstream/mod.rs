@@ -69,6 +69,7 @@ pub fn start(
             ack_timeout: config.ack_timeout.0,
             connect_timeout: config.connect_timeout.0,
             window: config.window as usize,
+            window_bytes: usize::try_from(config.window_bytes.0).unwrap_or(usize::MAX),
             reconnect: backoff,
             shutdown_grace: config.shutdown_grace.0,
             compress: match node.compress {

@@ -40,6 +40,8 @@ pub struct NodeSettings {
     pub ack_timeout: Duration,
     pub connect_timeout: Duration,
     pub window: usize,
+    /// Entry bytes in flight per connection (one chunk always fits).
+    pub window_bytes: usize,
     pub reconnect: Backoff,
     pub shutdown_grace: Duration,
     /// Compress chunk entries (gzip) for this node.
@@ -225,7 +227,7 @@ impl Session<'_> {
             // Fill the window, within this node's weighted share.
             let index = self.settings.index;
             while draining_until.is_none()
-                && self.in_flight.len() < self.settings.window
+                && self.window_open()
                 && self.balancer.may_take(index)
             {
                 let taken = self
@@ -244,8 +246,7 @@ impl Session<'_> {
                 .in_flight
                 .front()
                 .map(|f| f.sent_at + self.settings.ack_timeout);
-            let window_open =
-                draining_until.is_none() && self.in_flight.len() < self.settings.window;
+            let window_open = draining_until.is_none() && self.window_open();
             // Wait for new work only when this node may take it: a node ahead of its weighted
             // share waits for the balancer instead (else it would spin on buffered records).
             let may_take = window_open && self.balancer.may_take(index);
@@ -283,6 +284,13 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Room for one more chunk: under `window` chunks and `window_bytes` entry bytes.
+    fn window_open(&self) -> bool {
+        let bytes: usize = self.in_flight.iter().map(|f| f.record.entries.len()).sum();
+        self.in_flight.len() < self.settings.window
+            && (self.in_flight.is_empty() || bytes < self.settings.window_bytes)
     }
 
     async fn send(&mut self, record: StoredRecord, out: &mut Vec<u8>) -> Result<(), NodeError> {
