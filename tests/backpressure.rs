@@ -51,7 +51,7 @@ fn full_spool_blocks_the_sender_and_loses_nothing() {
     let frames = total / FRAME_BYTES as u64 + 1;
     eprintln!(
         "backpressure: kernel buffer maxima {kernel_buffers} B, sending {frames} frames of ~{FRAME_BYTES} B ({} MiB)",
-        frames * FRAME_BYTES as u64 >> 20
+        (frames * FRAME_BYTES as u64) >> 20
     );
 
     let port = free_port();

@@ -138,6 +138,6 @@ fn requests_before_the_bad_one_on_the_same_connection_are_kept() {
         hex(&expected_ack(&chunk)),
         "the good request before the garbage must be acked, and nothing else sent"
     );
-    agg.wait_for_all(&[good.clone()], Duration::from_secs(10));
+    agg.wait_for_all(std::slice::from_ref(&good), Duration::from_secs(10));
     assert_same_events(&[good], &agg.events(), "request before the garbage");
 }
