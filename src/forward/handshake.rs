@@ -20,6 +20,7 @@
 use sha2::{Digest, Sha512};
 
 use super::msgpack::{read_header, value_len, Header, Progress, SkipError, Skipper};
+use super::packed::put_str;
 
 /// Largest handshake message accepted. A PING holds two 128-char digests, a hostname, a salt
 /// and a username: a few hundred bytes. A legacy sender that skips the handshake writes a data
@@ -296,24 +297,6 @@ fn check_arity(
 
 // ---------------------------------------------------------------------------------------------
 // Encoding
-
-/// msgpack str with the smallest modern marker (str8 included: every v1 peer reads it, and
-/// fluentd's own PING and PONG use it for the 128-char digests).
-fn put_str(out: &mut Vec<u8>, bytes: &[u8]) {
-    let len = bytes.len();
-    if len < 32 {
-        out.push(0xa0 | len as u8);
-    } else if len <= u8::MAX as usize {
-        out.extend_from_slice(&[0xd9, len as u8]);
-    } else if len <= u16::MAX as usize {
-        out.push(0xda);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0xdb);
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-    }
-    out.extend_from_slice(bytes);
-}
 
 /// msgpack bin, as msgpack-ruby packs fluentd's binary nonce and salt.
 fn put_bin(out: &mut Vec<u8>, bytes: &[u8]) {

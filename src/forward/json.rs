@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use super::frame::{Decoded, Frame, Limits, Mode};
 use super::msgpack::{read_header, Header};
+use super::packed::put_str;
 use super::value::json_to_msgpack;
 
 /// Why a JSON request was rejected.
@@ -341,23 +342,6 @@ pub fn chunk_json_value(frame_chunk_msgpack: &[u8]) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// msgpack str header + bytes, smallest modern marker.
-fn put_str(out: &mut Vec<u8>, bytes: &[u8]) {
-    let len = bytes.len();
-    if len < 32 {
-        out.push(0xa0 | len as u8);
-    } else if len <= u8::MAX as usize {
-        out.extend_from_slice(&[0xd9, len as u8]);
-    } else if len <= u16::MAX as usize {
-        out.push(0xda);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0xdb);
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-    }
-    out.extend_from_slice(bytes);
 }
 
 fn put_map_header(out: &mut Vec<u8>, len: usize) {

@@ -34,6 +34,25 @@ pub fn put_raw(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// Append a msgpack str with the smallest modern marker (str8 included: every v1 peer reads it;
+/// fluentd's own PING and PONG use str8 for the 128-char digests). For legacy peers use
+/// [`put_raw`].
+pub fn put_str(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = bytes.len();
+    if len < 32 {
+        out.push(0xa0 | len as u8);
+    } else if len <= u8::MAX as usize {
+        out.extend_from_slice(&[0xd9, len as u8]);
+    } else if len <= u16::MAX as usize {
+        out.push(0xda);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0xdb);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    out.extend_from_slice(bytes);
+}
+
 /// Append a msgpack unsigned integer in its smallest form.
 pub fn put_uint(out: &mut Vec<u8>, n: u64) {
     if n < 128 {

@@ -226,10 +226,7 @@ impl Session<'_> {
         loop {
             // Fill the window, within this node's weighted share.
             let index = self.settings.index;
-            while draining_until.is_none()
-                && self.window_open()
-                && self.balancer.may_take(index)
-            {
+            while draining_until.is_none() && self.window_open() && self.balancer.may_take(index) {
                 let taken = self
                     .dispatcher
                     .take()
