@@ -234,8 +234,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
         connections.clone(),
     ));
-    let heartbeat =
-        udp.map(|socket| tokio::spawn(ingress::run_udp_heartbeat(socket, shutdown.clone())));
+    let heartbeat = udp.map(|socket| {
+        tokio::spawn(ingress::run_udp_heartbeat(
+            socket,
+            spool.clone(),
+            shutdown.clone(),
+        ))
+    });
     let (dispatcher, _balancer, nodes) = upstream::start(
         &config.upstream,
         config.spool.max_age.map(|d| d.0),

@@ -325,7 +325,7 @@ async fn answer(
                     "text/plain",
                     "spool disk full\n".into(),
                 )
-            } else if stats.bytes >= stats.max_bytes {
+            } else if stats.full {
                 (
                     "503 Service Unavailable",
                     "text/plain",

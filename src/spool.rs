@@ -82,6 +82,9 @@ pub struct SpoolStats {
     pub dead_letter_bytes: u64,
     /// The last commit failed for lack of disk space; ingress is paused.
     pub disk_full: bool,
+    /// No room for more requests now: some wait for room, or the bytes reached max_bytes, or
+    /// the disk is full.
+    pub full: bool,
 }
 
 enum Command {
@@ -112,6 +115,8 @@ struct Budget {
     /// Bound on `uncommitted`: with the writer behind, ingress stops reading, so memory stays
     /// flat however many connections pipeline requests.
     max_uncommitted: u64,
+    /// Requests waiting in [`Spool::reserve`] for room.
+    waiting: AtomicU64,
 }
 
 impl Budget {
@@ -274,6 +279,7 @@ impl Spool {
                 blocked: std::sync::atomic::AtomicBool::new(false),
                 uncommitted: AtomicU64::new(0),
                 max_uncommitted: config.group_commit_bytes.0.saturating_mul(4).max(1 << 20),
+                waiting: AtomicU64::new(0),
             },
             records: AtomicU64::new(counters.records),
             dead_bytes: AtomicU64::new(counters.dead_bytes),
@@ -326,9 +332,23 @@ impl Spool {
     /// Wait until `bytes` fit under `max_bytes`, then take them. While a connection waits
     /// here it does not read its socket: that is the backpressure of invariant 5.
     pub async fn reserve(&self, bytes: u64) {
+        if self.shared.budget.try_reserve(bytes) {
+            return;
+        }
+        // Counted while waiting: a waiting request is what "the spool is full" means to
+        // /ready and to the UDP heartbeat (the byte count alone may sit just under the bound).
+        let budget = &self.shared.budget;
+        budget.waiting.fetch_add(1, Ordering::AcqRel);
+        struct Done<'a>(&'a AtomicU64);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _done = Done(&budget.waiting);
         loop {
-            let freed = self.shared.budget.freed.notified();
-            if self.shared.budget.try_reserve(bytes) {
+            let freed = budget.freed.notified();
+            if budget.try_reserve(bytes) {
                 return;
             }
             freed.await;
@@ -465,6 +485,9 @@ impl Spool {
             commits: self.shared.commits.load(Ordering::Acquire),
             dead_letter_bytes: self.shared.dead_bytes.load(Ordering::Acquire),
             disk_full: self.shared.budget.is_blocked(),
+            full: self.shared.budget.is_blocked()
+                || self.shared.budget.waiting.load(Ordering::Acquire) > 0
+                || self.shared.budget.used.load(Ordering::Acquire) >= self.shared.budget.max,
         }
     }
 

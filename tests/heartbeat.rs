@@ -98,3 +98,71 @@ fn tcp_connection_without_bytes_is_not_a_warning() {
     drop(stream);
     agg.wait_for_all(&[entry], Duration::from_secs(10));
 }
+
+/// One heartbeat with a short wait: `true` if `\0` came back from `target`.
+fn answered(socket: &UdpSocket, target: std::net::SocketAddr) -> bool {
+    socket.send_to(b"\0", target).expect("send heartbeat");
+    let mut buf = [0u8; 8];
+    matches!(socket.recv_from(&mut buf), Ok((1, from)) if from == target && buf[0] == 0)
+}
+
+/// A full spool cannot take data: heartbeats go unanswered so senders with a standby fail
+/// over (PROTOCOL.md §13.7), and are answered again once upstream has drained it.
+#[test]
+fn heartbeats_stop_while_the_spool_is_full_and_resume_after_it_drains() {
+    let agg = Aggregator::start_with(0, AckMode::NeverAck);
+    let gate = Ackgate::builder()
+        .node("agg", agg.addr())
+        .section("ingress", "max_frame_bytes = \"16KiB\"")
+        .section("spool", "max_bytes = \"64KiB\"")
+        .section(
+            "upstream",
+            "ack_timeout = \"1s\"\nretry_initial = \"100ms\"\nretry_max = \"300ms\"",
+        )
+        .start();
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    assert!(
+        answered(&socket, gate.addr()),
+        "answered while there is room"
+    );
+
+    // Fill the spool: 8 KiB legacy requests, each on its own connection, never acked upstream.
+    let record = vec![b'x'; 8000];
+    let mut body = vec![0x81, 0xa1, b'm', 0xda];
+    body.extend_from_slice(&(record.len() as u16).to_be_bytes());
+    body.extend_from_slice(&record);
+    for _ in 0..12 {
+        let mut stream = TcpStream::connect(gate.addr()).expect("connect");
+        let request = legacy_request("hb.fill", &entry_int(1_700_000_000, &body));
+        std::io::Write::write_all(&mut stream, &request).expect("write");
+    }
+    let mut silent = false;
+    for _ in 0..40 {
+        if !answered(&socket, gate.addr()) {
+            silent = true;
+            break;
+        }
+    }
+    assert!(
+        silent,
+        "heartbeats must go unanswered once the spool is full"
+    );
+    gate.wait_for_log("UDP heartbeats go unanswered", Duration::from_secs(10));
+
+    agg.set_mode(AckMode::Ack);
+    let mut back = false;
+    for _ in 0..100 {
+        if answered(&socket, gate.addr()) {
+            back = true;
+            break;
+        }
+    }
+    assert!(
+        back,
+        "heartbeats must be answered again after the spool drained"
+    );
+    gate.wait_for_log("answering UDP heartbeats", Duration::from_secs(10));
+}

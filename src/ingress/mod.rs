@@ -180,8 +180,11 @@ impl<F: FnMut() -> i64> Drop for OnDrop<F> {
 }
 
 /// Answer every datagram with one `\0` from the socket it arrived on, so the reply's source
-/// is the address and port the sender targeted (PROTOCOL.md §8.1).
-pub async fn run_udp_heartbeat(socket: UdpSocket, shutdown: CancellationToken) {
+/// is the address and port the sender targeted (PROTOCOL.md §8.1) — but only while ackgate can
+/// take data: with the spool full (or its disk full) heartbeats go unanswered, so senders with
+/// a standby fail over instead of piling onto this box (§13.7). After shutdown, none at all.
+pub async fn run_udp_heartbeat(socket: UdpSocket, spool: Spool, shutdown: CancellationToken) {
+    let mut silent = false;
     let mut buf = [0u8; 128];
     loop {
         let received = tokio::select! {
@@ -190,6 +193,24 @@ pub async fn run_udp_heartbeat(socket: UdpSocket, shutdown: CancellationToken) {
         };
         match received {
             Ok((_, from)) => {
+                let stats = spool.stats();
+                let full = stats.full;
+                if full != silent {
+                    silent = full;
+                    if full {
+                        warn!(
+                            bytes = stats.bytes,
+                            max_bytes = stats.max_bytes,
+                            disk_full = stats.disk_full,
+                            "spool full: UDP heartbeats go unanswered so senders fail over"
+                        );
+                    } else {
+                        info!("spool has room again: answering UDP heartbeats");
+                    }
+                }
+                if full {
+                    continue;
+                }
                 if let Err(e) = socket.send_to(b"\0", from).await {
                     debug!(%from, error = %e, "heartbeat reply failed");
                 }
