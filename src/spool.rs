@@ -267,6 +267,13 @@ impl Spool {
     pub fn open(config: &SpoolConfig) -> Result<(Spool, SpoolWriter), SpoolError> {
         let cache_bytes = usize::try_from(config.cache_bytes.0).unwrap_or(usize::MAX);
         let db = open_database(&config.path, cache_bytes)?;
+        if !take_reserve(
+            &config.path,
+            reserve_size(&config.path, config.group_commit_bytes.0),
+        ) {
+            tracing::warn!(path = %config.path.display(),
+                "cannot allocate the spool's disk reserve: a full disk may stall until space frees up");
+        }
         let counters = read_counters(&db)?;
         let last_key = counters.next_key - 1;
         let (committed, _) = watch::channel(last_key);
@@ -303,6 +310,7 @@ impl Spool {
             oldest_pending: None,
             held: Vec::new(),
             pending_urgent: false,
+            reserve_bytes: reserve_size(&config.path, config.group_commit_bytes.0),
             unflushed_since: None,
         };
         let thread = std::thread::Builder::new()
@@ -349,6 +357,19 @@ impl Spool {
         loop {
             let freed = budget.freed.notified();
             if budget.try_reserve(bytes) {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    /// Wait while the spool is full (requests wait for room, or the disk is full): the accept
+    /// loop stops taking connections meanwhile, so new senders wait in the kernel's backlog
+    /// instead of each holding a request in memory.
+    pub async fn wait_for_room(&self) {
+        loop {
+            let freed = self.shared.budget.freed.notified();
+            if !self.stats().full {
                 return;
             }
             freed.await;
@@ -606,6 +627,8 @@ struct Writer {
     held: Vec<Append>,
     /// Pending maintenance that someone waits for (split, requeue, purge): committed durably.
     pending_urgent: bool,
+    /// Size of the disk reserve file.
+    reserve_bytes: u64,
     /// Since when deletes were committed without fsync (`Durability::None`): they become
     /// durable with the next group commit, or with an idle flush after [`IDLE_FLUSH`].
     unflushed_since: Option<Instant>,
@@ -616,6 +639,56 @@ const IDLE_FLUSH: Duration = Duration::from_secs(2);
 
 /// How long a held group waits before its commit is tried again.
 const DISK_FULL_RETRY: Duration = Duration::from_millis(500);
+
+/// Disk space kept aside next to the spool (`<spool>.reserve`, allocated, not sparse). When the
+/// disk fills up it is released, so that deletes, which need a few pages too, can still be
+/// committed and free the space that lets held requests through; it is taken again once the
+/// spool commits normally.
+fn reserve_path(spool: &Path) -> PathBuf {
+    let mut name = spool.as_os_str().to_owned();
+    name.push(".reserve");
+    PathBuf::from(name)
+}
+
+/// Size of the disk reserve: the group commit size, but at most 1/8 of the filesystem.
+fn reserve_size(spool: &Path, group_bytes: u64) -> u64 {
+    let dir = spool
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let total = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .ok()
+        .and_then(|c| {
+            // SAFETY: statvfs writes into the zeroed struct we own; the path is a valid C string.
+            let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+            let rc = unsafe { libc::statvfs(c.as_ptr(), &mut stats) };
+            (rc == 0).then(|| stats.f_blocks as u64 * stats.f_frsize as u64)
+        })
+        .unwrap_or(u64::MAX);
+    group_bytes.min(total / 8).max(64 << 10)
+}
+
+/// Allocate the reserve file (best effort: without it, a full disk only recovers once other
+/// space frees up).
+fn take_reserve(spool: &Path, size: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let path = reserve_path(spool);
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    else {
+        return false;
+    };
+    // SAFETY: the descriptor is valid for the lifetime of `file`.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
+    if rc != 0 {
+        let _ = std::fs::remove_file(&path);
+        return false;
+    }
+    true
+}
 
 /// Whether a commit error means "no space left on device".
 fn is_disk_full(reason: &str) -> bool {
@@ -1034,7 +1107,12 @@ impl Writer {
                 } else {
                     self.unflushed_since.get_or_insert_with(Instant::now);
                 }
-                if self.shared.budget.is_blocked() {
+                // Only once the held requests themselves are stored: a delete-only commit in
+                // between does not mean there is room for them.
+                if self.shared.budget.is_blocked() && self.held.is_empty() && !appends.is_empty() {
+                    if !take_reserve(&self.shared.path, self.reserve_bytes) {
+                        tracing::warn!(path = %self.shared.path.display(), "spool disk reserve not taken again yet");
+                    }
                     tracing::warn!(path = %self.shared.path.display(), "spool disk has room again: ingress resumes");
                     self.shared.budget.set_blocked(false);
                 }
@@ -1080,6 +1158,11 @@ impl Writer {
                 }
             }
             Err(reason) if is_disk_full(&reason) && !appends.is_empty() => {
+                let released = std::fs::remove_file(reserve_path(&self.shared.path)).is_ok();
+                if released {
+                    tracing::warn!(path = %self.shared.path.display(),
+                        "spool disk full: released the disk reserve so deletes can still be committed");
+                }
                 if !self.shared.budget.is_blocked() {
                     tracing::error!(%reason, requests = appends.len(), path = %self.shared.path.display(),
                         "spool disk is full: holding these requests unacked and pausing ingress until upstream acks free space");
@@ -1094,6 +1177,12 @@ impl Writer {
                 self.reopen();
             }
             Err(reason) => {
+                if is_disk_full(&reason)
+                    && std::fs::remove_file(reserve_path(&self.shared.path)).is_ok()
+                {
+                    tracing::warn!(path = %self.shared.path.display(),
+                        "spool disk full: released the disk reserve so deletes can still be committed");
+                }
                 tracing::error!(%reason, requests = appends.len(), path = %self.shared.path.display(),
                     "spool commit failed: no request of this group is acked; reopening the spool");
                 self.pending

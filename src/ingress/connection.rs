@@ -184,6 +184,7 @@ pub(super) async fn serve<S>(
                 Ok(Some(Decoded::Nil)) => continue,
                 Ok(Some(Decoded::Frame(frame))) => {
                     requests += 1;
+                    idle_deadline = Instant::now() + idle;
                     let key = frame
                         .chunk
                         .as_ref()
@@ -250,6 +251,9 @@ pub(super) async fn serve<S>(
             }
         }
 
+        // A request must arrive whole within idle_timeout of its first byte: re-arming the
+        // deadline on every read would let a slowloris sender hold a connection slot forever.
+        let at_boundary = buf.is_empty();
         tokio::select! {
             biased;
             committed = wait_front(&mut pending), if !pending.is_empty() => {
@@ -310,7 +314,9 @@ pub(super) async fn serve<S>(
                         }
                     }
                     Ok(_) => {
-                        idle_deadline = Instant::now() + idle;
+                        if at_boundary {
+                            idle_deadline = Instant::now() + idle;
+                        }
                         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                             buf.reserve(READ_CHUNK);
                         }

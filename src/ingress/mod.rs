@@ -100,6 +100,10 @@ pub async fn run_tcp(
             },
             _ = shutdown.cancelled() => return,
         };
+        tokio::select! {
+            _ = ctx.spool.wait_for_room() => {}
+            _ = shutdown.cancelled() => return,
+        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.cancelled() => return,
