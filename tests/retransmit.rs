@@ -69,7 +69,10 @@ fn identical_resend_is_acked_again_but_delivered_once() {
     for e in &entries {
         assert_eq!(count(&got, e), 1, "a retransmitted event must arrive once");
     }
-    let text = wait_metric(metrics, "ackgate_events_in_total", WAIT, |v| v == Some(4.0));
+    wait_metric(metrics, "ackgate_events_in_total", WAIT, |v| v == Some(4.0));
+    // The counter moves just after the ack write returns, which can be after the sender read
+    // it: wait for it rather than racing it.
+    let text = wait_metric(metrics, "ackgate_acks_sent_total", WAIT, |v| v == Some(3.0));
     assert_eq!(
         metric(&text, "ackgate_retransmits_total"),
         Some(1.0),
