@@ -8,11 +8,12 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::json;
 
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::forward::entries::entry_len;
 use crate::forward::packed::chunk_id_base64;
@@ -87,13 +88,6 @@ pub enum DeadLetterCommand {
         #[arg(long)]
         yes: bool,
     },
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn age(ms: u64) -> String {

@@ -1,5 +1,6 @@
 //! ackgate: a durable Fluentd Forward relay.
 pub mod bench;
+pub mod clock;
 pub mod config;
 pub mod forward;
 pub mod ingress;

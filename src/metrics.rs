@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -226,13 +226,7 @@ impl Metrics {
             }
             let age = spool
                 .oldest_received_ms()
-                .map(|ms| {
-                    let now = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_millis() as u64)
-                        .unwrap_or(0);
-                    now.saturating_sub(ms) as f64 / 1000.0
-                })
+                .map(|ms| crate::clock::now_ms().saturating_sub(ms) as f64 / 1000.0)
                 .unwrap_or(0.0);
             self.spool_oldest_age_seconds.set(age);
         }

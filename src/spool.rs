@@ -19,7 +19,7 @@ pub mod record;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -27,6 +27,7 @@ use tokio::sync::{oneshot, watch, Notify};
 
 pub use record::{DeadKind, DeadLetter, RecordError, StoredRecord};
 
+use crate::clock::now_ms;
 use crate::config::SpoolConfig;
 
 /// Records: sequence key → [`record::encode_record`] value.
@@ -218,13 +219,6 @@ impl SpoolWriter {
             let _ = thread.join();
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, SpoolError> {

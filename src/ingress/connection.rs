@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 use super::handshake;
 use super::recent::ChunkKey;
 use super::IngressContext;
+use crate::clock::sleep_until_opt;
 use crate::forward::ack::encode_ack;
 use crate::forward::json::{chunk_json_value, encode_json_ack, is_json_start, JsonDecoder};
 use crate::forward::{Decoded, FrameDecoder};
@@ -387,13 +388,6 @@ async fn wait_front(pending: &mut VecDeque<Pending>) -> Result<u64, SpoolError> 
 async fn wait_budget(spool: &Spool, staged: &Option<Staged>) {
     match staged {
         Some(s) => spool.reserve(s.cost).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
 }

@@ -10,7 +10,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -117,11 +117,7 @@ impl Dispatcher {
         let Some(max_age) = self.policy.max_age else {
             return false;
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let age = Duration::from_millis(now.saturating_sub(record.received_ms));
+        let age = Duration::from_millis(crate::clock::now_ms().saturating_sub(record.received_ms));
         if age <= max_age {
             return false;
         }

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use super::connect::{open, ClientAuth, ClientTls, UpstreamStream};
 use super::dispatcher::{Backoff, Dispatcher};
 use super::health::Balancer;
+use crate::clock::sleep_until_opt;
 use crate::forward::ack::{decode_ack, AckError};
 use crate::forward::entries::{deflate_gzip, strip_empty_metadata, Compression};
 use crate::forward::packed::{chunk_id_base64, encode_packed_forward};
@@ -390,13 +391,6 @@ impl Session<'_> {
 
     async fn close_gracefully(&mut self) {
         let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
