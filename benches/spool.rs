@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use ackgate::bench::load::EventLayout;
 use ackgate::config::{Config, SpoolConfig};
+use ackgate::forward::Signal;
 use ackgate::spool::Spool;
 use bytes::Bytes;
 use criterion::{
@@ -61,14 +62,20 @@ fn spool_rounds(n: u64, iters: u64, entries: &Bytes) -> (Duration, u64) {
     let dir = tempfile::tempdir_in(bench_dir()).expect("temp dir");
     let (spool, writer) = Spool::open(&spool_config(&dir.path().join("spool.redb"))).expect("open");
     let tag = Bytes::from_static(b"bench.spool");
-    let cost = Spool::cost(&tag, entries);
+    let cost = Spool::cost(Signal::Logs, &tag, entries);
     let before = spool.stats().commits;
     let mut replies = Vec::with_capacity(n as usize);
     let start = Instant::now();
     for _ in 0..iters {
         for _ in 0..n {
             assert!(spool.try_reserve(cost), "budget is 64 GiB");
-            replies.push(spool.append(tag.clone(), entries.clone(), EVENTS_PER_REQUEST, cost));
+            replies.push(spool.append(
+                Signal::Logs,
+                tag.clone(),
+                entries.clone(),
+                EVENTS_PER_REQUEST,
+                cost,
+            ));
         }
         for reply in replies.drain(..) {
             reply

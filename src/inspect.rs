@@ -16,8 +16,10 @@ use serde_json::json;
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::forward::entries::entry_len;
+use crate::forward::msgpack::value_len;
 use crate::forward::packed::chunk_id_base64;
 use crate::forward::value::{bytes_to_json, entry_to_json};
+use crate::forward::Signal;
 use crate::spool::{record, DeadKind, Spool, SpoolError, StoredRecord};
 
 /// Why a spool command failed.
@@ -147,15 +149,16 @@ async fn command(
             let records = blocking(spool, move |s| s.read_from(0, limit, usize::MAX)).await?;
             writeln!(
                 out,
-                "{:>8}  {:<24}  {:>7}  {:>8}  {:>6}  last error",
-                "key", "tag", "events", "attempts", "age"
+                "{:>8}  {:<24}  {:<7}  {:>7}  {:>8}  {:>6}  last error",
+                "key", "tag", "signal", "events", "attempts", "age"
             )?;
             for r in &records {
                 writeln!(
                     out,
-                    "{:>8}  {:<24}  {:>7}  {:>8}  {:>6}  {}",
+                    "{:>8}  {:<24}  {:<7}  {:>7}  {:>8}  {:>6}  {}",
                     r.key,
                     String::from_utf8_lossy(&r.tag),
+                    r.signal.name(),
                     r.events,
                     r.attempts,
                     age(r.received_ms),
@@ -239,6 +242,7 @@ async fn dead_letters(
                     if let Ok(r) = record::decode_record(0, &d.payload) {
                         line["tag"] = bytes_to_json(&r.tag);
                         line["chunk"] = json!(chunk_id_base64(&r.chunk_id));
+                        line["signal"] = json!(r.signal.name());
                         line["events"] = json!(events_json(&r));
                     }
                 }
@@ -281,10 +285,26 @@ async fn dead_letters(
     Ok(())
 }
 
+/// Log records: one JSON value per event. Metrics and traces: one value per context, with the
+/// context's msgpack bytes in base64 (ackgate relays them without decoding cmetrics/ctraces).
 fn events_json(record: &StoredRecord) -> Vec<serde_json::Value> {
     let mut events = Vec::new();
     let mut pos = 0usize;
     let mut index = 0u32;
+    if record.signal != Signal::Logs {
+        while let Ok(Some(len)) = value_len(&record.entries[pos..], 64) {
+            let context = &record.entries[pos..pos + len];
+            events.push(json!({
+                "signal": record.signal.name(),
+                "context_base64": base64::engine::general_purpose::STANDARD.encode(context),
+            }));
+            pos += len;
+            if pos >= record.entries.len() {
+                break;
+            }
+        }
+        return events;
+    }
     while pos < record.entries.len() {
         let Ok(len) = entry_len(&record.entries[pos..], index, 64) else {
             break;

@@ -29,6 +29,7 @@ pub use record::{DeadKind, DeadLetter, RecordError, StoredRecord};
 
 use crate::clock::now_ms;
 use crate::config::SpoolConfig;
+use crate::forward::frame::Signal;
 
 /// Records: sequence key → [`record::encode_record`] value.
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
@@ -95,6 +96,7 @@ enum Command {
 }
 
 struct Append {
+    signal: Signal,
     tag: Bytes,
     entries: Bytes,
     events: u32,
@@ -327,8 +329,8 @@ impl Spool {
     }
 
     /// Bytes a request will take in the spool (what [`Spool::reserve`] must be given).
-    pub fn cost(tag: &[u8], entries: &[u8]) -> u64 {
-        (record::HEADER_LEN + tag.len() + entries.len()) as u64
+    pub fn cost(signal: Signal, tag: &[u8], entries: &[u8]) -> u64 {
+        (record::header_len(signal) + tag.len() + entries.len()) as u64
     }
 
     /// Wait until `bytes` fit under `max_bytes`, then take them. While a connection waits
@@ -379,6 +381,7 @@ impl Spool {
     /// that carries it is committed with fsync, with the record key it went into.
     pub fn append(
         &self,
+        signal: Signal,
         tag: Bytes,
         entries: Bytes,
         events: u32,
@@ -386,6 +389,7 @@ impl Spool {
     ) -> oneshot::Receiver<Result<u64, SpoolError>> {
         let (reply, rx) = oneshot::channel();
         let append = Append {
+            signal,
             tag,
             entries,
             events,
@@ -846,18 +850,30 @@ impl Writer {
             }
         };
         let received = now_ms();
-        // Merge same-tag requests of this group, keeping arrival order within a tag.
-        let mut merged: Vec<(Bytes, Vec<usize>, usize)> = Vec::new();
+        // Merge same-tag log requests of this group, keeping arrival order within a tag.
+        // Metrics and traces payloads are never merged: fluent-bit decodes one context per
+        // request, so a concatenation would lose all but the first at the aggregator.
+        let mut merged: Vec<(Bytes, Signal, Vec<usize>, usize)> = Vec::new();
         for (i, append) in appends.iter().enumerate() {
-            let slot = merged.iter_mut().rev().find(|(tag, _, len)| {
-                *tag == append.tag && *len + append.entries.len() <= MERGE_LIMIT
-            });
+            let slot = match append.signal {
+                Signal::Logs => merged.iter_mut().rev().find(|(tag, signal, _, len)| {
+                    *signal == Signal::Logs
+                        && *tag == append.tag
+                        && *len + append.entries.len() <= MERGE_LIMIT
+                }),
+                Signal::Metrics | Signal::Traces => None,
+            };
             match slot {
-                Some((_, members, len)) => {
+                Some((_, _, members, len)) => {
                     members.push(i);
                     *len += append.entries.len();
                 }
-                None => merged.push((append.tag.clone(), vec![i], append.entries.len())),
+                None => merged.push((
+                    append.tag.clone(),
+                    append.signal,
+                    vec![i],
+                    append.entries.len(),
+                )),
             }
         }
         let pending = std::mem::take(&mut self.pending);
@@ -891,7 +907,7 @@ impl Writer {
                 let mut records = txn.open_table(RECORDS).map_err(txerr)?;
                 let mut retries = txn.open_table(RETRIES).map_err(txerr)?;
                 let mut dead = txn.open_table(DEAD).map_err(txerr)?;
-                for (tag, members, _) in &merged {
+                for (tag, signal, members, _) in &merged {
                     let events: u32 = members
                         .iter()
                         .map(|&i| appends[i].events)
@@ -904,7 +920,8 @@ impl Writer {
                         .min()
                         .unwrap_or(received);
                     let chunk_id = *uuid::Uuid::new_v4().as_bytes();
-                    let value = record::encode_record(&chunk_id, received_ms, events, tag, &parts);
+                    let value =
+                        record::encode_record(&chunk_id, received_ms, events, *signal, tag, &parts);
                     applied.added_bytes += value.len() as u64;
                     applied.added_records += 1;
                     records.insert(next_key, value.as_slice()).map_err(txerr)?;
@@ -998,6 +1015,7 @@ impl Writer {
                                     &chunk_id,
                                     old.received_ms,
                                     *events,
+                                    old.signal,
                                     &old.tag,
                                     &[entries],
                                 );

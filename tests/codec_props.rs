@@ -19,7 +19,7 @@ use std::io::Write;
 
 use ackgate::forward::entries::{count_entries, Compression};
 use ackgate::forward::msgpack::{value_len, Progress, Skipper};
-use ackgate::forward::{Decoded, Frame, FrameDecoder, FrameError, Limits, Mode};
+use ackgate::forward::{Decoded, Frame, FrameDecoder, FrameError, Limits, Mode, Signal};
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -626,6 +626,7 @@ fn build(shape: Shape) -> Req {
     let frame = Frame {
         mode,
         tag: Bytes::from(shape.tag),
+        signal: Signal::Logs,
         entries: Bytes::from(entries),
         events: events as u32,
         chunk,

@@ -460,6 +460,7 @@ async fn ack_connection(
             requests.stamp(n),
             &chunk,
             n,
+            crate::forward::Signal::Logs,
             None,
             &mut request,
         );

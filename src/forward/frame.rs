@@ -41,17 +41,60 @@ pub enum Mode {
     CompressedPackedForward(Compression),
 }
 
+/// What a request carries: the v1.5 `fluent_signal` option (PROTOCOL.md §3.1, §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Signal {
+    /// `[time, record]` entries (the default when the option is absent).
+    #[default]
+    Logs,
+    /// One or more cmetrics contexts, each a msgpack value, as a str/bin payload.
+    Metrics,
+    /// One or more ctraces contexts, each a msgpack value, as a str/bin payload.
+    Traces,
+}
+
+impl Signal {
+    /// The option's wire value.
+    pub fn code(self) -> u8 {
+        match self {
+            Signal::Logs => 0,
+            Signal::Metrics => 1,
+            Signal::Traces => 2,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<Signal> {
+        match code {
+            0 => Some(Signal::Logs),
+            1 => Some(Signal::Metrics),
+            2 => Some(Signal::Traces),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Logs => "logs",
+            Signal::Metrics => "metrics",
+            Signal::Traces => "traces",
+        }
+    }
+}
+
 /// A decoded request, with its events as raw entry bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub mode: Mode,
     /// The tag's bytes (content of the str or bin, without the msgpack header).
     pub tag: Bytes,
-    /// Concatenated `[time, record]` msgpack arrays exactly as the sender wrote them
+    /// Logs, metrics or traces.
+    pub signal: Signal,
+    /// For logs: concatenated `[time, record]` msgpack arrays exactly as the sender wrote them
     /// (inflated when the request was compressed; for Message mode, the sender's time and
-    /// record bytes behind a `0x92` array header).
+    /// record bytes behind a `0x92` array header). For metrics and traces: the payload's
+    /// msgpack values (cmetrics/ctraces contexts) exactly as sent, inflated if compressed.
     pub entries: Bytes,
-    /// Number of entries.
+    /// Number of entries (for metrics and traces: of contexts in the payload).
     pub events: u32,
     /// The `chunk` option value as raw msgpack bytes (header included), to echo in the ack.
     pub chunk: Option<Bytes>,
@@ -93,8 +136,12 @@ pub enum FrameError {
     BadOptionValue { key: &'static str },
     #[error("unsupported compressed option {0:?}")]
     UnknownCompression(String),
-    #[error("fluent_signal {0} (metrics/traces) is not relayed")]
-    UnsupportedSignal(i64),
+    #[error("fluent_signal {0} is not 0 (logs), 1 (metrics) or 2 (traces)")]
+    UnknownSignal(i64),
+    #[error("fluent_signal {} ({}) needs a str/bin payload, not {mode:?} mode", .signal.code(), .signal.name())]
+    SignalMode { signal: Signal, mode: Mode },
+    #[error("{} payload is not a sequence of whole msgpack values: {reason}", .signal.name())]
+    SignalPayload { signal: Signal, reason: String },
     #[error("forward entries array declares {declared} entries, found {found}")]
     CountMismatch { declared: usize, found: u32 },
     #[error("{0}")]
@@ -111,7 +158,8 @@ impl FrameError {
             FrameError::TooLarge { .. } => "too_large",
             FrameError::Entry(_) | FrameError::CountMismatch { .. } => "bad_entry",
             FrameError::Inflate(_) | FrameError::UnknownCompression(_) => "bad_compression",
-            FrameError::UnsupportedSignal(_) => "unsupported_signal",
+            FrameError::UnknownSignal(_) | FrameError::SignalMode { .. } => "bad_signal",
+            FrameError::SignalPayload { .. } => "bad_entry",
             _ => "bad_request",
         }
     }
@@ -176,6 +224,7 @@ impl FrameDecoder {
 struct Options {
     chunk: Option<Bytes>,
     compressed: Option<Bytes>,
+    signal: Signal,
 }
 
 /// Parse one complete msgpack value as a Forward request.
@@ -263,7 +312,11 @@ pub fn parse_request(bytes: Bytes, limits: &Limits) -> Result<Decoded, FrameErro
                     Bytes::from(inflate(codec, &payload, limits.max_decompressed_bytes)?),
                 ),
             };
-            let events = count_entries(&entries, depth)?;
+            let events = match options.signal {
+                Signal::Logs => count_entries(&entries, depth)?,
+                signal => count_values(&entries, depth)
+                    .map_err(|reason| FrameError::SignalPayload { signal, reason })?,
+            };
             (mode, entries, events, 2)
         }
         Some(Header::Int)
@@ -294,9 +347,18 @@ pub fn parse_request(bytes: Bytes, limits: &Limits) -> Result<Decoded, FrameErro
     };
     // An empty batch is valid: nothing to store, but acked when asked (as fluentd does).
     let options = parse_options(&bytes, elements.get(option_index), depth)?;
+    // Metrics and traces are opaque payloads (fluent-bit's in_forward takes them only as
+    // str/bin); an array or a Message would be read as log events by every receiver.
+    if options.signal != Signal::Logs && matches!(mode, Mode::Forward | Mode::Message) {
+        return Err(FrameError::SignalMode {
+            signal: options.signal,
+            mode,
+        });
+    }
     Ok(Decoded::Frame(Frame {
         mode,
         tag,
+        signal: options.signal,
         entries,
         events,
         chunk: options.chunk,
@@ -352,8 +414,10 @@ fn parse_options(
                 _ => return Err(FrameError::BadOptionValue { key: "compressed" }),
             },
             b"fluent_signal" => match read_int(value) {
-                Some(0) => {}
-                Some(other) => return Err(FrameError::UnsupportedSignal(other)),
+                Some(code) => {
+                    options.signal =
+                        Signal::from_code(code).ok_or(FrameError::UnknownSignal(code))?
+                }
                 None => {
                     return Err(FrameError::BadOptionValue {
                         key: "fluent_signal",
@@ -365,6 +429,20 @@ fn parse_options(
         pos = value_end;
     }
     Ok(options)
+}
+
+/// Count the whole msgpack values in a metrics/traces payload (at least one, nothing left over).
+fn count_values(payload: &[u8], depth: usize) -> Result<u32, String> {
+    let mut pos = 0;
+    let mut values = 0u32;
+    while pos < payload.len() {
+        match value_len(&payload[pos..], depth).map_err(|e| e.to_string())? {
+            Some(len) => pos += len,
+            None => return Err(format!("value {values} is cut off at byte {pos}")),
+        }
+        values = values.saturating_add(1);
+    }
+    Ok(values)
 }
 
 /// Decode a msgpack integer (any width) that fits in i64.
@@ -482,6 +560,87 @@ mod tests {
         assert_eq!(
             decoder.decode(&mut buf),
             Err(FrameError::TooLarge { limit: 1024 })
+        );
+    }
+
+    /// `[tag, payload, {"fluent_signal": signal}]` with the payload as bin8 or str8.
+    fn signal_request(signal: u8, payload: &[u8], marker: u8, extra: &[u8]) -> Vec<u8> {
+        let mut req = vec![0x93, 0xa1, b'm', marker, payload.len() as u8];
+        req.extend_from_slice(payload);
+        req.push(0x81 + u8::from(!extra.is_empty()));
+        req.push(0xad);
+        req.extend_from_slice(b"fluent_signal");
+        req.push(signal);
+        req.extend_from_slice(extra);
+        req
+    }
+
+    /// Two cmetrics-like contexts: maps, not `[time, record]` pairs.
+    const CONTEXTS: [u8; 11] = [
+        0x81, 0xa4, b'm', b'e', b't', b'a', 0x80, 0x81, 0xa1, b'x', 0x01,
+    ];
+
+    #[test]
+    fn metrics_and_traces_payloads_are_kept_opaque() {
+        for (code, signal) in [(1, Signal::Metrics), (2, Signal::Traces)] {
+            for marker in [0xc4, 0xd9] {
+                let out = decode_all(&signal_request(code, &CONTEXTS, marker, &[])).unwrap();
+                let f = frame(&out[0]);
+                assert_eq!(f.signal, signal);
+                assert_eq!(f.mode, Mode::PackedForward);
+                assert_eq!(&f.entries[..], &CONTEXTS[..]);
+                assert_eq!(f.events, 2, "contexts in the payload");
+            }
+        }
+        // Explicit 0 is logs.
+        let req = [
+            0x93, 0xa1, b't', 0x91, 0x92, 0x01, 0x80, 0x81, 0xad, b'f', b'l', b'u', b'e', b'n',
+            b't', b'_', b's', b'i', b'g', b'n', b'a', b'l', 0x00,
+        ];
+        assert_eq!(frame(&decode_all(&req).unwrap()[0]).signal, Signal::Logs);
+    }
+
+    #[test]
+    fn compressed_metrics_are_inflated_like_logs() {
+        let gz = crate::forward::entries::deflate_gzip(&CONTEXTS);
+        let mut extra = vec![0xaa];
+        extra.extend_from_slice(b"compressed");
+        extra.extend_from_slice(&[0xa4, b'g', b'z', b'i', b'p']);
+        let out = decode_all(&signal_request(1, &gz, 0xc4, &extra)).unwrap();
+        let f = frame(&out[0]);
+        assert_eq!(f.mode, Mode::CompressedPackedForward(Compression::Gzip));
+        assert_eq!(f.signal, Signal::Metrics);
+        assert_eq!(&f.entries[..], &CONTEXTS[..]);
+    }
+
+    #[test]
+    fn bad_signals_name_the_problem() {
+        assert_eq!(
+            decode_all(&signal_request(5, &CONTEXTS, 0xc4, &[])),
+            Err(FrameError::UnknownSignal(5))
+        );
+        let cut = &CONTEXTS[..9];
+        let err = decode_all(&signal_request(1, cut, 0xc4, &[])).unwrap_err();
+        assert!(
+            matches!(&err, FrameError::SignalPayload { signal: Signal::Metrics, reason } if reason.contains("cut off")),
+            "{err}"
+        );
+        assert_eq!(err.kind(), "bad_entry");
+        // Metrics as a Forward-mode array: every receiver would read them as log events.
+        let mut forward = vec![0x93, 0xa1, b'm', 0x91, 0x92, 0x01, 0x80, 0x81, 0xad];
+        forward.extend_from_slice(b"fluent_signal");
+        forward.push(0x02);
+        let err = decode_all(&forward).unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::SignalMode {
+                signal: Signal::Traces,
+                mode: Mode::Forward
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "fluent_signal 2 (traces) needs a str/bin payload, not Forward mode"
         );
     }
 

@@ -18,7 +18,7 @@
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
-use super::frame::{Decoded, Frame, Limits, Mode};
+use super::frame::{Decoded, Frame, Limits, Mode, Signal};
 use super::msgpack::{read_header, Header};
 use super::packed::put_str;
 use super::value::json_to_msgpack;
@@ -54,7 +54,7 @@ pub enum JsonFrameError {
     BadOption,
     #[error("option {key:?} has the wrong type")]
     BadOptionValue { key: &'static str },
-    #[error("fluent_signal {0} (metrics/traces) is not relayed")]
+    #[error("fluent_signal {0}: metrics and traces need a msgpack bin payload; JSON requests carry logs only")]
     UnsupportedSignal(i64),
     #[error("request is empty: no entries")]
     Empty,
@@ -263,6 +263,7 @@ pub fn parse_request(
     Ok(Frame {
         mode,
         tag: Bytes::copy_from_slice(tag.as_bytes()),
+        signal: Signal::Logs,
         entries: Bytes::from(entries),
         events,
         chunk,

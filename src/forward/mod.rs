@@ -4,7 +4,8 @@
 //! - [`msgpack`]: the streaming *skipper*. It finds where one msgpack value ends without
 //!   building it, resumably across reads, with depth and length limits.
 //! - [`frame`]: one request (Message, Forward, PackedForward, CompressedPackedForward or `nil`)
-//!   normalised into tag, options and the raw bytes of its `[time, record]` entries.
+//!   normalised into tag, options and the raw bytes of its `[time, record]` entries (or, for
+//!   v1.5 metrics and traces, of its opaque payload).
 //! - [`entries`]: the walk over concatenated entries (count, time kinds, record check) and the
 //!   capped gzip / zstd inflation of compressed payloads.
 //! - [`ack`]: `{"ack": <chunk>}` out (to senders) and in (from aggregators).
@@ -22,4 +23,4 @@ pub mod msgpack;
 pub mod packed;
 pub mod value;
 
-pub use frame::{Decoded, Frame, FrameDecoder, FrameError, Limits, Mode};
+pub use frame::{Decoded, Frame, FrameDecoder, FrameError, Limits, Mode, Signal};

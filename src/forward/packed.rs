@@ -5,10 +5,16 @@
 //! §2.2, §13.12). The tag is packed with the old "raw" markers (fixstr, str16, str32; never
 //! str8) for the same reason. The chunk id is the record's 16-byte id in Base64: fixed when the
 //! record was spooled, identical on every retry (invariant 3), so an aggregator can deduplicate.
+//!
+//! Metrics and traces (v1.5 `fluent_signal` 1 and 2) go out as the spec and fluent-bit have
+//! them: the payload as **bin**, the option `fluent_signal`, and no `size` (the payload holds
+//! contexts, not events). Only v1.5 receivers read those; logs never carry the key, so the
+//! bytes old aggregators see do not change.
 
 use base64::Engine as _;
 
 use super::entries::Compression;
+use super::frame::Signal;
 
 /// Base64 (standard alphabet, padded: 24 chars) of a 16-byte chunk id.
 pub fn chunk_id_base64(id: &[u8; 16]) -> String {
@@ -78,20 +84,30 @@ pub fn encode_packed_forward(
     entries: &[u8],
     chunk_id: &str,
     events: u32,
+    signal: Signal,
     compressed: Option<Compression>,
     out: &mut Vec<u8>,
 ) {
-    out.reserve(tag.len() + entries.len() + chunk_id.len() + 48);
+    out.reserve(tag.len() + entries.len() + chunk_id.len() + 64);
     out.push(0x93);
     put_raw(out, tag);
-    out.push(0xdb);
+    // str32 for logs (legacy receivers cannot read bin); bin32 for metrics and traces.
+    out.push(if signal == Signal::Logs { 0xdb } else { 0xc6 });
     out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
     out.extend_from_slice(entries);
-    out.push(if compressed.is_some() { 0x83 } else { 0x82 });
+    out.push(0x82 + u8::from(compressed.is_some()));
     put_raw(out, b"chunk");
     put_raw(out, chunk_id.as_bytes());
-    put_raw(out, b"size");
-    put_uint(out, events as u64);
+    match signal {
+        Signal::Logs => {
+            put_raw(out, b"size");
+            put_uint(out, events as u64);
+        }
+        Signal::Metrics | Signal::Traces => {
+            put_raw(out, b"fluent_signal");
+            put_uint(out, signal.code() as u64);
+        }
+    }
     if let Some(codec) = compressed {
         put_raw(out, b"compressed");
         put_raw(out, codec.name().as_bytes());
@@ -109,7 +125,7 @@ mod tests {
         let id = chunk_id_base64(&[0u8; 16]);
         assert_eq!(id, "AAAAAAAAAAAAAAAAAAAAAA==");
         let mut out = Vec::new();
-        encode_packed_forward(b"app", &entry, &id, 1, None, &mut out);
+        encode_packed_forward(b"app", &entry, &id, 1, Signal::Logs, None, &mut out);
         let mut expected = vec![
             0x93, 0xa3, b'a', b'p', b'p', 0xdb, 0, 0, 0, 3, 0x92, 0x01, 0x80,
         ];
@@ -126,7 +142,7 @@ mod tests {
         let entries = [0x92, 0xce, 1, 2, 3, 4, 0x81, 0xa1, b'k', 0xa1, b'v'].repeat(3);
         let tag = vec![b'x'; 40];
         let mut out = Vec::new();
-        encode_packed_forward(&tag, &entries, "id", 3, None, &mut out);
+        encode_packed_forward(&tag, &entries, "id", 3, Signal::Logs, None, &mut out);
         let Ok(Decoded::Frame(frame)) = parse_request(out.into(), &Limits::default()) else {
             panic!("did not parse");
         };
@@ -138,11 +154,54 @@ mod tests {
 
         let gz = crate::forward::entries::deflate_gzip(&entries);
         let mut out = Vec::new();
-        encode_packed_forward(&tag, &gz, "id", 3, Some(Compression::Gzip), &mut out);
+        encode_packed_forward(
+            &tag,
+            &gz,
+            "id",
+            3,
+            Signal::Logs,
+            Some(Compression::Gzip),
+            &mut out,
+        );
         let Ok(Decoded::Frame(frame)) = parse_request(out.into(), &Limits::default()) else {
             panic!("did not parse");
         };
         assert_eq!(frame.mode, Mode::CompressedPackedForward(Compression::Gzip));
         assert_eq!(&frame.entries[..], &entries[..]);
+    }
+
+    #[test]
+    fn metrics_go_out_as_bin_with_fluent_signal_and_parse_back() {
+        // Two cmetrics-like contexts (any msgpack values): the payload is opaque.
+        let payload = [
+            0x81, 0xa4, b'm', b'e', b't', b'a', 0x80, 0x81, 0xa1, b'x', 0x01,
+        ];
+        let mut out = Vec::new();
+        encode_packed_forward(b"m", &payload, "id", 2, Signal::Metrics, None, &mut out);
+        let mut expected = vec![0x93, 0xa1, b'm', 0xc6, 0, 0, 0, payload.len() as u8];
+        expected.extend_from_slice(&payload);
+        expected.extend_from_slice(&[0x82, 0xa5]);
+        expected.extend_from_slice(b"chunk");
+        expected.extend_from_slice(&[0xa2, b'i', b'd', 0xad]);
+        expected.extend_from_slice(b"fluent_signal");
+        expected.push(0x01);
+        assert_eq!(out, expected);
+        let Ok(Decoded::Frame(frame)) = parse_request(out.into(), &Limits::default()) else {
+            panic!("did not parse");
+        };
+        assert_eq!(frame.signal, Signal::Metrics);
+        assert_eq!(&frame.entries[..], &payload[..]);
+        assert_eq!(frame.events, 2);
+
+        let gz = crate::forward::entries::deflate_gzip(&payload);
+        let mut out = Vec::new();
+        let gzip = Some(Compression::Gzip);
+        encode_packed_forward(b"t", &gz, "id", 2, Signal::Traces, gzip, &mut out);
+        let Ok(Decoded::Frame(frame)) = parse_request(out.into(), &Limits::default()) else {
+            panic!("did not parse");
+        };
+        assert_eq!(frame.signal, Signal::Traces);
+        assert_eq!(frame.mode, Mode::CompressedPackedForward(Compression::Gzip));
+        assert_eq!(&frame.entries[..], &payload[..]);
     }
 }

@@ -25,6 +25,7 @@ use super::recent::ChunkKey;
 use super::IngressContext;
 use crate::clock::sleep_until_opt;
 use crate::forward::ack::encode_ack;
+use crate::forward::frame::Signal;
 use crate::forward::json::{chunk_json_value, encode_json_ack, is_json_start, JsonDecoder};
 use crate::forward::{Decoded, FrameDecoder};
 use crate::metrics::{label, metrics};
@@ -100,6 +101,7 @@ struct Pending {
 /// A decoded request waiting for room in the spool budget.
 struct Staged {
     key: Option<ChunkKey>,
+    signal: Signal,
     tag: Bytes,
     entries: Bytes,
     events: u32,
@@ -210,9 +212,10 @@ pub(super) async fn serve<S>(
                         });
                         continue;
                     }
-                    let cost = Spool::cost(&frame.tag, &frame.entries);
+                    let cost = Spool::cost(frame.signal, &frame.tag, &frame.entries);
                     staged = Some(Staged {
                         key,
+                        signal: frame.signal,
                         tag: frame.tag,
                         entries: frame.entries,
                         events: frame.events,
@@ -365,7 +368,13 @@ pub(super) async fn serve<S>(
 
 fn submit(spool: &Spool, staged: Staged, pending: &mut VecDeque<Pending>) {
     let bytes = staged.entries.len() as u64;
-    let commit = spool.append(staged.tag, staged.entries, staged.events, staged.cost);
+    let commit = spool.append(
+        staged.signal,
+        staged.tag,
+        staged.entries,
+        staged.events,
+        staged.cost,
+    );
     pending.push_back(Pending {
         commit,
         chunk: staged.chunk,

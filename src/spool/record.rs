@@ -7,12 +7,26 @@
 
 use bytes::Bytes;
 
-/// Layout version of [`RecordHeader`] values.
+use crate::forward::frame::Signal;
+
+/// Layout version of log records.
 pub const RECORD_VERSION: u8 = 1;
+/// Layout version of metrics and traces records: version 1 with a signal byte after the
+/// version. Logs are still written as version 1, so a spool holding only logs stays readable
+/// by builds that predate signals.
+pub const SIGNAL_RECORD_VERSION: u8 = 2;
 /// Layout version of retry-state values.
 pub const RETRY_VERSION: u8 = 1;
-/// version + chunk id + received_ms + events + tag length.
+/// version + chunk id + received_ms + events + tag length (version 1; version 2 adds a byte).
 pub const HEADER_LEN: usize = 1 + 16 + 8 + 4 + 4;
+
+/// Header bytes of a record of this signal.
+pub fn header_len(signal: Signal) -> usize {
+    match signal {
+        Signal::Logs => HEADER_LEN,
+        _ => HEADER_LEN + 1,
+    }
+}
 
 /// Why stored bytes could not be read back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,6 +37,8 @@ pub enum RecordError {
     Version(u8),
     #[error("record tag length {tag_len} exceeds the value ({len} bytes)")]
     TagLength { tag_len: u32, len: usize },
+    #[error("record signal {0} is not known to this build")]
+    Signal(u8),
 }
 
 /// One spooled batch, as read back from disk.
@@ -34,10 +50,13 @@ pub struct StoredRecord {
     pub chunk_id: [u8; 16],
     /// When the first request of this record was received, ms since the Unix epoch.
     pub received_ms: u64,
-    /// Number of `[time, record]` entries.
+    /// Number of `[time, record]` entries (metrics/traces: contexts in the payload).
     pub events: u32,
+    /// Logs, or a metrics/traces payload relayed as it came.
+    pub signal: Signal,
     pub tag: Bytes,
-    /// Concatenated raw entries, exactly as senders wrote them (invariant 6).
+    /// Concatenated raw entries (or the metrics/traces payload), exactly as senders wrote them
+    /// (invariant 6).
     pub entries: Bytes,
     /// Upstream attempts that failed so far.
     pub attempts: u32,
@@ -48,7 +67,7 @@ pub struct StoredRecord {
 impl StoredRecord {
     /// Bytes this record takes in the spool budget.
     pub fn stored_len(&self) -> u64 {
-        (HEADER_LEN + self.tag.len() + self.entries.len()) as u64
+        (header_len(self.signal) + self.tag.len() + self.entries.len()) as u64
     }
 }
 
@@ -57,12 +76,17 @@ pub fn encode_record(
     chunk_id: &[u8; 16],
     received_ms: u64,
     events: u32,
+    signal: Signal,
     tag: &[u8],
     entries: &[&[u8]],
 ) -> Vec<u8> {
     let entries_len: usize = entries.iter().map(|e| e.len()).sum();
-    let mut out = Vec::with_capacity(HEADER_LEN + tag.len() + entries_len);
-    out.push(RECORD_VERSION);
+    let mut out = Vec::with_capacity(header_len(signal) + tag.len() + entries_len);
+    if signal == Signal::Logs {
+        out.push(RECORD_VERSION);
+    } else {
+        out.extend_from_slice(&[SIGNAL_RECORD_VERSION, signal.code()]);
+    }
     out.extend_from_slice(chunk_id);
     out.extend_from_slice(&received_ms.to_le_bytes());
     out.extend_from_slice(&events.to_le_bytes());
@@ -75,12 +99,22 @@ pub fn encode_record(
 }
 
 /// Decode a record value (attempts and last error are filled in from the retry state).
-pub fn decode_record(key: u64, value: &[u8]) -> Result<StoredRecord, RecordError> {
+pub fn decode_record(key: u64, whole: &[u8]) -> Result<StoredRecord, RecordError> {
+    let (signal, value) = match whole.first() {
+        None => return Err(RecordError::Short(0)),
+        Some(&RECORD_VERSION) => (Signal::Logs, whole),
+        Some(&SIGNAL_RECORD_VERSION) => {
+            let code = *whole.get(1).ok_or(RecordError::Short(whole.len()))?;
+            let signal = Signal::from_code(code as i64)
+                .filter(|s| *s != Signal::Logs)
+                .ok_or(RecordError::Signal(code))?;
+            // From here on the layout is version 1's, one byte further on.
+            (signal, &whole[1..])
+        }
+        Some(&other) => return Err(RecordError::Version(other)),
+    };
     if value.len() < HEADER_LEN {
-        return Err(RecordError::Short(value.len()));
-    }
-    if value[0] != RECORD_VERSION {
-        return Err(RecordError::Version(value[0]));
+        return Err(RecordError::Short(whole.len()));
     }
     let mut chunk_id = [0u8; 16];
     chunk_id.copy_from_slice(&value[1..17]);
@@ -104,14 +138,15 @@ pub fn decode_record(key: u64, value: &[u8]) -> Result<StoredRecord, RecordError
             tag_len,
             len: value.len(),
         })?;
-    let whole = Bytes::copy_from_slice(value);
+    let copy = Bytes::copy_from_slice(value);
     Ok(StoredRecord {
         key,
         chunk_id,
         received_ms,
         events,
-        tag: whole.slice(HEADER_LEN..tag_end),
-        entries: whole.slice(tag_end..),
+        signal,
+        tag: copy.slice(HEADER_LEN..tag_end),
+        entries: copy.slice(tag_end..),
         attempts: 0,
         last_error: None,
     })
@@ -163,6 +198,7 @@ mod tests {
             &id,
             1_700_000_000_123,
             3,
+            Signal::Logs,
             b"app.log",
             &[b"\x92\x01\x80", b"\xff"],
         );
@@ -183,15 +219,48 @@ mod tests {
     #[test]
     fn damaged_values_are_errors() {
         assert_eq!(decode_record(1, &[1, 2, 3]), Err(RecordError::Short(3)));
-        let mut value = encode_record(&[0; 16], 0, 1, b"t", &[b"x"]);
+        let mut value = encode_record(&[0; 16], 0, 1, Signal::Logs, b"t", &[b"x"]);
         value[0] = 9;
         assert_eq!(decode_record(1, &value), Err(RecordError::Version(9)));
-        let mut value = encode_record(&[0; 16], 0, 1, b"t", &[b"x"]);
+        let mut value = encode_record(&[0; 16], 0, 1, Signal::Logs, b"t", &[b"x"]);
         value[29] = 200;
         assert!(matches!(
             decode_record(1, &value),
             Err(RecordError::TagLength { .. })
         ));
+    }
+
+    #[test]
+    fn signal_records_carry_their_signal_and_logs_keep_version_1() {
+        let payload: &[u8] = b"\x81\xa4meta\xc0";
+        let value = encode_record(&[3; 16], 9, 1, Signal::Metrics, b"m", &[payload]);
+        // Pinned layout: version 2, the signal code, then version 1's fields.
+        assert_eq!(&value[..2], &[2, 1]);
+        assert_eq!(value.len(), header_len(Signal::Metrics) + 1 + payload.len());
+        let record = decode_record(5, &value).unwrap();
+        assert_eq!(record.signal, Signal::Metrics);
+        assert_eq!(record.chunk_id, [3; 16]);
+        assert_eq!(record.received_ms, 9);
+        assert_eq!(&record.tag[..], b"m");
+        assert_eq!(&record.entries[..], payload);
+        assert_eq!(record.stored_len(), value.len() as u64);
+
+        let traces = encode_record(&[0; 16], 0, 1, Signal::Traces, b"t", &[payload]);
+        assert_eq!(decode_record(1, &traces).unwrap().signal, Signal::Traces);
+        let logs = encode_record(&[0; 16], 0, 1, Signal::Logs, b"t", &[b"x"]);
+        assert_eq!(logs[0], RECORD_VERSION);
+        assert_eq!(decode_record(1, &logs).unwrap().signal, Signal::Logs);
+
+        let mut bad = value.clone();
+        bad[1] = 0; // logs never use version 2
+        assert_eq!(decode_record(1, &bad), Err(RecordError::Signal(0)));
+        bad[1] = 7;
+        assert_eq!(decode_record(1, &bad), Err(RecordError::Signal(7)));
+        assert!(matches!(
+            decode_record(1, &value[..20]),
+            Err(RecordError::Short(20))
+        ));
+        assert_eq!(decode_record(1, &[2]), Err(RecordError::Short(1)));
     }
 
     #[test]

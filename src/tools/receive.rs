@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -30,7 +31,7 @@ use crate::forward::ack::encode_ack;
 use crate::forward::entries::entry_len;
 use crate::forward::handshake::ServerAuth;
 use crate::forward::value::{bytes_to_json, entry_to_json};
-use crate::forward::{Decoded, Frame, FrameDecoder, FrameError, Limits};
+use crate::forward::{Decoded, Frame, FrameDecoder, FrameError, Limits, Signal};
 use crate::ingress::handshake::accept;
 use crate::tls::{server_config, ServerTlsSettings};
 
@@ -398,8 +399,20 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// `{"tag": ..., "time": ..., "record": {...}[, "metadata": {...}]}` per event, each line ended
 /// by `\n`. Keys are written in this order whatever serde_json's map ordering is.
+///
+/// Metrics and traces (v1.5 `fluent_signal` 1/2) are not decoded: one line per request,
+/// `{"tag": ..., "signal": "metrics", "contexts": n, "payload_base64": ...}`.
 fn frame_to_lines(frame: &Frame, max_depth: usize) -> Result<String, ToolError> {
     let tag = bytes_to_json(&frame.tag);
+    if frame.signal != Signal::Logs {
+        let line = serde_json::json!({
+            "tag": tag,
+            "signal": frame.signal.name(),
+            "contexts": frame.events,
+            "payload_base64": base64::engine::general_purpose::STANDARD.encode(&frame.entries),
+        });
+        return Ok(format!("{line}\n"));
+    }
     let mut lines = String::new();
     let mut pos = 0;
     let mut index = 0u32;

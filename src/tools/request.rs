@@ -135,7 +135,8 @@ pub(super) mod tests {
         let mut ours = Vec::new();
         encode_request(SendMode::Packed, "t", &batch, Some("id"), &mut ours);
         let mut upstream = Vec::new();
-        encode_packed_forward(b"t", &batch.entries, "id", 2, None, &mut upstream);
+        let logs = crate::forward::Signal::Logs;
+        encode_packed_forward(b"t", &batch.entries, "id", 2, logs, None, &mut upstream);
         assert_eq!(ours, upstream);
     }
 

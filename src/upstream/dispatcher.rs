@@ -18,6 +18,8 @@ use rand::Rng;
 use tokio::sync::{watch, Mutex, Notify};
 use tokio::time::Instant;
 
+use crate::forward::msgpack::value_len;
+use crate::forward::Signal;
 use crate::spool::{Spool, SpoolError, StoredRecord};
 
 /// Records read from the spool per cursor step.
@@ -202,7 +204,7 @@ impl Dispatcher {
             state.first_failure.remove(&record.key);
             drop(state);
             if record.events > 1 {
-                if let Some(parts) = split_in_two(&record.entries, record.events) {
+                if let Some(parts) = split_in_two(&record.entries, record.events, record.signal) {
                     tracing::warn!(record = record.key, events = record.events, attempts, node, %error,
                         "record not acked after repeated attempts while other chunks were: splitting it in two");
                     crate::metrics::metrics().splits.inc();
@@ -287,12 +289,17 @@ impl Dispatcher {
     }
 }
 
-/// Cut concatenated entries into two runs of about half the events each.
-fn split_in_two(entries: &Bytes, events: u32) -> Option<Vec<(u32, Bytes)>> {
+/// Cut concatenated entries (or a metrics/traces payload's contexts) into two runs of about
+/// half the events each.
+fn split_in_two(entries: &Bytes, events: u32, signal: Signal) -> Option<Vec<(u32, Bytes)>> {
     let half = events / 2;
     let mut pos = 0usize;
     for index in 0..half {
-        pos += crate::forward::entries::entry_len(&entries[pos..], index, 64).ok()?;
+        let rest = &entries[pos..];
+        pos += match signal {
+            Signal::Logs => crate::forward::entries::entry_len(rest, index, 64).ok()?,
+            Signal::Metrics | Signal::Traces => value_len(rest, 64).ok().flatten()?,
+        };
     }
     if pos == 0 || pos >= entries.len() {
         return None;
@@ -311,12 +318,27 @@ mod tests {
     fn split_in_two_cuts_on_entry_boundaries() {
         let entry = [0x92u8, 0x01, 0x81, 0xa1, b'a', 0x02];
         let entries = Bytes::from(entry.repeat(5));
-        let parts = split_in_two(&entries, 5).unwrap();
+        let parts = split_in_two(&entries, 5, Signal::Logs).unwrap();
         assert_eq!(parts[0].0, 2);
         assert_eq!(parts[0].1.len(), 12);
         assert_eq!(parts[1].0, 3);
         assert_eq!(parts[1].1.len(), 18);
-        assert!(split_in_two(&Bytes::from(entry.to_vec()), 1).is_none());
+        let one = Bytes::from(entry.to_vec());
+        assert!(split_in_two(&one, 1, Signal::Logs).is_none());
+    }
+
+    #[test]
+    fn metrics_payloads_split_between_contexts() {
+        // Three contexts (maps), not [time, record] pairs.
+        let contexts = Bytes::from_static(&[0x81, 0xa1, b'a', 0x01, 0x80, 0x81, 0xa1, b'b', 0x02]);
+        let parts = split_in_two(&contexts, 3, Signal::Metrics).unwrap();
+        assert_eq!(
+            (parts[0].0, &parts[0].1[..]),
+            (1, &[0x81, 0xa1, b'a', 0x01][..])
+        );
+        assert_eq!(parts[1].0, 2);
+        assert_eq!(&parts[1].1[..], &[0x80, 0x81, 0xa1, b'b', 0x02][..]);
+        assert!(split_in_two(&contexts, 3, Signal::Logs).is_none());
     }
 
     #[test]

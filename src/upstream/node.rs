@@ -24,6 +24,7 @@ use super::health::Balancer;
 use crate::clock::sleep_until_opt;
 use crate::forward::ack::{decode_ack, AckError};
 use crate::forward::entries::{deflate_gzip, strip_empty_metadata, Compression};
+use crate::forward::frame::Signal;
 use crate::forward::packed::{chunk_id_base64, encode_packed_forward};
 use crate::metrics::label;
 use crate::spool::StoredRecord;
@@ -294,7 +295,7 @@ impl Session<'_> {
     async fn send(&mut self, record: StoredRecord, out: &mut Vec<u8>) -> Result<(), NodeError> {
         let chunk_id = chunk_id_base64(&record.chunk_id);
         out.clear();
-        let stripped = if self.settings.strip_empty_metadata {
+        let stripped = if self.settings.strip_empty_metadata && record.signal == Signal::Logs {
             // Entries were validated at ingress; if the walk fails they go out unchanged.
             strip_empty_metadata(&record.entries, 64).ok().flatten()
         } else {
@@ -309,7 +310,15 @@ impl Session<'_> {
             Some((codec, bytes)) => (&bytes[..], Some(*codec)),
             None => (entries, None),
         };
-        encode_packed_forward(&record.tag, payload, &chunk_id, record.events, codec, out);
+        encode_packed_forward(
+            &record.tag,
+            payload,
+            &chunk_id,
+            record.events,
+            record.signal,
+            codec,
+            out,
+        );
         // Counted as in flight before the write: if the write fails, it is requeued.
         self.in_flight.push_back(InFlight {
             record,
