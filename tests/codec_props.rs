@@ -860,6 +860,55 @@ proptest! {
         assert_consistent(&got, cut);
     }
 
+    /// Property 4: a v1.5 metrics/traces request (`fluent_signal` 1 or 2) keeps its payload
+    /// opaque: any run of whole msgpack values, as str or bin, plain, multi-member gzip or
+    /// zstd, comes back as exactly those bytes, counted as contexts, however the stream is cut.
+    #[test]
+    fn signal_payloads_round_trip_opaque(
+        values in prop::collection::vec(arb_value(), 1..5),
+        signal in 1u8..=2,
+        as_bin in any::<bool>(),
+        width in any::<u8>(),
+        codec in 0u8..3,
+        pieces in 1usize..4,
+        cuts in prop::collection::vec(any::<Index>(), 0..6),
+    ) {
+        let payload: Vec<u8> = values.iter().flat_map(encode).collect();
+        let sent = match codec {
+            0 => payload.clone(),
+            1 => gzip_members(&payload, pieces, 6),
+            _ => zstd_frames(&payload, pieces),
+        };
+        let mut bytes = Vec::new();
+        put_array_header(&mut bytes, 3, width);
+        enc(&V::Str(b"sig".to_vec(), width), &mut bytes);
+        if as_bin {
+            put_bin_header(&mut bytes, sent.len(), width);
+        } else {
+            put_str_header(&mut bytes, sent.len(), width);
+        }
+        bytes.extend_from_slice(&sent);
+        bytes.push(0x81);
+        enc(&V::Str(b"fluent_signal".to_vec(), width), &mut bytes);
+        bytes.push(signal);
+        let got = feed_at(&bytes, &cut_points(&cuts, bytes.len()));
+        prop_assert_eq!(&got.error, &None);
+        prop_assert_eq!(got.decoded.len(), 1);
+        let Decoded::Frame(frame) = &got.decoded[0] else {
+            return Err(TestCaseError::fail("nil"));
+        };
+        let expected_signal = if signal == 1 { Signal::Metrics } else { Signal::Traces };
+        prop_assert_eq!(frame.signal, expected_signal);
+        prop_assert_eq!(&frame.entries[..], &payload[..]);
+        prop_assert_eq!(frame.events as usize, values.len());
+        let expected_mode = match codec {
+            0 => Mode::PackedForward,
+            1 => Mode::CompressedPackedForward(Compression::Gzip),
+            _ => Mode::CompressedPackedForward(Compression::Zstd),
+        };
+        prop_assert_eq!(frame.mode, expected_mode);
+    }
+
     /// Property 3: the skipper finds exactly the end the encoder wrote, whole, resumed across
     /// arbitrary reads, and never claims a value is complete before its last byte.
     #[test]

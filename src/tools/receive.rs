@@ -405,13 +405,12 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
 fn frame_to_lines(frame: &Frame, max_depth: usize) -> Result<String, ToolError> {
     let tag = bytes_to_json(&frame.tag);
     if frame.signal != Signal::Logs {
-        let line = serde_json::json!({
-            "tag": tag,
-            "signal": frame.signal.name(),
-            "contexts": frame.events,
-            "payload_base64": base64::engine::general_purpose::STANDARD.encode(&frame.entries),
-        });
-        return Ok(format!("{line}\n"));
+        return Ok(format!(
+            "{{\"tag\":{tag},\"signal\":\"{}\",\"contexts\":{},\"payload_base64\":\"{}\"}}\n",
+            frame.signal.name(),
+            frame.events,
+            base64::engine::general_purpose::STANDARD.encode(&frame.entries),
+        ));
     }
     let mut lines = String::new();
     let mut pos = 0;
@@ -503,6 +502,22 @@ pub(super) mod tests {
             lines,
             "{\"tag\":\"t\",\"time\":5,\"record\":{\"k\":\"v\"}}\n\
              {\"tag\":\"t\",\"time\":10.5,\"record\":{\"r\":2},\"metadata\":{\"m\":1}}\n"
+        );
+    }
+
+    #[test]
+    fn metrics_requests_become_one_line_with_the_payload() {
+        // ["m", bin(two contexts), {"fluent_signal": 1}]
+        let payload = [0x81, 0xa1, b'a', 0x01, 0x80];
+        let mut request = vec![0x93, 0xa1, b'm', 0xc4, payload.len() as u8];
+        request.extend_from_slice(&payload);
+        request.extend_from_slice(&[0x81, 0xad]);
+        request.extend_from_slice(b"fluent_signal");
+        request.push(0x01);
+        let lines = frame_to_lines(&decode_one(&request), 64).unwrap();
+        assert_eq!(
+            lines,
+            "{\"tag\":\"m\",\"signal\":\"metrics\",\"contexts\":2,\"payload_base64\":\"gaFhAYA=\"}\n"
         );
     }
 }
