@@ -90,6 +90,28 @@ fn ack_for(chunk: &str) -> Vec<u8> {
     out
 }
 
+fn gate_for(agg: &RawAggregator, node_extra: &str) -> Ackgate {
+    Ackgate::builder()
+        .section("upstream", &node_toml("agg", agg.addr(), node_extra))
+        .start()
+}
+
+/// Send one signal request on a new connection and check its ack (after ackgate's commit).
+fn send_acked(gate: &Ackgate, tag: &str, payload: &[u8], signal: u64, chunk_seq: u64) {
+    let chunk = v012_chunk_id(chunk_seq);
+    let mut stream = connect(gate.addr());
+    stream
+        .write_all(&signal_request(tag, payload, signal, &chunk, false))
+        .expect("write");
+    assert_eq!(hex(&read_one_ack(&mut stream, WAIT)), hex(&ack_for(&chunk)));
+}
+
+/// The first request the aggregator acked (waits for it).
+fn first_acked(agg: &RawAggregator, what: &str) -> RawRequest {
+    let got = agg.wait_until(what, WAIT, |r| r.iter().any(|r| r.acked));
+    got.into_iter().find(|r| r.acked).expect("acked")
+}
+
 fn signal_of(request: &RawRequest) -> Option<Vec<u8>> {
     request.option("fluent_signal")
 }
@@ -109,9 +131,7 @@ fn bin_payload(request: &RawRequest) -> Vec<u8> {
 #[test]
 fn metrics_and_traces_pass_through_unchanged_and_apart_from_logs() {
     let agg = RawAggregator::start();
-    let gate = Ackgate::builder()
-        .section("upstream", &node_toml("agg", agg.addr(), ""))
-        .start();
+    let gate = gate_for(&agg, "");
 
     // Two contexts in one metrics request, a second metrics request with the same tag, a
     // gzip-compressed traces request, and logs with the same tag: pipelined on one connection,
@@ -210,12 +230,7 @@ fn a_spooled_signal_survives_sigkill_and_shows_in_spool_inspection() {
         .section("upstream", "ack_timeout = \"30s\"")
         .start();
     let context = cmetrics_context("uptime", 42.0);
-    let chunk = v012_chunk_id(9);
-    let mut stream = connect(gate.addr());
-    stream
-        .write_all(&signal_request("fb.kill", &context, 1, &chunk, false))
-        .expect("write");
-    assert_eq!(hex(&read_one_ack(&mut stream, WAIT)), hex(&ack_for(&chunk)));
+    send_acked(&gate, "fb.kill", &context, 1, 9);
     let first = agg.wait_until("the metrics request, unacked", WAIT, |r| !r.is_empty());
     let first_id = first[0].chunk.clone().expect("chunk id");
 
@@ -239,12 +254,9 @@ fn a_spooled_signal_survives_sigkill_and_shows_in_spool_inspection() {
 
     agg.set_policy(Arc::new(|_| true));
     gate.restart();
-    let got = agg.wait_until("the metrics request, acked", WAIT, |r| {
-        r.iter().any(|r| r.acked)
-    });
-    let resent = got.iter().find(|r| r.acked).expect("acked");
-    assert_eq!(signal_of(resent).as_deref(), Some(&[1u8][..]));
-    assert_eq!(hex(&bin_payload(resent)), hex(&context));
+    let resent = first_acked(&agg, "the metrics request, acked");
+    assert_eq!(signal_of(&resent).as_deref(), Some(&[1u8][..]));
+    assert_eq!(hex(&bin_payload(&resent)), hex(&context));
     assert_eq!(
         resent.chunk.as_ref(),
         Some(&first_id),
@@ -255,9 +267,7 @@ fn a_spooled_signal_survives_sigkill_and_shows_in_spool_inspection() {
 #[test]
 fn a_signal_ackgate_cannot_relay_closes_only_that_connection() {
     let agg = RawAggregator::start();
-    let gate = Ackgate::builder()
-        .section("upstream", &node_toml("agg", agg.addr(), ""))
-        .start();
+    let gate = gate_for(&agg, "");
     let context = cmetrics_context("x", 1.0);
     let cases: [(&str, Vec<u8>, &str); 3] = [
         (
@@ -309,13 +319,9 @@ fn a_signal_ackgate_cannot_relay_closes_only_that_connection() {
         );
     }
     // A good request on a new connection still goes through; nothing of the bad ones did.
-    let chunk = v012_chunk_id(4);
-    let mut stream = connect(gate.addr());
-    stream
-        .write_all(&signal_request("good.signal", &context, 1, &chunk, false))
-        .expect("write");
-    assert_eq!(hex(&read_one_ack(&mut stream, WAIT)), hex(&ack_for(&chunk)));
-    let got = agg.wait_until("the good request", WAIT, |r| r.iter().any(|r| r.acked));
+    send_acked(&gate, "good.signal", &context, 1, 4);
+    first_acked(&agg, "the good request");
+    let got = agg.requests();
     assert!(
         got.iter().all(|r| r.tag == b"good.signal"),
         "only the good request reached the aggregator: {got:?}"
@@ -325,16 +331,7 @@ fn a_signal_ackgate_cannot_relay_closes_only_that_connection() {
 #[test]
 fn node_rewrites_never_touch_a_signal_payload_and_gzip_inflates_to_it() {
     let agg = RawAggregator::start();
-    let gate = Ackgate::builder()
-        .section(
-            "upstream",
-            &node_toml(
-                "agg",
-                agg.addr(),
-                "strip_empty_metadata = true\ncompress = \"gzip\"",
-            ),
-        )
-        .start();
+    let gate = gate_for(&agg, "strip_empty_metadata = true\ncompress = \"gzip\"");
     // A payload that contains the very bytes strip_empty_metadata rewrites in log entries
     // (`[[EventTime, {}], record]`): as a trace context it must stay as it is.
     let time_meta = [
@@ -345,21 +342,15 @@ fn node_rewrites_never_touch_a_signal_payload_and_gzip_inflates_to_it() {
     ]
     .concat();
     let payload = [ctraces_context("GET /"), time_meta].concat();
-    let chunk = v012_chunk_id(11);
-    let mut stream = connect(gate.addr());
-    stream
-        .write_all(&signal_request("fb.rewrite", &payload, 2, &chunk, false))
-        .expect("write");
-    assert_eq!(hex(&read_one_ack(&mut stream, WAIT)), hex(&ack_for(&chunk)));
-    let got = agg.wait_until("the traces request", WAIT, |r| r.iter().any(|r| r.acked));
-    let request = got.iter().find(|r| r.acked).expect("acked");
-    assert_eq!(signal_of(request).as_deref(), Some(&[2u8][..]));
+    send_acked(&gate, "fb.rewrite", &payload, 2, 11);
+    let request = first_acked(&agg, "the traces request");
+    assert_eq!(signal_of(&request).as_deref(), Some(&[2u8][..]));
     assert_eq!(
         request.option("compressed").as_deref(),
         Some(&b"\xa4gzip"[..]),
         "the node's compression applies to signals too"
     );
-    let sent = bin_payload(request);
+    let sent = bin_payload(&request);
     assert_eq!(sent[..2], [0x1f, 0x8b], "gzip magic");
     let mut inflated = Vec::new();
     std::io::Read::read_to_end(
