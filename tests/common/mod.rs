@@ -22,7 +22,7 @@ use ackgate::forward::ack::encode_ack;
 use ackgate::forward::entries::entry_len;
 use ackgate::forward::frame::read_int;
 use ackgate::forward::msgpack::{read_header, value_len, Header};
-use ackgate::forward::{Decoded, FrameDecoder, Limits};
+use ackgate::forward::{Decoded, Frame, FrameDecoder, Limits};
 use bytes::BytesMut;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,26 +66,17 @@ impl LogLines {
         timeout: Duration,
         matches: impl Fn(&str) -> bool,
     ) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        let mut lines = lock(&self.lines);
         let mut checked = from;
-        loop {
-            while checked < lines.len() {
-                if matches(&lines[checked]) {
-                    return Some(lines[checked].clone());
-                }
-                checked += 1;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            lines = self
-                .added
-                .wait_timeout(lines, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let mut found = None;
+        let _ = wait_for_condition(&self.lines, &self.added, timeout, |lines| {
+            found = lines[checked.min(lines.len())..]
+                .iter()
+                .find(|l| matches(l))
+                .cloned();
+            checked = lines.len();
+            found.is_some()
+        });
+        found
     }
 
     /// The whole log, for panic messages.
@@ -94,12 +85,39 @@ impl LogLines {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Lock, ignoring poisoning (a panicking test thread must not hide the real failure).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Wait until `done` holds over the value behind `mutex`, checking again each time `changed`
+/// is signalled, for at most `timeout`. Returns the guard and whether `done` held (false: the
+/// deadline passed). Every event-driven wait of the test support goes through here.
+pub fn wait_for_condition<'a, T>(
+    mutex: &'a Mutex<T>,
+    changed: &Condvar,
+    timeout: Duration,
+    mut done: impl FnMut(&T) -> bool,
+) -> (MutexGuard<'a, T>, bool) {
+    let deadline = Instant::now() + timeout;
+    let mut guard = lock(mutex);
+    loop {
+        if done(&guard) {
+            return (guard, true);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return (guard, false);
+        }
+        guard = changed
+            .wait_timeout(guard, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
+
 /// Read `stream` line by line into `log`, echoing each line to the test's stderr.
-fn collect_lines(
+pub fn collect_lines(
     prefix: String,
     stream: impl Read + Send + 'static,
     log: Arc<LogLines>,
@@ -731,24 +749,15 @@ impl Aggregator {
         timeout: Duration,
         cond: impl Fn(&[UpRequest]) -> bool,
     ) -> Vec<UpRequest> {
-        let deadline = Instant::now() + timeout;
-        let mut state = lock(&self.shared.state);
-        loop {
-            if cond(&state.requests) {
-                return state.requests.clone();
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let summary = summarize(&state.requests);
-                panic!("aggregator: timed out after {timeout:?} waiting for {what}; {summary}");
-            }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (state, held) =
+            wait_for_condition(&self.shared.state, &self.shared.changed, timeout, |s| {
+                cond(&s.requests)
+            });
+        if !held {
+            let summary = summarize(&state.requests);
+            panic!("aggregator: timed out after {timeout:?} waiting for {what}; {summary}");
         }
+        state.requests.clone()
     }
 
     /// Wait until at least `n` events (duplicates counted) arrived; returns all events.
@@ -763,39 +772,30 @@ impl Aggregator {
     pub fn wait_for_all(&self, expected: &[Vec<u8>], timeout: Duration) -> Vec<Vec<u8>> {
         let want: std::collections::HashSet<&[u8]> =
             expected.iter().map(|e| e.as_slice()).collect();
-        let deadline = Instant::now() + timeout;
-        let mut state = lock(&self.shared.state);
         let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
         let mut scanned = 0usize;
-        loop {
-            for r in &state.requests[scanned..] {
-                for e in r.split_events() {
-                    if want.contains(e.as_slice()) {
-                        seen.insert(e);
+        let (state, held) =
+            wait_for_condition(&self.shared.state, &self.shared.changed, timeout, |s| {
+                for r in &s.requests[scanned..] {
+                    for e in r.split_events() {
+                        if want.contains(e.as_slice()) {
+                            seen.insert(e);
+                        }
                     }
                 }
-            }
-            scanned = state.requests.len();
-            if seen.len() == want.len() {
-                drop(state);
-                return self.events();
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let summary = summarize(&state.requests);
-                panic!(
-                    "aggregator: timed out after {timeout:?}: {} of {} expected events arrived; {summary}",
-                    seen.len(),
-                    want.len()
-                );
-            }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+                scanned = s.requests.len();
+                seen.len() == want.len()
+            });
+        if !held {
+            let summary = summarize(&state.requests);
+            panic!(
+                "aggregator: timed out after {timeout:?}: {} of {} expected events arrived; {summary}",
+                seen.len(),
+                want.len()
+            );
         }
+        drop(state);
+        self.events()
     }
 }
 
@@ -854,54 +854,82 @@ async fn accept_loop(
     }
 }
 
+/// An aggregator's side of one connection from ackgate: the requests read so far.
+pub struct UpstreamReader {
+    decoder: FrameDecoder,
+    buf: BytesMut,
+}
+
+impl Default for UpstreamReader {
+    fn default() -> Self {
+        UpstreamReader {
+            decoder: FrameDecoder::new(Limits {
+                max_frame_bytes: 256 << 20,
+                ..Limits::default()
+            }),
+            buf: BytesMut::with_capacity(64 * 1024),
+        }
+    }
+}
+
+impl UpstreamReader {
+    /// Read until at least one whole request is buffered and return every buffered request as
+    /// (its raw bytes, the frame). `Ok(None)`: the connection ended, or `stop` fired (then the
+    /// socket is reset). `Err`: ackgate sent something invalid.
+    pub async fn next_requests(
+        &mut self,
+        stream: &mut tokio::net::TcpStream,
+        stop: &CancellationToken,
+    ) -> Result<Option<Vec<(Vec<u8>, Frame)>>, String> {
+        loop {
+            let mut out = Vec::new();
+            // Keep each raw request too, to check ackgate's own option map and markers.
+            while let Some(n) =
+                value_len(&self.buf, DEPTH).map_err(|e| format!("bad msgpack: {e}"))?
+            {
+                let raw = self.buf[..n].to_vec();
+                match self.decoder.decode(&mut self.buf) {
+                    Ok(Some(Decoded::Frame(frame))) => out.push((raw, frame)),
+                    Ok(Some(Decoded::Nil)) => {}
+                    Ok(None) => return Err("decoder wanted more bytes".into()),
+                    Err(e) => return Err(format!("invalid request: {e}")),
+                }
+            }
+            if !out.is_empty() {
+                return Ok(Some(out));
+            }
+            let read = tokio::select! {
+                r = stream.read_buf(&mut self.buf) => r,
+                _ = stop.cancelled() => {
+                    let _ = stream.set_zero_linger();
+                    return Ok(None);
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
 async fn serve_upstream_conn(
     mut stream: tokio::net::TcpStream,
     conn: u64,
     shared: Arc<AggShared>,
     stop: CancellationToken,
 ) {
-    let limits = Limits {
-        max_frame_bytes: 256 << 20,
-        ..Limits::default()
-    };
-    let mut decoder = FrameDecoder::new(limits);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut reader = UpstreamReader::default();
     loop {
-        let read = tokio::select! {
-            r = stream.read_buf(&mut buf) => r,
-            _ = stop.cancelled() => {
-                let _ = stream.set_zero_linger();
+        let requests = match reader.next_requests(&mut stream, &stop).await {
+            Ok(Some(requests)) => requests,
+            Ok(None) => return,
+            Err(e) => {
+                record_error(&shared, format!("conn {conn}: {e}"));
                 return;
             }
         };
-        match read {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        loop {
-            // Keep the raw request to check ackgate's own option map.
-            let raw = match value_len(&buf, DEPTH) {
-                Ok(Some(n)) => buf[..n].to_vec(),
-                Ok(None) => break,
-                Err(e) => {
-                    record_error(&shared, format!("conn {conn}: bad msgpack: {e}"));
-                    return;
-                }
-            };
-            let decoded = match decoder.decode(&mut buf) {
-                Ok(Some(d)) => d,
-                Ok(None) => {
-                    record_error(&shared, format!("conn {conn}: decoder wanted more bytes"));
-                    return;
-                }
-                Err(e) => {
-                    record_error(&shared, format!("conn {conn}: invalid request: {e}"));
-                    return;
-                }
-            };
-            let Decoded::Frame(frame) = decoded else {
-                continue;
-            };
+        for (raw, frame) in requests {
             let chunk_raw = frame.chunk.as_ref().map(|c| c.to_vec());
             let chunk = chunk_raw.as_deref().and_then(raw_string);
             let (size, entries_marker) = option_size_and_entries_marker(&raw);

@@ -19,21 +19,19 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ackgate::forward::ack::encode_ack;
 use ackgate::forward::msgpack::{read_header, value_len, Header};
-use ackgate::forward::{Decoded, FrameDecoder, Limits, Mode};
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ackgate::forward::Mode;
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{ackgate_command, hex, mp_str, raw_string, Ackgate, DEPTH};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::common::{
+    ackgate_command, hex, lock, mp_str, raw_string, wait_for_condition, Ackgate, UpstreamReader,
+    DEPTH,
+};
 
 // ------------------------------------------------------------------------------------------------
 // msgpack reading
@@ -377,28 +375,19 @@ impl RawAggregator {
         timeout: Duration,
         cond: impl Fn(&[RawRequest]) -> bool,
     ) -> Vec<RawRequest> {
-        let deadline = Instant::now() + timeout;
-        let mut requests = lock(&self.shared.requests);
-        loop {
-            if cond(&requests) {
-                return requests.clone();
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let acked = requests.iter().filter(|r| r.acked).count();
-                let sizes: Vec<usize> = requests.iter().map(|r| r.raw.len()).collect();
-                panic!(
-                    "raw aggregator: timed out after {timeout:?} waiting for {what}; {} requests ({acked} acked), sizes {sizes:?}",
-                    requests.len()
-                );
-            }
-            requests = self
-                .shared
-                .changed
-                .wait_timeout(requests, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (requests, held) =
+            wait_for_condition(&self.shared.requests, &self.shared.changed, timeout, |r| {
+                cond(r)
+            });
+        if !held {
+            let acked = requests.iter().filter(|r| r.acked).count();
+            let sizes: Vec<usize> = requests.iter().map(|r| r.raw.len()).collect();
+            panic!(
+                "raw aggregator: timed out after {timeout:?} waiting for {what}; {} requests ({acked} acked), sizes {sizes:?}",
+                requests.len()
+            );
         }
+        requests.clone()
     }
 }
 
@@ -419,34 +408,14 @@ async fn serve_raw(
     shared: Arc<RawShared>,
     stop: CancellationToken,
 ) {
-    let mut decoder = FrameDecoder::new(Limits {
-        max_frame_bytes: 256 << 20,
-        ..Limits::default()
-    });
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut reader = UpstreamReader::default();
     loop {
-        let read = tokio::select! {
-            r = stream.read_buf(&mut buf) => r,
-            _ = stop.cancelled() => {
-                let _ = stream.set_zero_linger();
-                return;
-            }
+        let requests = match reader.next_requests(&mut stream, &stop).await {
+            Ok(Some(requests)) => requests,
+            Ok(None) => return,
+            Err(e) => panic!("raw aggregator conn {conn}: {e}"),
         };
-        match read {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        loop {
-            let raw = match value_len(&buf, DEPTH) {
-                Ok(Some(n)) => buf[..n].to_vec(),
-                Ok(None) => break,
-                Err(e) => panic!("raw aggregator conn {conn}: bad msgpack from ackgate: {e}"),
-            };
-            let frame = match decoder.decode(&mut buf) {
-                Ok(Some(Decoded::Frame(frame))) => frame,
-                Ok(Some(Decoded::Nil)) => continue,
-                other => panic!("raw aggregator conn {conn}: undecodable request: {other:?}"),
-            };
+        for (raw, frame) in requests {
             let chunk_raw = frame.chunk.as_ref().map(|c| c.to_vec());
             let mut request = RawRequest {
                 conn,

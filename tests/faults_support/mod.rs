@@ -27,7 +27,7 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -38,13 +38,10 @@ use ackgate::forward::{Decoded, FrameDecoder, Limits};
 use bytes::BytesMut;
 
 use crate::common::{
-    ack_request, expected_ack, hex, legacy_request_parts, mp_str, raw_string, Ackgate, Aggregator,
-    UpRequest, DEPTH, TS,
+    ack_request, collect_lines, expected_ack, hex, legacy_request_parts, mp_str, raw_string,
+    Ackgate, Aggregator, LogLines, UpRequest, DEPTH, TS,
 };
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::common::{lock, wait_for_condition};
 
 // ------------------------------------------------------------------------------------------------
 // Short and long mode
@@ -186,22 +183,7 @@ impl Ledger {
 
     /// Wait until at least `n` events are acked, at most `timeout`; false on timeout.
     pub fn wait_acked(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut s = lock(&self.state);
-        loop {
-            if s.acked.len() >= n {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            s = self
-                .changed
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        wait_for_condition(&self.state, &self.changed, timeout, |s| s.acked.len() >= n).1
     }
 }
 
@@ -232,19 +214,7 @@ impl Target {
 
     /// Wait until the address changes from generation `gen`, at most `timeout`.
     pub fn wait_change(&self, gen: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut s = lock(&self.state);
-        while s.1 == gen {
-            let now = Instant::now();
-            if now >= deadline {
-                return;
-            }
-            s = self
-                .changed
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let _ = wait_for_condition(&self.state, &self.changed, timeout, |s| s.1 != gen);
     }
 }
 
@@ -641,22 +611,7 @@ impl Seen {
 
     /// Wait until `cond` holds, at most `timeout`; false on timeout.
     pub fn wait(&self, timeout: Duration, cond: impl Fn(&SeenState) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut s = lock(&self.state);
-        loop {
-            if cond(&s) {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            s = self
-                .changed
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        wait_for_condition(&self.state, &self.changed, timeout, cond).1
     }
 
     fn add_agg_requests(&self, reqs: &[UpRequest]) {
@@ -878,52 +833,6 @@ pub fn snapshot_spool(path: &Path) -> Result<SpoolSnapshot, String> {
 // ------------------------------------------------------------------------------------------------
 // `ackgate receive` as a child process (SIGKILL-able, optionally in a network namespace)
 
-/// Lines a child wrote, with a condition variable.
-#[derive(Default)]
-pub struct Lines {
-    lines: Mutex<Vec<String>>,
-    added: Condvar,
-}
-
-impl Lines {
-    fn push(&self, line: String) {
-        lock(&self.lines).push(line);
-        self.added.notify_all();
-    }
-
-    pub fn len(&self) -> usize {
-        lock(&self.lines).len()
-    }
-
-    pub fn dump(&self) -> String {
-        lock(&self.lines).join("\n")
-    }
-
-    /// Wait for a line at index ≥ `from` containing `needle`.
-    pub fn wait_for(&self, from: usize, needle: &str, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        let mut lines = lock(&self.lines);
-        let mut i = from;
-        loop {
-            while i < lines.len() {
-                if lines[i].contains(needle) {
-                    return Some(lines[i].clone());
-                }
-                i += 1;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            lines = self
-                .added
-                .wait_timeout(lines, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-}
-
 /// `ackgate receive --listen ADDR --output -`: acks after writing each request's events as JSON
 /// lines to its stdout, which a thread here reads into a [`Seen`] (so an acked event has always
 /// been counted: the receiver flushes before it acks).
@@ -933,7 +842,7 @@ pub struct ReceiveProc {
     netns: Option<String>,
     extra: Vec<String>,
     seen: Arc<Seen>,
-    pub log: Arc<Lines>,
+    pub log: Arc<LogLines>,
     readers: Vec<JoinHandle<()>>,
     pub generation: u32,
 }
@@ -951,7 +860,7 @@ impl ReceiveProc {
             netns: netns.map(str::to_string),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             seen,
-            log: Arc::new(Lines::default()),
+            log: Arc::new(LogLines::default()),
             readers: Vec::new(),
             generation: 0,
         };
@@ -1004,23 +913,13 @@ impl ReceiveProc {
                 }
             }
         }));
-        let log = self.log.clone();
         let prefix = format!("receive#{}", self.generation);
-        self.readers.push(std::thread::spawn(move || {
-            let reader = BufReader::new(stderr);
-            for line in reader.lines() {
-                let Ok(line) = line else { return };
-                eprintln!("[{prefix}] {line}");
-                log.push(line);
-            }
-        }));
+        self.readers
+            .push(collect_lines(prefix, stderr, self.log.clone()));
+        let listening = format!("listening on {}", self.listen);
         if self
             .log
-            .wait_for(
-                mark,
-                &format!("listening on {}", self.listen),
-                Duration::from_secs(20),
-            )
+            .wait_for_from(mark, Duration::from_secs(20), |l| l.contains(&listening))
             .is_none()
         {
             let _ = child.kill();

@@ -22,7 +22,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,11 +32,7 @@ use ackgate::forward::msgpack::{read_header, value_len, Header};
 use ackgate::forward::{Decoded, FrameDecoder, Limits, Mode};
 use bytes::BytesMut;
 
-use crate::common::{raw_string, split_entries, Proc, DEPTH};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::common::{lock, raw_string, split_entries, wait_for_condition, Proc, DEPTH};
 
 // ------------------------------------------------------------------------------------------------
 // Tools
@@ -373,27 +369,18 @@ impl RecordingProxy {
     /// Wait until at least one connection was accepted and every accepted connection's client
     /// side has ended (so everything the client wrote is recorded); returns the records.
     pub fn wait_clients_done(&self, timeout: Duration) -> Vec<ConnRecord> {
-        let deadline = Instant::now() + timeout;
-        let mut state = lock(&self.shared.state);
-        loop {
-            if !state.conns.is_empty() && state.conns.iter().all(|c| c.up_done) {
-                return state.conns.clone();
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let open = state.conns.iter().filter(|c| !c.up_done).count();
-                panic!(
-                    "proxy: {} connections, {open} still open from the client side after {timeout:?}",
-                    state.conns.len()
-                );
-            }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (state, held) =
+            wait_for_condition(&self.shared.state, &self.shared.changed, timeout, |s| {
+                !s.conns.is_empty() && s.conns.iter().all(|c| c.up_done)
+            });
+        if !held {
+            let open = state.conns.iter().filter(|c| !c.up_done).count();
+            panic!(
+                "proxy: {} connections, {open} still open from the client side after {timeout:?}",
+                state.conns.len()
+            );
         }
+        state.conns.clone()
     }
 
     pub fn connections(&self) -> Vec<ConnRecord> {
