@@ -691,13 +691,17 @@ impl HumanDuration {
     }
 }
 
+/// The largest unit that states the value exactly: `max_age = "168h"` prints as "168h", not
+/// "604800s"; "90s" stays "90s"; "1500ms" stays "1500ms".
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 == 0 {
-            write!(f, "{}s", ms / 1000)
-        } else {
-            write!(f, "{ms}ms")
+        match ms {
+            0 => write!(f, "0s"),
+            _ if ms % 3_600_000 == 0 => write!(f, "{}h", ms / 3_600_000),
+            _ if ms % 60_000 == 0 => write!(f, "{}m", ms / 60_000),
+            _ if ms % 1000 == 0 => write!(f, "{}s", ms / 1000),
+            _ => write!(f, "{ms}ms"),
         }
     }
 }
@@ -815,6 +819,23 @@ address = "127.0.0.1:24225"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn durations_print_in_the_unit_that_states_them_exactly() {
+        for (text, shown) in [
+            ("168h", "168h"),
+            ("604800s", "168h"),
+            ("90m", "90m"),
+            ("90s", "90s"),
+            ("1500ms", "1500ms"),
+            ("0s", "0s"),
+            ("0.5s", "500ms"),
+        ] {
+            let d = HumanDuration(HumanDuration::parse(text).unwrap());
+            assert_eq!(d.to_string(), shown, "{text}");
+            assert_eq!(HumanDuration::parse(shown), Ok(d.0), "{shown} reads back");
+        }
     }
 
     #[test]

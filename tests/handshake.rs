@@ -247,6 +247,46 @@ fn legacy_sender_on_a_secured_port_is_closed_and_told_why_in_the_log() {
 }
 
 #[test]
+fn json_sender_on_a_secured_port_is_closed_and_named_json_in_the_log() {
+    let agg = Aggregator::start();
+    let gate = Ackgate::builder()
+        .node("agg", agg.addr())
+        .section(
+            "ingress",
+            &format!("[security]\nself_hostname = \"{HOSTNAME}\"\nshared_key = \"{KEY}\"\n"),
+        )
+        .section("metrics", "listen = \"127.0.0.1:0\"")
+        .start();
+    let mut stream = connect(gate.addr());
+    let local = stream.local_addr().expect("local addr");
+    stream
+        .write_all(br#"["handshake.json", 1700000000, {"msg": "json"}, {"chunk": "abc"}]"#)
+        .expect("write");
+    let answer = expect_closed(&mut stream, WAIT);
+    assert!(
+        !answer.windows(3).any(|w| w == b"ack"),
+        "a JSON sender on a secured port got an ack: {}",
+        hex(&answer)
+    );
+    let line = gate.wait_for_log_since(
+        0,
+        &["shared-key handshake failed", &format!("peer={local}")],
+        WAIT,
+    );
+    assert!(
+        line.contains("JSON request on a port that requires the shared-key handshake"),
+        "the log must name JSON, not a bad PING: {line}"
+    );
+    let (_, text) = http(metrics_addr(&gate), "GET", "/metrics");
+    assert_eq!(
+        metric(&text, "ackgate_rejected_connections_total{reason=\"json\"}"),
+        Some(1.0),
+        "counted as a JSON refusal"
+    );
+    assert_only_good_traffic_arrives(&gate, &agg);
+}
+
+#[test]
 fn user_auth_accepts_the_right_password_and_refuses_a_wrong_one() {
     let agg = Aggregator::start();
     let gate = secured_gate(

@@ -144,9 +144,7 @@ pub(super) async fn serve<S>(
         if let Err(e) = handshake::accept(&mut reader, &mut writer, &mut buf, auth, deadline).await
         {
             warn!(%peer, reason = %e, "closing connection: shared-key handshake failed");
-            m.rejected
-                .get_or_create(&label("reason", "handshake"))
-                .inc();
+            m.rejected.get_or_create(&label("reason", e.kind())).inc();
             let _ = writer.shutdown().await;
             return;
         }

@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
 use crate::forward::handshake::{answer_ping, encode_helo, message_len, Helo, ServerAuth};
+use crate::forward::json::is_json_start;
 
 /// Why a handshake did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,18 @@ pub enum HandshakeFailure {
     NotPing(String),
     #[error("PING rejected: {0}")]
     Rejected(String),
+    #[error("JSON request on a port that requires the shared-key handshake (JSON cannot be authenticated; fluentd refuses it too)")]
+    Json,
+}
+
+impl HandshakeFailure {
+    /// A short stable label for metrics (`rejected_connections{reason=...}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HandshakeFailure::Json => "json",
+            _ => "handshake",
+        }
+    }
 }
 
 /// Run the handshake; bytes the client sent after its PING stay in `buf`.
@@ -43,6 +56,11 @@ where
         .await
         .map_err(|_| HandshakeFailure::Timeout)??;
     let len = loop {
+        // fluentd's rule: a first byte `{` or `[` makes the connection JSON, which has no
+        // handshake. Name that instead of calling it a bad PING.
+        if buf.first().is_some_and(|b| is_json_start(*b)) {
+            return Err(HandshakeFailure::Json);
+        }
         match message_len(buf) {
             Ok(Some(len)) => break len,
             Ok(None) => {}
