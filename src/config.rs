@@ -429,10 +429,10 @@ fn default_max_bytes() -> ByteSize {
     ByteSize(1 << 30)
 }
 fn default_group_commit_bytes() -> ByteSize {
-    ByteSize(8 << 20)
+    ByteSize(4 << 20)
 }
 fn default_cache_bytes() -> ByteSize {
-    ByteSize(16 << 20)
+    ByteSize(8 << 20)
 }
 fn default_dead_letter_max_bytes() -> ByteSize {
     ByteSize(256 << 20)
@@ -450,7 +450,7 @@ fn default_window() -> u32 {
     32
 }
 fn default_window_bytes() -> ByteSize {
-    ByteSize(8 << 20)
+    ByteSize(32 << 20)
 }
 fn default_retry_initial() -> HumanDuration {
     HumanDuration(Duration::from_secs(1))

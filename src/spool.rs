@@ -281,7 +281,9 @@ impl Spool {
                 freed: Notify::new(),
                 blocked: std::sync::atomic::AtomicBool::new(false),
                 uncommitted: AtomicU64::new(0),
-                max_uncommitted: config.group_commit_bytes.0.saturating_mul(4).max(1 << 20),
+                // One group being committed and the next one filling: more only costs memory
+                // (4x measured no faster and ~4 MiB more RSS).
+                max_uncommitted: config.group_commit_bytes.0.saturating_mul(2).max(1 << 20),
                 waiting: AtomicU64::new(0),
             },
             records: AtomicU64::new(counters.records),

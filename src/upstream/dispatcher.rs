@@ -108,10 +108,10 @@ impl Dispatcher {
         }
     }
 
-    /// An upstream ack deleted `record`.
-    pub fn acked(&self, record: &StoredRecord) {
+    /// An upstream ack deleted the record.
+    pub fn acked(&self, sent: &Sent) {
         self.acks.fetch_add(1, Ordering::AcqRel);
-        self.spool.delete(record.key, record.stored_len());
+        self.spool.delete(sent.key, sent.stored_len);
     }
 
     /// Whether `record` is past `max_age` (then it was moved to the dead letters).
@@ -195,7 +195,7 @@ impl Dispatcher {
     /// Give a record back after a failed attempt; it is due again after a backoff delay.
     /// A record that keeps failing while other chunks are acked is split in two, or, holding
     /// a single event, moved to the dead letters: never retried silently forever.
-    pub async fn requeue(&self, record: &StoredRecord, attempts: u32, error: &str, node: &str) {
+    pub async fn requeue(&self, record: &Sent, attempts: u32, error: &str, node: &str) {
         let acks = self.acks.load(Ordering::Acquire);
         let mut state = self.state.lock().await;
         let first = *state.first_failure.entry(record.key).or_insert(acks);
@@ -204,7 +204,26 @@ impl Dispatcher {
             state.first_failure.remove(&record.key);
             drop(state);
             if record.events > 1 {
-                if let Some(parts) = split_in_two(&record.entries, record.events, record.signal) {
+                // Nodes keep no bytes of what they sent: read the record back to split it.
+                let spool = self.spool.clone();
+                let key = record.key;
+                let stored = tokio::task::spawn_blocking(move || spool.read(key)).await;
+                let parts = match stored {
+                    Ok(Ok(Some(stored))) => {
+                        split_in_two(&stored.entries, stored.events, stored.signal)
+                    }
+                    // Acked meanwhile by a late ack: nothing left to do.
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => {
+                        tracing::warn!(record = key, error = %e, "cannot read a poisoned record back to split it; retrying it as it is");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(record = key, error = %e, "cannot read a poisoned record back to split it; retrying it as it is");
+                        None
+                    }
+                };
+                if let Some(parts) = parts {
                     tracing::warn!(record = record.key, events = record.events, attempts, node, %error,
                         "record not acked after repeated attempts while other chunks were: splitting it in two");
                     crate::metrics::metrics().splits.inc();
@@ -219,7 +238,7 @@ impl Dispatcher {
             tracing::error!(record = record.key, events = record.events, node, %reason, "moving record to dead letters");
             crate::metrics::metrics().dead_letters.inc();
             self.spool
-                .dead_letter(record.key, record.stored_len(), reason, node.to_string());
+                .dead_letter(record.key, record.stored_len, reason, node.to_string());
             return;
         }
         let due = Instant::now() + self.backoff.delay(attempts);
@@ -285,6 +304,32 @@ impl Dispatcher {
                     }
                 } => {}
             }
+        }
+    }
+}
+
+/// What the dispatcher keeps of a record once its bytes are on the wire. A retry or a split
+/// reads the record back from the spool, so a node holds no copy of the bytes it has in flight
+/// and memory does not grow with the window (bandwidth × RTT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub key: u64,
+    pub events: u32,
+    pub attempts: u32,
+    /// Bytes the record takes in the spool budget, released by its delete.
+    pub stored_len: u64,
+    /// Entry bytes sent, for the window's byte bound.
+    pub entries_len: usize,
+}
+
+impl Sent {
+    pub fn of(record: &StoredRecord) -> Sent {
+        Sent {
+            key: record.key,
+            events: record.events,
+            attempts: record.attempts,
+            stored_len: record.stored_len(),
+            entries_len: record.entries.len(),
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::connect::{open, ClientAuth, ClientTls, UpstreamStream};
-use super::dispatcher::{Backoff, Dispatcher};
+use super::dispatcher::{Backoff, Dispatcher, Sent};
 use super::health::Balancer;
 use crate::clock::sleep_until_opt;
 use crate::forward::ack::{decode_ack, AckError};
@@ -79,9 +79,9 @@ pub enum NodeError {
     Spool(String),
 }
 
-/// A chunk written and not yet acked.
+/// A chunk written and not yet acked: its identity only, the bytes stay in the spool.
 struct InFlight {
-    record: StoredRecord,
+    record: Sent,
     chunk_id: String,
     sent_at: Instant,
 }
@@ -287,7 +287,7 @@ impl Session<'_> {
 
     /// Room for one more chunk: under `window` chunks and `window_bytes` entry bytes.
     fn window_open(&self) -> bool {
-        let bytes: usize = self.in_flight.iter().map(|f| f.record.entries.len()).sum();
+        let bytes: usize = self.in_flight.iter().map(|f| f.record.entries_len).sum();
         self.in_flight.len() < self.settings.window
             && (self.in_flight.is_empty() || bytes < self.settings.window_bytes)
     }
@@ -321,7 +321,7 @@ impl Session<'_> {
         );
         // Counted as in flight before the write: if the write fails, it is requeued.
         self.in_flight.push_back(InFlight {
-            record,
+            record: Sent::of(&record),
             chunk_id,
             sent_at: Instant::now(),
         });
