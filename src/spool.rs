@@ -637,6 +637,18 @@ struct Writer {
 /// Longest that non-durable delete commits wait for a group commit to make them durable.
 const IDLE_FLUSH: Duration = Duration::from_secs(2);
 
+/// The writer idle this long with nothing pending returns free heap memory to the system.
+const TRIM_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// Return free malloc memory to the system (glibc keeps freed pages of its arenas otherwise).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory held by the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// How long a held group waits before its commit is tried again.
 const DISK_FULL_RETRY: Duration = Duration::from_millis(500);
 
@@ -739,9 +751,19 @@ impl Writer {
                         }
                     }
                 }
-                None => match self.commands.recv() {
+                None => match self.commands.recv_timeout(TRIM_AFTER_IDLE) {
                     Ok(command) => Some(command),
-                    Err(_) => return,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // Idle with nothing to flush: give the memory of the last burst back
+                        // to the system before sleeping (a backlog held while the aggregator
+                        // is down would otherwise keep its peak RSS).
+                        release_free_memory();
+                        match self.commands.recv() {
+                            Ok(command) => Some(command),
+                            Err(_) => return,
+                        }
+                    }
                 },
             };
             let mut appends = Vec::new();
