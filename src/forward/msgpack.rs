@@ -74,6 +74,13 @@ impl Skipper {
         self.max_len
     }
 
+    /// Forget progress and take new limits, keeping the stack's capacity.
+    pub fn restart(&mut self, max_depth: usize, max_len: usize) {
+        self.reset();
+        self.max_depth = max_depth;
+        self.max_len = max_len;
+    }
+
     /// Forget progress, to skip a new value from offset 0.
     pub fn reset(&mut self) {
         self.pos = 0;
@@ -163,14 +170,30 @@ impl Skipper {
     }
 }
 
+thread_local! {
+    /// One reusable [`Skipper`] per thread for [`value_len`]: its stack keeps its capacity, so
+    /// the per-event calls on the hot path allocate nothing.
+    static SKIPPER: std::cell::RefCell<Skipper> = std::cell::RefCell::new(Skipper::new(0, 0));
+}
+
 /// Skip one complete value at the start of `buf`; `None` if `buf` ends inside it.
 pub fn value_len(buf: &[u8], max_depth: usize) -> Result<Option<usize>, SkipError> {
-    let mut skipper = Skipper::new(max_depth, buf.len());
-    match skipper.advance(buf) {
+    let run = |skipper: &mut Skipper| match skipper.advance(buf) {
         Ok(Progress::Complete(end)) => Ok(Some(end)),
         Ok(Progress::Incomplete { .. }) | Err(SkipError::TooLong { .. }) => Ok(None),
         Err(other) => Err(other),
-    }
+    };
+    SKIPPER
+        .try_with(|cell| match cell.try_borrow_mut() {
+            Ok(mut skipper) => {
+                skipper.restart(max_depth, buf.len());
+                run(&mut skipper)
+            }
+            // Re-entered on this thread (never expected): a fresh one.
+            Err(_) => run(&mut Skipper::new(max_depth, buf.len())),
+        })
+        // Thread-local storage already torn down (thread exit): a fresh one.
+        .unwrap_or_else(|_| run(&mut Skipper::new(max_depth, buf.len())))
 }
 
 /// Length of the header of the value that starts with `marker` (bytes before its payload).
@@ -390,6 +413,63 @@ mod tests {
 
     fn whole(buf: &[u8]) -> Result<Progress, SkipError> {
         Skipper::new(64, 1 << 20).advance(buf)
+    }
+
+    /// A fresh Skipper each time, as `value_len` did before it reused one per thread.
+    fn skipper_value_len(buf: &[u8], max_depth: usize) -> Result<Option<usize>, SkipError> {
+        match Skipper::new(max_depth, buf.len()).advance(buf) {
+            Ok(Progress::Complete(end)) => Ok(Some(end)),
+            Ok(Progress::Incomplete { .. }) | Err(SkipError::TooLong { .. }) => Ok(None),
+            Err(other) => Err(other),
+        }
+    }
+
+    #[test]
+    fn value_len_with_a_reused_skipper_agrees_with_a_fresh_one_on_any_bytes() {
+        // Random bytes biased towards containers and short values, every depth limit around
+        // the nesting they reach; xorshift so the test is the same on every run.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let markers = [
+            0x91, 0x92, 0x81, 0x82, 0xdc, 0xde, 0xc1, 0xa1, 0x01, 0xc4, 0xd7, 0xc0,
+        ];
+        for _ in 0..20_000 {
+            let len = (next() % 24) as usize;
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    let r = next();
+                    if r % 3 == 0 {
+                        markers[(r >> 8) as usize % markers.len()]
+                    } else {
+                        (r >> 16) as u8
+                    }
+                })
+                .collect();
+            for depth in [0, 1, 2, 3, 8, 64] {
+                assert_eq!(
+                    value_len(&buf, depth),
+                    skipper_value_len(&buf, depth),
+                    "{buf:02x?} at depth {depth}"
+                );
+            }
+        }
+        // Deeper than the inline stack: the Skipper path, same answers.
+        let deep = [vec![0x91; 100], vec![0x01]].concat();
+        assert_eq!(value_len(&deep, 200), Ok(Some(101)));
+        assert_eq!(
+            value_len(&deep, 64),
+            Err(SkipError::TooDeep {
+                offset: 64,
+                limit: 64
+            })
+        );
+        assert_eq!(value_len(&deep, 64), skipper_value_len(&deep, 64));
+        assert_eq!(value_len(&deep[..100], 200), Ok(None));
     }
 
     #[test]
