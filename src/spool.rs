@@ -944,11 +944,21 @@ impl Writer {
                         .min()
                         .unwrap_or(received);
                     let chunk_id = *uuid::Uuid::new_v4().as_bytes();
-                    let value =
-                        record::encode_record(&chunk_id, received_ms, events, *signal, tag, &parts);
-                    applied.added_bytes += value.len() as u64;
+                    // Written in place: the request bytes are copied once, into redb's page.
+                    let len = record::record_len(*signal, tag, &parts);
+                    let mut value = records.insert_reserve(next_key, len).map_err(txerr)?;
+                    record::write_record(
+                        value.as_mut(),
+                        &chunk_id,
+                        received_ms,
+                        events,
+                        *signal,
+                        tag,
+                        &parts,
+                    );
+                    drop(value);
+                    applied.added_bytes += len as u64;
                     applied.added_records += 1;
-                    records.insert(next_key, value.as_slice()).map_err(txerr)?;
                     for &i in members {
                         keys[i] = next_key;
                     }
