@@ -307,6 +307,7 @@ impl Spool {
             pending: Vec::new(),
             oldest_pending: None,
             held: Vec::new(),
+            held_moving: false,
             pending_urgent: false,
             reserve_bytes: reserve_size(&config.path, config.group_commit_bytes.0),
             unflushed_since: None,
@@ -625,6 +626,8 @@ struct Writer {
     /// Requests whose commit failed because the disk was full: kept, unacked, and retried once
     /// deletes have freed space. While any are held, ingress gets no budget (backpressure).
     held: Vec<Append>,
+    /// The last slice of held requests was stored: try the next one at once.
+    held_moving: bool,
     /// Pending maintenance that someone waits for (split, requeue, purge): committed durably.
     pending_urgent: bool,
     /// Size of the disk reserve file.
@@ -736,6 +739,7 @@ impl Writer {
             let waiting_since = match (&self.oldest_pending, self.held.is_empty()) {
                 (Some(since), true) => Some((*since, LAZY_FLUSH)),
                 (Some(since), false) => Some((*since, DISK_FULL_RETRY.min(LAZY_FLUSH))),
+                (None, false) if self.held_moving => Some((Instant::now(), Duration::ZERO)),
                 (None, false) => Some((Instant::now(), DISK_FULL_RETRY)),
                 (None, true) => self.unflushed_since.map(|since| (since, IDLE_FLUSH)),
             };
@@ -811,9 +815,22 @@ impl Writer {
                     // Durable: only a durable commit lets redb reuse the freed pages.
                     self.commit_group(Vec::new(), true);
                 }
-                let mut retry = std::mem::take(&mut self.held);
-                retry.append(&mut appends);
-                appends = retry;
+                // Oldest first, and a little at a time: one transaction holding everything
+                // that piled up may never fit on a small disk, while a reserve-sized slice fits
+                // as soon as the released reserve or a few deletes make room.
+                self.held.append(&mut appends);
+                let slice = self.reserve_bytes.min(self.group_bytes).max(1);
+                let mut bytes = 0u64;
+                let take = self
+                    .held
+                    .iter()
+                    .take_while(|a| {
+                        let fits = bytes == 0 || bytes + a.entries.len() as u64 <= slice;
+                        bytes += a.entries.len() as u64;
+                        fits
+                    })
+                    .count();
+                appends = self.held.drain(..take).collect();
             }
             let idle_flush = self
                 .unflushed_since
@@ -1153,6 +1170,7 @@ impl Writer {
                 } else {
                     self.unflushed_since.get_or_insert_with(Instant::now);
                 }
+                self.held_moving = !self.held.is_empty() && !appends.is_empty();
                 // Only once the held requests themselves are stored: a delete-only commit in
                 // between does not mean there is room for them.
                 if self.shared.budget.is_blocked() && self.held.is_empty() && !appends.is_empty() {
@@ -1219,7 +1237,11 @@ impl Writer {
                 }
                 self.pending
                     .extend(deletes.into_iter().map(Maintenance::Delete));
+                // Back at the front: still the oldest.
+                self.held_moving = false;
+                let younger = std::mem::take(&mut self.held);
                 self.held = appends;
+                self.held.extend(younger);
                 self.reopen();
             }
             Err(reason) => {
