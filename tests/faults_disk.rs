@@ -166,7 +166,17 @@ fn full_disk_then_drain(legacy_flood: bool, scenario: &str, test: &str) {
     let all_arrived = seen.wait_agg(&agg, "every acked event", Duration::from_secs(30), |s| {
         s.has_all(&sent.acked)
     });
-    let events_in = scrape(setup.metrics, "ackgate_events_in_total").unwrap_or(-1.0) as i64;
+    // A legacy request read just before the senders stopped may still be in a commit slice
+    // (held requests are retried oldest first, a slice at a time): give the count a bounded
+    // time to reach everything written. /metrics has no change notification, hence the poll.
+    let everything = (sent.acked.len() + sent.legacy_written.len()) as f64;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut events_in = scrape(setup.metrics, "ackgate_events_in_total").unwrap_or(-1.0);
+    while events_in < everything && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        events_in = scrape(setup.metrics, "ackgate_events_in_total").unwrap_or(-1.0);
+    }
+    let events_in = events_in as i64;
     let legacy_committed = (events_in - sent.acked.len() as i64).max(0) as usize;
     // Committed legacy events may still be on their way upstream: wait for them (bounded).
     seen.wait_agg(
