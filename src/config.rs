@@ -429,10 +429,10 @@ fn default_max_bytes() -> ByteSize {
     ByteSize(1 << 30)
 }
 fn default_group_commit_bytes() -> ByteSize {
-    ByteSize(4 << 20)
+    ByteSize(8 << 20)
 }
 fn default_cache_bytes() -> ByteSize {
-    ByteSize(8 << 20)
+    ByteSize(16 << 20)
 }
 fn default_dead_letter_max_bytes() -> ByteSize {
     ByteSize(256 << 20)

@@ -281,9 +281,7 @@ impl Spool {
                 freed: Notify::new(),
                 blocked: std::sync::atomic::AtomicBool::new(false),
                 uncommitted: AtomicU64::new(0),
-                // One group being committed and the next one filling: more only costs memory
-                // (4x measured no faster and ~4 MiB more RSS).
-                max_uncommitted: config.group_commit_bytes.0.saturating_mul(2).max(1 << 20),
+                max_uncommitted: config.group_commit_bytes.0.saturating_mul(4).max(1 << 20),
                 waiting: AtomicU64::new(0),
             },
             records: AtomicU64::new(counters.records),
@@ -307,7 +305,6 @@ impl Spool {
             pending: Vec::new(),
             oldest_pending: None,
             held: Vec::new(),
-            held_moving: false,
             pending_urgent: false,
             reserve_bytes: reserve_size(&config.path, config.group_commit_bytes.0),
             unflushed_since: None,
@@ -626,8 +623,6 @@ struct Writer {
     /// Requests whose commit failed because the disk was full: kept, unacked, and retried once
     /// deletes have freed space. While any are held, ingress gets no budget (backpressure).
     held: Vec<Append>,
-    /// The last slice of held requests was stored: try the next one at once.
-    held_moving: bool,
     /// Pending maintenance that someone waits for (split, requeue, purge): committed durably.
     pending_urgent: bool,
     /// Size of the disk reserve file.
@@ -639,18 +634,6 @@ struct Writer {
 
 /// Longest that non-durable delete commits wait for a group commit to make them durable.
 const IDLE_FLUSH: Duration = Duration::from_secs(2);
-
-/// The writer idle this long with nothing pending returns free heap memory to the system.
-const TRIM_AFTER_IDLE: Duration = Duration::from_secs(1);
-
-/// Return free malloc memory to the system (glibc keeps freed pages of its arenas otherwise).
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory held by the allocator.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 /// How long a held group waits before its commit is tried again.
 const DISK_FULL_RETRY: Duration = Duration::from_millis(500);
@@ -739,7 +722,6 @@ impl Writer {
             let waiting_since = match (&self.oldest_pending, self.held.is_empty()) {
                 (Some(since), true) => Some((*since, LAZY_FLUSH)),
                 (Some(since), false) => Some((*since, DISK_FULL_RETRY.min(LAZY_FLUSH))),
-                (None, false) if self.held_moving => Some((Instant::now(), Duration::ZERO)),
                 (None, false) => Some((Instant::now(), DISK_FULL_RETRY)),
                 (None, true) => self.unflushed_since.map(|since| (since, IDLE_FLUSH)),
             };
@@ -755,19 +737,9 @@ impl Writer {
                         }
                     }
                 }
-                None => match self.commands.recv_timeout(TRIM_AFTER_IDLE) {
+                None => match self.commands.recv() {
                     Ok(command) => Some(command),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        // Idle with nothing to flush: give the memory of the last burst back
-                        // to the system before sleeping (a backlog held while the aggregator
-                        // is down would otherwise keep its peak RSS).
-                        release_free_memory();
-                        match self.commands.recv() {
-                            Ok(command) => Some(command),
-                            Err(_) => return,
-                        }
-                    }
+                    Err(_) => return,
                 },
             };
             let mut appends = Vec::new();
@@ -815,22 +787,9 @@ impl Writer {
                     // Durable: only a durable commit lets redb reuse the freed pages.
                     self.commit_group(Vec::new(), true);
                 }
-                // Oldest first, and a little at a time: one transaction holding everything
-                // that piled up may never fit on a small disk, while a reserve-sized slice fits
-                // as soon as the released reserve or a few deletes make room.
-                self.held.append(&mut appends);
-                let slice = self.reserve_bytes.min(self.group_bytes).max(1);
-                let mut bytes = 0u64;
-                let take = self
-                    .held
-                    .iter()
-                    .take_while(|a| {
-                        let fits = bytes == 0 || bytes + a.entries.len() as u64 <= slice;
-                        bytes += a.entries.len() as u64;
-                        fits
-                    })
-                    .count();
-                appends = self.held.drain(..take).collect();
+                let mut retry = std::mem::take(&mut self.held);
+                retry.append(&mut appends);
+                appends = retry;
             }
             let idle_flush = self
                 .unflushed_since
@@ -961,21 +920,11 @@ impl Writer {
                         .min()
                         .unwrap_or(received);
                     let chunk_id = *uuid::Uuid::new_v4().as_bytes();
-                    // Written in place: the request bytes are copied once, into redb's page.
-                    let len = record::record_len(*signal, tag, &parts);
-                    let mut value = records.insert_reserve(next_key, len).map_err(txerr)?;
-                    record::write_record(
-                        value.as_mut(),
-                        &chunk_id,
-                        received_ms,
-                        events,
-                        *signal,
-                        tag,
-                        &parts,
-                    );
-                    drop(value);
-                    applied.added_bytes += len as u64;
+                    let value =
+                        record::encode_record(&chunk_id, received_ms, events, *signal, tag, &parts);
+                    applied.added_bytes += value.len() as u64;
                     applied.added_records += 1;
+                    records.insert(next_key, value.as_slice()).map_err(txerr)?;
                     for &i in members {
                         keys[i] = next_key;
                     }
@@ -1170,7 +1119,6 @@ impl Writer {
                 } else {
                     self.unflushed_since.get_or_insert_with(Instant::now);
                 }
-                self.held_moving = !self.held.is_empty() && !appends.is_empty();
                 // Only once the held requests themselves are stored: a delete-only commit in
                 // between does not mean there is room for them.
                 if self.shared.budget.is_blocked() && self.held.is_empty() && !appends.is_empty() {
@@ -1237,11 +1185,7 @@ impl Writer {
                 }
                 self.pending
                     .extend(deletes.into_iter().map(Maintenance::Delete));
-                // Back at the front: still the oldest.
-                self.held_moving = false;
-                let younger = std::mem::take(&mut self.held);
                 self.held = appends;
-                self.held.extend(younger);
                 self.reopen();
             }
             Err(reason) => {

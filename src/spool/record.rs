@@ -71,42 +71,6 @@ impl StoredRecord {
     }
 }
 
-/// Length of the value [`write_record`] writes.
-pub fn record_len(signal: Signal, tag: &[u8], entries: &[&[u8]]) -> usize {
-    header_len(signal) + tag.len() + entries.iter().map(|e| e.len()).sum::<usize>()
-}
-
-/// Write a record value into `out`, which is exactly [`record_len`] bytes (redb's reserved
-/// space in the table: the entries are copied once, straight into the page).
-pub fn write_record(
-    out: &mut [u8],
-    chunk_id: &[u8; 16],
-    received_ms: u64,
-    events: u32,
-    signal: Signal,
-    tag: &[u8],
-    entries: &[&[u8]],
-) {
-    let mut pos = 0;
-    let mut put = |bytes: &[u8]| {
-        out[pos..pos + bytes.len()].copy_from_slice(bytes);
-        pos += bytes.len();
-    };
-    if signal == Signal::Logs {
-        put(&[RECORD_VERSION]);
-    } else {
-        put(&[SIGNAL_RECORD_VERSION, signal.code()]);
-    }
-    put(chunk_id);
-    put(&received_ms.to_le_bytes());
-    put(&events.to_le_bytes());
-    put(&(tag.len() as u32).to_le_bytes());
-    put(tag);
-    for part in entries {
-        put(part);
-    }
-}
-
 /// Encode a record value.
 pub fn encode_record(
     chunk_id: &[u8; 16],
@@ -116,16 +80,21 @@ pub fn encode_record(
     tag: &[u8],
     entries: &[&[u8]],
 ) -> Vec<u8> {
-    let mut out = vec![0; record_len(signal, tag, entries)];
-    write_record(
-        &mut out,
-        chunk_id,
-        received_ms,
-        events,
-        signal,
-        tag,
-        entries,
-    );
+    let entries_len: usize = entries.iter().map(|e| e.len()).sum();
+    let mut out = Vec::with_capacity(header_len(signal) + tag.len() + entries_len);
+    if signal == Signal::Logs {
+        out.push(RECORD_VERSION);
+    } else {
+        out.extend_from_slice(&[SIGNAL_RECORD_VERSION, signal.code()]);
+    }
+    out.extend_from_slice(chunk_id);
+    out.extend_from_slice(&received_ms.to_le_bytes());
+    out.extend_from_slice(&events.to_le_bytes());
+    out.extend_from_slice(&(tag.len() as u32).to_le_bytes());
+    out.extend_from_slice(tag);
+    for part in entries {
+        out.extend_from_slice(part);
+    }
     out
 }
 
