@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::frame::{Decoded, Frame, Limits, Mode, Signal};
 use super::msgpack::{read_header, Header};
-use super::packed::put_str;
+use super::packed::{put_map_header, put_str};
 use super::value::json_to_msgpack;
 
 /// Why a JSON request was rejected.
@@ -342,18 +342,6 @@ pub fn chunk_json_value(frame_chunk_msgpack: &[u8]) -> Option<String> {
             String::from_utf8(content.to_vec()).ok()
         }
         _ => None,
-    }
-}
-
-fn put_map_header(out: &mut Vec<u8>, len: usize) {
-    if len < 16 {
-        out.push(0x80 | len as u8);
-    } else if len <= u16::MAX as usize {
-        out.push(0xde);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0xdf);
-        out.extend_from_slice(&(len as u32).to_be_bytes());
     }
 }
 

@@ -77,6 +77,29 @@ pub fn put_uint(out: &mut Vec<u8>, n: u64) {
     }
 }
 
+/// Append a msgpack array header for `len` elements (fixarray, array16 or array32).
+pub fn put_array_header(out: &mut Vec<u8>, len: usize) {
+    put_container_header(out, len, 0x90, 0xdc);
+}
+
+/// Append a msgpack map header for `len` pairs (fixmap, map16 or map32).
+pub fn put_map_header(out: &mut Vec<u8>, len: usize) {
+    put_container_header(out, len, 0x80, 0xde);
+}
+
+/// Array (`fix` = 0x90, `wide` = 0xdc) or map (0x80, 0xde) header; `wide + 1` is the 32-bit form.
+fn put_container_header(out: &mut Vec<u8>, len: usize, fix: u8, wide: u8) {
+    if len < 16 {
+        out.push(fix | len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(wide);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(wide + 1);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+}
+
 /// Encode one upstream PackedForward request. `entries` are the spooled bytes, written as they
 /// are (already compressed when `compressed` is set).
 pub fn encode_packed_forward(

@@ -18,7 +18,7 @@
 use base64::Engine as _;
 use serde_json::{Map, Number, Value};
 
-use super::packed::{put_raw_header, put_uint};
+use super::packed::{put_array_header, put_map_header, put_raw_header, put_uint};
 
 /// Deepest nesting of arrays and maps [`msgpack_to_json`] accepts (the frame decoder's default).
 pub const MAX_DEPTH: usize = 64;
@@ -72,7 +72,7 @@ pub fn json_to_msgpack(v: &Value, legacy: bool, out: &mut Vec<u8>) {
         Value::Number(n) => put_number(n, out),
         Value::String(s) => put_str(s.as_bytes(), legacy, out),
         Value::Array(items) => {
-            put_container_header(out, items.len(), 0x90, 0xdc);
+            put_array_header(out, items.len());
             for item in items {
                 json_to_msgpack(item, legacy, out);
             }
@@ -87,7 +87,7 @@ pub fn json_to_msgpack(v: &Value, legacy: bool, out: &mut Vec<u8>) {
                 }
                 return;
             }
-            put_container_header(out, map.len(), 0x80, 0xde);
+            put_map_header(out, map.len());
             for (key, value) in map {
                 put_str(key.as_bytes(), legacy, out);
                 json_to_msgpack(value, legacy, out);
@@ -208,19 +208,6 @@ fn put_ext(kind: i8, data: &[u8], out: &mut Vec<u8>) {
     }
     out.push(kind as u8);
     out.extend_from_slice(data);
-}
-
-/// Array (`fix` = 0x90, `wide` = 0xdc) or map (0x80, 0xde) header for `len` elements or pairs.
-fn put_container_header(out: &mut Vec<u8>, len: usize, fix: u8, wide: u8) {
-    if len < 16 {
-        out.push(fix | len as u8);
-    } else if len <= u16::MAX as usize {
-        out.push(wide);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(wide + 1);
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 
 use super::input::Batch;
 use super::send::SendMode;
-use crate::forward::packed::{chunk_id_base64, put_raw, put_uint};
+use crate::forward::packed::{chunk_id_base64, put_array_header, put_raw, put_uint};
 
 /// Encode one modern request. With `chunk`, the option carries it; Packed and Forward also
 /// carry `size`, as fluentd v1 does (PROTOCOL.md §3.2, §4).
@@ -26,7 +26,7 @@ pub(super) fn encode_request(
                 out.push(0xdb);
                 out.extend_from_slice(&(batch.entries.len() as u32).to_be_bytes());
             } else {
-                put_array_header(out, batch.events);
+                put_array_header(out, batch.events as usize);
             }
             out.extend_from_slice(&batch.entries);
             out.push(if chunk.is_some() { 0x82 } else { 0x81 });
@@ -48,18 +48,6 @@ pub(super) fn encode_request(
                 put_raw(out, id.as_bytes());
             }
         }
-    }
-}
-
-fn put_array_header(out: &mut Vec<u8>, count: u32) {
-    if count < 16 {
-        out.push(0x90 | count as u8);
-    } else if count <= u16::MAX as u32 {
-        out.push(0xdc);
-        out.extend_from_slice(&(count as u16).to_be_bytes());
-    } else {
-        out.push(0xdd);
-        out.extend_from_slice(&count.to_be_bytes());
     }
 }
 
