@@ -207,17 +207,14 @@ impl Dispatcher {
                 // Nodes keep no bytes of what they sent: read the record back to split it.
                 let spool = self.spool.clone();
                 let key = record.key;
-                let stored = tokio::task::spawn_blocking(move || spool.read(key)).await;
+                let stored = tokio::task::spawn_blocking(move || spool.read(key))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|read| read.map_err(|e| e.to_string()));
                 let parts = match stored {
-                    Ok(Ok(Some(stored))) => {
-                        split_in_two(&stored.entries, stored.events, stored.signal)
-                    }
+                    Ok(Some(stored)) => split_in_two(&stored.entries, stored.events, stored.signal),
                     // Acked meanwhile by a late ack: nothing left to do.
-                    Ok(Ok(None)) => return,
-                    Ok(Err(e)) => {
-                        tracing::warn!(record = key, error = %e, "cannot read a poisoned record back to split it; retrying it as it is");
-                        None
-                    }
+                    Ok(None) => return,
                     Err(e) => {
                         tracing::warn!(record = key, error = %e, "cannot read a poisoned record back to split it; retrying it as it is");
                         None
