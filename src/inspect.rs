@@ -107,7 +107,7 @@ pub async fn run(args: SpoolArgs, config: Config, out: &mut dyn Write) -> Result
     let spool_config = config.spool.clone();
     let opened = tokio::task::spawn_blocking(move || Spool::open(&spool_config))
         .await
-        .map_err(|e| SpoolError::Read(e.to_string()))?;
+        .map_err(|e| SpoolError::Task(e.to_string()))?;
     let (spool, writer) = match (opened, &args.command) {
         (Ok(pair), _) => pair,
         (Err(SpoolError::InUse { .. }), SpoolCommand::Retry) if config.metrics.is_some() => {
@@ -119,7 +119,7 @@ pub async fn run(args: SpoolArgs, config: Config, out: &mut dyn Write) -> Result
     let result = command(&args.command, &spool, out).await;
     tokio::task::spawn_blocking(move || writer.shutdown())
         .await
-        .map_err(|e| SpoolError::Commit(e.to_string()))?;
+        .map_err(|e| SpoolError::Task(e.to_string()))?;
     result
 }
 
@@ -152,32 +152,51 @@ async fn command(
                 "{:>8}  {:<24}  {:<7}  {:>7}  {:>8}  {:>6}  last error",
                 "key", "tag", "signal", "events", "attempts", "age"
             )?;
-            for r in &records {
-                writeln!(
-                    out,
-                    "{:>8}  {:<24}  {:<7}  {:>7}  {:>8}  {:>6}  {}",
-                    r.key,
-                    String::from_utf8_lossy(&r.tag),
-                    r.signal.name(),
-                    r.events,
-                    r.attempts,
-                    age(r.received_ms),
-                    r.last_error.as_deref().unwrap_or("-")
-                )?;
+            let mut rows: Vec<(u64, String)> = records
+                .records
+                .iter()
+                .map(|r| {
+                    let row = format!(
+                        "{:>8}  {:<24}  {:<7}  {:>7}  {:>8}  {:>6}  {}",
+                        r.key,
+                        String::from_utf8_lossy(&r.tag),
+                        r.signal.name(),
+                        r.events,
+                        r.attempts,
+                        age(r.received_ms),
+                        r.last_error.as_deref().unwrap_or("-")
+                    );
+                    (r.key, row)
+                })
+                .collect();
+            rows.extend(records.damaged.iter().map(|d| {
+                let row = format!(
+                    "{:>8}  {:<24}  {:<7}  {:>7}  {:>8}  {:>6}  damaged: {}",
+                    d.key, "-", "-", "-", "-", "-", d.error
+                );
+                (d.key, row)
+            }));
+            rows.sort_by_key(|(key, _)| *key);
+            for (_, row) in rows {
+                writeln!(out, "{row}")?;
             }
         }
         SpoolCommand::Show { key } => {
             let key = *key;
             let record = blocking(spool, move |s| s.read(key))
                 .await?
-                .ok_or(InspectError::NoRecord(key))?;
+                .ok_or(InspectError::NoRecord(key))?
+                .map_err(|d| SpoolError::Damaged {
+                    key,
+                    source: d.error,
+                })?;
             write_events(&record, out)?;
         }
         SpoolCommand::Retry => {
             // Stopped spool: forget the attempt counts; the next start sends everything at once.
             let records = blocking(spool, |s| s.read_from(0, usize::MAX, usize::MAX)).await?;
             let mut cleared = 0u64;
-            for r in records.iter().filter(|r| r.attempts > 0) {
+            for r in records.records.iter().filter(|r| r.attempts > 0) {
                 spool.note_failure(r.key, 0, "attempts cleared by `ackgate spool retry`".into());
                 cleared += 1;
             }
@@ -292,7 +311,7 @@ fn events_json(record: &StoredRecord) -> Vec<serde_json::Value> {
     let mut pos = 0usize;
     let mut index = 0u32;
     if record.signal != Signal::Logs {
-        while let Ok(Some(len)) = value_len(&record.entries[pos..], 64) {
+        while let Ok(Some(len)) = value_len(&record.entries[pos..], crate::forward::MAX_DEPTH) {
             let context = &record.entries[pos..pos + len];
             events.push(json!({
                 "signal": record.signal.name(),
@@ -306,7 +325,7 @@ fn events_json(record: &StoredRecord) -> Vec<serde_json::Value> {
         return events;
     }
     while pos < record.entries.len() {
-        let Ok(len) = entry_len(&record.entries[pos..], index, 64) else {
+        let Ok(len) = entry_len(&record.entries[pos..], index, crate::forward::MAX_DEPTH) else {
             break;
         };
         let entry = &record.entries[pos..pos + len];
@@ -336,7 +355,7 @@ where
     let spool = spool.clone();
     tokio::task::spawn_blocking(move || f(&spool))
         .await
-        .map_err(|e| SpoolError::Read(e.to_string()))?
+        .map_err(|e| SpoolError::Task(e.to_string()))?
         .map_err(InspectError::from)
 }
 

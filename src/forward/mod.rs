@@ -24,3 +24,5 @@ pub mod packed;
 pub mod value;
 
 pub use frame::{Decoded, Frame, FrameDecoder, FrameError, Limits, Mode, Signal};
+/// Deepest msgpack nesting accepted anywhere (senders, the spool, upstream replies).
+pub use value::MAX_DEPTH;

@@ -2,14 +2,28 @@
 //!
 //! Memory holds only what is in flight: records are read from the spool in key order through a
 //! cursor, a small batch at a time; a record whose attempt failed goes back as a (due time,
-//! key) pair and is read again from the spool when due. At start-up the cursor is 0, so every
+//! key) pair and is read again from the spool when due. At start-up the cursor is 1, so every
 //! record left in the spool is sent again with its original chunk id (invariant 3). A record is
 //! handed to one connection at a time, and deleted only when that connection sees its ack
 //! (invariant 2).
+//!
+//! **Invariant 8, as this file keeps it.** Every key in the spool is, at every moment, in
+//! exactly one of: in flight (handed out by [`Dispatcher::take`], not yet acked or given back),
+//! buffered (read ahead, not yet handed out), in the retry heap, at or ahead of the cursor, or
+//! on its way out (its delete, dead letter or split handed to the spool writer, which keeps
+//! such work across failed commits). Every step that moves a record does so only after the
+//! last thing that can fail: a retry is popped only once its read succeeded, the cursor moves
+//! only past keys it read, a poisoned record that cannot be read back or split goes back to
+//! the retry heap, and a record that does not decode becomes a dead letter with the reason
+//! instead of stopping the queue. [`Dispatcher::audit`] checks it against the spool's keys.
+//!
+//! `take` is cancel-safe: it changes nothing before its last await, so a node may drop it to
+//! serve an ack and call it again.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex as SyncMutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,8 +33,8 @@ use tokio::sync::{watch, Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::forward::msgpack::value_len;
-use crate::forward::Signal;
-use crate::spool::{Spool, SpoolError, StoredRecord};
+use crate::forward::{Signal, MAX_DEPTH};
+use crate::spool::{DamagedRecord, ReadBatch, Spool, SpoolError, StoredRecord};
 
 /// Records read from the spool per cursor step.
 const READ_AHEAD_RECORDS: usize = 32;
@@ -56,6 +70,7 @@ pub struct Taken {
     pub record: StoredRecord,
 }
 
+/// The queue proper: guarded by an async lock because reading the spool is awaited.
 struct State {
     /// Next key to read from the spool.
     cursor: u64,
@@ -63,6 +78,13 @@ struct State {
     buffered: VecDeque<StoredRecord>,
     /// Failed records waiting for their retry time: (due, key, failed attempts so far).
     retries: BinaryHeap<Reverse<(Instant, u64, u32)>>,
+}
+
+/// Bookkeeping touched on every ack: a plain lock, never held across an await.
+#[derive(Default)]
+struct Tracking {
+    /// Keys handed out and not yet acked or given back.
+    in_flight: HashSet<u64>,
     /// For each failed record: the ack count when it first failed. If other chunks were acked
     /// since, the pipeline works and this record is the problem (poison), not the network.
     first_failure: HashMap<u64, u64>,
@@ -78,10 +100,38 @@ pub struct PoisonPolicy {
     pub max_age: Option<Duration>,
 }
 
+/// Where every queued key is, for [`Dispatcher::audit`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Audit {
+    pub in_flight: Vec<u64>,
+    pub buffered: Vec<u64>,
+    pub retrying: Vec<u64>,
+    pub cursor: u64,
+}
+
+impl Audit {
+    /// Keys of `spool_keys` that are in none of the places (invariant 8): must be empty.
+    pub fn stranded(&self, spool_keys: &[u64]) -> Vec<u64> {
+        let placed: HashSet<u64> = self
+            .in_flight
+            .iter()
+            .chain(&self.buffered)
+            .chain(&self.retrying)
+            .copied()
+            .collect();
+        spool_keys
+            .iter()
+            .copied()
+            .filter(|k| *k < self.cursor && !placed.contains(k))
+            .collect()
+    }
+}
+
 /// The shared queue.
 pub struct Dispatcher {
     spool: Spool,
     state: Mutex<State>,
+    tracking: SyncMutex<Tracking>,
     /// Wakes idle connections when a retry is queued.
     requeued: Notify,
     pub backoff: Backoff,
@@ -99,8 +149,8 @@ impl Dispatcher {
                 cursor: 1,
                 buffered: VecDeque::new(),
                 retries: BinaryHeap::new(),
-                first_failure: HashMap::new(),
             }),
+            tracking: SyncMutex::new(Tracking::default()),
             requeued: Notify::new(),
             backoff,
             policy,
@@ -108,10 +158,26 @@ impl Dispatcher {
         }
     }
 
+    fn tracking(&self) -> MutexGuard<'_, Tracking> {
+        self.tracking.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The record left the queue for good (acked, split, dead-lettered, expired).
+    fn forget(&self, key: u64) {
+        let mut tracking = self.tracking();
+        tracking.in_flight.remove(&key);
+        tracking.first_failure.remove(&key);
+    }
+
     /// An upstream ack deleted the record.
     pub fn acked(&self, sent: &Sent) {
         self.acks.fetch_add(1, Ordering::AcqRel);
+        self.forget(sent.key);
         self.spool.delete(sent.key, sent.stored_len);
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
     }
 
     /// Whether `record` is past `max_age` (then it was moved to the dead letters).
@@ -128,122 +194,204 @@ impl Dispatcher {
             record.attempts,
             record.last_error.as_deref().unwrap_or("none")
         );
-        tracing::error!(record = record.key, events = record.events, %reason, "moving record to dead letters");
-        crate::metrics::metrics().dead_letters.inc();
-        self.spool
-            .dead_letter(record.key, record.stored_len(), reason, String::new());
+        self.move_to_dead_letters(record.key, record.events, record.stored_len(), reason, "");
         true
     }
 
-    pub fn spool(&self) -> &Spool {
-        &self.spool
+    /// A record that does not decode is kept as a dead letter with the reason; the queue goes
+    /// on with the next one.
+    fn dead_letter_damaged(&self, damaged: DamagedRecord) {
+        let reason = format!("the stored record does not decode: {}", damaged.error);
+        self.move_to_dead_letters(damaged.key, 0, damaged.stored_len, reason, "");
+    }
+
+    fn move_to_dead_letters(
+        &self,
+        key: u64,
+        events: u32,
+        stored_len: u64,
+        reason: String,
+        node: &str,
+    ) {
+        tracing::error!(record = key, events, node, %reason, "moving record to dead letters");
+        crate::metrics::metrics().dead_letters.inc();
+        self.forget(key);
+        self.spool
+            .dead_letter(key, stored_len, reason, node.to_string());
+    }
+
+    fn hand_out(&self, record: StoredRecord) -> Option<Taken> {
+        self.tracking().in_flight.insert(record.key);
+        Some(Taken { record })
+    }
+
+    async fn read_one(
+        &self,
+        key: u64,
+    ) -> Result<Option<Result<StoredRecord, DamagedRecord>>, SpoolError> {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || spool.read(key))
+            .await
+            .map_err(|e| SpoolError::Task(e.to_string()))?
+    }
+
+    async fn read_batch(&self, from: u64) -> Result<ReadBatch, SpoolError> {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || {
+            spool.read_from(from, READ_AHEAD_RECORDS, READ_AHEAD_BYTES)
+        })
+        .await
+        .map_err(|e| SpoolError::Task(e.to_string()))?
     }
 
     /// Take the next record to send, if one is ready now: due retries first, then new ones.
+    /// On a spool error nothing moved: every record is where it was.
     pub async fn take(&self) -> Result<Option<Taken>, SpoolError> {
         let mut state = self.state.lock().await;
-        let now = Instant::now();
-        while let Some(Reverse((due, key, attempts))) = state.retries.peek().copied() {
-            if due > now {
-                break;
-            }
-            state.retries.pop();
-            let spool = self.spool.clone();
-            let record = tokio::task::spawn_blocking(move || spool.read(key))
-                .await
-                .map_err(|e| SpoolError::Read(e.to_string()))??;
-            match record {
-                Some(mut record) => {
-                    // The failure count on disk is written lazily; memory is ahead of it.
-                    record.attempts = record.attempts.max(attempts);
-                    if self.expire(&record) {
-                        state.first_failure.remove(&key);
-                        continue;
-                    }
-                    return Ok(Some(Taken { record }));
-                }
-                // Deleted meanwhile (acked by a late ack on another path): nothing to resend.
-                None => continue,
-            }
+        if let Some(taken) = self.take_due_retry(&mut state).await? {
+            return Ok(Some(taken));
         }
         if state.buffered.is_empty() {
-            let committed = *self.spool.subscribe().borrow();
-            if committed >= state.cursor {
-                let spool = self.spool.clone();
-                let from = state.cursor;
-                let batch = tokio::task::spawn_blocking(move || {
-                    spool.read_from(from, READ_AHEAD_RECORDS, READ_AHEAD_BYTES)
-                })
-                .await
-                .map_err(|e| SpoolError::Read(e.to_string()))??;
-                if let Some(last) = batch.last() {
-                    state.cursor = last.key + 1;
-                } else {
-                    state.cursor = state.cursor.max(committed + 1);
-                }
-                state.buffered.extend(batch);
-            }
+            self.read_ahead(&mut state).await?;
         }
         while let Some(record) = state.buffered.pop_front() {
             if !self.expire(&record) {
-                return Ok(Some(Taken { record }));
+                return Ok(self.hand_out(record));
             }
         }
         Ok(None)
     }
 
-    /// Give a record back after a failed attempt; it is due again after a backoff delay.
-    /// A record that keeps failing while other chunks are acked is split in two, or, holding
-    /// a single event, moved to the dead letters: never retried silently forever.
-    pub async fn requeue(&self, record: &Sent, attempts: u32, error: &str, node: &str) {
-        let acks = self.acks.load(Ordering::Acquire);
-        let mut state = self.state.lock().await;
-        let first = *state.first_failure.entry(record.key).or_insert(acks);
-        let poisoned = attempts >= self.policy.split_after_attempts && acks > first;
-        if poisoned {
-            state.first_failure.remove(&record.key);
-            drop(state);
-            if record.events > 1 {
-                // Nodes keep no bytes of what they sent: read the record back to split it.
-                let spool = self.spool.clone();
-                let key = record.key;
-                let stored = tokio::task::spawn_blocking(move || spool.read(key))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|read| read.map_err(|e| e.to_string()));
-                let parts = match stored {
-                    Ok(Some(stored)) => split_in_two(&stored.entries, stored.events, stored.signal),
-                    // Acked meanwhile by a late ack: nothing left to do.
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::warn!(record = key, error = %e, "cannot read a poisoned record back to split it; retrying it as it is");
-                        None
+    async fn take_due_retry(&self, state: &mut State) -> Result<Option<Taken>, SpoolError> {
+        let now = Instant::now();
+        while let Some(Reverse((due, key, attempts))) = state.retries.peek().copied() {
+            if due > now {
+                break;
+            }
+            // Popped only once read: a failed read leaves it at the top of the heap.
+            let found = self.read_one(key).await?;
+            state.retries.pop();
+            match found {
+                // Deleted meanwhile (split, or acked by a late ack): nothing to resend.
+                None => self.forget(key),
+                Some(Err(damaged)) => self.dead_letter_damaged(damaged),
+                Some(Ok(mut record)) => {
+                    // The failure count on disk is written lazily; memory is ahead of it.
+                    record.attempts = record.attempts.max(attempts);
+                    if !self.expire(&record) {
+                        return Ok(self.hand_out(record));
                     }
-                };
-                if let Some(parts) = parts {
-                    tracing::warn!(record = record.key, events = record.events, attempts, node, %error,
-                        "record not acked after repeated attempts while other chunks were: splitting it in two");
-                    crate::metrics::metrics().splits.inc();
-                    let _ = self.spool.split(record.key, parts).await;
-                    self.requeued.notify_waiters();
-                    return;
                 }
             }
-            let reason = format!(
-                "not acked after {attempts} attempts while other chunks were acked (the aggregator drops it: chunk_size_limit? invalid event?); last error: {error}"
-            );
-            tracing::error!(record = record.key, events = record.events, node, %reason, "moving record to dead letters");
-            crate::metrics::metrics().dead_letters.inc();
-            self.spool
-                .dead_letter(record.key, record.stored_len, reason, node.to_string());
+        }
+        Ok(None)
+    }
+
+    /// Read the next batch at the cursor; the cursor moves only past what was read.
+    async fn read_ahead(&self, state: &mut State) -> Result<(), SpoolError> {
+        let committed = *self.spool.subscribe().borrow();
+        if committed < state.cursor {
+            return Ok(());
+        }
+        let batch = self.read_batch(state.cursor).await?;
+        state.cursor = match batch.last_key() {
+            Some(last) => last + 1,
+            // Everything up to `committed` was deleted meanwhile.
+            None => state.cursor.max(committed + 1),
+        };
+        for damaged in batch.damaged {
+            self.dead_letter_damaged(damaged);
+        }
+        state.buffered.extend(batch.records);
+        Ok(())
+    }
+
+    /// Give a record back after a failed attempt; it is due again after a backoff delay.
+    /// A record that keeps failing while other chunks are acked is split in two, or, holding
+    /// a single event, moved to the dead letters: never retried silently forever. If it can be
+    /// neither read back nor split now, it is retried as it is.
+    pub async fn requeue(&self, record: &Sent, attempts: u32, error: &str, node: &str) {
+        let acks = self.acks.load(Ordering::Acquire);
+        let first = *self
+            .tracking()
+            .first_failure
+            .entry(record.key)
+            .or_insert(acks);
+        let poisoned = attempts >= self.policy.split_after_attempts && acks > first;
+        if poisoned && self.settle_poisoned(record, attempts, error, node).await {
             return;
         }
         let due = Instant::now() + self.backoff.delay(attempts);
         self.spool
             .note_failure(record.key, attempts, error.to_string());
+        let mut state = self.state.lock().await;
         state.retries.push(Reverse((due, record.key, attempts)));
+        self.tracking().in_flight.remove(&record.key);
         drop(state);
         self.requeued.notify_waiters();
+    }
+
+    /// Split a poisoned record or dead-letter it. Returns whether it left the queue.
+    async fn settle_poisoned(&self, record: &Sent, attempts: u32, error: &str, node: &str) -> bool {
+        if record.events > 1 {
+            // Nodes keep no bytes of what they sent: read the record back to split it.
+            let stored = match self.read_one(record.key).await {
+                Ok(Some(Ok(stored))) => stored,
+                Ok(Some(Err(damaged))) => {
+                    self.dead_letter_damaged(damaged);
+                    return true;
+                }
+                // Gone meanwhile (a late ack): nothing left to do.
+                Ok(None) => {
+                    self.forget(record.key);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(record = record.key, error = %e, "cannot read a poisoned record back to split it; retrying it as it is");
+                    return false;
+                }
+            };
+            if let Some(parts) = split_in_two(&stored.entries, stored.events, stored.signal) {
+                return self.split(record, parts, attempts, error, node).await;
+            }
+        }
+        let reason = format!(
+            "not acked after {attempts} attempts while other chunks were acked (the aggregator drops it: chunk_size_limit? invalid event?); last error: {error}"
+        );
+        self.move_to_dead_letters(record.key, record.events, record.stored_len, reason, node);
+        true
+    }
+
+    async fn split(
+        &self,
+        record: &Sent,
+        parts: Vec<(u32, Bytes)>,
+        attempts: u32,
+        error: &str,
+        node: &str,
+    ) -> bool {
+        tracing::warn!(record = record.key, events = record.events, attempts, node, %error,
+            "record not acked after repeated attempts while other chunks were: splitting it in two");
+        match self.spool.split(record.key, parts).await {
+            // The parts have new keys, ahead of the cursor.
+            Ok(Ok(_)) => {
+                crate::metrics::metrics().splits.inc();
+                self.forget(record.key);
+                self.requeued.notify_waiters();
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(record = record.key, error = %e, "cannot split a poisoned record; retrying it as it is");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    record = record.key,
+                    "spool writer gone while splitting a poisoned record; retrying it as it is"
+                );
+                false
+            }
+        }
     }
 
     /// Make every record waiting for a retry due now (`ackgate spool retry`). Returns how many.
@@ -267,7 +415,26 @@ impl Dispatcher {
         state
             .retries
             .push(Reverse((Instant::now(), record.key, record.attempts)));
+        self.tracking().in_flight.remove(&record.key);
         self.requeued.notify_waiters();
+    }
+
+    /// Where every key is now (invariant 8): compare with [`Spool::keys`] once the spool is
+    /// flushed, with [`Audit::stranded`].
+    pub async fn audit(&self) -> Audit {
+        let state = self.state.lock().await;
+        let mut in_flight: Vec<u64> = self.tracking().in_flight.iter().copied().collect();
+        in_flight.sort_unstable();
+        Audit {
+            in_flight,
+            buffered: state.buffered.iter().map(|r| r.key).collect(),
+            retrying: state
+                .retries
+                .iter()
+                .map(|Reverse((_, key, _))| *key)
+                .collect(),
+            cursor: state.cursor,
+        }
     }
 
     /// Wait until [`Dispatcher::take`] may have something: a new commit, a requeue, or a
@@ -294,12 +461,7 @@ impl Dispatcher {
                     }
                 }
                 _ = requeued => {}
-                _ = async {
-                    match next_due {
-                        Some(due) => tokio::time::sleep_until(due).await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
+                _ = crate::clock::sleep_until_opt(next_due) => {}
             }
         }
     }
@@ -339,8 +501,8 @@ fn split_in_two(entries: &Bytes, events: u32, signal: Signal) -> Option<Vec<(u32
     for index in 0..half {
         let rest = &entries[pos..];
         pos += match signal {
-            Signal::Logs => crate::forward::entries::entry_len(rest, index, 64).ok()?,
-            Signal::Metrics | Signal::Traces => value_len(rest, 64).ok().flatten()?,
+            Signal::Logs => crate::forward::entries::entry_len(rest, index, MAX_DEPTH).ok()?,
+            Signal::Metrics | Signal::Traces => value_len(rest, MAX_DEPTH).ok().flatten()?,
         };
     }
     if pos == 0 || pos >= entries.len() {
@@ -355,6 +517,307 @@ fn split_in_two(entries: &Bytes, events: u32, signal: Signal) -> Option<Vec<(u32
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::fault::Faults;
+    use crate::spool::testing::{append, config, entry, overwrite_record, stop, WAIT};
+    use crate::spool::SpoolWriter;
+    use tokio::time::timeout;
+
+    const QUICK: Backoff = Backoff {
+        initial: Duration::from_millis(1),
+        max: Duration::from_millis(2),
+    };
+
+    fn dispatcher(spool: &Spool, split_after_attempts: u32) -> Dispatcher {
+        let policy = PoisonPolicy {
+            split_after_attempts,
+            max_age: None,
+        };
+        Dispatcher::new(spool.clone(), QUICK, policy)
+    }
+
+    /// Spool `n` records of `events` entries each (tags differ, so none are merged).
+    async fn spool_records(spool: &Spool, n: u8, events: u32) -> Vec<u64> {
+        let mut keys = Vec::new();
+        for i in 0..n {
+            let entries = entry(i).repeat(events as usize);
+            keys.push(
+                append(spool, &format!("t{i}"), &entries, events)
+                    .await
+                    .unwrap(),
+            );
+        }
+        keys
+    }
+
+    /// Invariant 8, checked: with the spool flushed, every key it holds has a place.
+    async fn assert_every_record_placed(dispatcher: &Dispatcher) {
+        timeout(WAIT, dispatcher.spool().flush())
+            .await
+            .unwrap()
+            .unwrap();
+        let spool = dispatcher.spool().clone();
+        let keys = tokio::task::spawn_blocking(move || spool.keys())
+            .await
+            .unwrap()
+            .unwrap();
+        let audit = dispatcher.audit().await;
+        assert_eq!(
+            audit.stranded(&keys),
+            Vec::<u64>::new(),
+            "stranded records: {audit:?}"
+        );
+    }
+
+    async fn take_some(dispatcher: &Dispatcher) -> StoredRecord {
+        let taken = timeout(WAIT, dispatcher.take()).await.unwrap().unwrap();
+        taken.expect("a record is due").record
+    }
+
+    /// Take until a due record comes (retries fall due after QUICK's few ms).
+    async fn take_eventually(dispatcher: &Dispatcher) -> StoredRecord {
+        timeout(WAIT, async {
+            loop {
+                if let Some(taken) = dispatcher.take().await.unwrap() {
+                    return taken.record;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn drain(dispatcher: &Dispatcher) -> Vec<StoredRecord> {
+        let mut all = Vec::new();
+        while let Some(taken) = timeout(WAIT, dispatcher.take()).await.unwrap().unwrap() {
+            dispatcher.acked(&Sent::of(&taken.record));
+            all.push(taken.record);
+        }
+        all
+    }
+
+    async fn reopen_cold(
+        dir: &tempfile::TempDir,
+        writer: SpoolWriter,
+        faults: &std::sync::Arc<Faults>,
+    ) -> (Spool, SpoolWriter) {
+        stop(writer).await;
+        Spool::open_faulty(&config(dir), faults.clone()).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_read_ahead_that_fails_leaves_the_cursor_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults::new();
+        let (spool, writer) = Spool::open_faulty(&config(&dir), faults.clone()).unwrap();
+        spool_records(&spool, 6, 20_000).await;
+        drop(spool);
+        // A cold cache, so that reads reach the failing file.
+        let (spool, writer) = reopen_cold(&dir, writer, &faults).await;
+        let d = dispatcher(&spool, 10);
+        faults.fail_reads(libc::EIO);
+        // The spool retries its reopen for a few seconds, then the read reports failure.
+        let failed = timeout(WAIT, d.take()).await.unwrap();
+        assert!(
+            failed.is_err(),
+            "a read on a failing disk must fail: {failed:?}"
+        );
+        assert!(faults.failures() > 0);
+        let audit = d.audit().await;
+        assert_eq!((audit.cursor, audit.buffered.len()), (1, 0), "{audit:?}");
+        faults.fail_reads(0);
+        assert_every_record_placed(&d).await;
+        assert_eq!(drain(&d).await.len(), 6, "every record still goes out");
+        stop(writer).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_retry_whose_read_fails_stays_in_the_heap() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults::new();
+        let (spool, writer) = Spool::open_faulty(&config(&dir), faults.clone()).unwrap();
+        spool_records(&spool, 3, 20_000).await;
+        drop(spool);
+        let (spool, writer) = reopen_cold(&dir, writer, &faults).await;
+        let d = dispatcher(&spool, 10);
+        let mut taken = Vec::new();
+        for _ in 0..3 {
+            taken.push(take_some(&d).await);
+        }
+        for record in &taken {
+            d.requeue(&Sent::of(record), 1, "connection reset", "agg")
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // With the retries due (each record is larger than the cache, so the first is no
+        // longer in it).
+        let audit_before = d.audit().await;
+        assert_eq!(audit_before.retrying.len(), 3);
+        faults.fail_reads(libc::EIO);
+        let result = timeout(WAIT, d.take()).await.unwrap();
+        faults.fail_reads(0);
+        // Whether the read failed (the heap is untouched) or waited out the fault, nothing is
+        // lost from the queue.
+        if result.is_err() {
+            assert_eq!(
+                d.audit().await.retrying.len(),
+                3,
+                "a failed read popped a retry"
+            );
+        }
+        assert_every_record_placed(&d).await;
+        let mut left = 3 - usize::from(matches!(result, Ok(Some(_))));
+        if let Ok(Some(t)) = result {
+            d.acked(&Sent::of(&t.record));
+        }
+        while left > 0 {
+            let record = take_eventually(&d).await;
+            d.acked(&Sent::of(&record));
+            left -= 1;
+        }
+        assert_every_record_placed(&d).await;
+        stop(writer).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_poisoned_record_whose_split_fails_is_retried_then_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults::new();
+        let (spool, writer) = Spool::open_faulty(&config(&dir), faults.clone()).unwrap();
+        spool_records(&spool, 2, 4).await;
+        let d = dispatcher(&spool, 1);
+        let poison = take_some(&d).await;
+        let good = take_some(&d).await;
+        d.requeue(&Sent::of(&poison), 1, "not acked", "agg").await;
+        d.acked(&Sent::of(&good));
+        let again = take_eventually(&d).await;
+        assert_eq!(again.key, poison.key);
+        // Now it counts as poison (others were acked since it first failed): its split is
+        // committed while the disk fails, so the split fails, and it must stay queued.
+        faults.fail_writes(libc::EIO);
+        d.requeue(&Sent::of(&again), 2, "not acked", "agg").await;
+        faults.fail_writes(0);
+        assert_every_record_placed(&d).await;
+        let audit = d.audit().await;
+        assert!(
+            audit.retrying.contains(&poison.key) || audit.cursor <= poison.key || {
+                // Or the split went through after all (the failure hit another write).
+                let spool = spool.clone();
+                let keys = tokio::task::spawn_blocking(move || spool.keys())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                !keys.contains(&poison.key)
+            },
+            "{audit:?}"
+        );
+        // Fails again with the disk healthy: split in two, the parts carry all 4 events.
+        let mut events = 0;
+        let mut guard = 0;
+        while events < 4 {
+            guard += 1;
+            assert!(guard < 100, "never split");
+            let record = take_eventually(&d).await;
+            if record.key == poison.key {
+                d.requeue(&Sent::of(&record), 3, "not acked", "agg").await;
+            } else {
+                events += record.events;
+                d.acked(&Sent::of(&record));
+            }
+        }
+        assert_eq!(events, 4);
+        assert!(d.tracking().first_failure.is_empty(), "first_failure leaks");
+        assert_every_record_placed(&d).await;
+        stop(writer).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_damaged_record_is_dead_lettered_and_the_others_flow() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(&dir);
+        let (spool, writer) = Spool::open(&config).unwrap();
+        let keys = spool_records(&spool, 5, 3).await;
+        drop(spool);
+        stop(writer).await;
+        overwrite_record(&config.path, keys[2], &[1, 2, 3]);
+        let (spool, writer) = Spool::open(&config).unwrap();
+        let d = dispatcher(&spool, 10);
+        let delivered: Vec<u64> = drain(&d).await.iter().map(|r| r.key).collect();
+        assert_eq!(delivered, vec![keys[0], keys[1], keys[3], keys[4]]);
+        timeout(WAIT, spool.flush()).await.unwrap().unwrap();
+        let dead = spool.dead_letters(0, 10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(
+            dead[0].reason.contains("does not decode"),
+            "{}",
+            dead[0].reason
+        );
+        assert_eq!(dead[0].payload, vec![1, 2, 3]);
+        assert!(spool.keys().unwrap().is_empty());
+        stop(writer).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_ack_forgets_the_first_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, writer) = Spool::open(&config(&dir)).unwrap();
+        spool_records(&spool, 1, 2).await;
+        let d = dispatcher(&spool, 5);
+        let record = take_some(&d).await;
+        d.requeue(&Sent::of(&record), 1, "reset", "agg").await;
+        let again = take_eventually(&d).await;
+        d.acked(&Sent::of(&again));
+        assert!(d.tracking().first_failure.is_empty());
+        assert!(d.tracking().in_flight.is_empty());
+        stop(writer).await;
+    }
+
+    /// Random takes, requeues, acks and put-backs: after each step every record has a place.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_record_has_a_place_whatever_the_order_of_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, writer) = Spool::open(&config(&dir)).unwrap();
+        spool_records(&spool, 20, 2).await;
+        let d = dispatcher(&spool, 3);
+        let mut rng = rand::rng();
+        let mut held: Vec<StoredRecord> = Vec::new();
+        for step in 0..300 {
+            match rng.random_range(0..4) {
+                0 | 1 => {
+                    if let Some(t) = timeout(WAIT, d.take()).await.unwrap().unwrap() {
+                        held.push(t.record);
+                    }
+                }
+                2 if !held.is_empty() => {
+                    let r = held.swap_remove(rng.random_range(0..held.len()));
+                    d.requeue(&Sent::of(&r), r.attempts + 1, "random", "agg")
+                        .await;
+                }
+                3 if !held.is_empty() => {
+                    let r = held.swap_remove(rng.random_range(0..held.len()));
+                    if rng.random_bool(0.8) {
+                        d.acked(&Sent::of(&r));
+                    } else {
+                        d.put_back(r).await;
+                    }
+                }
+                _ => {}
+            }
+            if step % 10 == 0 {
+                assert_every_record_placed(&d).await;
+            }
+        }
+        for r in held {
+            d.acked(&Sent::of(&r));
+        }
+        while !d.spool().keys().unwrap().is_empty() {
+            let r = take_eventually(&d).await;
+            d.acked(&Sent::of(&r));
+            timeout(WAIT, d.spool().flush()).await.unwrap().unwrap();
+        }
+        assert_every_record_placed(&d).await;
+        stop(writer).await;
+    }
 
     #[test]
     fn split_in_two_cuts_on_entry_boundaries() {

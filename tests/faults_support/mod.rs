@@ -803,9 +803,16 @@ pub fn snapshot_spool(path: &Path) -> Result<SpoolSnapshot, String> {
         .map_err(|e| format!("spool config: {e}"))?;
     let (spool, writer) = ackgate::spool::Spool::open(&config).map_err(|e| format!("open: {e}"))?;
     let read = (|| {
-        let records = spool
+        let batch = spool
             .read_from(1, usize::MAX, usize::MAX)
             .map_err(|e| format!("read records: {e}"))?;
+        if let Some(damaged) = batch.damaged.first() {
+            return Err(format!(
+                "record {} does not decode: {}",
+                damaged.key, damaged.error
+            ));
+        }
+        let records = batch.records;
         let dead = spool
             .dead_letters(1, usize::MAX)
             .map_err(|e| format!("read dead letters: {e}"))?;

@@ -1,0 +1,595 @@
+//! The spool writer thread: the one owner of redb writes.
+//!
+//! Each wake-up takes every command waiting (up to `group_commit_bytes` of requests), writes
+//! them in one transaction ([`super::group`]), commits once, and only then answers the waiting
+//! connections, which only then ack their senders (invariant 1). Maintenance (deletes after
+//! acks, retry notes, dead letters) rides in the next group commit; with no ingest it is
+//! committed within [`LAZY_FLUSH`], without fsync, and made durable by the next group commit or
+//! an idle flush after [`IDLE_FLUSH`].
+//!
+//! Failure paths, each recovered from without a restart (invariant 9):
+//! - **disk full** (ENOSPC/EDQUOT on a group with requests): the requests are held unacked,
+//!   ingress gets no budget (backpressure), the disk reserve is released so deletes can still
+//!   commit, and the held requests are retried after every commit of deletes until they fit;
+//! - **any other failed commit**: redb's commit is final and its handle refuses further work,
+//!   so the group's requests are answered with the error (no ack; the sender resends), the
+//!   handle is reopened and the counters reloaded from the file;
+//! - **a handle poisoned before the group touched it** (a reader's I/O error): nothing of the
+//!   group was written, so it is written again once on the reopened handle;
+//! - **a reader asks for a reopen** ([`Command::Reopen`]): done unless someone reopened since.
+//!
+//! Maintenance that nobody waits for (a delete, a dead letter) is never dropped by a failed
+//! commit: it stays pending and goes with the next one (invariant 8).
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase};
+use tokio::sync::oneshot;
+
+use super::error::SpoolError;
+use super::group::{self, Applied, Failed, Group, Outcome, Stage};
+use super::reserve::DiskReserve;
+use super::store::{Counters, RECORDS};
+use super::Shared;
+use crate::clock::now_ms;
+use crate::forward::frame::Signal;
+
+/// Longest a delete waits for a group commit to ride in before it is committed on its own.
+pub const LAZY_FLUSH: Duration = Duration::from_millis(100);
+/// Longest that non-durable delete commits wait for a group commit to make them durable.
+const IDLE_FLUSH: Duration = Duration::from_secs(2);
+/// How long a held group waits before its commit is tried again.
+const DISK_FULL_RETRY: Duration = Duration::from_millis(500);
+/// Attempts of one reopen, and the delays between them (doubling): ~4.5 s in all, so the
+/// writer keeps answering (shutdown included); a spool that did not open is tried again at the
+/// next group or read.
+const REOPEN_TRIES: u32 = 8;
+const REOPEN_FIRST_DELAY: Duration = Duration::from_millis(50);
+const REOPEN_MAX_DELAY: Duration = Duration::from_secs(1);
+
+pub(super) enum Command {
+    Append(Append),
+    Maintenance(Maintenance),
+    /// A reader found the handle of this generation poisoned.
+    Reopen {
+        generation: u64,
+    },
+    Shutdown(oneshot::Sender<()>),
+    /// Unit tests: make the writer thread die as a bug would.
+    #[cfg(test)]
+    Panic,
+}
+
+/// A request handed over by a connection, answered with its record key once committed.
+pub(super) struct Append {
+    pub signal: Signal,
+    pub tag: Bytes,
+    pub entries: Bytes,
+    pub events: u32,
+    pub received_ms: u64,
+    /// Bytes reserved in the budget for this request (given back if it fails).
+    pub reserved: u64,
+    pub reply: oneshot::Sender<Result<u64, SpoolError>>,
+}
+
+/// Work that rides in the next group commit (or a lazy flush). The first four are
+/// fire-and-forget: losing them in a crash costs a duplicate or a retry, never data. The
+/// others are answered once committed.
+pub(super) enum Maintenance {
+    Delete(u64),
+    Failure {
+        key: u64,
+        attempts: u32,
+        error: String,
+    },
+    DeadLetter {
+        key: u64,
+        reason: String,
+        origin: String,
+    },
+    Reject {
+        origin: String,
+        reason: String,
+        bytes: Bytes,
+    },
+    Split {
+        key: u64,
+        parts: Vec<(u32, Bytes)>,
+        reply: oneshot::Sender<Result<Vec<u64>, SpoolError>>,
+    },
+    Requeue {
+        id: u64,
+        reply: oneshot::Sender<Result<Option<u64>, SpoolError>>,
+    },
+    Purge {
+        reply: oneshot::Sender<Result<u64, SpoolError>>,
+    },
+    /// Commit whatever is pending, durably.
+    Flush {
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+}
+
+impl Maintenance {
+    /// Someone waits for the answer: commit it durably and soon.
+    fn is_urgent(&self) -> bool {
+        matches!(
+            self,
+            Maintenance::Split { .. }
+                | Maintenance::Requeue { .. }
+                | Maintenance::Purge { .. }
+                | Maintenance::Flush { .. }
+        )
+    }
+
+    /// The record this removes whose bytes the budget already gave back.
+    fn released_key(&self) -> Option<u64> {
+        match self {
+            Maintenance::Delete(key) | Maintenance::DeadLetter { key, .. } => Some(*key),
+            _ => None,
+        }
+    }
+
+    fn answer(self, outcome: Outcome) {
+        match (self, outcome) {
+            (Maintenance::Split { key, reply, .. }, Outcome::Split(result)) => {
+                let _ = reply.send(result.map_err(|source| SpoolError::Damaged { key, source }));
+            }
+            (Maintenance::Requeue { reply, .. }, Outcome::Requeued(key)) => {
+                let _ = reply.send(Ok(key));
+            }
+            (Maintenance::Purge { reply }, Outcome::Purged(count)) => {
+                let _ = reply.send(Ok(count));
+            }
+            (Maintenance::Flush { reply }, _) => {
+                let _ = reply.send(Ok(()));
+            }
+            _ => {}
+        }
+    }
+
+    /// The commit carrying this failed: answer it with the error, or keep it for the next one.
+    fn fail(self, error: &SpoolError) -> Option<Maintenance> {
+        match self {
+            Maintenance::Split { reply, .. } => {
+                let _ = reply.send(Err(error.clone()));
+                None
+            }
+            Maintenance::Requeue { reply, .. } => {
+                let _ = reply.send(Err(error.clone()));
+                None
+            }
+            Maintenance::Purge { reply } => {
+                let _ = reply.send(Err(error.clone()));
+                None
+            }
+            Maintenance::Flush { reply } => {
+                let _ = reply.send(Err(error.clone()));
+                None
+            }
+            kept => Some(kept),
+        }
+    }
+}
+
+impl Append {
+    fn fail(self, shared: &Shared, error: SpoolError) {
+        shared.budget.refund(self.reserved);
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+/// How the writer thread ended when nobody made it panic.
+pub(super) enum Stopped {
+    /// [`Command::Shutdown`]: everything pending was committed (or answered).
+    Shutdown,
+    /// Every handle was dropped.
+    Disconnected,
+}
+
+/// What one wake-up collected.
+struct Batch {
+    appends: Vec<Append>,
+    shutdown: Option<oneshot::Sender<()>>,
+    reopen: Option<u64>,
+}
+
+/// The single writer: state that only the writer thread touches.
+pub(super) struct Writer {
+    pub shared: Arc<Shared>,
+    pub commands: mpsc::Receiver<Command>,
+    pub counters: Counters,
+    pub dead_max_bytes: u64,
+    pub group_bytes: u64,
+    pub reserve: DiskReserve,
+    pub pending: Vec<Maintenance>,
+    /// Since when the oldest pending maintenance waits.
+    pub oldest_pending: Option<Instant>,
+    /// Pending maintenance that someone waits for: committed durably.
+    pub pending_urgent: bool,
+    /// Requests whose commit failed because the disk was full: kept, unacked, and retried once
+    /// deletes have freed space. While any are held, ingress gets no budget (backpressure).
+    pub held: Vec<Append>,
+    /// Since when deletes were committed without fsync (`Durability::None`).
+    pub unflushed_since: Option<Instant>,
+    /// What those non-durable commits carried: a reopen discards them (they only become
+    /// durable with the next durable commit), so they are applied again after one.
+    pub unflushed: Vec<Maintenance>,
+}
+
+impl Writer {
+    pub(super) fn run(mut self) -> Stopped {
+        loop {
+            let first = match self.next_command() {
+                Ok(first) => first,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.commit_group(Vec::new(), true);
+                    return Stopped::Disconnected;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+            };
+            let batch = self.collect(first);
+            if let Some(generation) = batch.reopen {
+                if self.shared.store.generation() == generation {
+                    self.reopen("a read found the spool handle failed");
+                }
+            }
+            let appends = self.with_held(batch.appends);
+            let shutting_down = batch.shutdown.is_some();
+            let idle_flush = self
+                .unflushed_since
+                .is_some_and(|since| since.elapsed() >= IDLE_FLUSH);
+            let due = self
+                .oldest_pending
+                .is_some_and(|since| since.elapsed() >= LAZY_FLUSH);
+            if !appends.is_empty() || due || shutting_down || idle_flush {
+                // Requests are acked on this commit: durable. Deletes and retry notes alone
+                // are not worth an fsync of their own: they ride in the next durable commit.
+                let durable =
+                    !appends.is_empty() || shutting_down || idle_flush || self.pending_urgent;
+                self.commit_group(appends, durable);
+            }
+            if let Some(reply) = batch.shutdown {
+                self.finish(reply);
+                return Stopped::Shutdown;
+            }
+        }
+    }
+
+    /// Wait for the next command, or until pending work is due.
+    fn next_command(&mut self) -> Result<Option<Command>, mpsc::RecvTimeoutError> {
+        let patience = match (&self.oldest_pending, self.held.is_empty()) {
+            (Some(since), true) => Some((*since, LAZY_FLUSH)),
+            (Some(since), false) => Some((*since, DISK_FULL_RETRY.min(LAZY_FLUSH))),
+            (None, false) => Some((Instant::now(), DISK_FULL_RETRY)),
+            (None, true) => self.unflushed_since.map(|since| (since, IDLE_FLUSH)),
+        };
+        match patience {
+            Some((since, patience)) => {
+                let wait = patience.saturating_sub(since.elapsed());
+                self.commands.recv_timeout(wait).map(Some)
+            }
+            None => self
+                .commands
+                .recv()
+                .map(Some)
+                .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        }
+    }
+
+    /// Take `first` and whatever else is waiting, up to `group_bytes` of requests.
+    fn collect(&mut self, first: Option<Command>) -> Batch {
+        let mut batch = Batch {
+            appends: Vec::new(),
+            shutdown: None,
+            reopen: None,
+        };
+        let mut group = 0u64;
+        let mut next = first;
+        while let Some(command) = next.take() {
+            match command {
+                Command::Append(append) => {
+                    group += append.entries.len() as u64;
+                    batch.appends.push(append);
+                }
+                Command::Maintenance(work) => self.queue(work),
+                Command::Reopen { generation } => batch.reopen = Some(generation),
+                Command::Shutdown(reply) => {
+                    batch.shutdown = Some(reply);
+                    break;
+                }
+                #[cfg(test)]
+                Command::Panic => panic!("writer thread told to panic by a unit test"),
+            }
+            if group >= self.group_bytes {
+                break;
+            }
+            next = self.commands.try_recv().ok();
+        }
+        batch
+    }
+
+    fn queue(&mut self, work: Maintenance) {
+        let urgent = work.is_urgent();
+        self.pending.push(work);
+        self.pending_urgent |= urgent;
+        let since = self.oldest_pending.get_or_insert_with(Instant::now);
+        if urgent {
+            // Someone waits for the answer: do not make it wait LAZY_FLUSH.
+            *since = Instant::now().checked_sub(LAZY_FLUSH).unwrap_or(*since);
+        }
+    }
+
+    /// Disk full earlier: first commit the deletes alone, to free space, then try the held
+    /// requests (oldest first) with whatever came since.
+    fn with_held(&mut self, appends: Vec<Append>) -> Vec<Append> {
+        if self.held.is_empty() {
+            return appends;
+        }
+        if !self.pending.is_empty() {
+            // Durable: only a durable commit lets redb reuse the freed pages.
+            self.commit_group(Vec::new(), true);
+        }
+        let mut retry = std::mem::take(&mut self.held);
+        retry.extend(appends);
+        retry
+    }
+
+    /// One write transaction, then every waiter is answered. `durable`: with fsync
+    /// (`Durability::Immediate`); otherwise persisted by the next durable commit.
+    fn commit_group(&mut self, appends: Vec<Append>, durable: bool) {
+        self.oldest_pending = None;
+        self.pending_urgent = false;
+        if appends.is_empty()
+            && self.pending.is_empty()
+            && !(durable && self.unflushed_since.is_some())
+        {
+            return;
+        }
+        // Appends are always acked on this commit, so they always get fsync (invariant 1).
+        let durable = durable || !appends.is_empty();
+        let started = Instant::now();
+        let mut result = self.try_write(&appends, durable);
+        if let Err(Failed {
+            stage: Stage::Begin,
+            error,
+        }) = &result
+        {
+            if error.needs_reopen() {
+                // Poisoned before this group touched it: nothing was written, so writing the
+                // group again on a fresh handle can neither lose nor duplicate it.
+                self.reopen("the spool handle failed before this group was written");
+                result = self.try_write(&appends, durable);
+            }
+        }
+        match result {
+            Ok(applied) => self.committed(applied, appends, durable, started),
+            Err(failed) if failed.error.is_disk_full() && !appends.is_empty() => {
+                self.hold(appends, failed.error)
+            }
+            Err(failed) => self.failed(appends, failed.error),
+        }
+    }
+
+    fn try_write(&mut self, appends: &[Append], durable: bool) -> Result<Applied, Failed> {
+        let Some(db) = self.database() else {
+            return Err(Failed {
+                stage: Stage::NotOpen,
+                error: SpoolError::Unavailable,
+            });
+        };
+        let result = group::write(
+            &db,
+            &Group {
+                appends,
+                pending: &self.pending,
+                durable,
+                counters: self.counters,
+                dead_max_bytes: self.dead_max_bytes,
+                now_ms: now_ms(),
+            },
+        );
+        // The handle must be gone before a reopen: redb locks the file per handle.
+        drop(db);
+        result
+    }
+
+    /// The open handle, reopening the file first if it is not open.
+    fn database(&mut self) -> Option<Arc<Database>> {
+        if let Some((db, _)) = self.shared.store.current() {
+            return Some(db);
+        }
+        self.reopen("the spool was not open");
+        self.shared.store.current().map(|(db, _)| db)
+    }
+
+    fn committed(
+        &mut self,
+        applied: Applied,
+        appends: Vec<Append>,
+        durable: bool,
+        started: Instant,
+    ) {
+        let pending = std::mem::take(&mut self.pending);
+        if durable {
+            self.unflushed_since = None;
+            self.unflushed.clear();
+        } else {
+            self.unflushed_since.get_or_insert_with(Instant::now);
+        }
+        let shared = &self.shared;
+        // Only once held requests themselves are stored: a delete-only commit in between does
+        // not mean there is room for them.
+        if shared.budget.is_blocked() && !appends.is_empty() {
+            if !self.reserve.take() {
+                tracing::warn!(path = %shared.store.path().display(), "spool disk reserve not taken again yet");
+            }
+            tracing::warn!(path = %shared.store.path().display(), "spool disk has room again: ingress resumes");
+            shared.budget.set_blocked(false);
+        }
+        let m = crate::metrics::metrics();
+        m.commit_seconds.observe(started.elapsed().as_secs_f64());
+        if !appends.is_empty() {
+            m.commit_requests.observe(appends.len() as f64);
+        }
+        if let Some(counters) = applied.counters {
+            self.counters = counters;
+        }
+        shared
+            .records
+            .store(self.counters.records, Ordering::Release);
+        shared
+            .dead_bytes
+            .store(self.counters.dead_bytes, Ordering::Release);
+        shared.commits.fetch_add(1, Ordering::AcqRel);
+        shared
+            .budget
+            .add(applied.maintenance_added, applied.unreleased_removed);
+        let reserved: u64 = appends.iter().map(|a| a.reserved).sum();
+        if self.counters.next_key > 1 {
+            shared.committed.send_replace(self.counters.next_key - 1);
+        }
+        for (append, key) in appends.into_iter().zip(applied.keys) {
+            let _ = append.reply.send(Ok(key));
+        }
+        shared.budget.committed(reserved, applied.append_bytes);
+        for (work, outcome) in pending.into_iter().zip(applied.outcomes) {
+            if durable {
+                work.answer(outcome);
+            } else {
+                // Only fire-and-forget work rides in a non-durable commit.
+                self.unflushed.push(work);
+            }
+        }
+    }
+
+    /// The disk is full: hold the requests unacked, pause ingress, free the reserve.
+    fn hold(&mut self, appends: Vec<Append>, error: SpoolError) {
+        let path = self.shared.store.path().display().to_string();
+        if self.reserve.release() {
+            tracing::warn!(%path, "spool disk full: released the disk reserve so deletes can still be committed");
+        }
+        if !self.shared.budget.is_blocked() {
+            tracing::error!(%error, requests = appends.len(), %path,
+                "spool disk is full: holding these requests unacked and pausing ingress until upstream acks free space");
+        }
+        self.shared.budget.set_blocked(true);
+        self.keep_pending(&error);
+        self.held = appends;
+        // redb: a failed commit is final and the handle refuses further writes.
+        self.reopen("a commit failed with the disk full");
+    }
+
+    /// Any other failed commit: no request of the group is acked (senders resend).
+    fn failed(&mut self, appends: Vec<Append>, error: SpoolError) {
+        if error.is_disk_full() && self.reserve.release() {
+            tracing::warn!(path = %self.shared.store.path().display(),
+                "spool disk full: released the disk reserve so deletes can still be committed");
+        }
+        tracing::error!(%error, requests = appends.len(), path = %self.shared.store.path().display(),
+            "spool commit failed: no request of this group is acked; reopening the spool");
+        self.keep_pending(&error);
+        for append in appends {
+            append.fail(&self.shared, error.clone());
+        }
+        self.reopen("a commit failed");
+    }
+
+    /// Answer the maintenance someone waits for with `error`; keep the rest for the next
+    /// commit.
+    fn keep_pending(&mut self, error: &SpoolError) {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending = pending.into_iter().filter_map(|w| w.fail(error)).collect();
+        if !self.pending.is_empty() {
+            self.oldest_pending.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Still held at shutdown (disk still full): those senders get no ack and will resend;
+    /// nothing they were told was stored is lost.
+    fn finish(&mut self, reply: oneshot::Sender<()>) {
+        for append in std::mem::take(&mut self.held) {
+            append.fail(&self.shared, SpoolError::DiskFullAtShutdown);
+        }
+        // Release the file now: handles outliving the writer must not keep it locked.
+        drop(self.shared.store.close());
+        let _ = reply.send(());
+    }
+
+    /// Close the handle (redb locks the file per handle, and a failed handle refuses work),
+    /// open the file again, and reload the counters from it, since a failed commit may or may
+    /// not have reached the disk. Bounded; readers waiting for it are woken either way.
+    fn reopen(&mut self, why: &str) {
+        drop(self.shared.store.close());
+        // The new handle sees only durable commits: what rode in non-durable ones since the
+        // last durable commit goes again (deletes and dead letters are idempotent).
+        if !self.unflushed.is_empty() {
+            let mut again = std::mem::take(&mut self.unflushed);
+            again.append(&mut self.pending);
+            self.pending = again;
+            self.oldest_pending.get_or_insert_with(Instant::now);
+        }
+        self.unflushed_since = None;
+        let mut delay = REOPEN_FIRST_DELAY;
+        for attempt in 1..=REOPEN_TRIES {
+            let opened = self
+                .shared
+                .store
+                .open_database()
+                .and_then(|db| Counters::read(&db).map(|counters| (db, counters)));
+            match opened {
+                Ok((db, counters)) => {
+                    self.adopt(db, counters);
+                    tracing::warn!(path = %self.shared.store.path().display(), why, attempt, "spool reopened");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, why, attempt, retry_in = ?delay, "spool reopen failed");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(REOPEN_MAX_DELAY);
+                }
+            }
+        }
+        self.shared.store.gave_up();
+    }
+
+    fn adopt(&mut self, db: Database, counters: Counters) {
+        self.counters = counters;
+        let shared = &self.shared;
+        shared.records.store(counters.records, Ordering::Release);
+        shared
+            .dead_bytes
+            .store(counters.dead_bytes, Ordering::Release);
+        let released = self.released_bytes(&db);
+        shared.budget.reset(counters.bytes, released);
+        shared.store.install(db);
+    }
+
+    /// Bytes of records still in the file whose deletes are pending: the budget already gave
+    /// them back.
+    fn released_bytes(&self, db: &Database) -> u64 {
+        let keys: Vec<u64> = self
+            .pending
+            .iter()
+            .filter_map(Maintenance::released_key)
+            .collect();
+        if keys.is_empty() {
+            return 0;
+        }
+        let read = || -> Result<u64, redb::Error> {
+            let txn = db.begin_read()?;
+            let records = txn.open_table(RECORDS)?;
+            let mut bytes = 0;
+            for key in keys {
+                if let Some(value) = records.get(key)? {
+                    bytes += value.value().len() as u64;
+                }
+            }
+            Ok(bytes)
+        };
+        read().unwrap_or(0)
+    }
+}
