@@ -27,7 +27,7 @@ impl Default for Limits {
         Limits {
             max_frame_bytes: 16 << 20,
             max_decompressed_bytes: 256 << 20,
-            max_depth: 64,
+            max_depth: super::MAX_DEPTH,
         }
     }
 }
@@ -172,6 +172,8 @@ pub struct FrameDecoder {
     limits: Limits,
     /// The whole request that the last error rejected, kept for inspection (invariant 4).
     rejected: Option<Bytes>,
+    /// Bytes the request being read needs at least, as far as its declared lengths tell.
+    wanted: usize,
 }
 
 impl FrameDecoder {
@@ -180,7 +182,15 @@ impl FrameDecoder {
             skipper: Skipper::new(limits.max_depth, limits.max_frame_bytes),
             limits,
             rejected: None,
+            wanted: 0,
         }
+    }
+
+    /// Bytes the request at the front of the buffer needs at least (0 when none is started or
+    /// nothing tells yet): a declared str32/bin32 length tells how much is coming, so the
+    /// caller may make room once. Never more than `max_frame_bytes` plus a header.
+    pub fn wanted(&self) -> usize {
+        self.wanted
     }
 
     pub fn limits(&self) -> Limits {
@@ -200,12 +210,13 @@ impl FrameDecoder {
         }
         match self.skipper.advance(buf) {
             Ok(Progress::Incomplete { needed_at_least }) => {
-                // A declared str32/bin32 length tells how much is coming: grow once.
-                buf.reserve(needed_at_least.saturating_sub(buf.len()));
+                // The caller decides whether to make room (its memory budget), not the peer.
+                self.wanted = needed_at_least;
                 Ok(None)
             }
             Ok(Progress::Complete(end)) => {
                 self.skipper.reset();
+                self.wanted = 0;
                 let bytes = buf.split_to(end).freeze();
                 parse_request(bytes.clone(), &self.limits)
                     .map(Some)

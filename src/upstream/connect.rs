@@ -53,6 +53,13 @@ pub enum UpstreamStream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+/// A connection to a node that can be given up at once.
+pub trait Link: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Close now with a reset: the peer's kernel and ours drop whatever was not delivered yet,
+    /// so nothing sent on this connection can arrive after this returns.
+    fn abort(self);
+}
+
 impl UpstreamStream {
     fn tcp(&self) -> &TcpStream {
         match self {
@@ -60,10 +67,15 @@ impl UpstreamStream {
             UpstreamStream::Tls(s) => s.get_ref().0,
         }
     }
+}
 
-    /// Make the coming close an abort (RST): the kernel drops what it has not sent yet.
-    pub fn set_abort_on_close(&self) {
-        let _ = self.tcp().set_zero_linger();
+impl Link for UpstreamStream {
+    fn abort(self) {
+        // SO_LINGER {on, 0}: close() sends RST and discards the send queue.
+        if let Err(e) = self.tcp().set_zero_linger() {
+            tracing::warn!(error = %e, "cannot set SO_LINGER 0 on an upstream connection; it is closed anyway");
+        }
+        drop(self);
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod connect;
 pub mod dispatcher;
 pub mod health;
+pub mod heartbeat;
 pub mod node;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{split_host_port, Compress, HeartbeatType, UpstreamConfig};
 use crate::forward::entries::Compression;
 use crate::spool::Spool;
+use crate::supervise::Watchdog;
 use crate::tls::ClientTlsSettings;
 use connect::{client_tls, ClientAuth};
 use dispatcher::{Backoff, Dispatcher, PoisonPolicy};
@@ -28,6 +30,7 @@ pub fn start(
     max_age: Option<std::time::Duration>,
     spool: Spool,
     shutdown: CancellationToken,
+    watchdog: &Watchdog,
 ) -> Result<(Arc<Dispatcher>, Arc<Balancer>, TaskTracker), crate::tls::TlsError> {
     let backoff = Backoff {
         initial: config.retry_initial.0,
@@ -107,14 +110,22 @@ pub fn start(
             }),
         };
         all.push(settings.clone());
-        tracker.spawn(node::run_node(
+        let guard = watchdog.guard(format!("upstream node {}", settings.name));
+        let node = node::run_node(
             settings,
             dispatcher.clone(),
             balancer.clone(),
             shutdown.clone(),
-        ));
+        );
+        let stopping = shutdown.clone();
+        tracker.spawn(async move {
+            node.await;
+            if stopping.is_cancelled() {
+                guard.disarm();
+            }
+        });
     }
-    tracker.spawn(node::run_heartbeats(
+    tracker.spawn(heartbeat::run_heartbeats(
         all,
         balancer.clone(),
         shutdown.clone(),

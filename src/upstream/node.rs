@@ -9,17 +9,20 @@
 //! (invariant 3).
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::connect::{open, ClientAuth, ClientTls, UpstreamStream};
-use super::dispatcher::{Backoff, Dispatcher, Sent};
+use super::connect::{open, ClientAuth, ClientTls, Link, UpstreamStream};
+use super::dispatcher::{Backoff, Dispatcher, Sent, Taken};
 use super::health::Balancer;
 use crate::clock::sleep_until_opt;
 use crate::forward::ack::{decode_ack, AckError};
@@ -27,10 +30,13 @@ use crate::forward::entries::{deflate_gzip, strip_empty_metadata, Compression};
 use crate::forward::frame::Signal;
 use crate::forward::packed::{chunk_id_base64, encode_packed_forward};
 use crate::metrics::label;
-use crate::spool::StoredRecord;
+use crate::spool::{SpoolError, StoredRecord};
 
 /// Largest ack response accepted from an aggregator.
 const MAX_ACK_BYTES: usize = 4096;
+/// How long a connection waits before taking again after a spool read failed (the record
+/// stayed in the queue; the spool is reopening meanwhile).
+const SPOOL_RETRY: Duration = Duration::from_millis(500);
 
 /// Settings of one node connection.
 #[derive(Clone)]
@@ -75,8 +81,6 @@ pub enum NodeError {
     UnknownAck(String),
     #[error("response bytes without a chunk in flight")]
     Unsolicited,
-    #[error("spool: {0}")]
-    Spool(String),
 }
 
 /// A chunk written and not yet acked: its identity only, the bytes stay in the spool.
@@ -93,29 +97,35 @@ pub async fn run_node(
     balancer: Arc<Balancer>,
     shutdown: CancellationToken,
 ) {
+    let target = settings.clone();
+    let connector = move || {
+        let target = target.clone();
+        async move { connect(&target).await }
+    };
+    run_node_with(settings, dispatcher, balancer, shutdown, connector).await
+}
+
+/// [`run_node`] over any link: unit tests hand it in-memory pipes.
+async fn run_node_with<L, F>(
+    settings: NodeSettings,
+    dispatcher: Arc<Dispatcher>,
+    balancer: Arc<Balancer>,
+    shutdown: CancellationToken,
+    connect: impl Fn() -> F,
+) where
+    L: Link,
+    F: Future<Output = Result<L, NodeError>>,
+{
     let index = settings.index;
     let mut committed = dispatcher.spool().subscribe();
     let mut failures: u32 = 0;
     // Set by connect failures, so "reachable again" is said once, after the node was not.
     let mut unreachable = false;
     loop {
-        // Wait until this node may be used and there is something to send.
-        loop {
-            let changed = balancer.changed.notified();
-            if balancer.should_connect(index) {
-                break;
-            }
-            tokio::select! {
-                _ = changed => {}
-                _ = shutdown.cancelled() => return,
-            }
+        if !wait_until_needed(&settings, &dispatcher, &balancer, &shutdown, &mut committed).await {
+            return;
         }
-        tokio::select! {
-            _ = dispatcher.wait_for_work(&mut committed) => {}
-            _ = balancer.changed.notified() => continue,
-            _ = shutdown.cancelled() => return,
-        }
-        let stream = match connect(&settings).await {
+        let stream = match connect().await {
             Ok(stream) => stream,
             Err(e) => {
                 balancer.failed(index, &e.to_string());
@@ -125,10 +135,10 @@ pub async fn run_node(
                 if failures == 1 || failures.is_power_of_two() {
                     warn!(node = %settings.name, error = %e, failures, retry_in = ?delay, "upstream node unreachable; records stay spooled");
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => continue,
-                    _ = shutdown.cancelled() => return,
+                if !pause(delay, &shutdown).await {
+                    return;
                 }
+                continue;
             }
         };
         if unreachable {
@@ -144,8 +154,7 @@ pub async fn run_node(
             in_flight: VecDeque::new(),
             acked: 0,
         };
-        let result = session.run(&shutdown, &mut committed).await;
-        let acked = session.acked;
+        let result = session.run(&shutdown, &committed).await;
         balancer.disconnected(index);
         match result {
             Ok(()) => {
@@ -153,35 +162,20 @@ pub async fn run_node(
                 session.close_gracefully().await;
             }
             Err(e) => {
-                let chunks = session.in_flight.len();
-                match &e {
-                    NodeError::AckTimeout { timeout, .. } => {
-                        crate::metrics::metrics()
-                            .ack_timeouts
-                            .get_or_create(&label("node", &settings.name))
-                            .inc();
-                        warn!(
-                        node = %settings.name, ack_timeout = ?timeout, chunks,
-                        "no ack from upstream node within ack_timeout; aborting the connection and resending with the same chunk ids"
-                        );
-                    }
-                    _ => warn!(node = %settings.name, error = %e, chunks,
-                        "upstream connection failed; aborting it and resending in-flight chunks with the same ids"),
-                }
-                // A spool problem is ours, not the node's: do not mark it down for it.
-                if !matches!(e, NodeError::Spool(_)) {
-                    balancer.failed(index, &e.to_string());
-                }
-                session.abort_and_requeue(&e.to_string()).await;
-                if acked == 0 {
-                    failures = failures.saturating_add(1);
+                failures = if session.acked == 0 {
+                    failures.saturating_add(1)
                 } else {
-                    failures = 1;
-                }
-                let delay = settings.reconnect.delay(failures);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return,
+                    1
+                };
+                // Abort before anything else: the RST must be on the wire before the chunks
+                // can go out again, or a network that heals during the backoff delivers the
+                // abandoned connection's queued chunks beside their retries (DESIGN.md).
+                let in_flight = session.abort();
+                report_failure(&settings, &e, in_flight.len());
+                balancer.failed(index, &e.to_string());
+                requeue_all(&settings, &dispatcher, &balancer, in_flight, &e.to_string()).await;
+                if !pause(settings.reconnect.delay(failures), &shutdown).await {
+                    return;
                 }
             }
         }
@@ -191,7 +185,82 @@ pub async fn run_node(
     }
 }
 
-async fn connect(settings: &NodeSettings) -> Result<UpstreamStream, NodeError> {
+/// Wait until this node may be used and there is something to send. False on shutdown.
+async fn wait_until_needed(
+    settings: &NodeSettings,
+    dispatcher: &Dispatcher,
+    balancer: &Balancer,
+    shutdown: &CancellationToken,
+    committed: &mut watch::Receiver<u64>,
+) -> bool {
+    loop {
+        loop {
+            let changed = balancer.changed.notified();
+            if balancer.should_connect(settings.index) {
+                break;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = shutdown.cancelled() => return false,
+            }
+        }
+        tokio::select! {
+            _ = dispatcher.wait_for_work(committed) => return true,
+            _ = balancer.changed.notified() => {}
+            _ = shutdown.cancelled() => return false,
+        }
+    }
+}
+
+/// Sleep for `delay` unless shutdown comes first (then false).
+async fn pause(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+fn report_failure(settings: &NodeSettings, error: &NodeError, chunks: usize) {
+    match error {
+        NodeError::AckTimeout { timeout, .. } => {
+            crate::metrics::metrics()
+                .ack_timeouts
+                .get_or_create(&label("node", &settings.name))
+                .inc();
+            warn!(
+                node = %settings.name, ack_timeout = ?timeout, chunks,
+                "no ack from upstream node within ack_timeout; aborted the connection, resending with the same chunk ids"
+            );
+        }
+        _ => warn!(node = %settings.name, error = %error, chunks,
+            "upstream connection failed; aborted it, resending in-flight chunks with the same ids"),
+    }
+}
+
+/// Every chunk of an aborted connection goes back to the queue, with backoff.
+async fn requeue_all(
+    settings: &NodeSettings,
+    dispatcher: &Dispatcher,
+    balancer: &Balancer,
+    in_flight: VecDeque<InFlight>,
+    reason: &str,
+) {
+    let m = crate::metrics::metrics();
+    let node = label("node", &settings.name);
+    m.retries
+        .get_or_create(&node)
+        .inc_by(in_flight.len() as u64);
+    m.in_flight.get_or_create(&node).set(0);
+    for done in in_flight {
+        balancer.record_returned(settings.index);
+        let attempts = done.record.attempts.saturating_add(1);
+        dispatcher
+            .requeue(&done.record, attempts, reason, &settings.name)
+            .await;
+    }
+}
+
+pub(super) async fn connect(settings: &NodeSettings) -> Result<UpstreamStream, NodeError> {
     open(
         &settings.address,
         settings.tls.as_ref(),
@@ -205,50 +274,73 @@ async fn connect(settings: &NodeSettings) -> Result<UpstreamStream, NodeError> {
     })
 }
 
-struct Session<'a> {
+/// The next record for this connection, waiting for one if the queue is empty.
+async fn next_record(
+    dispatcher: &Dispatcher,
+    mut committed: watch::Receiver<u64>,
+) -> Result<Taken, SpoolError> {
+    loop {
+        if let Some(taken) = dispatcher.take().await? {
+            return Ok(taken);
+        }
+        dispatcher.wait_for_work(&mut committed).await;
+    }
+}
+
+async fn poll_opt<F: Future + Unpin>(future: &mut Option<F>) -> F::Output {
+    match future {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A take in progress, kept across loop turns so that acks are read while it waits.
+type Taking<'a> = Pin<Box<dyn Future<Output = Result<Taken, SpoolError>> + Send + 'a>>;
+
+struct Session<'a, L> {
     settings: &'a NodeSettings,
     dispatcher: &'a Dispatcher,
     balancer: &'a Balancer,
-    stream: UpstreamStream,
+    stream: L,
     in_flight: VecDeque<InFlight>,
     acked: u64,
 }
 
-impl Session<'_> {
+impl<'a, L: Link> Session<'a, L> {
     /// Send and match acks until the connection fails (`Err`), the peer closes an idle
-    /// connection, or shutdown has drained the window (`Ok`).
+    /// connection, or shutdown has drained the window (`Ok`). Taking the next record runs
+    /// beside reading acks: a slow spool read (a reopen after an I/O error) never keeps acks
+    /// unread until their timeout, and a failed one only pauses taking.
     async fn run(
         &mut self,
         shutdown: &CancellationToken,
-        committed: &mut tokio::sync::watch::Receiver<u64>,
+        committed: &watch::Receiver<u64>,
     ) -> Result<(), NodeError> {
+        let dispatcher: &'a Dispatcher = self.dispatcher;
+        let index = self.settings.index;
         let mut responses = BytesMut::with_capacity(1024);
         let mut out = Vec::new();
         let mut draining_until: Option<Instant> = None;
+        let mut taking: Option<Taking<'a>> = None;
+        let mut spool_retry_at: Option<Instant> = None;
         loop {
-            // Fill the window, within this node's weighted share.
-            let index = self.settings.index;
-            while draining_until.is_none() && self.window_open() && self.balancer.may_take(index) {
-                let taken = self
-                    .dispatcher
-                    .take()
-                    .await
-                    .map_err(|e| NodeError::Spool(e.to_string()))?;
-                let Some(taken) = taken else { break };
-                self.balancer.record_taken(index);
-                self.send(taken.record, &mut out).await?;
-            }
-            if draining_until.is_some() && self.in_flight.is_empty() {
-                return Ok(());
+            let window_open = draining_until.is_none() && self.window_open();
+            if draining_until.is_some() {
+                taking = None;
+                if self.in_flight.is_empty() {
+                    return Ok(());
+                }
+            } else if taking.is_none()
+                && window_open
+                && spool_retry_at.is_none()
+                && self.balancer.may_take(index)
+            {
+                taking = Some(Box::pin(next_record(dispatcher, committed.clone())));
             }
             let ack_deadline = self
                 .in_flight
                 .front()
                 .map(|f| f.sent_at + self.settings.ack_timeout);
-            let window_open = draining_until.is_none() && self.window_open();
-            // Wait for new work only when this node may take it: a node ahead of its weighted
-            // share waits for the balancer instead (else it would spin on buffered records).
-            let may_take = window_open && self.balancer.may_take(index);
             tokio::select! {
                 read = self.stream.read_buf(&mut responses) => {
                     match read {
@@ -269,8 +361,25 @@ impl Session<'_> {
                         chunks: self.in_flight.len(),
                     });
                 }
-                _ = self.dispatcher.wait_for_work(committed), if may_take => {}
-                _ = self.balancer.changed.notified(), if window_open => {}
+                taken = poll_opt(&mut taking), if taking.is_some() => {
+                    taking = None;
+                    match taken {
+                        Ok(taken) => {
+                            self.balancer.record_taken(index);
+                            self.send(taken.record, &mut out).await?;
+                        }
+                        Err(e) => {
+                            warn!(node = %self.settings.name, error = %e, retry_in = ?SPOOL_RETRY,
+                                "cannot read the next record from the spool; nothing was taken, trying again");
+                            spool_retry_at = Some(Instant::now() + SPOOL_RETRY);
+                        }
+                    }
+                }
+                _ = sleep_until_opt(spool_retry_at), if spool_retry_at.is_some() => {
+                    spool_retry_at = None;
+                }
+                // This node is ahead of its weighted share: wait for the balancer.
+                _ = self.balancer.changed.notified(), if window_open && taking.is_none() => {}
                 _ = shutdown.cancelled(), if draining_until.is_none() => {
                     draining_until = Some(Instant::now() + self.settings.shutdown_grace);
                 }
@@ -297,7 +406,9 @@ impl Session<'_> {
         out.clear();
         let stripped = if self.settings.strip_empty_metadata && record.signal == Signal::Logs {
             // Entries were validated at ingress; if the walk fails they go out unchanged.
-            strip_empty_metadata(&record.entries, 64).ok().flatten()
+            strip_empty_metadata(&record.entries, crate::forward::MAX_DEPTH)
+                .ok()
+                .flatten()
         } else {
             None
         };
@@ -380,22 +491,11 @@ impl Session<'_> {
         }
     }
 
-    /// RST instead of FIN: queued bytes must not reach the aggregator after we gave up.
-    async fn abort_and_requeue(&mut self, reason: &str) {
-        self.stream.set_abort_on_close();
-        let m = crate::metrics::metrics();
-        let node = label("node", &self.settings.name);
-        m.retries
-            .get_or_create(&node)
-            .inc_by(self.in_flight.len() as u64);
-        m.in_flight.get_or_create(&node).set(0);
-        for done in self.in_flight.drain(..) {
-            self.balancer.record_returned(self.settings.index);
-            let attempts = done.record.attempts.saturating_add(1);
-            self.dispatcher
-                .requeue(&done.record, attempts, reason, &self.settings.name)
-                .await;
-        }
+    /// Reset the connection now (RST, SO_LINGER 0: the kernel discards what it has not
+    /// sent) and hand back what was in flight.
+    fn abort(self) -> VecDeque<InFlight> {
+        self.stream.abort();
+        self.in_flight
     }
 
     async fn close_gracefully(&mut self) {
@@ -403,88 +503,257 @@ impl Session<'_> {
     }
 }
 
-/// Probe every node each `interval` as `upstream.heartbeat_type` says, feed the replies to the
-/// balancer's failure detectors, and let them detach silent nodes (PROTOCOL.md §8).
-pub async fn run_heartbeats(
-    nodes: Vec<NodeSettings>,
-    balancer: Arc<Balancer>,
-    shutdown: CancellationToken,
-) {
-    use super::health::HeartbeatKind;
-    let settings = balancer.settings();
-    if settings.heartbeat == HeartbeatKind::None || nodes.is_empty() {
-        return;
-    }
-    let udp = if settings.heartbeat == HeartbeatKind::Udp {
-        match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
-            Ok(socket) => Some(Arc::new(socket)),
-            Err(e) => {
-                warn!(error = %e, "cannot open the UDP heartbeat socket; nodes are judged by their connections only");
-                None
-            }
+#[cfg(test)]
+mod tests {
+    //! The node's ack matching, ack timeout and abort on tokio's paused clock, over in-memory
+    //! pipes (`tokio::io::duplex`), against a real dispatcher and spool.
+
+    use super::*;
+    use crate::forward::{Decoded, Frame, FrameDecoder, Limits};
+    use crate::spool::testing::{append, config, entry, stop, WAIT};
+    use crate::spool::{Spool, SpoolWriter};
+    use crate::upstream::dispatcher::PoisonPolicy;
+    use crate::upstream::health::{HealthSettings, HeartbeatKind};
+    use bytes::Bytes;
+    use tokio::io::DuplexStream;
+    use tokio::sync::{mpsc, Mutex};
+
+    impl Link for DuplexStream {
+        fn abort(self) {
+            drop(self);
         }
-    } else {
-        None
+    }
+
+    const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+    const RECONNECT: Backoff = Backoff {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(60),
     };
-    // Resolved once, like fluentd without expire_dns_cache: replies must come from exactly here.
-    let mut targets = Vec::with_capacity(nodes.len());
-    for node in &nodes {
-        let resolved = tokio::net::lookup_host(&node.address)
-            .await
-            .ok()
-            .and_then(|mut addrs| addrs.next());
-        targets.push(resolved);
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        spool: Spool,
+        writer: SpoolWriter,
+        dispatcher: Arc<Dispatcher>,
+        links: mpsc::UnboundedSender<DuplexStream>,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
     }
-    if let Some(socket) = udp.clone() {
-        let balancer = balancer.clone();
-        let targets = targets.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 64];
+
+    fn settings() -> NodeSettings {
+        NodeSettings {
+            index: 0,
+            name: "agg".into(),
+            address: "in-memory".into(),
+            ack_timeout: ACK_TIMEOUT,
+            connect_timeout: Duration::from_secs(5),
+            window: 8,
+            window_bytes: 8 << 20,
+            reconnect: RECONNECT,
+            shutdown_grace: Duration::from_secs(5),
+            compress: None,
+            strip_empty_metadata: false,
+            tls: None,
+            auth: None,
+        }
+    }
+
+    /// `records` spooled (on the real clock), then the clock paused and the node started with
+    /// a connector that hands out the pipes the test pushes.
+    async fn start(records: u8) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, writer) = Spool::open(&config(&dir)).unwrap();
+        for i in 0..records {
+            append(&spool, &format!("t{i}"), &entry(i), 1)
+                .await
+                .unwrap();
+        }
+        tokio::time::pause();
+        let policy = PoisonPolicy {
+            split_after_attempts: 100,
+            max_age: None,
+        };
+        let dispatcher = Arc::new(Dispatcher::new(spool.clone(), RECONNECT, policy));
+        let health = HealthSettings {
+            heartbeat: HeartbeatKind::None,
+            interval: Duration::from_secs(1),
+            phi_threshold: 16.0,
+            phi_failure_detector: false,
+            hard_timeout: Duration::from_secs(60),
+            recover_wait: Duration::from_secs(10),
+        };
+        let balancer = Arc::new(Balancer::new(vec![("agg".into(), 1, false)], health, 8));
+        let (links, rx) = mpsc::unbounded_channel::<DuplexStream>();
+        let rx = Arc::new(Mutex::new(rx));
+        let connector = move || {
+            let rx = rx.clone();
+            async move { rx.lock().await.recv().await.ok_or(NodeError::Closed(0)) }
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_node_with(
+            settings(),
+            dispatcher.clone(),
+            balancer,
+            shutdown.clone(),
+            connector,
+        ));
+        Harness {
+            _dir: dir,
+            spool,
+            writer,
+            dispatcher,
+            links,
+            shutdown,
+            task,
+        }
+    }
+
+    impl Harness {
+        /// A new connection as the aggregator sees it; a tiny pipe forces partial reads.
+        fn connect(&self) -> Aggregator {
+            let (node_side, aggregator_side) = tokio::io::duplex(64);
+            self.links.send(node_side).unwrap();
+            Aggregator {
+                pipe: aggregator_side,
+                buf: BytesMut::new(),
+                decoder: FrameDecoder::new(Limits::default()),
+            }
+        }
+
+        async fn keys_after_flush(&self) -> Vec<u64> {
+            self.spool.flush().await.unwrap();
+            let spool = self.spool.clone();
+            tokio::task::spawn_blocking(move || spool.keys())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            let _ = self.task.await;
+            stop(self.writer).await;
+        }
+    }
+
+    struct Aggregator {
+        pipe: DuplexStream,
+        buf: BytesMut,
+        decoder: FrameDecoder,
+    }
+
+    impl Aggregator {
+        async fn request(&mut self) -> Frame {
             loop {
-                let received = tokio::select! {
-                    r = socket.recv_from(&mut buf) => r,
-                    _ = shutdown.cancelled() => return,
-                };
-                if let Ok((_, from)) = received {
-                    match targets.iter().position(|t| *t == Some(from)) {
-                        Some(index) => balancer.heartbeat(index),
-                        None => debug!(%from, "heartbeat reply from an unknown address"),
-                    }
+                if let Some(Decoded::Frame(frame)) = self.decoder.decode(&mut self.buf).unwrap() {
+                    return frame;
+                }
+                let n = tokio::time::timeout(WAIT, self.pipe.read_buf(&mut self.buf))
+                    .await
+                    .expect("no request")
+                    .unwrap();
+                assert!(n > 0, "closed before a whole request");
+            }
+        }
+
+        async fn ack(&mut self, frame: &Frame) {
+            let mut out = Vec::new();
+            crate::forward::ack::encode_ack(frame.chunk.as_ref().unwrap(), &mut out);
+            self.pipe.write_all(&out).await.unwrap();
+        }
+
+        /// Wait for the node to close the pipe; returns when it did.
+        async fn closed(&mut self) -> Instant {
+            let mut rest = [0u8; 64];
+            loop {
+                match tokio::time::timeout(WAIT * 10, self.pipe.read(&mut rest)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return Instant::now(),
+                    Ok(Ok(_)) => {}
+                    Err(_) => panic!("the node never closed the connection"),
                 }
             }
-        });
+        }
     }
-    let mut ticker = tokio::time::interval(settings.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.cancelled() => return,
+
+    #[tokio::test]
+    async fn an_ack_timeout_resets_the_connection_at_once_then_resends_the_same_chunk() {
+        let harness = start(1).await;
+        let mut first = harness.connect();
+        let request = first.request().await;
+        let sent = Instant::now();
+        let closed = first.closed().await;
+        // Closed when the ack timed out (the timer wheel rounds up to the millisecond), not
+        // after the reconnect backoff, which is at least RECONNECT.initial / 2 (DESIGN.md).
+        let waited = closed - sent;
+        assert!(
+            waited >= ACK_TIMEOUT && waited <= ACK_TIMEOUT + Duration::from_millis(5),
+            "closed {waited:?} after the request"
+        );
+        let mut second = harness.connect();
+        let resent = second.request().await;
+        let reconnected = Instant::now();
+        assert!(
+            reconnected - closed >= RECONNECT.initial / 2,
+            "reconnected {:?} after the abort, inside the backoff",
+            reconnected - closed
+        );
+        assert_eq!(
+            resent.chunk, request.chunk,
+            "the same chunk id (invariant 3)"
+        );
+        assert_eq!(resent.entries, request.entries);
+        second.ack(&resent).await;
+        let start = Instant::now();
+        while !harness.keys_after_flush().await.is_empty() {
+            assert!(start.elapsed() < WAIT, "the acked record was never deleted");
+            tokio::task::yield_now().await;
         }
-        for (index, node) in nodes.iter().enumerate() {
-            match (&udp, targets[index]) {
-                (Some(socket), Some(target)) => {
-                    let _ = socket.send_to(b"\0", target).await;
-                }
-                (Some(_), None) => {}
-                (None, _) => {
-                    let balancer = balancer.clone();
-                    let node = node.clone();
-                    let deadline = settings.interval.min(node.connect_timeout);
-                    tokio::spawn(async move {
-                        let probe = NodeSettings {
-                            connect_timeout: deadline,
-                            ..node
-                        };
-                        if let Ok(mut stream) = connect(&probe).await {
-                            let _ = timeout(deadline, stream.shutdown()).await;
-                            balancer.heartbeat(index);
-                        }
-                    });
-                }
-            }
-            balancer.check(index);
+        harness.stop().await;
+    }
+
+    #[tokio::test]
+    async fn acks_in_any_order_delete_their_records_and_keep_the_connection() {
+        let harness = start(3).await;
+        let mut aggregator = harness.connect();
+        let mut requests = Vec::new();
+        for _ in 0..3 {
+            requests.push(aggregator.request().await);
         }
+        for request in requests.iter().rev() {
+            aggregator.ack(request).await;
+        }
+        let start = Instant::now();
+        while !harness.keys_after_flush().await.is_empty() {
+            assert!(start.elapsed() < WAIT, "acked records were never deleted");
+            tokio::task::yield_now().await;
+        }
+        // Well past the ack timeout, nothing is resent and the connection stays open.
+        tokio::time::sleep(ACK_TIMEOUT * 3).await;
+        let mut probe = [0u8; 1];
+        let idle =
+            tokio::time::timeout(Duration::from_millis(1), aggregator.pipe.read(&mut probe)).await;
+        assert!(idle.is_err(), "the node wrote or closed: {idle:?}");
+        assert!(harness.dispatcher.audit().await.in_flight.is_empty());
+        harness.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_ack_for_an_unknown_chunk_aborts_at_once_and_requeues() {
+        let harness = start(1).await;
+        let mut aggregator = harness.connect();
+        let request = aggregator.request().await;
+        let sent = Instant::now();
+        let mut wrong = request.clone();
+        wrong.chunk = Some(Bytes::from_static(b"\xa4nope"));
+        aggregator.ack(&wrong).await;
+        let waited = aggregator.closed().await - sent;
+        assert!(
+            waited < Duration::from_millis(5),
+            "aborted {waited:?} after the bad ack"
+        );
+        let mut again = harness.connect();
+        assert_eq!(again.request().await.chunk, request.chunk);
+        again.ack(&request).await;
+        harness.stop().await;
     }
 }

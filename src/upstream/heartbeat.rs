@@ -1,0 +1,99 @@
+//! Node health probes: every `upstream.heartbeat_interval`, a UDP datagram or a TCP connect
+//! to each node (fluentd's out_forward heartbeat, PROTOCOL.md §8); replies feed the balancer's
+//! failure detectors, which detach silent nodes and bring them back.
+
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::health::Balancer;
+use super::node::{connect, NodeSettings};
+
+/// Probe every node each `interval` as `upstream.heartbeat_type` says, feed the replies to the
+/// balancer's failure detectors, and let them detach silent nodes (PROTOCOL.md §8).
+pub async fn run_heartbeats(
+    nodes: Vec<NodeSettings>,
+    balancer: Arc<Balancer>,
+    shutdown: CancellationToken,
+) {
+    use super::health::HeartbeatKind;
+    let settings = balancer.settings();
+    if settings.heartbeat == HeartbeatKind::None || nodes.is_empty() {
+        return;
+    }
+    let udp = if settings.heartbeat == HeartbeatKind::Udp {
+        match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
+            Ok(socket) => Some(Arc::new(socket)),
+            Err(e) => {
+                warn!(error = %e, "cannot open the UDP heartbeat socket; nodes are judged by their connections only");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // Resolved once, like fluentd without expire_dns_cache: replies must come from exactly here.
+    let mut targets = Vec::with_capacity(nodes.len());
+    for node in &nodes {
+        let resolved = tokio::net::lookup_host(&node.address)
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next());
+        targets.push(resolved);
+    }
+    if let Some(socket) = udp.clone() {
+        let balancer = balancer.clone();
+        let targets = targets.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                let received = tokio::select! {
+                    r = socket.recv_from(&mut buf) => r,
+                    _ = shutdown.cancelled() => return,
+                };
+                if let Ok((_, from)) = received {
+                    match targets.iter().position(|t| *t == Some(from)) {
+                        Some(index) => balancer.heartbeat(index),
+                        None => debug!(%from, "heartbeat reply from an unknown address"),
+                    }
+                }
+            }
+        });
+    }
+    let mut ticker = tokio::time::interval(settings.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        for (index, node) in nodes.iter().enumerate() {
+            match (&udp, targets[index]) {
+                (Some(socket), Some(target)) => {
+                    let _ = socket.send_to(b"\0", target).await;
+                }
+                (Some(_), None) => {}
+                (None, _) => {
+                    let balancer = balancer.clone();
+                    let node = node.clone();
+                    let deadline = settings.interval.min(node.connect_timeout);
+                    tokio::spawn(async move {
+                        let probe = NodeSettings {
+                            connect_timeout: deadline,
+                            ..node
+                        };
+                        if let Ok(mut stream) = connect(&probe).await {
+                            let _ = timeout(deadline, stream.shutdown()).await;
+                            balancer.heartbeat(index);
+                        }
+                    });
+                }
+            }
+            balancer.check(index);
+        }
+    }
+}
