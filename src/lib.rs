@@ -7,6 +7,7 @@ pub mod ingress;
 pub mod inspect;
 pub mod metrics;
 pub mod spool;
+pub mod supervise;
 pub mod tls;
 pub mod tools;
 pub mod upstream;

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use ackgate::config::{Config, LogFormat};
 use ackgate::ingress::{self, IngressContext};
 use ackgate::spool::Spool;
-use ackgate::{tools, upstream};
+use ackgate::{supervise, tools, upstream};
 
 #[derive(Parser)]
 #[command(
@@ -206,7 +206,8 @@ async fn wait_for_signal() {
 
 /// Start spool, ingress and upstream; on SIGTERM/SIGINT stop accepting, let connections finish
 /// their pending commits and acks, give in-flight chunks `shutdown_grace` to be acked, then
-/// commit what the spool still holds and exit.
+/// commit what the spool still holds and exit. If a core component dies first, exit with an
+/// error at once (invariant 9): a supervisor restarts ackgate, and the spool keeps everything.
 async fn run(config: Config) -> anyhow::Result<()> {
     let mut signals = Signals::install();
     let spool_config = config.spool.clone();
@@ -217,6 +218,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     info!(path = %config.spool.path.display(), records = stats.records, bytes = stats.bytes,
         max_bytes = stats.max_bytes, "spool opened");
 
+    let (watchdog, mut deaths) = supervise::watchdog();
     let shutdown = CancellationToken::new();
     // Metrics stay up until the very end, so a drain can be watched.
     let metrics_stop = CancellationToken::new();
@@ -229,24 +231,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .context("cannot set up ingress TLS")?,
     );
     let connections = TaskTracker::new();
-    let accept = tokio::spawn(ingress::run_tcp(
-        listener,
-        ctx,
-        shutdown.clone(),
-        connections.clone(),
-    ));
+    let accept = spawn_core(
+        &watchdog,
+        "the accept loop",
+        &shutdown,
+        ingress::run_tcp(listener, ctx, shutdown.clone(), connections.clone()),
+    );
     let heartbeat = udp.map(|socket| {
-        tokio::spawn(ingress::run_udp_heartbeat(
-            socket,
-            spool.clone(),
-            shutdown.clone(),
-        ))
+        spawn_core(
+            &watchdog,
+            "the UDP heartbeat responder",
+            &shutdown,
+            ingress::run_udp_heartbeat(socket, spool.clone(), shutdown.clone()),
+        )
     });
     let (dispatcher, _balancer, nodes) = upstream::start(
         &config.upstream,
         config.spool.max_age.map(|d| d.0),
         spool.clone(),
         shutdown.clone(),
+        &watchdog,
     )
     .context("cannot set up upstream TLS")?;
     let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -268,7 +272,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
 
-    signals.wait().await;
+    tokio::select! {
+        _ = signals.wait() => {}
+        reason = writer.died() => return Err(core_died(reason)),
+        reason = deaths.next() => return Err(core_died(reason)),
+    }
     accepting.store(false, std::sync::atomic::Ordering::Release);
     shutdown.cancel();
     let _ = accept.await;
@@ -308,6 +316,28 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "stopped; records left in the spool are sent after the next start"
     );
     Ok(())
+}
+
+/// Spawn a task that must run until shutdown; if it ends earlier, `deaths` hears of it.
+fn spawn_core(
+    watchdog: &supervise::Watchdog,
+    what: &str,
+    shutdown: &CancellationToken,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let guard = watchdog.guard(what);
+    let stopping = shutdown.clone();
+    tokio::spawn(async move {
+        task.await;
+        if stopping.is_cancelled() {
+            guard.disarm();
+        }
+    })
+}
+
+fn core_died(reason: String) -> anyhow::Error {
+    tracing::error!(%reason, "a core component died: exiting so that a supervisor restarts ackgate; every spooled record is kept");
+    anyhow::anyhow!("{reason}: exiting, every spooled record is kept")
 }
 
 /// One glibc malloc arena instead of one per thread that allocates (up to 8 × cores). Request
