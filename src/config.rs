@@ -73,6 +73,11 @@ pub struct IngressConfig {
     /// Requests read ahead on one connection while earlier ones wait for their commit.
     #[serde(default = "default_max_pending_frames")]
     pub max_pending_frames: u32,
+    /// Bytes of unfinished requests held in memory by all connections together, beyond
+    /// 16 KiB per connection: a connection that needs more waits (its socket is not read), so
+    /// memory stays bounded however many peers start large requests. At least max_frame_bytes.
+    #[serde(default = "default_max_partial_bytes")]
+    pub max_partial_bytes: ByteSize,
     /// Answer UDP heartbeats (`\0`) on the listen address. fluentd v0.10/v0.12 senders detach a
     /// node for good when these go unanswered (PROTOCOL.md §8.1).
     #[serde(default = "default_true")]
@@ -416,6 +421,9 @@ fn default_max_connections() -> u32 {
 fn default_idle_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(300))
 }
+fn default_max_partial_bytes() -> ByteSize {
+    ByteSize(256 << 20)
+}
 fn default_max_pending_frames() -> u32 {
     64
 }
@@ -614,6 +622,14 @@ impl Config {
             return Err(invalid(
                 "ingress.max_frame_bytes",
                 "must be between 64 bytes and 4GiB",
+            ));
+        }
+        if self.ingress.max_partial_bytes.0 < self.ingress.max_frame_bytes.0
+            || self.ingress.max_partial_bytes.0 > (u32::MAX >> 1) as u64
+        {
+            return Err(invalid(
+                "ingress.max_partial_bytes",
+                "must be at least ingress.max_frame_bytes (or one request could never be read) and at most 2GiB",
             ));
         }
         if self.spool.max_bytes.0 < self.ingress.max_frame_bytes.0 {

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::{timeout, Instant};
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::handshake;
+use super::partial::PartialBytes;
 use super::recent::ChunkKey;
 use super::IngressContext;
 use crate::clock::sleep_until_opt;
@@ -65,6 +66,14 @@ impl Decoder {
 
     fn is_json(&self) -> bool {
         matches!(self, Decoder::Json(_))
+    }
+
+    /// Bytes the request being read needs at least, when its header declares it.
+    fn wanted(&self) -> usize {
+        match self {
+            Decoder::Msgpack(d) => d.wanted(),
+            _ => 0,
+        }
     }
 }
 
@@ -160,8 +169,11 @@ pub(super) async fn serve<S>(
     let mut eof = false;
     let mut requests = 0u64;
     let mut end: Option<Close> = None;
+    let mut partial = PartialBytes::new(ctx.partial.clone(), ctx.limits.max_frame_bytes);
+    let mut told_budget = false;
 
     loop {
+        let buffered_before = buf.len();
         // Decode what is buffered, as long as there is room for more pending requests.
         while end.is_none() && staged.is_none() && pending.len() < max_pending {
             if matches!(decoder, Decoder::Unknown) && !buf.is_empty() {
@@ -241,11 +253,28 @@ pub(super) async fn serve<S>(
             }
         }
 
+        if buf.len() < buffered_before {
+            // Requests were taken off the buffer: what is left is one unfinished request.
+            partial.shrink_to(buf.len());
+        }
         let reading_allowed = end.is_none()
             && !eof
             && staged.is_none()
             && pending.len() < max_pending
             && (shutdown_deadline.is_none() || !buf.is_empty());
+        let missing = partial.missing(buf.len(), decoder.wanted(), READ_CHUNK);
+        if reading_allowed && missing > ctx.partial.available_permits() && !told_budget {
+            told_budget = true;
+            warn!(%peer, buffered = buf.len(), missing,
+                "ingress.max_partial_bytes in use by other unfinished requests: not reading this connection until they complete");
+        }
+        let room = partial.allowance().saturating_sub(buf.len());
+        if reading_allowed && missing == 0 {
+            let spare = room.min(READ_CHUNK.max(decoder.wanted().saturating_sub(buf.len())));
+            if buf.capacity() - buf.len() < spare {
+                buf.reserve(spare);
+            }
+        }
         if end.is_some() || eof || (shutdown_deadline.is_some() && buf.is_empty()) {
             // Nothing more will be read: finish the acks that are owed, then close.
             if pending.is_empty() && staged.is_none() {
@@ -301,7 +330,9 @@ pub(super) async fn serve<S>(
                     submit(&ctx.spool, s, &mut pending);
                 }
             }
-            read = reader.read_buf(&mut buf), if reading_allowed => {
+            _ = partial.take(missing), if reading_allowed && missing > 0 => {}
+            // At most `room` bytes: what this connection may hold of an unfinished request.
+            read = async { reader.read_buf(&mut (&mut buf).limit(room)).await }, if reading_allowed && missing == 0 => {
                 match read {
                     Ok(0) => {
                         eof = true;
@@ -318,9 +349,6 @@ pub(super) async fn serve<S>(
                     Ok(_) => {
                         if at_boundary {
                             idle_deadline = Instant::now() + idle;
-                        }
-                        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                            buf.reserve(READ_CHUNK);
                         }
                     }
                     Err(e) => {

@@ -4,6 +4,7 @@
 
 pub mod connection;
 pub mod handshake;
+pub mod partial;
 pub mod recent;
 
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ pub struct IngressContext {
     pub tls: Option<TlsAcceptor>,
     /// Recently committed chunk ids per sender.
     pub recent: RecentChunks,
+    /// Bytes of unfinished requests all connections may still hold ([`partial`]).
+    pub partial: Arc<Semaphore>,
 }
 
 impl IngressContext {
@@ -66,6 +69,9 @@ impl IngressContext {
             None => None,
         };
         let recent = RecentChunks::new(config.recent_chunks_per_peer as usize);
+        let partial = Arc::new(Semaphore::new(
+            usize::try_from(config.max_partial_bytes.0).unwrap_or(usize::MAX >> 4),
+        ));
         Ok(IngressContext {
             config,
             spool,
@@ -73,6 +79,7 @@ impl IngressContext {
             security,
             tls,
             recent,
+            partial,
         })
     }
 

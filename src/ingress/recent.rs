@@ -15,6 +15,13 @@ use bytes::Bytes;
 /// Most sender addresses remembered; past it the whole memory is reset (a duplicate then
 /// costs a second copy upstream, never a loss).
 const MAX_PEERS: usize = 16 * 1024;
+/// Most bytes of chunk ids remembered in all, whatever the senders send: past it the whole
+/// memory is reset too. Real ids are 24-byte base64 or 32 hex characters.
+const MAX_BYTES: usize = 8 << 20;
+/// Longer chunk ids are acked but not remembered (no real sender writes them).
+const MAX_CHUNK_ID_BYTES: usize = 256;
+/// Bytes one remembered key costs beyond its id (hash, ring slot).
+const KEY_OVERHEAD: usize = 48;
 
 /// Identity of a request for retransmit detection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +34,11 @@ pub struct ChunkKey {
 }
 
 impl ChunkKey {
+    /// Memory this key takes while remembered.
+    fn cost(&self) -> usize {
+        self.chunk.len() + KEY_OVERHEAD
+    }
+
     pub fn new(chunk: &Bytes, tag: &[u8], entries: &[u8]) -> ChunkKey {
         let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
         // The tag's length first, so tag/entries boundaries cannot shift between requests.
@@ -44,14 +56,21 @@ impl ChunkKey {
 /// Per-peer ring of recently committed chunks.
 pub struct RecentChunks {
     per_peer: usize,
-    peers: Mutex<HashMap<IpAddr, VecDeque<ChunkKey>>>,
+    peers: Mutex<Peers>,
+}
+
+#[derive(Default)]
+struct Peers {
+    rings: HashMap<IpAddr, VecDeque<ChunkKey>>,
+    /// Sum of [`ChunkKey::cost`] over every ring.
+    bytes: usize,
 }
 
 impl RecentChunks {
     pub fn new(per_peer: usize) -> Self {
         RecentChunks {
             per_peer,
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(Peers::default()),
         }
     }
 
@@ -65,23 +84,34 @@ impl RecentChunks {
             return false;
         }
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.get(&peer).is_some_and(|ring| ring.contains(key))
+        peers
+            .rings
+            .get(&peer)
+            .is_some_and(|ring| ring.contains(key))
     }
 
     /// Remember a committed chunk.
     pub fn remember(&self, peer: IpAddr, key: ChunkKey) {
-        if !self.enabled() {
+        if !self.enabled() || key.chunk.len() > MAX_CHUNK_ID_BYTES {
             return;
         }
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        if peers.len() >= MAX_PEERS && !peers.contains_key(&peer) {
-            peers.clear();
+        let new_peer = !peers.rings.contains_key(&peer);
+        if (new_peer && peers.rings.len() >= MAX_PEERS) || peers.bytes + key.cost() > MAX_BYTES {
+            *peers = Peers::default();
         }
-        let ring = peers.entry(peer).or_default();
-        if ring.len() >= self.per_peer {
-            ring.pop_front();
-        }
+        peers.bytes += key.cost();
+        let per_peer = self.per_peer;
+        let ring = peers.rings.entry(peer).or_default();
+        let evicted = if ring.len() >= per_peer {
+            ring.pop_front().map(|old| old.cost())
+        } else {
+            None
+        };
         ring.push_back(key);
+        if let Some(cost) = evicted {
+            peers.bytes = peers.bytes.saturating_sub(cost);
+        }
     }
 }
 
@@ -107,5 +137,24 @@ mod tests {
         recent.remember(a, ChunkKey::new(&id, b"t", b"2"));
         assert!(!recent.seen(a, &key), "bounded per peer");
         assert!(!RecentChunks::new(0).seen(a, &key));
+    }
+
+    #[test]
+    fn memory_is_bounded_in_bytes_whatever_the_ids() {
+        let recent = RecentChunks::new(1 << 20);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let long = Bytes::from(vec![b'x'; MAX_CHUNK_ID_BYTES + 1]);
+        let key = ChunkKey::new(&long, b"t", b"e");
+        recent.remember(a, key.clone());
+        assert!(!recent.seen(a, &key), "oversized ids are not kept");
+        let id = Bytes::from(vec![b'y'; MAX_CHUNK_ID_BYTES]);
+        for n in 0..(2 * MAX_BYTES / (MAX_CHUNK_ID_BYTES + KEY_OVERHEAD)) {
+            recent.remember(a, ChunkKey::new(&id, b"t", &n.to_le_bytes()));
+            let bytes = recent.peers.lock().unwrap().bytes;
+            assert!(bytes <= MAX_BYTES, "{bytes} bytes after {n} keys");
+        }
+        let last = ChunkKey::new(&id, b"t", b"last");
+        recent.remember(a, last.clone());
+        assert!(recent.seen(a, &last), "still remembers after a reset");
     }
 }
