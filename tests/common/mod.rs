@@ -146,12 +146,23 @@ pub fn collect_lines(
 pub struct AckgateBuilder {
     nodes: Vec<(String, String)>,
     overrides: Vec<(String, String)>,
+    /// Write the harness's short upstream timing (retry_initial, retry_max, connect_timeout,
+    /// shutdown_grace) before the overrides; off with [`AckgateBuilder::product_upstream_timing`].
+    harness_timing: bool,
 }
 
 impl AckgateBuilder {
     /// Add an upstream node.
     pub fn node(mut self, name: &str, address: SocketAddr) -> Self {
         self.nodes.push((name.to_string(), address.to_string()));
+        self
+    }
+
+    /// Leave ackgate's own defaults for the upstream timing (retry_initial, retry_max,
+    /// connect_timeout, shutdown_grace) instead of the harness's short ones, for tests whose
+    /// point is the timing a user gets out of the box.
+    pub fn product_upstream_timing(mut self) -> Self {
+        self.harness_timing = false;
         self
     }
 
@@ -193,12 +204,15 @@ impl AckgateBuilder {
             "path".into(),
             spool_path.to_string_lossy().into_owned().into(),
         );
-        // Test-friendly upstream timing; tests that care override it.
+        // Test-friendly upstream timing; tests that care override it, or leave the product's
+        // defaults with `product_upstream_timing`.
         let mut upstream = toml::Table::new();
-        upstream.insert("retry_initial".into(), "100ms".into());
-        upstream.insert("retry_max".into(), "1s".into());
-        upstream.insert("connect_timeout".into(), "2s".into());
-        upstream.insert("shutdown_grace".into(), "3s".into());
+        if self.harness_timing {
+            upstream.insert("retry_initial".into(), "100ms".into());
+            upstream.insert("retry_max".into(), "1s".into());
+            upstream.insert("connect_timeout".into(), "2s".into());
+            upstream.insert("shutdown_grace".into(), "3s".into());
+        }
         let nodes: Vec<toml::Value> = self
             .nodes
             .iter()
@@ -250,6 +264,7 @@ impl Ackgate {
         AckgateBuilder {
             nodes: Vec::new(),
             overrides: Vec::new(),
+            harness_timing: true,
         }
     }
 

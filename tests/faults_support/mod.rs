@@ -1240,6 +1240,10 @@ fn run(cmd: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Namespaces created by this process so far: tests of one binary run in parallel threads,
+/// so each namespace needs its own name, interfaces and /30.
+static NETNS_CREATED: AtomicU64 = AtomicU64::new(0);
+
 /// A network namespace joined to the host by a veth pair with a /30 of 10.231.0.0/16. Drop
 /// deletes both (also when a test panics).
 pub struct Netns {
@@ -1252,8 +1256,12 @@ pub struct Netns {
 impl Netns {
     pub fn create() -> Result<Netns, String> {
         let pid = std::process::id();
-        let tag = format!("{:x}", pid & 0xfff_ffff);
-        let block = (pid % 16000) * 4;
+        // 32 namespaces per process before names or blocks repeat (earlier ones are gone by
+        // then: a test drops its namespace before it creates the next one).
+        let n = (NETNS_CREATED.fetch_add(1, Ordering::Relaxed) % 32) as u32;
+        // At most 7 + 1 + 2 hex digits: "agh" + tag stays within IFNAMSIZ (15).
+        let tag = format!("{:x}x{n:x}", pid & 0xfff_ffff);
+        let block = ((pid.wrapping_mul(32) + n) % 16384) * 4;
         let third = (block / 256) as u8;
         let fourth = (block % 256) as u8;
         let ns = Netns {
@@ -1304,6 +1312,43 @@ impl Drop for Netns {
         let _ = run(&["ip", "link", "del", &self.host_if]);
         let _ = run(&["ip", "netns", "del", &self.name]);
     }
+}
+
+/// TCP sockets of this (the host's) network namespace connected to `peer`, and the bytes they
+/// hold that `peer` has not acknowledged (`tx_queue` of /proc/net/tcp: sent or queued, not
+/// acked; a queued FIN counts one). Orphans count too: a socket its process closed gracefully
+/// stays here, retransmitting, until its data is acked or it gives up. `None` if the table
+/// cannot be read.
+pub fn unacked_towards(peer: std::net::SocketAddrV4) -> Option<(usize, u64)> {
+    // The kernel prints an address as u32 words in memory order, the port as a number. An
+    // IPv6 socket may reach the peer as ::ffff:a.b.c.d.
+    let v4 = format!("{:08X}", u32::from_ne_bytes(peer.ip().octets()));
+    let mapped = format!(
+        "0000000000000000{:08X}{v4}",
+        u32::from_ne_bytes([0, 0, 0xff, 0xff])
+    );
+    let port = format!("{:04X}", peer.port());
+    let mut sockets = 0;
+    let mut unacked = 0;
+    for (file, addr) in [("/proc/net/tcp", v4), ("/proc/net/tcp6", mapped)] {
+        let Ok(table) = std::fs::read_to_string(file) else {
+            if file == "/proc/net/tcp" {
+                return None;
+            }
+            continue;
+        };
+        let want = format!("{addr}:{port}");
+        for line in table.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 5 || cols[2] != want {
+                continue;
+            }
+            let tx = cols[4].split(':').next().unwrap_or("0");
+            sockets += 1;
+            unacked += u64::from_str_radix(tx, 16).unwrap_or(0);
+        }
+    }
+    Some((sockets, unacked))
 }
 
 /// A tmpfs of `size` mounted on a new temp dir (root only); unmounted on drop.
