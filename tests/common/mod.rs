@@ -149,6 +149,7 @@ pub struct AckgateBuilder {
     /// Write the harness's short upstream timing (retry_initial, retry_max, connect_timeout,
     /// shutdown_grace) before the overrides; off with [`AckgateBuilder::product_upstream_timing`].
     harness_timing: bool,
+    envs: Vec<(String, String)>,
 }
 
 impl AckgateBuilder {
@@ -174,6 +175,12 @@ impl AckgateBuilder {
         self
     }
 
+    /// Set an environment variable for the `ackgate run` process, on every (re)start.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// Write the config into a new temp dir and start the binary.
     pub fn start(self) -> Ackgate {
         let dir = tempfile::tempdir().expect("create temp dir");
@@ -190,6 +197,7 @@ impl AckgateBuilder {
             addr: "127.0.0.1:0".parse().expect("addr"),
             log: Arc::new(LogLines::default()),
             generation: 0,
+            envs: self.envs.clone(),
         };
         gate.spawn();
         gate
@@ -257,6 +265,8 @@ pub struct Ackgate {
     addr: SocketAddr,
     log: Arc<LogLines>,
     generation: u32,
+    /// Extra environment of the child, from [`AckgateBuilder::env`].
+    envs: Vec<(String, String)>,
 }
 
 impl Ackgate {
@@ -265,6 +275,7 @@ impl Ackgate {
             nodes: Vec::new(),
             overrides: Vec::new(),
             harness_timing: true,
+            envs: Vec::new(),
         }
     }
 
@@ -281,6 +292,7 @@ impl Ackgate {
             .arg("--config")
             .arg(&self.config_path)
             .env_remove("RUST_LOG")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
