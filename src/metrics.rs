@@ -45,6 +45,7 @@ pub struct Metrics {
     pub node_available: Family<Labels, Gauge>,
     pub dead_letters: Counter,
     pub splits: Counter,
+    pub spool_reopens: Counter,
     pub commit_seconds: Histogram,
     pub commit_requests: Histogram,
     spool_records: Gauge,
@@ -76,6 +77,7 @@ impl Metrics {
             node_available: Family::default(),
             dead_letters: Counter::default(),
             splits: Counter::default(),
+            spool_reopens: Counter::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             spool_records: Gauge::default(),
@@ -208,6 +210,11 @@ impl Metrics {
             m.spool_dead_letter_bytes.clone(),
         );
         r.register("spool_commits", "Spool commits", m.spool_commits.clone());
+        r.register(
+            "spool_reopens",
+            "Times the spool database was closed and opened again after an I/O error or a failed commit",
+            m.spool_reopens.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -304,10 +311,23 @@ async fn answer(
             "text/plain; version=0.0.4; charset=utf-8",
             metrics().render(Some(spool)),
         ),
-        ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/health") => match spool.stats().available {
+            true => ("200 OK", "text/plain", "ok\n".to_string()),
+            false => (
+                "503 Service Unavailable",
+                "text/plain",
+                "spool unavailable: it cannot be opened again after an I/O error\n".to_string(),
+            ),
+        },
         ("GET", "/ready") => {
             let stats = spool.stats();
-            if !ingress_ready {
+            if !stats.available {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "spool unavailable\n".into(),
+                )
+            } else if !ingress_ready {
                 (
                     "503 Service Unavailable",
                     "text/plain",

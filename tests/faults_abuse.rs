@@ -8,6 +8,8 @@
 //! - Half-written frames (slowloris): connections that stop mid-frame are closed at
 //!   `idle_timeout`; connections at the cap that trickle one byte at a time must not lock good
 //!   senders out for longer than a bounded time either.
+//! - Hundreds of large requests started at once: they share one memory budget
+//!   (`ingress.max_partial_bytes`), small good requests are served meanwhile.
 //! - Frames over `max_frame_bytes`, declared or streamed: refused at once, logged with the
 //!   peer, memory bounded by the limit, dead-lettered bytes bounded, good senders go on.
 //!
@@ -457,4 +459,150 @@ fn frames_over_the_size_limit_are_refused_and_memory_stays_bounded() {
     );
     assert!(status.success(), "ackgate exited with {status}");
     let _ = LIMIT;
+}
+
+/// Peak resident memory of a process (VmHWM), KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Write to every connection without blocking, round robin, until `until`. Returns the bytes
+/// ackgate (or the kernel on its behalf) took off each.
+fn push_nonblocking(conns: &mut [TcpStream], per_conn: usize, until: Instant) -> Vec<usize> {
+    let chunk = vec![b'x'; 64 << 10];
+    let mut written = vec![0usize; conns.len()];
+    let mut done = vec![false; conns.len()];
+    for c in conns.iter() {
+        c.set_nonblocking(true).expect("nonblocking");
+    }
+    while Instant::now() < until && done.iter().any(|d| !d) {
+        let mut progress = false;
+        for ((c, w), d) in conns
+            .iter_mut()
+            .zip(written.iter_mut())
+            .zip(done.iter_mut())
+        {
+            if *d {
+                continue;
+            }
+            match c.write(&chunk[..chunk.len().min(per_conn - *w)]) {
+                Ok(n) => {
+                    *w += n;
+                    *d = *w >= per_conn;
+                    progress |= n > 0;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Closed by ackgate: the request was refused, which this test must not see.
+                Err(_) => *d = true,
+            }
+        }
+        if !progress {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    written
+}
+
+/// 7f: hundreds of connections each declare a 15 MiB request and stream megabytes of it.
+/// Without a global bound ackgate would hold every byte it read of each (hundreds of MiB);
+/// with `ingress.max_partial_bytes` it reads at most that much in all, leaves the rest in the
+/// kernel (backpressure), still serves small good requests at once, and frees everything when
+/// the unfinished requests are cut at `idle_timeout`.
+#[test]
+fn declared_large_requests_share_one_memory_budget() {
+    let started = Instant::now();
+    const CONNS: usize = 200;
+    const PUSH: usize = 2 << 20;
+    let agg = Aggregator::start();
+    let (gate, metrics) = gate_with("max_partial_bytes = \"32MiB\"\nidle_timeout = \"4s\"", &agg);
+    let ids = Ids::default();
+    let seen = Seen::new();
+    let rss_before = rss_kib(gate.pid()).unwrap_or(0);
+    let mut hostile = open_idle(gate.addr(), CONNS);
+    for c in &mut hostile {
+        // Under max_frame_bytes (16 MiB), so ackgate must wait for the rest.
+        c.write_all(&half_frame(15 << 20)).expect("header");
+    }
+    let pushed = push_nonblocking(&mut hostile, PUSH, Instant::now() + Duration::from_secs(2));
+    let pushed_total: usize = pushed.iter().sum();
+    let refused = gate
+        .log_lines_with(&["closing connection: invalid request"])
+        .len();
+    let (latencies, acked, errors) = good_sender(gate.addr(), &ids, 3, Duration::from_secs(10));
+    let peak = peak_rss_kib(gate.pid()).unwrap_or(u64::MAX);
+    for c in &hostile {
+        let _ = c.set_nonblocking(false);
+    }
+    let closed = count_closed(&mut hostile, Instant::now() + Duration::from_secs(15));
+    drop(hostile);
+    // Once they are gone, a large honest request still gets through (the budget came back).
+    let big = ids.take(2000);
+    let big_acked = timed_request(gate.addr(), "abuse.big", &big, Duration::from_secs(20));
+    let mut expected = acked.clone();
+    if big_acked.is_ok() {
+        expected.extend(big.iter().copied());
+    }
+    let arrived = seen.wait_agg(&agg, "good events", Duration::from_secs(20), |s| {
+        s.has_all(&expected)
+    });
+    let s = seen.snapshot();
+    let spooled = scrape(metrics, "ackgate_events_in_total").unwrap_or(-1.0);
+    Row {
+        scenario: format!("7f {CONNS} connections declaring 15 MiB requests, max_partial_bytes = 32 MiB"),
+        sent: 15 + big.len(),
+        acked: expected.len(),
+        received: expected.len() - s.missing(&expected).len(),
+        duplicates: s.duplicates(),
+        lost: s.missing(&expected).len(),
+        cycles: 1,
+        seconds: started.elapsed().as_secs_f64(),
+        command: command("faults_abuse", "declared_large_requests"),
+        notes: format!(
+            "{} MiB pushed by the hostile senders in 2 s; ackgate RSS {} MiB before, peak {} MiB; good requests acked after at most {} ms; \
+             {closed}/{CONNS} cut at idle_timeout; a 2000-event request afterwards acked: {}",
+            pushed_total >> 20,
+            rss_before >> 10,
+            peak >> 10,
+            max_ms(&latencies),
+            big_acked.is_ok()
+        ),
+        ..Row::default()
+    }
+    .save();
+    assert_eq!(
+        refused, 0,
+        "the hostile requests are valid so far and must not be refused"
+    );
+    assert!(
+        errors.is_empty(),
+        "good senders were not served: {errors:?}"
+    );
+    assert!(
+        pushed_total > 64 << 20,
+        "the hostile senders pushed only {} MiB: the test does not load ackgate",
+        pushed_total >> 20
+    );
+    // 32 MiB of budget + 16 KiB per connection + the spool's cache and the process itself.
+    assert!(
+        peak < rss_before + (96 << 10),
+        "ackgate held {} MiB at peak ({} MiB before) for {} MiB of unfinished requests",
+        peak >> 10,
+        rss_before >> 10,
+        pushed_total >> 20
+    );
+    assert_eq!(closed, CONNS, "unfinished requests kept their connections");
+    assert!(
+        big_acked.is_ok(),
+        "a large request after the attack: {big_acked:?}"
+    );
+    assert!(arrived, "good events lost");
+    assert_eq!(
+        spooled,
+        expected.len() as f64,
+        "only the good events may be committed"
+    );
 }

@@ -66,6 +66,9 @@ pub struct SpoolStats {
     /// No room for more requests now: some wait for room, or the bytes reached max_bytes, or
     /// the disk is full.
     pub full: bool,
+    /// The database is open. False while a reopen after an I/O error has not succeeded yet:
+    /// nothing is stored or delivered meanwhile, and /health says so.
+    pub available: bool,
 }
 
 /// A record whose stored bytes do not decode (damaged, or written by a newer build).
@@ -447,6 +450,7 @@ impl Spool {
             dead_letter_bytes: self.shared.dead_bytes.load(Ordering::Acquire),
             disk_full: budget.is_blocked(),
             full: budget.is_full(),
+            available: self.shared.store.is_open(),
         }
     }
 

@@ -96,6 +96,10 @@ impl Store {
         handle.db.clone().map(|db| (db, handle.generation))
     }
 
+    pub(super) fn is_open(&self) -> bool {
+        self.lock().db.is_some()
+    }
+
     pub(super) fn generation(&self) -> u64 {
         self.lock().generation
     }

@@ -523,6 +523,7 @@ impl Writer {
     /// open the file again, and reload the counters from it, since a failed commit may or may
     /// not have reached the disk. Bounded; readers waiting for it are woken either way.
     fn reopen(&mut self, why: &str) {
+        crate::metrics::metrics().spool_reopens.inc();
         drop(self.shared.store.close());
         // The new handle sees only durable commits: what rode in non-durable ones since the
         // last durable commit goes again (deletes and dead letters are idempotent).
