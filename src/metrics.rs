@@ -306,11 +306,15 @@ async fn answer(
     let method = parts.next().unwrap_or("");
     let path = parts.next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics().render(Some(spool)),
-        ),
+        ("GET", "/metrics") => {
+            // Reading the oldest record is a spool read, which may wait for a reopen: not on
+            // a runtime worker.
+            let spool = spool.clone();
+            let text = tokio::task::spawn_blocking(move || metrics().render(Some(&spool)))
+                .await
+                .unwrap_or_default();
+            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text)
+        }
         ("GET", "/health") => match spool.stats().available {
             true => ("200 OK", "text/plain", "ok\n".to_string()),
             false => (

@@ -189,8 +189,8 @@ impl Spool {
             None => return Err(SpoolError::Unavailable),
         };
         let reserve = DiskReserve::for_spool(&config.path, config.group_commit_bytes.0);
-        if !reserve.take() {
-            tracing::warn!(path = %config.path.display(),
+        if let Err(error) = reserve.take() {
+            tracing::warn!(path = %config.path.display(), %error,
                 "cannot allocate the spool's disk reserve: a full disk may stall until space frees up");
         }
         let (committed, _) = watch::channel(counters.next_key - 1);
@@ -217,6 +217,8 @@ impl Spool {
             held: Vec::new(),
             unflushed_since: None,
             unflushed: Vec::new(),
+            last_compaction: None,
+            freed_while_held: 0,
         };
         let (fate_tx, fate) = watch::channel(Fate::Running);
         let thread = std::thread::Builder::new()

@@ -45,23 +45,21 @@ impl DiskReserve {
         self.bytes
     }
 
-    /// Allocate the reserve (best effort: without it, a full disk only recovers once other
-    /// space frees up). Returns whether it is in place.
-    pub(super) fn take(&self) -> bool {
-        let Ok(file) = std::fs::OpenOptions::new()
+    /// Allocate the reserve. An error with ENOSPC/EDQUOT means the disk has no room for it yet;
+    /// any other (a filesystem without fallocate, say) means there will be no reserve, and a
+    /// full disk then only recovers once other space frees up.
+    pub(super) fn take(&self) -> std::io::Result<()> {
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&self.path)
-        else {
-            return false;
-        };
-        if rustix::fs::fallocate(&file, FallocateFlags::empty(), 0, self.bytes).is_err() {
+            .open(&self.path)?;
+        if let Err(e) = rustix::fs::fallocate(&file, FallocateFlags::empty(), 0, self.bytes) {
             drop(file);
             let _ = std::fs::remove_file(&self.path);
-            return false;
+            return Err(e.into());
         }
-        true
+        Ok(())
     }
 
     /// Give the space back to the filesystem. Returns whether there was a reserve to release.
@@ -80,7 +78,7 @@ mod tests {
         let spool = dir.path().join("spool.redb");
         let reserve = DiskReserve::for_spool(&spool, 1 << 20);
         assert_eq!(reserve.bytes(), 1 << 20);
-        assert!(reserve.take());
+        reserve.take().unwrap();
         let path = dir.path().join("spool.redb.reserve");
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 1 << 20);

@@ -43,6 +43,8 @@ pub const LAZY_FLUSH: Duration = Duration::from_millis(100);
 const IDLE_FLUSH: Duration = Duration::from_secs(2);
 /// How long a held group waits before its commit is tried again.
 const DISK_FULL_RETRY: Duration = Duration::from_millis(500);
+/// Compaction rewrites the whole file: while the disk stays full, at most this often.
+const COMPACT_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 /// Attempts of one reopen, and the delays between them (doubling): ~4.5 s in all, so the
 /// writer keeps answering (shutdown included); a spool that did not open is tried again at the
 /// next group or read.
@@ -218,6 +220,10 @@ pub(super) struct Writer {
     /// What those non-durable commits carried: a reopen discards them (they only become
     /// durable with the next durable commit), so they are applied again after one.
     pub unflushed: Vec<Maintenance>,
+    /// When the file was last compacted to make room for the disk reserve.
+    pub last_compaction: Option<Instant>,
+    /// Record bytes deleted since requests were held for a full disk.
+    pub freed_while_held: u64,
 }
 
 impl Writer {
@@ -237,6 +243,7 @@ impl Writer {
                     self.reopen("a read found the spool handle failed");
                 }
             }
+            self.try_resume();
             let appends = self.with_held(batch.appends);
             let shutting_down = batch.shutdown.is_some();
             let idle_flush = self
@@ -261,11 +268,13 @@ impl Writer {
 
     /// Wait for the next command, or until pending work is due.
     fn next_command(&mut self) -> Result<Option<Command>, mpsc::RecvTimeoutError> {
-        let patience = match (&self.oldest_pending, self.held.is_empty()) {
-            (Some(since), true) => Some((*since, LAZY_FLUSH)),
-            (Some(since), false) => Some((*since, DISK_FULL_RETRY.min(LAZY_FLUSH))),
-            (None, false) => Some((Instant::now(), DISK_FULL_RETRY)),
-            (None, true) => self.unflushed_since.map(|since| (since, IDLE_FLUSH)),
+        // Held requests, or a paused ingress waiting for room for the reserve: look again soon.
+        let disk_full = !self.held.is_empty() || self.shared.budget.is_blocked();
+        let patience = match (&self.oldest_pending, disk_full) {
+            (Some(since), false) => Some((*since, LAZY_FLUSH)),
+            (Some(since), true) => Some((*since, DISK_FULL_RETRY.min(LAZY_FLUSH))),
+            (None, true) => Some((Instant::now(), DISK_FULL_RETRY)),
+            (None, false) => self.unflushed_since.map(|since| (since, IDLE_FLUSH)),
         };
         match patience {
             Some((since, patience)) => {
@@ -324,15 +333,35 @@ impl Writer {
     }
 
     /// Disk full earlier: first commit the deletes alone, to free space, then try the held
-    /// requests (oldest first) with whatever came since.
+    /// requests (oldest first) with whatever came since, but only once deletes have freed
+    /// about twice what they need (copy-on-write) or the spool is empty. A retry that cannot
+    /// fit still writes pages before it fails, and those would eat the space the released
+    /// reserve left for deletes: then no delete could ever commit again.
     fn with_held(&mut self, appends: Vec<Append>) -> Vec<Append> {
         if self.held.is_empty() {
             return appends;
         }
         if !self.pending.is_empty() {
             // Durable: only a durable commit lets redb reuse the freed pages.
+            let before = self.counters.bytes;
             self.commit_group(Vec::new(), true);
+            self.freed_while_held += before.saturating_sub(self.counters.bytes);
         }
+        let held_bytes: u64 = self.held.iter().map(|a| a.entries.len() as u64).sum();
+        let empty = self.counters.records == 0;
+        if self.freed_while_held < 2 * held_bytes && !empty {
+            self.held.extend(appends);
+            return Vec::new();
+        }
+        if empty && self.compaction_due() {
+            // Nothing left to delete: whatever the file holds beyond its live data is free
+            // inside it, and compaction hands it back to the filesystem.
+            self.reopen_with(
+                "compacting the empty spool to make room for held requests",
+                true,
+            );
+        }
+        self.freed_while_held = 0;
         let mut retry = std::mem::take(&mut self.held);
         retry.extend(appends);
         retry
@@ -420,16 +449,8 @@ impl Writer {
         } else {
             self.unflushed_since.get_or_insert_with(Instant::now);
         }
+        self.try_resume();
         let shared = &self.shared;
-        // Only once held requests themselves are stored: a delete-only commit in between does
-        // not mean there is room for them.
-        if shared.budget.is_blocked() && !appends.is_empty() {
-            if !self.reserve.take() {
-                tracing::warn!(path = %shared.store.path().display(), "spool disk reserve not taken again yet");
-            }
-            tracing::warn!(path = %shared.store.path().display(), "spool disk has room again: ingress resumes");
-            shared.budget.set_blocked(false);
-        }
         let m = crate::metrics::metrics();
         m.commit_seconds.observe(started.elapsed().as_secs_f64());
         if !appends.is_empty() {
@@ -466,6 +487,38 @@ impl Writer {
         }
     }
 
+    /// After a full disk: ingress resumes only once every held request is stored *and* the
+    /// disk reserve could be taken again. Resuming without the reserve would let ingress fill
+    /// the disk once more with nothing left to release, and then no delete could ever commit
+    /// again (the wedge FAULTS.md's 4c showed): so while there is no room for it, ingress stays
+    /// paused, deletes go on, and this is tried again after each commit and every
+    /// [`DISK_FULL_RETRY`].
+    fn try_resume(&mut self) {
+        if !self.shared.budget.is_blocked() || !self.held.is_empty() {
+            return;
+        }
+        let path = self.shared.store.path().display().to_string();
+        let mut taken = self.reserve.take();
+        if matches!(&taken, Err(e) if super::error::io_is_disk_full(e)) && self.compaction_due() {
+            // redb keeps the pages that deletes freed inside its file: give them back to the
+            // filesystem so that the reserve fits again.
+            self.reopen_with(
+                "compacting the spool to make room for its disk reserve",
+                true,
+            );
+            taken = self.reserve.take();
+        }
+        match taken {
+            Ok(()) => {}
+            Err(e) if super::error::io_is_disk_full(&e) => return,
+            Err(error) => {
+                tracing::warn!(%path, %error, "cannot take the spool disk reserve again; resuming without it");
+            }
+        }
+        tracing::warn!(%path, "spool disk has room again: ingress resumes");
+        self.shared.budget.set_blocked(false);
+    }
+
     /// The disk is full: hold the requests unacked, pause ingress, free the reserve.
     fn hold(&mut self, appends: Vec<Append>, error: SpoolError) {
         let path = self.shared.store.path().display().to_string();
@@ -479,6 +532,7 @@ impl Writer {
         self.shared.budget.set_blocked(true);
         self.keep_pending(&error);
         self.held = appends;
+        self.freed_while_held = 0;
         // redb: a failed commit is final and the handle refuses further writes.
         self.reopen("a commit failed with the disk full");
     }
@@ -523,6 +577,23 @@ impl Writer {
     /// open the file again, and reload the counters from it, since a failed commit may or may
     /// not have reached the disk. Bounded; readers waiting for it are woken either way.
     fn reopen(&mut self, why: &str) {
+        self.reopen_with(why, false)
+    }
+
+    /// Whether enough time passed since the last compaction (it rewrites the whole file).
+    fn compaction_due(&mut self) -> bool {
+        let due = self
+            .last_compaction
+            .is_none_or(|at| at.elapsed() >= COMPACT_AT_MOST_EVERY);
+        if due {
+            self.last_compaction = Some(Instant::now());
+        }
+        due
+    }
+
+    /// [`Writer::reopen`], compacting the file first if `compact` (the fresh handle is the
+    /// only one then, as compaction needs).
+    fn reopen_with(&mut self, why: &str, compact: bool) {
         crate::metrics::metrics().spool_reopens.inc();
         drop(self.shared.store.close());
         // The new handle sees only durable commits: what rode in non-durable ones since the
@@ -542,7 +613,10 @@ impl Writer {
                 .open_database()
                 .and_then(|db| Counters::read(&db).map(|counters| (db, counters)));
             match opened {
-                Ok((db, counters)) => {
+                Ok((mut db, counters)) => {
+                    if compact {
+                        self.compact(&mut db);
+                    }
                     self.adopt(db, counters);
                     tracing::warn!(path = %self.shared.store.path().display(), why, attempt, "spool reopened");
                     return;
@@ -557,6 +631,17 @@ impl Writer {
         self.shared.store.gave_up();
     }
 
+    fn compact(&self, db: &mut Database) {
+        let path = self.shared.store.path();
+        let size = || std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let before = size();
+        match db.compact() {
+            Ok(_) => tracing::warn!(path = %path.display(), before, after = size(),
+                "spool file compacted to give the space deletes freed back to the filesystem"),
+            Err(error) => tracing::warn!(path = %path.display(), %error, "spool compaction failed"),
+        }
+    }
+
     fn adopt(&mut self, db: Database, counters: Counters) {
         self.counters = counters;
         let shared = &self.shared;
@@ -566,6 +651,18 @@ impl Writer {
             .store(counters.dead_bytes, Ordering::Release);
         let released = self.released_bytes(&db);
         shared.budget.reset(counters.bytes, released);
+        // A failed commit may have reached the disk after all: its records are in the file
+        // now, and the dispatcher must see them (a duplicate of what the senders resend,
+        // never a record that no queue knows).
+        if counters.next_key > 1 {
+            shared.committed.send_if_modified(|last| {
+                let newer = counters.next_key - 1 > *last;
+                if newer {
+                    *last = counters.next_key - 1;
+                }
+                newer
+            });
+        }
         shared.store.install(db);
     }
 
