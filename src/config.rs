@@ -40,16 +40,84 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub log: LogConfig,
-    /// Prometheus metrics and health endpoints; off unless `[metrics] listen` is set.
+    /// The admin listener: metrics, health, the JSON API; off unless `[admin] listen` is set.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// The old name of `[admin]` (only `listen`): still read, with a warning.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
 }
 
-/// `[metrics]`: `/metrics`, `/health`, `/ready` over HTTP on their own address.
+/// `[metrics]`: the old name of `[admin]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
+}
+
+/// `[admin]`: `/metrics`, `/health`, `/ready`, `POST /retry` and the JSON API (`/api/…`) over
+/// HTTP on their own address, for `ackgate status`, `ackgate top` and `ackgate spool` on a
+/// running relay.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token every request but /health and /ready must carry. Required when `listen`
+    /// is not a loopback address.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// Connections served at once; more wait in the accept queue.
+    #[serde(default = "default_admin_connections")]
+    pub max_connections: u32,
+    /// Deadline for reading a request's head and for answering it.
+    #[serde(default = "default_admin_request_timeout")]
+    pub request_timeout: HumanDuration,
+}
+
+impl AdminConfig {
+    fn from_listen(listen: SocketAddr) -> AdminConfig {
+        AdminConfig {
+            listen,
+            token: None,
+            max_connections: default_admin_connections(),
+            request_timeout: default_admin_request_timeout(),
+        }
+    }
+}
+
+fn default_admin_connections() -> u32 {
+    64
+}
+fn default_admin_request_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+/// A password, key or token: read from the file as text, never printed (`ackgate check` and
+/// debug output show `"<redacted>"`).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
 }
 
 /// `[ingress]`: the side facing senders.
@@ -108,7 +176,7 @@ pub struct IngressSecurity {
     /// Our name in the PONG; senders refuse a server with their own self_hostname.
     pub self_hostname: String,
     /// The key every sender must prove it knows.
-    pub shared_key: String,
+    pub shared_key: Secret,
     /// Also require a username and password from `users`.
     #[serde(default)]
     pub user_auth: bool,
@@ -121,7 +189,7 @@ pub struct IngressSecurity {
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub username: String,
-    pub password: String,
+    pub password: Secret,
 }
 
 /// `[ingress.tls]`.
@@ -325,12 +393,12 @@ pub struct NodeConfig {
     pub strip_empty_metadata: bool,
     /// Shared key for this node's handshake; defaults to `upstream.security.shared_key`.
     #[serde(default)]
-    pub shared_key: Option<String>,
+    pub shared_key: Option<Secret>,
     /// User for aggregators with `user_auth` (sent only when the HELO asks for it).
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Connect with TLS (fluentd's `transport tls`).
     #[serde(default)]
     pub tls: bool,
@@ -359,7 +427,7 @@ pub struct UpstreamSecurity {
     /// Our name in the PING; must differ from the aggregator's self_hostname.
     pub self_hostname: String,
     #[serde(default)]
-    pub shared_key: Option<String>,
+    pub shared_key: Option<Secret>,
 }
 
 /// `upstream.nodes[].compress`.
@@ -592,7 +660,7 @@ impl Config {
             ));
         }
         if let Some(security) = &self.ingress.security {
-            if security.shared_key.is_empty() {
+            if security.shared_key.expose().is_empty() {
                 return Err(invalid("ingress.security.shared_key", "must not be empty"));
             }
             if security.user_auth && security.users.is_empty() {
@@ -650,7 +718,50 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", &e.to_string()));
         }
-        Ok(())
+        self.validate_admin(&invalid)
+    }
+
+    fn validate_admin(
+        &self,
+        invalid: &dyn Fn(&str, &str) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if self.admin.is_some() && self.metrics.is_some() {
+            return Err(invalid(
+                "metrics",
+                "[metrics] is the old name of [admin]: keep only [admin]",
+            ));
+        }
+        let Some(admin) = self.admin() else {
+            return Ok(());
+        };
+        if admin.max_connections == 0 {
+            return Err(invalid("admin.max_connections", "must be at least 1"));
+        }
+        if admin.request_timeout.0.is_zero() {
+            return Err(invalid("admin.request_timeout", "must be greater than 0"));
+        }
+        match &admin.token {
+            Some(token) if token.expose().trim().is_empty() => {
+                Err(invalid("admin.token", "must not be empty"))
+            }
+            None if !admin.listen.ip().is_loopback() => Err(invalid(
+                "admin.token",
+                &format!(
+                    "required when admin.listen ({}) is not a loopback address: anyone who can reach it could requeue or purge dead letters",
+                    admin.listen
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The admin listener's settings: `[admin]`, or the old `[metrics] listen`.
+    pub fn admin(&self) -> Option<AdminConfig> {
+        match (&self.admin, &self.metrics) {
+            (Some(admin), _) => Some(admin.clone()),
+            (None, Some(metrics)) => Some(AdminConfig::from_listen(metrics.listen)),
+            (None, None) => None,
+        }
     }
 
     /// The effective configuration, every default filled in, as TOML (`ackgate check`).

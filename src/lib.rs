@@ -1,7 +1,9 @@
 //! ackgate: a durable Fluentd Forward relay.
+pub mod admin;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod forward;
 pub mod ingress;
 pub mod inspect;
@@ -11,3 +13,4 @@ pub mod supervise;
 pub mod tls;
 pub mod tools;
 pub mod upstream;
+pub mod view;

@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use ackgate::admin::rates::Rates;
+use ackgate::admin::{AdminState, NodeAddress};
 use ackgate::config::{Config, LogFormat};
 use ackgate::ingress::{self, IngressContext};
 use ackgate::spool::Spool;
@@ -39,7 +41,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Inspect a stopped spool: stats, list, show, retry, dead letters.
+    /// One screen on a running relay: what is queued, the oldest age, every node, dead
+    /// letters, rates. Exit 0 healthy, 1 needs attention, 2 unreachable.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print /api/status as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A live terminal view of a running relay, refreshed every second (q quits).
+    Top {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Inspect a spool, stopped (read-only) or in use by a running relay (through its admin
+    /// listener): stats, list, show, retry, dead letters.
     Spool(ackgate::inspect::SpoolArgs),
     /// Send JSON lines or msgpack records as Forward events, optionally over TLS with a shared key (a fluent-cat replacement).
     Send(tools::SendArgs),
@@ -53,34 +70,46 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config } => match load_config(&config) {
             Ok(config) => {
                 print!("{}", config.to_toml());
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
+            Err(code) => code,
         },
         Command::Run { config } => {
-            let config = match Config::load(&config) {
+            let config = match load_config(&config) {
                 Ok(config) => config,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             init_logging(&config.log.level, config.log.format);
             exit_with(runtime().and_then(|rt| rt.block_on(run(config))))
         }
-        Command::Spool(args) => {
-            let config = match Config::load(&args.config) {
+        Command::Status { config: path, json } => {
+            let config = match load_config(&path) {
                 Ok(config) => config,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
+            };
+            init_logging("warn", LogFormat::Text);
+            match runtime() {
+                Ok(rt) => rt.block_on(ackgate::console::status::run(&config, &path, json)),
+                Err(e) => exit_with(Err(e)),
+            }
+        }
+        Command::Top { config: path } => {
+            let config = match load_config(&path) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            init_logging("warn", LogFormat::Text);
+            exit_with(runtime().and_then(|rt| {
+                rt.block_on(async { Ok(ackgate::console::top::run(&config, &path).await?) })
+            }))
+        }
+        Command::Spool(args) => {
+            let config = match load_config(&args.config) {
+                Ok(config) => config,
+                Err(code) => return code,
             };
             init_logging("warn", LogFormat::Text);
             exit_with(runtime().and_then(|rt| {
@@ -134,6 +163,14 @@ fn main() -> ExitCode {
             }))
         }
     }
+}
+
+/// Load and validate a config; on error say why (the key and the problem) and fail.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 fn exit_with(result: anyhow::Result<()>) -> ExitCode {
@@ -245,7 +282,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             ingress::run_udp_heartbeat(socket, spool.clone(), shutdown.clone()),
         )
     });
-    let (dispatcher, _balancer, nodes) = upstream::start(
+    let (dispatcher, balancer, nodes) = upstream::start(
         &config.upstream,
         config.spool.max_age.map(|d| d.0),
         spool.clone(),
@@ -254,19 +291,45 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .context("cannot set up upstream TLS")?;
     let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let metrics_task = match &config.metrics {
-        Some(metrics) => {
-            let listener = tokio::net::TcpListener::bind(metrics.listen)
+    let admin_task = match config.admin() {
+        Some(admin) => {
+            let listener = tokio::net::TcpListener::bind(admin.listen)
                 .await
-                .with_context(|| format!("cannot listen on metrics.listen {}", metrics.listen))?;
-            info!(listen = %listener.local_addr()?, "metrics listening");
-            Some(tokio::spawn(ackgate::metrics::serve(
-                listener,
-                spool.clone(),
-                dispatcher.clone(),
-                accepting.clone(),
-                metrics_stop.clone(),
-            )))
+                .with_context(|| format!("cannot listen on admin.listen {}", admin.listen))?;
+            info!(listen = %listener.local_addr()?, "admin and metrics listening");
+            if config.metrics.is_some() {
+                warn!("[metrics] is the old name of [admin]: rename the section");
+            }
+            let state = Arc::new(AdminState {
+                spool: spool.clone(),
+                dispatcher: dispatcher.clone(),
+                balancer,
+                rates: Rates::new(
+                    config
+                        .upstream
+                        .nodes
+                        .iter()
+                        .map(|n| n.display_name().to_string())
+                        .collect(),
+                ),
+                accepting: accepting.clone(),
+                started: std::time::Instant::now(),
+                ingress_listen: local.to_string(),
+                nodes: config
+                    .upstream
+                    .nodes
+                    .iter()
+                    .map(|n| NodeAddress {
+                        name: n.display_name().to_string(),
+                        address: n.address.clone(),
+                    })
+                    .collect(),
+                token: admin.token.clone(),
+            });
+            let stop = metrics_stop.clone();
+            Some(tokio::spawn(async move {
+                ackgate::admin::serve(listener, state, &admin, stop).await
+            }))
         }
         None => None,
     };
@@ -306,7 +369,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("spool writer did not stop cleanly")?;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
     metrics_stop.cancel();
-    if let Some(task) = metrics_task {
+    if let Some(task) = admin_task {
         let _ = task.await;
     }
     let stats = spool.stats();

@@ -1,13 +1,13 @@
-//! Prometheus metrics, and the small HTTP listener that serves them with /health and /ready.
+//! Prometheus metrics: their names, their help texts, and the text they render to.
 //!
-//! One process-wide set of metrics ([`metrics()`]), updated where things happen (ingress,
-//! spool writer, node connections). Spool gauges (records, bytes, oldest age, dead letters)
-//! are read from the spool at scrape time, so they are never stale. The listener is on its own
-//! address (`[metrics] listen`), apart from the Forward port.
+//! One process-wide set ([`metrics()`]), updated where things happen (ingress, spool writer,
+//! node connections). Spool gauges (records, bytes, oldest age, dead letters) are set from the
+//! spool at scrape time by whoever serves them ([`crate::admin`]), so they are never stale.
+//! Nothing here reads the spool or the dispatcher, and nothing here owns a socket.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, OnceLock};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -15,12 +15,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-
-use crate::spool::Spool;
-use crate::upstream::dispatcher::Dispatcher;
 
 /// Label set with one label, e.g. `node="agg-1"` or `reason="malformed_msgpack"`.
 type Labels = Vec<(&'static str, String)>;
@@ -54,6 +48,19 @@ pub struct Metrics {
     spool_oldest_age_seconds: Gauge<f64, AtomicU64>,
     spool_dead_letter_bytes: Gauge,
     spool_commits: Counter,
+    /// Every `reason` label `rejected` has been counted with, for the admin API.
+    rejected_reasons: Mutex<BTreeSet<String>>,
+}
+
+/// The spool's numbers at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpoolGauges {
+    pub records: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub dead_letter_bytes: u64,
+    pub commits: u64,
+    pub oldest_age_seconds: f64,
 }
 
 impl Metrics {
@@ -86,6 +93,7 @@ impl Metrics {
             spool_oldest_age_seconds: Gauge::default(),
             spool_dead_letter_bytes: Gauge::default(),
             spool_commits: Counter::default(),
+            rejected_reasons: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -218,25 +226,57 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Prometheus text format, with spool gauges read now.
-    pub fn render(&self, spool: Option<&Spool>) -> String {
-        if let Some(spool) = spool {
-            let stats = spool.stats();
-            self.spool_records.set(stats.records as i64);
-            self.spool_bytes.set(stats.bytes as i64);
-            self.spool_max_bytes.set(stats.max_bytes as i64);
-            self.spool_dead_letter_bytes
-                .set(stats.dead_letter_bytes as i64);
-            let counted = self.spool_commits.get();
-            if stats.commits > counted {
-                self.spool_commits.inc_by(stats.commits - counted);
-            }
-            let age = spool
-                .oldest_received_ms()
-                .map(|ms| crate::clock::now_ms().saturating_sub(ms) as f64 / 1000.0)
-                .unwrap_or(0.0);
-            self.spool_oldest_age_seconds.set(age);
+    /// Set the spool gauges (before a scrape).
+    pub fn set_spool(&self, spool: SpoolGauges) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.spool_records.set(gauge(spool.records));
+        self.spool_bytes.set(gauge(spool.bytes));
+        self.spool_max_bytes.set(gauge(spool.max_bytes));
+        self.spool_dead_letter_bytes
+            .set(gauge(spool.dead_letter_bytes));
+        let counted = self.spool_commits.get();
+        if spool.commits > counted {
+            self.spool_commits.inc_by(spool.commits - counted);
         }
+        self.spool_oldest_age_seconds.set(spool.oldest_age_seconds);
+    }
+
+    /// Count a refused connection or request by its reason.
+    pub fn reject(&self, reason: &str) {
+        self.rejected.get_or_create(&label("reason", reason)).inc();
+        let mut reasons = self
+            .rejected_reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !reasons.contains(reason) {
+            reasons.insert(reason.to_string());
+        }
+    }
+
+    /// Every rejection reason seen so far, with its count.
+    pub fn rejections(&self) -> Vec<(String, u64)> {
+        let reasons = self
+            .rejected_reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        reasons
+            .iter()
+            .map(|r| {
+                (
+                    r.clone(),
+                    self.rejected.get_or_create(&label("reason", r)).get(),
+                )
+            })
+            .collect()
+    }
+
+    /// A counter of a per-node family, for the admin API.
+    pub fn node_count(family: &Family<Labels, Counter>, node: &str) -> u64 {
+        family.get_or_create(&label("node", node)).get()
+    }
+
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -254,124 +294,4 @@ pub fn label(name: &'static str, value: &str) -> Labels {
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
-}
-
-/// Deadline for reading an HTTP request head and writing the response.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Serve `/metrics`, `/health` (the process answers) and `/ready` (ingress accepts and the
-/// spool has room: 503 otherwise, so a load balancer can steer senders away) until shutdown.
-pub async fn serve(
-    listener: TcpListener,
-    spool: Spool,
-    dispatcher: Arc<Dispatcher>,
-    accepting: Arc<AtomicBool>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.cancelled() => return,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let spool = spool.clone();
-        let dispatcher = dispatcher.clone();
-        let accepting = accepting.load(Ordering::Acquire);
-        tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(HTTP_TIMEOUT, answer(stream, &spool, &dispatcher, accepting))
-                    .await;
-        });
-    }
-}
-
-async fn answer(
-    mut stream: TcpStream,
-    spool: &Spool,
-    dispatcher: &Dispatcher,
-    ingress_ready: bool,
-) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let path = parts.next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => {
-            // Reading the oldest record is a spool read, which may wait for a reopen: not on
-            // a runtime worker.
-            let spool = spool.clone();
-            let text = tokio::task::spawn_blocking(move || metrics().render(Some(&spool)))
-                .await
-                .unwrap_or_default();
-            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text)
-        }
-        ("GET", "/health") => match spool.stats().available {
-            true => ("200 OK", "text/plain", "ok\n".to_string()),
-            false => (
-                "503 Service Unavailable",
-                "text/plain",
-                "spool unavailable: it cannot be opened again after an I/O error\n".to_string(),
-            ),
-        },
-        ("GET", "/ready") => {
-            let stats = spool.stats();
-            if !stats.available {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "spool unavailable\n".into(),
-                )
-            } else if !ingress_ready {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not accepting\n".into(),
-                )
-            } else if stats.disk_full {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "spool disk full\n".into(),
-                )
-            } else if stats.full {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "spool full\n".into(),
-                )
-            } else {
-                ("200 OK", "text/plain", "ready\n".into())
-            }
-        }
-        ("POST", "/retry") => {
-            let count = dispatcher.retry_now().await;
-            (
-                "200 OK",
-                "text/plain",
-                format!("{count} record(s) waiting for a retry are sent now\n"),
-            )
-        }
-        ("GET", _) | ("POST", _) => ("404 Not Found", "text/plain", "not found\n".into()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET or POST only\n".into(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }

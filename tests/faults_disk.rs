@@ -286,8 +286,14 @@ fn sigkill_while_the_disk_is_full_then_restart_on_the_same_disk() {
     let mut senders = Senders::new();
     let mut load = Load::new("disk.after");
     load.max_requests = Some(20);
+    // Bounded: a relay that never serves again fails here within a minute, not after
+    // 20 × give_up_after.
+    load.give_up_after = Duration::from_secs(20);
     senders.ack(1, &load, &setup.target, &setup.ids, &setup.ledger);
-    senders.join();
+    setup
+        .ledger
+        .wait_acked(sent_before.acked.len() + 100, Duration::from_secs(60));
+    senders.stop();
     let sent = setup.ledger.snapshot();
     let mut must: HashSet<u64> = sent.acked.clone();
     if let Ok(snap) = &at_kill {

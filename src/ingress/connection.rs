@@ -29,7 +29,7 @@ use crate::forward::ack::encode_ack;
 use crate::forward::frame::Signal;
 use crate::forward::json::{chunk_json_value, encode_json_ack, is_json_start, JsonDecoder};
 use crate::forward::{Decoded, FrameDecoder};
-use crate::metrics::{label, metrics};
+use crate::metrics::metrics;
 use crate::spool::{Spool, SpoolError};
 
 /// Deadline for writing one ack to a sender.
@@ -153,7 +153,7 @@ pub(super) async fn serve<S>(
         if let Err(e) = handshake::accept(&mut reader, &mut writer, &mut buf, auth, deadline).await
         {
             warn!(%peer, reason = %e, "closing connection: shared-key handshake failed");
-            m.rejected.get_or_create(&label("reason", e.kind())).inc();
+            m.reject(e.kind());
             let _ = writer.shutdown().await;
             return;
         }
@@ -183,7 +183,7 @@ pub(super) async fn serve<S>(
                     if ctx.security.is_some() {
                         warn!(%peer, reason = "JSON request on a port that requires the shared-key handshake",
                             "closing connection: invalid request; nothing of it was spooled");
-                        m.rejected.get_or_create(&label("reason", "json")).inc();
+                        m.reject("json");
                         end = Some(Close::Rejected);
                         break;
                     }
@@ -242,7 +242,7 @@ pub(super) async fn serve<S>(
                 Err(e) => {
                     warn!(%peer, reason = %e, request = requests + 1,
                         "closing connection: invalid request; nothing of it was spooled");
-                    m.rejected.get_or_create(&label("reason", e.kind())).inc();
+                    m.reject(e.kind());
                     let mut bytes = decoder
                         .take_rejected()
                         .unwrap_or_else(|| buf.split().freeze());

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::IngressConfig;
 use crate::forward::handshake::ServerAuth;
 use crate::forward::Limits;
-use crate::metrics::{label, metrics};
+use crate::metrics::metrics;
 use crate::spool::Spool;
 use crate::tls::{server_config, ServerTlsSettings, TlsError};
 use recent::RecentChunks;
@@ -52,11 +52,11 @@ impl IngressContext {
         };
         let security = config.security.as_ref().map(|s| ServerAuth {
             self_hostname: s.self_hostname.clone(),
-            shared_key: s.shared_key.clone(),
+            shared_key: s.shared_key.expose().to_string(),
             users: s
                 .users
                 .iter()
-                .map(|u| (u.username.clone(), u.password.clone()))
+                .map(|u| (u.username.clone(), u.password.expose().to_string()))
                 .collect(),
             user_auth: s.user_auth,
         });
@@ -130,10 +130,7 @@ pub async fn run_tcp(
         };
         if !ctx.allowed(&peer) {
             warn!(%peer, reason = "source address not in ingress.allow", "connection refused");
-            metrics()
-                .rejected
-                .get_or_create(&label("reason", "not_allowed"))
-                .inc();
+            metrics().reject("not_allowed");
             let _ = stream.set_zero_linger();
             continue;
         }
@@ -169,12 +166,12 @@ async fn handle(
                 Ok(Ok(tls)) => connection::serve(tls, peer, ctx.clone(), shutdown).await,
                 Ok(Err(e)) => {
                     warn!(%peer, reason = %e, "closing connection: TLS handshake failed");
-                    m.rejected.get_or_create(&label("reason", "tls")).inc();
+                    m.reject("tls");
                 }
                 Err(_) => {
                     warn!(%peer, reason = "TLS handshake not completed within handshake_timeout",
                         "closing connection");
-                    m.rejected.get_or_create(&label("reason", "tls")).inc();
+                    m.reject("tls");
                 }
             }
         }

@@ -36,7 +36,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use bytes::Bytes;
-use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
+use redb::{ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tokio::sync::{oneshot, watch};
 
 pub use error::{is_disk_full, needs_reopen, SpoolError};
@@ -69,6 +69,10 @@ pub struct SpoolStats {
     /// The database is open. False while a reopen after an I/O error has not succeeded yet:
     /// nothing is stored or delivered meanwhile, and /health says so.
     pub available: bool,
+    /// When the last commit finished (ms since the epoch; 0: none since start).
+    pub last_commit_ms: u64,
+    /// How long it took, fsync included (µs).
+    pub last_commit_micros: u64,
 }
 
 /// A record whose stored bytes do not decode (damaged, or written by a newer build).
@@ -103,6 +107,8 @@ pub(crate) struct Shared {
     records: AtomicU64,
     dead_bytes: AtomicU64,
     commits: AtomicU64,
+    last_commit_ms: AtomicU64,
+    last_commit_micros: AtomicU64,
     /// Highest key committed so far (0 = none): the dispatcher waits on it for new records.
     committed: watch::Sender<u64>,
 }
@@ -201,6 +207,8 @@ impl Spool {
             records: AtomicU64::new(counters.records),
             dead_bytes: AtomicU64::new(counters.dead_bytes),
             commits: AtomicU64::new(0),
+            last_commit_ms: AtomicU64::new(0),
+            last_commit_micros: AtomicU64::new(0),
             committed,
         });
         let (tx, rx) = mpsc::channel();
@@ -437,6 +445,14 @@ impl Spool {
         })
     }
 
+    /// How many dead letters there are. Blocking.
+    pub fn dead_letter_count(&self) -> Result<u64, SpoolError> {
+        self.with_read(|txn| {
+            let dead = txn.open_table(DEAD).map_err(SpoolError::read)?;
+            dead.len().map_err(SpoolError::read)
+        })
+    }
+
     /// The highest committed key, to wait on for new records.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.committed.subscribe()
@@ -453,6 +469,8 @@ impl Spool {
             disk_full: budget.is_blocked(),
             full: budget.is_full(),
             available: self.shared.store.is_open(),
+            last_commit_ms: self.shared.last_commit_ms.load(Ordering::Acquire),
+            last_commit_micros: self.shared.last_commit_micros.load(Ordering::Acquire),
         }
     }
 

@@ -451,8 +451,13 @@ impl Writer {
         }
         self.try_resume();
         let shared = &self.shared;
+        let took = started.elapsed();
+        shared.last_commit_ms.store(now_ms(), Ordering::Release);
+        shared
+            .last_commit_micros
+            .store(took.as_micros() as u64, Ordering::Release);
         let m = crate::metrics::metrics();
-        m.commit_seconds.observe(started.elapsed().as_secs_f64());
+        m.commit_seconds.observe(took.as_secs_f64());
         if !appends.is_empty() {
             m.commit_requests.observe(appends.len() as f64);
         }

@@ -116,6 +116,31 @@ struct NodeState {
     taken: u64,
     /// Connections currently open to this node.
     connected: bool,
+    /// When `available` last changed (ms since the epoch; start-up counts as a change).
+    since_ms: u64,
+    /// Why the node was last marked unavailable (kept after it recovers, as "last error").
+    last_error: Option<String>,
+    /// When the last ack from this node arrived (ms since the epoch).
+    last_ack_ms: Option<u64>,
+}
+
+impl NodeState {
+    fn set_available(&mut self, available: bool) {
+        if self.available != available {
+            self.available = available;
+            self.since_ms = crate::clock::now_ms();
+        }
+    }
+}
+
+/// What the admin API shows of a node's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSnapshot {
+    pub available: bool,
+    pub since_ms: u64,
+    pub last_error: Option<String>,
+    pub last_ack_ms: Option<u64>,
+    pub connected: bool,
 }
 
 /// Health and share of one node.
@@ -138,6 +163,17 @@ impl NodeHealth {
 
     pub fn taken(&self) -> u64 {
         self.lock().taken
+    }
+
+    pub fn snapshot(&self) -> NodeSnapshot {
+        let state = self.lock();
+        NodeSnapshot {
+            available: state.available,
+            since_ms: state.since_ms,
+            last_error: state.last_error.clone(),
+            last_ack_ms: state.last_ack_ms,
+            connected: state.connected,
+        }
     }
 }
 
@@ -180,6 +216,9 @@ impl Balancer {
                         detector,
                         taken: 0,
                         connected: false,
+                        since_ms: crate::clock::now_ms(),
+                        last_error: None,
+                        last_ack_ms: None,
                     }),
                 }
             })
@@ -298,7 +337,9 @@ impl Balancer {
 
     /// An ack arrived: a heartbeat sample that cannot re-enable a node (fluentd `heartbeat(false)`).
     pub fn ack_received(&self, index: usize) {
-        self.nodes[index].lock().detector.add(Instant::now());
+        let mut state = self.nodes[index].lock();
+        state.detector.add(Instant::now());
+        state.last_ack_ms = Some(crate::clock::now_ms());
     }
 
     /// Connect succeeded. Without heartbeats this is what brings a node back.
@@ -306,7 +347,7 @@ impl Balancer {
         let mut state = self.nodes[index].lock();
         state.connected = true;
         if self.settings.heartbeat == HeartbeatKind::None && !state.available {
-            state.available = true;
+            state.set_available(true);
             drop(state);
             self.rebase(index);
             tracing::info!(node = %self.nodes[index].name, "upstream node available again");
@@ -323,7 +364,8 @@ impl Balancer {
     pub fn failed(&self, index: usize, reason: &str) {
         let mut state = self.nodes[index].lock();
         let was = state.available;
-        state.available = false;
+        state.set_available(false);
+        state.last_error = Some(reason.to_string());
         state.detector.clear();
         drop(state);
         if was {
@@ -343,7 +385,7 @@ impl Balancer {
         state.detector.add(now);
         // fluentd: `sample_size > recover_wait / heartbeat_interval`.
         if !state.available && state.detector.sample_size() > needed {
-            state.available = true;
+            state.set_available(true);
             drop(state);
             self.rebase(index);
             tracing::info!(node = %self.nodes[index].name, "upstream node recovered (heartbeats)");
@@ -375,7 +417,8 @@ impl Balancer {
             None
         };
         if let Some(reason) = reason {
-            state.available = false;
+            state.set_available(false);
+            state.last_error = Some(reason.clone());
             state.detector.clear();
             drop(state);
             tracing::warn!(node = %self.nodes[index].name, %reason, "upstream node detached by its failure detector");

@@ -100,12 +100,21 @@ pub fn start(
                 None
             },
             auth: config.security.as_ref().and_then(|security| {
-                let key = node.shared_key.clone().or(security.shared_key.clone())?;
+                let key = node
+                    .shared_key
+                    .as_ref()
+                    .or(security.shared_key.as_ref())?
+                    .expose()
+                    .to_string();
                 Some(ClientAuth {
                     self_hostname: security.self_hostname.clone(),
                     shared_key: key,
                     username: node.username.clone().unwrap_or_default(),
-                    password: node.password.clone().unwrap_or_default(),
+                    password: node
+                        .password
+                        .as_ref()
+                        .map(|p| p.expose().to_string())
+                        .unwrap_or_default(),
                 })
             }),
         };

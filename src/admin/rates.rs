@@ -1,0 +1,146 @@
+//! Events per second, in and out per node, over the last 1, 10 and 60 seconds.
+//!
+//! A sampler reads the cumulative counters once a second and keeps the last minute of them;
+//! a rate is the difference over a window. Cheap for the hot path (it only bumps counters it
+//! bumps anyway) and exact for the windows the API reports.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{metrics, Metrics};
+
+/// Samples kept: one a second for a minute, plus the one a minute ago.
+const SAMPLES: usize = 61;
+
+/// Rates over the windows the API reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rate {
+    pub last_1s: f64,
+    pub last_10s: f64,
+    pub last_60s: f64,
+}
+
+/// The last minute of one cumulative counter.
+#[derive(Debug, Default)]
+struct Series {
+    totals: VecDeque<u64>,
+}
+
+impl Series {
+    fn push(&mut self, total: u64) {
+        if self.totals.len() == SAMPLES {
+            self.totals.pop_front();
+        }
+        self.totals.push_back(total);
+    }
+
+    /// Per second over the last `seconds` (fewer if not sampled that long yet).
+    fn per_second(&self, seconds: usize) -> f64 {
+        let Some(&last) = self.totals.back() else {
+            return 0.0;
+        };
+        let span = seconds.min(self.totals.len().saturating_sub(1));
+        if span == 0 {
+            return 0.0;
+        }
+        let first = self.totals[self.totals.len() - 1 - span];
+        last.saturating_sub(first) as f64 / span as f64
+    }
+
+    fn rate(&self) -> Rate {
+        Rate {
+            last_1s: self.per_second(1),
+            last_10s: self.per_second(10),
+            last_60s: self.per_second(60),
+        }
+    }
+
+    /// Events in each of the last seconds, oldest first.
+    fn history(&self) -> Vec<u64> {
+        self.totals
+            .iter()
+            .zip(self.totals.iter().skip(1))
+            .map(|(a, b)| b.saturating_sub(*a))
+            .collect()
+    }
+}
+
+/// The series of ingress and of every node.
+pub struct Rates {
+    nodes: Vec<String>,
+    series: Mutex<(Series, Vec<Series>)>,
+}
+
+impl Rates {
+    pub fn new(nodes: Vec<String>) -> Rates {
+        let per_node = nodes.iter().map(|_| Series::default()).collect();
+        Rates {
+            nodes,
+            series: Mutex::new((Series::default(), per_node)),
+        }
+    }
+
+    fn sample(&self, m: &Metrics) {
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        series.0.push(m.events_in.get());
+        for (node, s) in self.nodes.iter().zip(series.1.iter_mut()) {
+            s.push(Metrics::node_count(&m.events_out, node));
+        }
+    }
+
+    /// Events per second into the spool.
+    pub fn events_in(&self) -> (Rate, Vec<u64>) {
+        let series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        (series.0.rate(), series.0.history())
+    }
+
+    /// Events per second acked by node `index`.
+    pub fn events_out(&self, index: usize) -> (Rate, Vec<u64>) {
+        let series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        series
+            .1
+            .get(index)
+            .map(|s| (s.rate(), s.history()))
+            .unwrap_or_default()
+    }
+
+    /// Sample every second until shutdown.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.sample(metrics()),
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_differences_over_their_window() {
+        let mut s = Series::default();
+        assert_eq!(s.rate(), Rate::default());
+        for total in [0, 10, 30, 60] {
+            s.push(total);
+        }
+        assert_eq!(s.per_second(1), 30.0);
+        // Sampled for 3 s only: the 10 s window covers what there is.
+        assert_eq!(s.per_second(10), 20.0);
+        assert_eq!(s.history(), vec![10, 20, 30]);
+        for n in 0..100 {
+            s.push(60 + n * 5);
+        }
+        assert_eq!(s.totals.len(), SAMPLES);
+        assert_eq!(s.per_second(60), 5.0);
+        assert_eq!(s.history().len(), SAMPLES - 1);
+    }
+}

@@ -1,0 +1,6 @@
+//! What an operator runs against a running relay, through its admin API ([`crate::admin`]):
+//! `ackgate status` ([`status`]), one screen and an exit code for scripts, and `ackgate top`
+//! ([`top`]), a live terminal view.
+
+pub mod status;
+pub mod top;
