@@ -83,7 +83,7 @@ fn every_commented_key_of_the_example_config_parses() {
         "[ingress.tls]",
         "[upstream.security]",
         "[[upstream.nodes]]",
-        "[metrics]",
+        "token = ",
     ] {
         assert!(
             uncommented.iter().any(|l| l.starts_with(expected)),
@@ -158,8 +158,10 @@ fn every_commented_key_of_the_example_config_parses() {
         at(&["upstream", "nodes", "1", "standby"]).as_bool(),
         Some(true)
     );
+    assert_eq!(s(&["admin", "listen"]).as_deref(), Some("127.0.0.1:24231"));
     assert_eq!(
-        s(&["metrics", "listen"]).as_deref(),
-        Some("127.0.0.1:24231")
+        s(&["admin", "token"]).as_deref(),
+        Some("<redacted>"),
+        "check never prints the token"
     );
 }

@@ -4,8 +4,9 @@
 //! After a run the counters match what was sent (events, requests, acks, bytes, per-node
 //! counters), the spool gauges return to empty once everything is acked, and the commit
 //! histogram has observations. `/ready` turns 503 "spool full" when the spool budget is used up
-//! with the aggregator down. `ackgate spool` refuses a spool a running ackgate holds (except
-//! `retry`, which it forwards to the running process) and reads a stopped one.
+//! with the aggregator down. `ackgate spool` on a spool a running ackgate holds goes through its
+//! admin API and prints what it prints on the stopped spool; without an admin listener it says
+//! how to enable one.
 
 mod common;
 #[path = "e2e_support/mod.rs"]
@@ -170,41 +171,51 @@ fn ready_turns_503_when_the_spool_is_full() {
     );
 }
 
+/// The age column (the 6th) moves with the clock between two runs: everything else must be
+/// identical.
+fn without_ages(list: &str) -> String {
+    list.lines()
+        .map(|l| {
+            let mut cols: Vec<&str> = l.split_whitespace().collect();
+            if cols.len() > 5 {
+                cols.remove(5);
+            }
+            cols.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
-fn spool_commands_refuse_a_running_spool_and_read_a_stopped_one() {
+fn spool_commands_on_a_running_spool_go_through_its_admin_api_and_print_what_a_stopped_one_prints()
+{
     let down = PortHold::new();
     let mut gate = Ackgate::builder()
         .node("down", down.addr())
-        .section("metrics", "listen = \"127.0.0.1:0\"")
+        .section("admin", "listen = \"127.0.0.1:0\"")
         .start();
-    // `spool retry` finds the running process through the config: name the port it got.
-    let metrics = metrics_addr(&gate);
+    // The commands find the running process through the config: name the port it got.
+    let admin = metrics_addr(&gate);
     edit_config(
         &gate,
-        "listen = \"127.0.0.1:0\"\n\n[spool]",
-        &format!("listen = \"{metrics}\"\n\n[spool]"),
+        "listen = \"127.0.0.1:0\"\n\n[ingress]",
+        &format!("listen = \"{admin}\"\n\n[ingress]"),
     );
     let events = send_requests(&gate, "spool.cli", 3, 2);
     let config = gate.config_path().to_path_buf();
 
-    for args in [&["stats"][..], &["list"][..], &["show", "1"][..]] {
-        let output = spool_cmd(&config, args);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            !output.status.success(),
-            "{args:?} on a running spool succeeded"
-        );
-        assert!(
-            stderr.contains("open in another process"),
-            "{args:?} must say the spool is in use: {stderr}"
-        );
-    }
+    let running_stats = spool_ok(&config, &["stats"]);
+    let running_list = spool_ok(&config, &["list"]);
+    let running_shows: Vec<String> = (1..=3)
+        .map(|key| spool_ok(&config, &["show", &key.to_string()]))
+        .collect();
+    let running_dead = spool_ok(&config, &["dead-letters", "list"]);
     let retry = spool_ok(&config, &["retry"]);
     assert!(
         retry.contains("spool in use by a running ackgate"),
         "`spool retry` must go through the running process: {retry}"
     );
-    let (status, _) = http(metrics, "POST", "/retry");
+    let (status, _) = http(admin, "POST", "/retry");
     assert_eq!(status, 200);
 
     terminate_cleanly(&mut gate);
@@ -215,7 +226,26 @@ fn spool_commands_refuse_a_running_spool_and_read_a_stopped_one() {
         "three acked requests, undelivered"
     );
     assert!(stats_value(&stats, "bytes") > 0);
+    for name in [
+        "records",
+        "bytes",
+        "max_bytes",
+        "dead_letters",
+        "dead_letter_bytes",
+    ] {
+        assert_eq!(
+            stats_value(&running_stats, name),
+            stats_value(&stats, name),
+            "{name}: running\n{running_stats}\nstopped\n{stats}"
+        );
+    }
     let list = spool_ok(&config, &["list"]);
+    assert_eq!(
+        without_ages(&running_list),
+        without_ages(&list),
+        "list differs"
+    );
+    assert_eq!(spool_ok(&config, &["dead-letters", "list"]), running_dead);
     let keys: Vec<u64> = list
         .lines()
         .skip(1)
@@ -227,9 +257,13 @@ fn spool_commands_refuse_a_running_spool_and_read_a_stopped_one() {
                 .unwrap_or_else(|| panic!("no key in list line {l:?}"))
         })
         .collect();
-    assert_eq!(keys.len(), 3, "three records listed:\n{list}");
-    for key in keys {
+    assert_eq!(keys, vec![1, 2, 3], "three records listed:\n{list}");
+    for (key, running) in keys.iter().zip(&running_shows) {
         let shown = spool_ok(&config, &["show", &key.to_string()]);
+        assert_eq!(
+            &shown, running,
+            "show {key} differs between running and stopped"
+        );
         let lines: Vec<serde_json::Value> = shown
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
@@ -243,4 +277,22 @@ fn spool_commands_refuse_a_running_spool_and_read_a_stopped_one() {
         }
     }
     assert_eq!(events.len(), 6);
+}
+
+#[test]
+fn spool_commands_on_a_running_spool_without_an_admin_listener_say_how_to_enable_it() {
+    let down = PortHold::new();
+    let mut gate = Ackgate::builder().node("down", down.addr()).start();
+    send_requests(&gate, "spool.cli", 1, 1);
+    let output = spool_cmd(gate.config_path(), &["list"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "list on a running spool without [admin] succeeded"
+    );
+    assert!(
+        stderr.contains("[admin]"),
+        "must say how to enable the admin listener: {stderr}"
+    );
+    terminate_cleanly(&mut gate);
 }

@@ -26,8 +26,12 @@ pub enum SpoolError {
     },
     #[error("cannot start the spool writer thread: {0}")]
     Thread(Arc<io::Error>),
-    #[error("spool {path} is open in another process (a running ackgate?): stop it first, or use its metrics endpoint")]
+    #[error("spool {path} is open in another process (a running ackgate?): stop it first, or use its admin listener")]
     InUse { path: PathBuf },
+    #[error("no spool at {path}: ackgate never ran with this config, or spool.path is wrong")]
+    NotFound { path: PathBuf },
+    #[error("spool {path} was not closed cleanly and needs recovery, which a read-only command does not do: start ackgate on it once (it recovers at open)")]
+    NeedsRecovery { path: PathBuf },
     #[error("spool commit failed: {0}")]
     Commit(Arc<redb::Error>),
     #[error("spool read failed: {0}")]

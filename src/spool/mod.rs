@@ -21,6 +21,8 @@ mod error;
 #[cfg(test)]
 pub(crate) mod fault;
 mod group;
+mod read;
+mod reader;
 pub mod record;
 mod reserve;
 mod store;
@@ -36,17 +38,18 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use bytes::Bytes;
-use redb::{ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadTransaction, ReadableDatabase};
 use tokio::sync::{oneshot, watch};
 
 pub use error::{is_disk_full, needs_reopen, SpoolError};
 pub use group::MERGE_LIMIT;
+pub use reader::SpoolReader;
 pub use record::{DeadKind, DeadLetter, RecordError, StoredRecord};
 pub use writer::LAZY_FLUSH;
 
 use budget::Budget;
 use reserve::DiskReserve;
-use store::{Counters, Opener, Store, DEAD, READ_WAITS_FOR_REOPEN, RECORDS, RETRIES};
+use store::{Counters, Opener, Store, READ_WAITS_FOR_REOPEN};
 use writer::{Append, Command, Maintenance, Stopped, Writer};
 
 use crate::clock::now_ms;
@@ -191,7 +194,7 @@ impl Spool {
         let cache_bytes = usize::try_from(config.cache_bytes.0).unwrap_or(usize::MAX);
         let store = Store::open(&config.path, cache_bytes, opener)?;
         let counters = match store.current() {
-            Some((db, _)) => Counters::read(&db)?,
+            Some((db, _)) => Counters::read(db.as_ref())?,
             None => return Err(SpoolError::Unavailable),
         };
         let reserve = DiskReserve::for_spool(&config.path, config.group_commit_bytes.0);
@@ -429,28 +432,12 @@ impl Spool {
 
     /// Dead letters with ids ≥ `from`, oldest first. Blocking.
     pub fn dead_letters(&self, from: u64, max: usize) -> Result<Vec<DeadLetter>, SpoolError> {
-        self.with_read(|txn| {
-            let dead = txn.open_table(DEAD).map_err(SpoolError::read)?;
-            let mut out = Vec::new();
-            for item in dead.range(from..).map_err(SpoolError::read)? {
-                let (id, value) = item.map_err(SpoolError::read)?;
-                if let Some(letter) = record::decode_dead(id.value(), value.value()) {
-                    out.push(letter);
-                }
-                if out.len() >= max {
-                    break;
-                }
-            }
-            Ok(out)
-        })
+        self.with_read(|txn| read::dead_letters(txn, from, max))
     }
 
     /// How many dead letters there are. Blocking.
     pub fn dead_letter_count(&self) -> Result<u64, SpoolError> {
-        self.with_read(|txn| {
-            let dead = txn.open_table(DEAD).map_err(SpoolError::read)?;
-            dead.len().map_err(SpoolError::read)
-        })
+        self.with_read(read::dead_letter_count)
     }
 
     /// The highest committed key, to wait on for new records.
@@ -483,38 +470,7 @@ impl Spool {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<ReadBatch, SpoolError> {
-        self.with_read(|txn| {
-            let records = txn.open_table(RECORDS).map_err(SpoolError::read)?;
-            let retries = txn.open_table(RETRIES).map_err(SpoolError::read)?;
-            let mut batch = ReadBatch::default();
-            let mut bytes = 0usize;
-            for item in records.range(from..).map_err(SpoolError::read)? {
-                let (key, value) = item.map_err(SpoolError::read)?;
-                let key = key.value();
-                match record::decode_record(key, value.value()) {
-                    Ok(mut record) => {
-                        if let Some(state) = retries.get(key).map_err(SpoolError::read)? {
-                            if let Some((attempts, _, error)) = record::decode_retry(state.value())
-                            {
-                                record.attempts = attempts;
-                                record.last_error = Some(error);
-                            }
-                        }
-                        bytes += record.entries.len();
-                        batch.records.push(record);
-                    }
-                    Err(error) => batch.damaged.push(DamagedRecord {
-                        key,
-                        stored_len: value.value().len() as u64,
-                        error,
-                    }),
-                }
-                if batch.records.len() + batch.damaged.len() >= max_records || bytes >= max_bytes {
-                    break;
-                }
-            }
-            Ok(batch)
-        })
+        self.with_read(|txn| read::batch(txn, from, max_records, max_bytes))
     }
 
     /// Read one record. Blocking.
@@ -531,29 +487,12 @@ impl Spool {
 
     /// When the oldest record still queued was received (ms since the epoch). Blocking.
     pub fn oldest_received_ms(&self) -> Option<u64> {
-        self.with_read(|txn| {
-            let records = txn.open_table(RECORDS).map_err(SpoolError::read)?;
-            let first = records.first().map_err(SpoolError::read)?;
-            Ok(first.and_then(|(key, value)| {
-                record::decode_record(key.value(), value.value())
-                    .ok()
-                    .map(|r| r.received_ms)
-            }))
-        })
-        .ok()
-        .flatten()
+        self.with_read(read::oldest_received_ms).ok().flatten()
     }
 
     /// Every record key, in order (tests audit the dispatcher with it). Blocking.
     pub fn keys(&self) -> Result<Vec<u64>, SpoolError> {
-        self.with_read(|txn| {
-            let records = txn.open_table(RECORDS).map_err(SpoolError::read)?;
-            let mut keys = Vec::new();
-            for item in records.iter().map_err(SpoolError::read)? {
-                keys.push(item.map_err(SpoolError::read)?.0.value());
-            }
-            Ok(keys)
-        })
+        self.with_read(read::keys)
     }
 
     /// Commit every pending delete, note and dead letter durably, and wait for it.

@@ -196,8 +196,12 @@ pub(super) struct Counters {
 }
 
 impl Counters {
-    pub(super) fn read(db: &Database) -> Result<Counters, SpoolError> {
+    pub(super) fn read(db: &impl ReadableDatabase) -> Result<Counters, SpoolError> {
         let read = db.begin_read().map_err(SpoolError::read)?;
+        Counters::in_txn(&read)
+    }
+
+    pub(super) fn in_txn(read: &redb::ReadTransaction) -> Result<Counters, SpoolError> {
         let meta = read.open_table(META).map_err(SpoolError::read)?;
         let get = |name: &str| -> Result<u64, SpoolError> {
             Ok(meta
