@@ -30,8 +30,6 @@ pub enum SpoolError {
     InUse { path: PathBuf },
     #[error("no spool at {path}: ackgate never ran with this config, or spool.path is wrong")]
     NotFound { path: PathBuf },
-    #[error("spool {path} was not closed cleanly and needs recovery, which a read-only command does not do: start ackgate on it once (it recovers at open)")]
-    NeedsRecovery { path: PathBuf },
     #[error("spool commit failed: {0}")]
     Commit(Arc<redb::Error>),
     #[error("spool read failed: {0}")]

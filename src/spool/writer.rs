@@ -474,14 +474,15 @@ impl Writer {
         shared
             .budget
             .add(applied.maintenance_added, applied.unreleased_removed);
+        // The budget follows the file before anyone hears of the commit.
         let reserved: u64 = appends.iter().map(|a| a.reserved).sum();
+        shared.budget.committed(reserved, applied.append_bytes);
         if self.counters.next_key > 1 {
             shared.committed.send_replace(self.counters.next_key - 1);
         }
         for (append, key) in appends.into_iter().zip(applied.keys) {
             let _ = append.reply.send(Ok(key));
         }
-        shared.budget.committed(reserved, applied.append_bytes);
         for (work, outcome) in pending.into_iter().zip(applied.outcomes) {
             if durable {
                 work.answer(outcome);

@@ -325,16 +325,15 @@ impl<'a, L: Link> Session<'a, L> {
         let mut spool_retry_at: Option<Instant> = None;
         loop {
             let window_open = draining_until.is_none() && self.window_open();
-            if draining_until.is_some() {
+            let may_take = window_open && spool_retry_at.is_none() && self.balancer.may_take(index);
+            if draining_until.is_some() && self.in_flight.is_empty() {
+                return Ok(());
+            }
+            if !may_take {
+                // Ahead of its weighted share now (or a standby whose primary came back):
+                // a take waiting for work must not hand this node the next record.
                 taking = None;
-                if self.in_flight.is_empty() {
-                    return Ok(());
-                }
-            } else if taking.is_none()
-                && window_open
-                && spool_retry_at.is_none()
-                && self.balancer.may_take(index)
-            {
+            } else if taking.is_none() {
                 taking = Some(Box::pin(next_record(dispatcher, committed.clone())));
             }
             let ack_deadline = self
@@ -364,6 +363,10 @@ impl<'a, L: Link> Session<'a, L> {
                 taken = poll_opt(&mut taking), if taking.is_some() => {
                     taking = None;
                     match taken {
+                        // The balancer may have changed its mind while the take ran.
+                        Ok(taken) if !self.balancer.may_take(index) => {
+                            self.dispatcher.put_back(taken.record).await;
+                        }
                         Ok(taken) => {
                             self.balancer.record_taken(index);
                             self.send(taken.record, &mut out).await?;
@@ -378,8 +381,8 @@ impl<'a, L: Link> Session<'a, L> {
                 _ = sleep_until_opt(spool_retry_at), if spool_retry_at.is_some() => {
                     spool_retry_at = None;
                 }
-                // This node is ahead of its weighted share: wait for the balancer.
-                _ = self.balancer.changed.notified(), if window_open && taking.is_none() => {}
+                // Shares and availability changed: take again, or stop taking.
+                _ = self.balancer.changed.notified(), if window_open => {}
                 _ = shutdown.cancelled(), if draining_until.is_none() => {
                     draining_until = Some(Instant::now() + self.settings.shutdown_grace);
                 }
