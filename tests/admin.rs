@@ -402,3 +402,63 @@ fn read_only_commands_leave_a_stopped_spool_unchanged_and_a_missing_one_untouche
         missing.display()
     );
 }
+
+#[test]
+fn dead_letters_are_listed_requeued_and_purged_on_a_running_relay() {
+    let agg = Aggregator::start_with(0, AckMode::NeverAck);
+    let (mut gate, admin) = gate_with_admin(
+        Ackgate::builder()
+            .node("agg", agg.addr())
+            .section("spool", "max_age = \"1s\""),
+    );
+    let config = gate.config_path().to_path_buf();
+    send(&gate, "dead.expired", 2);
+    // The node never acks: both records outlive max_age and become dead letters.
+    status_until(&config, "two dead letters", |s| {
+        s["spool"]["dead_letters"] == 2
+    });
+    let list = spool_ok(&config, &["dead-letters", "list"]);
+    assert_eq!(
+        list.lines().filter(|l| l.contains("max_age")).count(),
+        2,
+        "{list}"
+    );
+    let export = spool_ok(&config, &["dead-letters", "export"]);
+    assert!(export.contains("dead.expired"), "{export}");
+
+    // Purging needs a confirmation, on the API as on the command line.
+    let (status, body) = http(admin, "POST", "/api/dead-letters/purge");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("confirm=yes"), "{body}");
+    assert!(!spool_cmd(&config, &["dead-letters", "purge"])
+        .status
+        .success());
+
+    // Requeued with their chunk ids, they are delivered once the node acks.
+    agg.set_mode(AckMode::Ack);
+    let requeued = spool_ok(&config, &["dead-letters", "requeue", "--all"]);
+    assert_eq!(
+        requeued
+            .lines()
+            .filter(|l| l.contains("requeued as record"))
+            .count(),
+        2,
+        "{requeued}"
+    );
+    status_until(&config, "requeued records delivered", |s| {
+        s["spool"]["records"] == 0 && s["spool"]["dead_letters"] == 0
+    });
+    assert!(agg.event_count() >= 2, "the requeued events arrived");
+
+    // A rejected request is a dead letter that can only be purged.
+    let mut bad = connect(gate.addr());
+    bad.write_all(&[0x93, 0xc1, 0xc1, 0xc1])
+        .expect("write garbage");
+    expect_closed(&mut bad, WAIT);
+    status_until(&config, "one rejected request kept", |s| {
+        s["spool"]["dead_letters"] == 1
+    });
+    let purged = spool_ok(&config, &["dead-letters", "purge", "--yes"]);
+    assert!(purged.contains("purged 1 dead letter(s)"), "{purged}");
+    terminate_cleanly(&mut gate);
+}

@@ -335,8 +335,21 @@ impl Tables<'_> {
             Some(letter) if letter.kind == DeadKind::Record => {
                 self.counters.dead_bytes =
                     self.counters.dead_bytes.saturating_sub(found.len() as u64);
-                let key = self.insert_record(&letter.payload)?;
-                self.applied.maintenance_added += letter.payload.len() as u64;
+                // Same chunk id and bytes; its age starts again, or `spool.max_age` would send
+                // it straight back to the dead letters.
+                let value = match record::decode_record(0, &letter.payload) {
+                    Ok(r) => record::encode_record(
+                        &r.chunk_id,
+                        self.now_ms,
+                        r.events,
+                        r.signal,
+                        &r.tag,
+                        &[&r.entries],
+                    ),
+                    Err(_) => letter.payload.to_vec(),
+                };
+                let key = self.insert_record(&value)?;
+                self.applied.maintenance_added += value.len() as u64;
                 Ok(Outcome::Requeued(Some(key)))
             }
             _ => {
