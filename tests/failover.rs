@@ -292,3 +292,18 @@ fn udp_heartbeats_detach_a_dead_node_and_recover_it_on_the_same_port() {
         "before and during the outage",
     );
 }
+
+/// fluentd's own behaviour is one chunk in flight (`window = 1`): a lone node must go on
+/// taking records one at a time. A rounding error in the weighted share once stopped it after
+/// the fifth record.
+#[test]
+fn a_lone_node_with_a_window_of_one_delivers_everything() {
+    let agg = Aggregator::start();
+    let mut gate = Ackgate::builder()
+        .node("agg", agg.addr())
+        .section("upstream", "window = 1")
+        .start();
+    let events = send_events(&gate, "window.one", 40);
+    agg.wait_for_all(&events, WAIT);
+    terminate_cleanly(&mut gate);
+}

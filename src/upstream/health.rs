@@ -272,17 +272,16 @@ impl Balancer {
         if !eligible.contains(&index) {
             return false;
         }
-        let share = |i: usize| {
-            let node = &self.nodes[i];
-            node.taken() as f64 / node.weight.max(1) as f64
-        };
-        let floor = eligible
-            .iter()
-            .map(|&i| share(i))
-            .fold(f64::INFINITY, f64::min);
+        // (taken + 1 − slack) / weight ≤ every eligible node's taken / weight, in integers:
+        // in floating point, 6/60 > 5/60 + 1/60, and a lone node with window = 1 stopped
+        // taking after its fifth record.
         let node = &self.nodes[index];
-        let next = (node.taken() + 1) as f64 / node.weight.max(1) as f64;
-        next <= floor + self.slack as f64 / node.weight.max(1) as f64
+        let weight = u128::from(node.weight.max(1));
+        let need = u128::from((node.taken() + 1).saturating_sub(self.slack));
+        eligible.iter().all(|&i| {
+            let other = &self.nodes[i];
+            need * u128::from(other.weight.max(1)) <= u128::from(other.taken()) * weight
+        })
     }
 
     /// Whether node `index` should try to connect now (it is eligible, or it is unavailable
@@ -441,6 +440,36 @@ mod tests {
             hard_timeout: Duration::from_secs(60),
             recover_wait: Duration::from_secs(10),
         }
+    }
+
+    #[test]
+    fn a_lone_node_with_a_window_of_one_may_always_take() {
+        let balancer = Balancer::new(
+            vec![("a".into(), 60, false)],
+            settings(HeartbeatKind::None),
+            1,
+        );
+        for taken in 0..10_000 {
+            assert!(balancer.may_take(0), "refused after {taken} records");
+            balancer.record_taken(0);
+        }
+    }
+
+    #[test]
+    fn weighted_shares_hold_within_the_slack() {
+        let balancer = Balancer::new(
+            vec![("a".into(), 60, false), ("b".into(), 20, false)],
+            settings(HeartbeatKind::None),
+            1,
+        );
+        let mut taken = [0u64; 2];
+        for _ in 0..8000 {
+            let i = if balancer.may_take(0) { 0 } else { 1 };
+            assert!(balancer.may_take(i), "neither node may take");
+            balancer.record_taken(i);
+            taken[i] += 1;
+        }
+        assert!(taken[0] >= 5990 && taken[0] <= 6010, "{taken:?}");
     }
 
     #[tokio::test(start_paused = true)]
