@@ -28,6 +28,12 @@ pub enum ClientError {
         status: u16,
         body: String,
     },
+    #[error("the admin listener at {address} answered {path} with something unexpected: {reason}")]
+    BadReply {
+        address: SocketAddr,
+        path: String,
+        reason: String,
+    },
 }
 
 /// A reply: status code and body.
@@ -90,6 +96,16 @@ impl AdminClient {
 
     pub async fn post(&self, path: &str) -> Result<Reply, ClientError> {
         self.request(hyper::Method::POST, path).await
+    }
+
+    /// `GET /api/status`, decoded.
+    pub async fn status(&self) -> Result<crate::admin::status::Status, ClientError> {
+        let reply = self.get_ok("/api/status").await?;
+        serde_json::from_slice(&reply.body).map_err(|e| ClientError::BadReply {
+            address: self.address,
+            path: "/api/status".into(),
+            reason: e.to_string(),
+        })
     }
 
     /// Like [`AdminClient::get`], but anything but 200 is an error.

@@ -16,12 +16,14 @@ use crate::metrics::{metrics, Metrics};
 /// Samples kept: one a second for a minute, plus the one a minute ago.
 const SAMPLES: usize = 61;
 
-/// Rates over the windows the API reports.
+/// Rates over the windows the API reports. Until a window has been sampled whole (just after
+/// start), it covers the `sampled_seconds` there are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Rate {
     pub last_1s: f64,
     pub last_10s: f64,
     pub last_60s: f64,
+    pub sampled_seconds: u64,
 }
 
 /// The last minute of one cumulative counter.
@@ -56,6 +58,7 @@ impl Series {
             last_1s: self.per_second(1),
             last_10s: self.per_second(10),
             last_60s: self.per_second(60),
+            sampled_seconds: self.totals.len().saturating_sub(1) as u64,
         }
     }
 

@@ -1,6 +1,7 @@
 //! `GET /api/status`: the whole state of a running relay in one JSON document, read by
-//! `ackgate status` and `ackgate top`. Field names are stable (README, "Admin API"); times
-//! are milliseconds since the Unix epoch (`*_ms`) or ages in seconds (`*_seconds`).
+//! `ackgate status` and `ackgate top`. Field names are stable (README, "A running relay");
+//! times are milliseconds since the Unix epoch (`*_ms`, against `now_ms`, the relay's clock)
+//! or ages in seconds (`*_seconds`).
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,8 @@ pub const SPOOL_ATTENTION_RATIO: f64 = 0.8;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// The relay's clock when it answered: ages here are against it.
+    pub now_ms: u64,
     pub uptime_seconds: f64,
     /// Nothing needs attention (`attention` is empty).
     pub healthy: bool,
@@ -42,6 +45,7 @@ pub struct SpoolStatus {
     /// The database is open (false while it cannot be reopened after I/O errors).
     pub available: bool,
     pub last_commit_ms: Option<u64>,
+    pub last_commit_age_seconds: Option<f64>,
     pub last_commit_duration_seconds: Option<f64>,
     pub commits: u64,
     pub reopens: u64,
@@ -121,6 +125,7 @@ impl Status {
             .collect();
         let mut status = Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
+            now_ms: now,
             uptime_seconds: state.started.elapsed().as_secs_f64(),
             healthy: true,
             attention: Vec::new(),
@@ -188,6 +193,8 @@ fn spool_status(state: &AdminState, now: u64) -> SpoolStatus {
         disk_full: stats.disk_full,
         available: stats.available,
         last_commit_ms: (stats.last_commit_ms > 0).then_some(stats.last_commit_ms),
+        last_commit_age_seconds: (stats.last_commit_ms > 0)
+            .then(|| age_seconds(now, stats.last_commit_ms)),
         last_commit_duration_seconds: (stats.last_commit_ms > 0)
             .then(|| stats.last_commit_micros as f64 / 1e6),
         commits: stats.commits,

@@ -20,21 +20,14 @@ pub const ATTENTION: u8 = 1;
 pub const UNREACHABLE: u8 = 2;
 
 pub async fn run(config: &Config, path: &Path, json: bool) -> ExitCode {
-    let reply = match AdminClient::from_config(config, path) {
-        Ok(client) => client.get_ok("/api/status").await,
+    let status = match AdminClient::from_config(config, path) {
+        Ok(client) => client.status().await,
         Err(e) => Err(e),
     };
-    let reply = match reply {
-        Ok(reply) => reply,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(UNREACHABLE);
-        }
-    };
-    let status: Status = match serde_json::from_slice(&reply.body) {
+    let status = match status {
         Ok(status) => status,
         Err(e) => {
-            eprintln!("error: /api/status answered something else than a status: {e}");
+            eprintln!("error: {e}");
             return ExitCode::from(UNREACHABLE);
         }
     };
@@ -89,10 +82,13 @@ fn render_spool(status: &Status, out: &mut String) {
         bytes(spool.max_bytes),
         spool.used_ratio * 100.0
     );
-    let commit = match (spool.last_commit_ms, spool.last_commit_duration_seconds) {
-        (Some(at), Some(took)) => format!(
+    let commit = match (
+        spool.last_commit_age_seconds,
+        spool.last_commit_duration_seconds,
+    ) {
+        (Some(age), Some(took)) => format!(
             "last commit {} ago ({:.1} ms)",
-            duration(crate::clock::now_ms().saturating_sub(at) as f64 / 1000.0),
+            duration(age),
             took * 1000.0
         ),
         _ => "no commit since start".into(),

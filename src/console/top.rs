@@ -37,8 +37,6 @@ const KEY_POLL: Duration = Duration::from_millis(100);
 pub enum TopError {
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("/api/status answered something else than a status: {0}")]
-    Decode(#[from] serde_json::Error),
     #[error("`ackgate top` needs a terminal on stdout (scripts: `ackgate status`)")]
     NotATerminal,
     #[error("the terminal failed: {0}")]
@@ -98,8 +96,7 @@ async fn show(
 }
 
 async fn fetch(client: &AdminClient) -> Result<Status, TopError> {
-    let reply = client.get_ok("/api/status").await?;
-    Ok(serde_json::from_slice(&reply.body)?)
+    Ok(client.status().await?)
 }
 
 /// Poll once a second, from one second on (`run` made the first poll); a failure is passed

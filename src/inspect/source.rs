@@ -8,7 +8,6 @@ use serde::Deserialize;
 use super::{DeadLetterCommand, InspectError, SpoolArgs, SpoolCommand};
 use crate::admin::client::{AdminClient, Reply};
 use crate::admin::routes::MAX_RECORDS_PAGE;
-use crate::admin::status::Status;
 use crate::config::Config;
 use crate::spool::{DeadKind, Spool, SpoolError, SpoolReader, SpoolWriter};
 use crate::view::{dead_letter_export, record_events, DeadLetterRow, RecordRow, SpoolSummary};
@@ -111,8 +110,7 @@ impl Source {
                 .await
             }
             Source::Remote(client) => {
-                let status: Status = json(&client.get_ok("/api/status").await?)?;
-                let s = status.spool;
+                let s = client.status().await?.spool;
                 Ok(SpoolSummary {
                     records: s.records,
                     bytes: s.bytes,

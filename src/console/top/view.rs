@@ -360,6 +360,7 @@ mod tests {
                 last_1s: if available { 250.0 } else { 0.0 },
                 last_10s: if available { 240.0 } else { 0.0 },
                 last_60s: if available { 200.0 } else { 0.0 },
+                sampled_seconds: 60,
             },
             events_history: if available {
                 vec![100, 200, 300]
@@ -374,6 +375,7 @@ mod tests {
     fn status() -> Status {
         Status {
             version: "0.1.0".into(),
+            now_ms: NOW,
             uptime_seconds: 3725.0,
             healthy: false,
             attention: vec!["node b (127.0.0.1:1) is down since 90 s: connection refused".into()],
@@ -390,6 +392,7 @@ mod tests {
                 disk_full: false,
                 available: true,
                 last_commit_ms: Some(NOW - 200),
+                last_commit_age_seconds: Some(0.2),
                 last_commit_duration_seconds: Some(0.0021),
                 commits: 99,
                 reopens: 0,
@@ -412,6 +415,7 @@ mod tests {
                     last_1s: 260.0,
                     last_10s: 245.5,
                     last_60s: 7.25,
+                    sampled_seconds: 60,
                 },
                 events_history: vec![5, 10, 400],
             },
