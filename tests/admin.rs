@@ -17,35 +17,14 @@ use e2e_support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// `ackgate COMMAND ARGS… --config CONFIG`.
 fn run(args: &[&str], config: &Path) -> Output {
-    let output = ackgate_command(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .expect("run ackgate");
-    eprintln!(
-        "[{args:?}] {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
+    config_cmd(args[0], config, &args[1..])
 }
 
-/// ackgate with an admin listener on 127.0.0.1:0, and its config rewritten to name the port it
-/// got, so that the commands run with `--config` find it.
+/// [`start_with_admin`], with a short ack timeout so that a silent node is down quickly.
 fn gate_with_admin(builder: AckgateBuilder) -> (Ackgate, std::net::SocketAddr) {
-    let gate = builder
-        .section("admin", "listen = \"127.0.0.1:0\"")
-        .section("upstream", "ack_timeout = \"1s\"")
-        .start();
-    let admin = metrics_addr(&gate);
-    edit_config(
-        &gate,
-        "listen = \"127.0.0.1:0\"\n\n[ingress]",
-        &format!("listen = \"{admin}\"\n\n[ingress]"),
-    );
-    (gate, admin)
+    start_with_admin(builder.section("upstream", "ack_timeout = \"1s\""))
 }
 
 /// `ackgate status --json` until `cond` holds (there is no event for "the relay's state
@@ -131,9 +110,18 @@ fn status_shows_queued_records_and_a_down_node_then_its_recovery() {
     let attention = down["attention"].to_string();
     assert!(attention.contains("agg-1"), "{attention}");
 
-    let screen = run(&["status"], &config);
-    assert_eq!(screen.status.code(), Some(1), "exit 1 while a node is down");
-    let text = String::from_utf8_lossy(&screen.stdout);
+    // Without heartbeats a node that accepts connections is up again at each connect, until
+    // its next ack timeout: wait (bounded) for a screen taken while it is down.
+    let deadline = Instant::now() + WAIT;
+    let (code, text) = loop {
+        let screen = run(&["status"], &config);
+        let text = String::from_utf8_lossy(&screen.stdout).into_owned();
+        if text.contains("DOWN") || Instant::now() > deadline {
+            break (screen.status.code(), text);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, Some(1), "exit 1 while a node is down:\n{text}");
     for needle in [
         "NEEDS ATTENTION",
         "agg-1",

@@ -336,6 +336,33 @@ fn assert_quit_cleanly(tmux: &Tmux, timeout: Duration) {
 // ------------------------------------------------------------------------------------------------
 // Tests
 
+/// A relay, `top` on it in tmux, and its screen showing the node rows; `None` (after saying
+/// why) when tmux is not available.
+struct Running {
+    agg: Aggregator,
+    gate: Ackgate,
+    admin: std::net::SocketAddr,
+    tmux: Tmux,
+}
+
+fn running_top(test: &str) -> Option<Running> {
+    if !Tmux::available(test) {
+        return None;
+    }
+    let agg = Aggregator::start();
+    let (gate, admin) = relay(agg.addr());
+    let tmux = start_top(&top_config(&gate, admin));
+    tmux.wait_for_screen("the node rows", SCREEN_TIMEOUT, |s| {
+        row(s, "live", &agg.addr().to_string()).is_some()
+    });
+    Some(Running {
+        agg,
+        gate,
+        admin,
+        tmux,
+    })
+}
+
 #[test]
 fn top_shows_every_node_and_quits_on_q() {
     if !Tmux::available("top_shows_every_node_and_quits_on_q") {
@@ -363,15 +390,15 @@ fn top_shows_every_node_and_quits_on_q() {
 
 #[test]
 fn q_quits_at_once_while_the_relay_does_not_answer() {
-    if !Tmux::available("q_quits_at_once_while_the_relay_does_not_answer") {
+    let Some(Running {
+        agg: _agg,
+        gate,
+        admin,
+        tmux,
+    }) = running_top("q_quits_at_once_while_the_relay_does_not_answer")
+    else {
         return;
-    }
-    let agg = Aggregator::start();
-    let (gate, admin) = relay(agg.addr());
-    let tmux = start_top(&top_config(&gate, admin));
-    tmux.wait_for_screen("the node rows", SCREEN_TIMEOUT, |s| {
-        row(s, "live", &agg.addr().to_string()).is_some()
-    });
+    };
     // Stopped, the relay's kernel still accepts connections: each poll hangs until the
     // client's 10 s deadline, which `q` must not wait for.
     send_signal(gate.pid(), libc::SIGSTOP);
@@ -397,15 +424,15 @@ impl Drop for Resume {
 
 #[test]
 fn a_relay_that_goes_away_is_an_error_line_not_an_exit() {
-    if !Tmux::available("a_relay_that_goes_away_is_an_error_line_not_an_exit") {
+    let Some(Running {
+        agg,
+        mut gate,
+        admin: _admin,
+        tmux,
+    }) = running_top("a_relay_that_goes_away_is_an_error_line_not_an_exit")
+    else {
         return;
-    }
-    let agg = Aggregator::start();
-    let (mut gate, admin) = relay(agg.addr());
-    let tmux = start_top(&top_config(&gate, admin));
-    tmux.wait_for_screen("the node rows", SCREEN_TIMEOUT, |s| {
-        row(s, "live", &agg.addr().to_string()).is_some()
-    });
+    };
     gate.kill9();
     let screen = tmux.wait_for_screen("the failed poll", SCREEN_TIMEOUT, |s| {
         s.contains("poll failed: cannot reach ackgate's admin listener")
@@ -421,15 +448,15 @@ fn a_relay_that_goes_away_is_an_error_line_not_an_exit() {
 
 #[test]
 fn sigterm_restores_the_terminal_too() {
-    if !Tmux::available("sigterm_restores_the_terminal_too") {
+    let Some(Running {
+        agg: _agg,
+        gate: _gate,
+        admin: _admin,
+        tmux,
+    }) = running_top("sigterm_restores_the_terminal_too")
+    else {
         return;
-    }
-    let agg = Aggregator::start();
-    let (gate, admin) = relay(agg.addr());
-    let tmux = start_top(&top_config(&gate, admin));
-    tmux.wait_for_screen("the node rows", SCREEN_TIMEOUT, |s| {
-        row(s, "live", &agg.addr().to_string()).is_some()
-    });
+    };
     send_signal(tmux.child_pid(), libc::SIGTERM);
     assert_quit_cleanly(&tmux, Duration::from_secs(5));
 }

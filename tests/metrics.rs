@@ -190,17 +190,8 @@ fn without_ages(list: &str) -> String {
 fn spool_commands_on_a_running_spool_go_through_its_admin_api_and_print_what_a_stopped_one_prints()
 {
     let down = PortHold::new();
-    let mut gate = Ackgate::builder()
-        .node("down", down.addr())
-        .section("admin", "listen = \"127.0.0.1:0\"")
-        .start();
-    // The commands find the running process through the config: name the port it got.
-    let admin = metrics_addr(&gate);
-    edit_config(
-        &gate,
-        "listen = \"127.0.0.1:0\"\n\n[ingress]",
-        &format!("listen = \"{admin}\"\n\n[ingress]"),
-    );
+    // The commands find the running process through the config, which names its port.
+    let (mut gate, admin) = start_with_admin(Ackgate::builder().node("down", down.addr()));
     let events = send_requests(&gate, "spool.cli", 3, 2);
     let config = gate.config_path().to_path_buf();
 

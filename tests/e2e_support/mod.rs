@@ -29,8 +29,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{
-    ackgate_command, hex, lock, mp_str, raw_string, wait_for_condition, Ackgate, UpstreamReader,
-    DEPTH,
+    ackgate_command, hex, lock, mp_str, raw_string, wait_for_condition, Ackgate, AckgateBuilder,
+    UpstreamReader, DEPTH,
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -562,20 +562,38 @@ pub fn terminate_cleanly(gate: &mut Ackgate) {
 // ------------------------------------------------------------------------------------------------
 // `ackgate spool`
 
-/// `ackgate spool --config CONFIG ARGS…`, echoed to the test's stderr.
-pub fn spool_cmd(config: &Path, args: &[&str]) -> Output {
-    let output = ackgate_command(["spool", "--config"])
+/// `ackgate COMMAND --config CONFIG ARGS…`, echoed to the test's stderr.
+pub fn config_cmd(command: &str, config: &Path, args: &[&str]) -> Output {
+    let output = ackgate_command([command, "--config"])
         .arg(config)
         .args(args)
         .output()
-        .expect("run ackgate spool");
+        .expect("run ackgate");
     eprintln!(
-        "[spool {args:?}] {:?}\nstdout:\n{}\nstderr:\n{}",
+        "[{command} {args:?}] {:?}\nstdout:\n{}\nstderr:\n{}",
         output.status,
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
     output
+}
+
+/// `ackgate spool --config CONFIG ARGS…`, echoed to the test's stderr.
+pub fn spool_cmd(config: &Path, args: &[&str]) -> Output {
+    config_cmd("spool", config, args)
+}
+
+/// ackgate with an admin listener on 127.0.0.1:0, and its config rewritten to name the port
+/// it got, so that commands run with `--config` find it. Returns the admin address.
+pub fn start_with_admin(builder: AckgateBuilder) -> (Ackgate, SocketAddr) {
+    let gate = builder.section("admin", "listen = \"127.0.0.1:0\"").start();
+    let admin = metrics_addr(&gate);
+    edit_config(
+        &gate,
+        "listen = \"127.0.0.1:0\"\n\n[ingress]",
+        &format!("listen = \"{admin}\"\n\n[ingress]"),
+    );
+    (gate, admin)
 }
 
 /// stdout of a successful `ackgate spool` run.
