@@ -344,7 +344,7 @@ impl Ctx {
 
     async fn direct_run(&self) -> Result<RunFigures, BenchError> {
         let aggregator = Aggregator::start(
-            "127.0.0.1:0".parse().expect("literal address"),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             self.aggregator_options(),
         )
         .await
@@ -375,7 +375,7 @@ impl Ctx {
         rate: Option<f64>,
     ) -> Result<RunFigures, BenchError> {
         let aggregator = Aggregator::start(
-            "127.0.0.1:0".parse().expect("literal address"),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             self.aggregator_options(),
         )
         .await
@@ -544,7 +544,7 @@ impl Ctx {
         let aggregator = if upstream {
             Some(
                 Aggregator::start(
-                    "127.0.0.1:0".parse().expect("literal address"),
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                     self.aggregator_options(),
                 )
                 .await

@@ -204,9 +204,9 @@ impl AckgateChild {
     /// SIGKILL after that. Returns how long the stop took.
     pub async fn stop(mut self, grace: Duration) -> Duration {
         let started = Instant::now();
-        signal(self.pid, libc::SIGTERM);
+        signal(self.pid, rustix::process::Signal::TERM);
         if timeout(grace, self.process.wait()).await.is_err() {
-            signal(self.pid, libc::SIGKILL);
+            signal(self.pid, rustix::process::Signal::KILL);
             let _ = self.process.start_kill();
             let _ = timeout(Duration::from_secs(5), self.process.wait()).await;
         }
@@ -214,14 +214,12 @@ impl AckgateChild {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        if pid > 0 {
-            // SAFETY: kill(2) on a pid this process spawned; no memory is touched.
-            unsafe {
-                libc::kill(pid, sig);
-            }
-        }
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(pid) = pid {
+        let _ = rustix::process::kill_process(pid, sig);
     }
 }
 
@@ -286,8 +284,7 @@ pub fn read_proc(pid: u32) -> Option<ProcSample> {
 }
 
 pub fn clock_ticks_per_s() -> f64 {
-    // SAFETY: sysconf reads a constant of the running system.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = rustix::param::clock_ticks_per_second();
     if ticks > 0 {
         ticks as f64
     } else {

@@ -249,14 +249,7 @@ impl Target {
 
 /// This machine's hostname (what fluentd's `self_hostname` defaults to), or "ackgate-send".
 fn machine_hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into a buffer we own.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return FALLBACK_HOSTNAME.to_owned();
-    }
-    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    match std::str::from_utf8(&buf[..len]) {
+    match rustix::system::uname().nodename().to_str() {
         Ok(name) if !name.is_empty() => name.to_owned(),
         _ => FALLBACK_HOSTNAME.to_owned(),
     }
