@@ -14,7 +14,7 @@ use ackgate::admin::rates::Rates;
 use ackgate::admin::{AdminState, NodeAddress};
 use ackgate::config::{Config, LogFormat};
 use ackgate::ingress::{self, IngressContext};
-use ackgate::spool::Spool;
+use ackgate::spool::{Spool, SpoolWriter};
 use ackgate::{supervise, tools, upstream};
 
 #[derive(Parser)]
@@ -247,138 +247,180 @@ async fn wait_for_signal() {
 /// error at once (invariant 9): a supervisor restarts ackgate, and the spool keeps everything.
 async fn run(config: Config) -> anyhow::Result<()> {
     let mut signals = Signals::install();
-    let spool_config = config.spool.clone();
-    let (spool, writer) = tokio::task::spawn_blocking(move || Spool::open(&spool_config))
-        .await
-        .context("spool open task failed")??;
-    let stats = spool.stats();
-    info!(path = %config.spool.path.display(), records = stats.records, bytes = stats.bytes,
-        max_bytes = stats.max_bytes, "spool opened");
-
     let (watchdog, mut deaths) = supervise::watchdog();
-    let shutdown = CancellationToken::new();
-    // Metrics stay up until the very end, so a drain can be watched.
-    let metrics_stop = CancellationToken::new();
-    let (listener, udp) = ingress::bind(&config.ingress)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.ingress.listen))?;
-    let local = listener.local_addr()?;
-    let ctx = Arc::new(
-        IngressContext::new(config.ingress.clone(), spool.clone())
-            .context("cannot set up ingress TLS")?,
-    );
-    let connections = TaskTracker::new();
-    let accept = spawn_core(
-        &watchdog,
-        "the accept loop",
-        &shutdown,
-        ingress::run_tcp(listener, ctx, shutdown.clone(), connections.clone()),
-    );
-    let heartbeat = udp.map(|socket| {
-        spawn_core(
-            &watchdog,
-            "the UDP heartbeat responder",
-            &shutdown,
-            ingress::run_udp_heartbeat(socket, spool.clone(), shutdown.clone()),
-        )
-    });
-    let (dispatcher, balancer, nodes) = upstream::start(
-        &config.upstream,
-        config.spool.max_age.map(|d| d.0),
-        spool.clone(),
-        shutdown.clone(),
-        &watchdog,
-    )
-    .context("cannot set up upstream TLS")?;
-    let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let admin_task = match config.admin() {
-        Some(admin) => {
-            let listener = tokio::net::TcpListener::bind(admin.listen)
-                .await
-                .with_context(|| format!("cannot listen on admin.listen {}", admin.listen))?;
-            info!(listen = %listener.local_addr()?, "admin and metrics listening");
-            if config.metrics.is_some() {
-                warn!("[metrics] is the old name of [admin]: rename the section");
-            }
-            let state = Arc::new(AdminState {
-                spool: spool.clone(),
-                dispatcher: dispatcher.clone(),
-                balancer,
-                rates: Rates::new(
-                    config
-                        .upstream
-                        .nodes
-                        .iter()
-                        .map(|n| n.display_name().to_string())
-                        .collect(),
-                ),
-                accepting: accepting.clone(),
-                started: std::time::Instant::now(),
-                ingress_listen: local.to_string(),
-                nodes: config
-                    .upstream
-                    .nodes
-                    .iter()
-                    .map(|n| NodeAddress {
-                        name: n.display_name().to_string(),
-                        address: n.address.clone(),
-                    })
-                    .collect(),
-                token: admin.token.clone(),
-            });
-            let stop = metrics_stop.clone();
-            Some(tokio::spawn(async move {
-                ackgate::admin::serve(listener, state, &admin, stop).await
-            }))
-        }
-        None => None,
-    };
-    info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
-
+    let relay = Relay::start(&config, &watchdog).await?;
     tokio::select! {
         _ = signals.wait() => {}
-        reason = writer.died() => return Err(core_died(reason)),
+        reason = relay.writer.died() => return Err(core_died(reason)),
         reason = deaths.next() => return Err(core_died(reason)),
     }
-    accepting.store(false, std::sync::atomic::Ordering::Release);
-    shutdown.cancel();
-    let _ = accept.await;
-    if let Some(heartbeat) = heartbeat {
-        let _ = heartbeat.await;
+    relay.stop(&config).await
+}
+
+/// Everything `ackgate run` started, for the orderly stop.
+struct Relay {
+    spool: Spool,
+    writer: SpoolWriter,
+    /// Cancelled first: stop accepting, nodes drain their windows.
+    shutdown: CancellationToken,
+    /// Cancelled last: the admin listener stays up so a drain can be watched.
+    admin_stop: CancellationToken,
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+    accept: tokio::task::JoinHandle<()>,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+    connections: TaskTracker,
+    nodes: TaskTracker,
+    admin: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn start(config: &Config, watchdog: &supervise::Watchdog) -> anyhow::Result<Relay> {
+        let spool_config = config.spool.clone();
+        let (spool, writer) = tokio::task::spawn_blocking(move || Spool::open(&spool_config))
+            .await
+            .context("spool open task failed")??;
+        let stats = spool.stats();
+        info!(path = %config.spool.path.display(), records = stats.records, bytes = stats.bytes,
+            max_bytes = stats.max_bytes, "spool opened");
+        let shutdown = CancellationToken::new();
+        let (listener, udp) = ingress::bind(&config.ingress)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.ingress.listen))?;
+        let local = listener.local_addr()?;
+        let ctx = Arc::new(
+            IngressContext::new(config.ingress.clone(), spool.clone())
+                .context("cannot set up ingress TLS")?,
+        );
+        let connections = TaskTracker::new();
+        let accept = spawn_core(
+            watchdog,
+            "the accept loop",
+            &shutdown,
+            ingress::run_tcp(listener, ctx, shutdown.clone(), connections.clone()),
+        );
+        let heartbeat = udp.map(|socket| {
+            spawn_core(
+                watchdog,
+                "the UDP heartbeat responder",
+                &shutdown,
+                ingress::run_udp_heartbeat(socket, spool.clone(), shutdown.clone()),
+            )
+        });
+        let (dispatcher, balancer, nodes) = upstream::start(
+            &config.upstream,
+            config.spool.max_age.map(|d| d.0),
+            spool.clone(),
+            shutdown.clone(),
+            watchdog,
+        )
+        .context("cannot set up upstream TLS")?;
+        let mut relay = Relay {
+            spool,
+            writer,
+            shutdown,
+            admin_stop: CancellationToken::new(),
+            accepting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            accept,
+            heartbeat,
+            connections,
+            nodes,
+            admin: None,
+        };
+        relay.admin = relay
+            .start_admin(config, dispatcher, balancer, local)
+            .await?;
+        info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
+        Ok(relay)
     }
-    connections.close();
-    // Connections finish their pending commits and acks. If the spool cannot commit (disk
-    // full), stop waiting after shutdown_grace: those requests were never acked, and their
-    // senders resend them.
-    let grace = config
-        .upstream
-        .shutdown_grace
-        .0
-        .max(std::time::Duration::from_secs(5));
-    if tokio::time::timeout(grace, connections.wait())
-        .await
-        .is_ok()
-    {
-        info!("ingress drained: every stored request was acked");
-    } else {
-        warn!(waited = ?grace, "connections still wait for spool commits; stopping the spool without acking them");
+
+    /// The admin listener, when `[admin]` (or the old `[metrics]`) is set.
+    async fn start_admin(
+        &self,
+        config: &Config,
+        dispatcher: Arc<upstream::dispatcher::Dispatcher>,
+        balancer: Arc<upstream::health::Balancer>,
+        ingress_listen: std::net::SocketAddr,
+    ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+        let Some(admin) = config.admin() else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(admin.listen)
+            .await
+            .with_context(|| format!("cannot listen on admin.listen {}", admin.listen))?;
+        info!(listen = %listener.local_addr()?, "admin and metrics listening");
+        if config.metrics.is_some() {
+            warn!("[metrics] is the old name of [admin]: rename the section");
+        }
+        let nodes: Vec<NodeAddress> = config
+            .upstream
+            .nodes
+            .iter()
+            .map(|n| NodeAddress {
+                name: n.display_name().to_string(),
+                address: n.address.clone(),
+            })
+            .collect();
+        let state = Arc::new(AdminState {
+            spool: self.spool.clone(),
+            dispatcher,
+            balancer,
+            rates: Rates::new(nodes.iter().map(|n| n.name.clone()).collect()),
+            accepting: self.accepting.clone(),
+            started: std::time::Instant::now(),
+            ingress_listen: ingress_listen.to_string(),
+            nodes,
+            token: admin.token.clone(),
+        });
+        let stop = self.admin_stop.clone();
+        Ok(Some(tokio::spawn(async move {
+            ackgate::admin::serve(listener, state, &admin, stop).await
+        })))
     }
-    nodes.wait().await;
-    tokio::task::spawn_blocking(move || writer.shutdown())
-        .await
-        .context("spool writer did not stop cleanly")?;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
-    metrics_stop.cancel();
-    if let Some(task) = admin_task {
-        let _ = task.await;
+
+    async fn stop(self, config: &Config) -> anyhow::Result<()> {
+        self.accepting
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.shutdown.cancel();
+        let _ = self.accept.await;
+        if let Some(heartbeat) = self.heartbeat {
+            let _ = heartbeat.await;
+        }
+        self.connections.close();
+        // Connections finish their pending commits and acks. If the spool cannot commit (disk
+        // full), stop waiting after shutdown_grace: those requests were never acked, and their
+        // senders resend them.
+        let grace = config
+            .upstream
+            .shutdown_grace
+            .0
+            .max(std::time::Duration::from_secs(5));
+        if tokio::time::timeout(grace, self.connections.wait())
+            .await
+            .is_ok()
+        {
+            info!("ingress drained: every stored request was acked");
+        } else {
+            warn!(waited = ?grace, "connections still wait for spool commits; stopping the spool without acking them");
+        }
+        self.nodes.wait().await;
+        let writer = self.writer;
+        tokio::task::spawn_blocking(move || writer.shutdown())
+            .await
+            .context("spool writer did not stop cleanly")?;
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(2), self.connections.wait()).await;
+        self.admin_stop.cancel();
+        if let Some(task) = self.admin {
+            let _ = task.await;
+        }
+        let stats = self.spool.stats();
+        info!(
+            records = stats.records,
+            bytes = stats.bytes,
+            "stopped; records left in the spool are sent after the next start"
+        );
+        Ok(())
     }
-    let stats = spool.stats();
-    info!(
-        records = stats.records,
-        bytes = stats.bytes,
-        "stopped; records left in the spool are sent after the next start"
-    );
-    Ok(())
 }
 
 /// Spawn a task that must run until shutdown; if it ends earlier, `deaths` hears of it.

@@ -96,134 +96,141 @@ impl Metrics {
             rejected_reasons: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
         };
-        let r = &mut registry;
+        m.register_ingress(&mut registry);
+        m.register_upstream(&mut registry);
+        m.register_spool(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    fn register_ingress(&self, r: &mut Registry) {
         r.register(
             "events_in",
             "Events received from senders and committed to the spool",
-            m.events_in.clone(),
+            self.events_in.clone(),
         );
         r.register(
             "bytes_in",
             "Entry bytes received from senders and committed",
-            m.bytes_in.clone(),
+            self.bytes_in.clone(),
         );
         r.register(
             "requests_in",
             "Forward requests received from senders and committed",
-            m.requests_in.clone(),
+            self.requests_in.clone(),
         );
         r.register(
             "acks_sent",
             "Acks written to senders after the commit",
-            m.acks_sent.clone(),
+            self.acks_sent.clone(),
         );
         r.register(
             "retransmits",
             "Sender retransmits of committed chunks, acked again without spooling",
-            m.retransmits.clone(),
+            self.retransmits.clone(),
         );
         r.register(
             "connections_open",
             "Sender connections open now",
-            m.connections_open.clone(),
+            self.connections_open.clone(),
         );
         r.register(
             "connections",
             "Sender connections accepted",
-            m.connections_total.clone(),
+            self.connections_total.clone(),
         );
         r.register(
             "rejected_connections",
             "Sender connections closed for invalid input, by reason",
-            m.rejected.clone(),
+            self.rejected.clone(),
         );
+    }
+
+    fn register_upstream(&self, r: &mut Registry) {
         r.register(
             "events_out",
             "Events acked by an upstream node",
-            m.events_out.clone(),
+            self.events_out.clone(),
         );
         r.register(
             "bytes_out",
             "Request bytes written to an upstream node",
-            m.bytes_out.clone(),
+            self.bytes_out.clone(),
         );
         r.register(
             "chunks_acked",
             "Chunks acked by an upstream node",
-            m.chunks_acked.clone(),
+            self.chunks_acked.clone(),
         );
         r.register(
             "retries",
             "Chunks requeued after a failed attempt, by node",
-            m.retries.clone(),
+            self.retries.clone(),
         );
         r.register(
             "ack_timeouts",
             "Connections aborted because a chunk was not acked in ack_timeout",
-            m.ack_timeouts.clone(),
+            self.ack_timeouts.clone(),
         );
         r.register(
             "in_flight_chunks",
             "Chunks written to a node and not yet acked",
-            m.in_flight.clone(),
+            self.in_flight.clone(),
         );
         r.register(
             "node_available",
             "1 while a node may take records, 0 while it is considered down",
-            m.node_available.clone(),
+            self.node_available.clone(),
         );
+    }
+
+    fn register_spool(&self, r: &mut Registry) {
         r.register(
             "dead_letters",
             "Records moved to the dead letters (undeliverable or too old)",
-            m.dead_letters.clone(),
+            self.dead_letters.clone(),
         );
         r.register(
             "splits",
             "Records split in two after repeated failures",
-            m.splits.clone(),
+            self.splits.clone(),
         );
         r.register(
             "commit_duration_seconds",
             "Duration of one spool group commit, fsync included",
-            m.commit_seconds.clone(),
+            self.commit_seconds.clone(),
         );
         r.register(
             "commit_group_requests",
             "Requests written per group commit",
-            m.commit_requests.clone(),
+            self.commit_requests.clone(),
         );
         r.register(
             "spool_records",
             "Records waiting in the spool",
-            m.spool_records.clone(),
+            self.spool_records.clone(),
         );
         r.register(
             "spool_bytes",
             "Bytes of records waiting in the spool",
-            m.spool_bytes.clone(),
+            self.spool_bytes.clone(),
         );
         r.register(
             "spool_max_bytes",
             "spool.max_bytes: ingress stops reading at this size",
-            m.spool_max_bytes.clone(),
+            self.spool_max_bytes.clone(),
         );
         r.register(
             "spool_oldest_age_seconds",
             "Age of the oldest record in the spool",
-            m.spool_oldest_age_seconds.clone(),
+            self.spool_oldest_age_seconds.clone(),
         );
         r.register(
             "spool_dead_letter_bytes",
             "Bytes of dead letters kept in the spool",
-            m.spool_dead_letter_bytes.clone(),
+            self.spool_dead_letter_bytes.clone(),
         );
-        r.register("spool_commits", "Spool commits", m.spool_commits.clone());
-        r.register(
-            "spool_reopens",
-            "Times the spool database was closed and opened again after an I/O error or a failed commit",
-            m.spool_reopens.clone(),
-        );
-        Metrics { registry, ..m }
+        r.register("spool_commits", "Spool commits", self.spool_commits.clone());
+        r.register("spool_reopens", "Times the spool database was closed and opened again after an I/O error or a failed commit", self.spool_reopens.clone());
     }
 
     /// Set the spool gauges (before a scrape).

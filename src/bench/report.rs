@@ -324,6 +324,17 @@ impl BenchReport {
     /// Judge the targets that this invocation measured.
     pub(super) fn judge(&mut self) {
         let mut checks = Vec::new();
+        self.check_throughput(&mut checks);
+        self.check_rtt(&mut checks);
+        self.check_ack_latency(&mut checks);
+        self.check_steady_rss(&mut checks);
+        self.check_backlog(&mut checks);
+        self.check_fsyncs(&mut checks);
+        self.checks = checks;
+    }
+
+    /// Throughput against the durable-write ceiling.
+    fn check_throughput(&self, checks: &mut Vec<Check>) {
         if let (Some(run), Some((bandwidth, commits))) = (self.runs.first(), self.ceiling_events())
         {
             let direct = self
@@ -350,6 +361,10 @@ impl BenchReport {
                 met: run.events_per_s >= 0.8 * bandwidth,
             });
         }
+    }
+
+    /// The longest RTT against 0 ms.
+    fn check_rtt(&self, checks: &mut Vec<Check>) {
         let zero = self.runs.iter().find(|r| r.rtt_ms == Some(0.0));
         let longest = self
             .runs
@@ -374,6 +389,10 @@ impl BenchReport {
                 met: ratio >= 0.8,
             });
         }
+    }
+
+    /// Ack p99 at half load against the fsync p99.
+    fn check_ack_latency(&self, checks: &mut Vec<Check>) {
         if let (Some(half), Some((_, _, fsync_p99))) = (&self.half_load, self.strict_ceiling()) {
             if let Some(ack) = &half.ack_latency {
                 let limit = 2.0 * fsync_p99 + 1.0;
@@ -388,6 +407,10 @@ impl BenchReport {
                 });
             }
         }
+    }
+
+    /// RSS at steady load.
+    fn check_steady_rss(&self, checks: &mut Vec<Check>) {
         let steady: Vec<&ProcStats> = self
             .runs
             .iter()
@@ -402,6 +425,10 @@ impl BenchReport {
                 met: max <= RSS_TARGET_MIB,
             });
         }
+    }
+
+    /// RSS with a backlog, and start-up time.
+    fn check_backlog(&self, checks: &mut Vec<Check>) {
         if let Some(b) = &self.backlog {
             let max = [
                 b.hold_rss.rss_max_mib,
@@ -431,6 +458,10 @@ impl BenchReport {
                 });
             }
         }
+    }
+
+    /// Deletes cost no commit of their own.
+    fn check_fsyncs(&self, checks: &mut Vec<Check>) {
         if let Some(f) = &self.fsyncs {
             let a = &f.acks_flowing;
             let d = &f.aggregator_down;
@@ -453,7 +484,6 @@ impl BenchReport {
                 met: per_ack < 0.1,
             });
         }
-        self.checks = checks;
     }
 }
 
@@ -463,6 +493,19 @@ fn opt_ms(v: Option<f64>) -> String {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_load(f)?;
+        self.write_ceiling(f)?;
+        self.write_runs(f)?;
+        self.write_backlog(f)?;
+        self.write_fsyncs(f)?;
+        self.write_targets(f)?;
+        Ok(())
+    }
+}
+
+impl BenchReport {
+    /// The machine and the load.
+    fn write_load(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = &self.machine;
         let s = &self.settings;
         writeln!(
@@ -484,6 +527,12 @@ impl fmt::Display for BenchReport {
             s.rate.map(|r| format!(", capped at {r:.0} ev/s")).unwrap_or_default(),
             s.upstream_window,
         )?;
+        Ok(())
+    }
+
+    /// The disk ceiling measured in the same invocation.
+    fn write_ceiling(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.settings;
         let readings = [("before", &self.ceiling), ("after", &self.ceiling_after)];
         if self.ceiling.is_some() {
             writeln!(f)?;
@@ -506,6 +555,11 @@ impl fmt::Display for BenchReport {
                 s.event_bytes
             )?;
         }
+        Ok(())
+    }
+
+    /// One line per run, then its counts.
+    fn write_runs(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let runs: Vec<&RunFigures> = self
             .direct
             .iter()
@@ -596,6 +650,11 @@ impl fmt::Display for BenchReport {
                 )?;
             }
         }
+        Ok(())
+    }
+
+    /// The backlog fill, hold, restart and drain.
+    fn write_backlog(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(b) = &self.backlog {
             writeln!(f)?;
             writeln!(f, "backlog (aggregator down during the fill):")?;
@@ -631,6 +690,11 @@ impl fmt::Display for BenchReport {
                 writeln!(f, "  fill errors: {}", b.fill_errors.join(" | "))?;
             }
         }
+        Ok(())
+    }
+
+    /// fsyncs counted with strace.
+    fn write_fsyncs(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(x) = &self.fsyncs {
             writeln!(f)?;
             writeln!(
@@ -652,6 +716,11 @@ impl fmt::Display for BenchReport {
                 )?;
             }
         }
+        Ok(())
+    }
+
+    /// Each target, met or missed.
+    fn write_targets(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if !self.checks.is_empty() {
             writeln!(f)?;
             writeln!(f, "targets:")?;
