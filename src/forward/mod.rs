@@ -10,6 +10,13 @@
 //!   capped gzip / zstd inflation of compressed payloads.
 //! - [`ack`]: `{"ack": <chunk>}` out (to senders) and in (from aggregators).
 //! - [`packed`]: the PackedForward request ackgate sends upstream with its own chunk id.
+//! - [`handshake`]: HELO / PING / PONG of the shared-key handshake and its digests, both sides.
+//! - [`json`]: the JSON wire format fluentd's in_forward also accepts (a connection whose first
+//!   byte is `[` or `{`), acked in JSON.
+//! - [`value`]: msgpack values decoded to JSON, for reading only (`ackgate spool show`,
+//!   `ackgate receive`): never on the relay path.
+//!
+//! Must not: open a socket or a file, read a clock, or hold state across connections.
 //!
 //! Invariant 6 (event bytes reach the aggregator exactly as the sender wrote them) lives here:
 //! entries are sliced from the input, never decoded and re-encoded.

@@ -1,6 +1,10 @@
 //! The side facing senders: the accept loop (allow-list, connection limit, TLS) and the UDP
 //! heartbeat responder. Each connection is served by [`connection`]; the shared-key handshake
-//! is in [`handshake`]; [`recent`] remembers committed chunk ids to absorb sender retransmits.
+//! is in [`handshake`]; [`partial`] is the memory budget of unfinished requests; [`recent`]
+//! remembers committed chunk ids to absorb sender retransmits.
+//!
+//! Owns the sender sockets. Must not: touch redb (requests go to [`crate::spool::Spool`]), or
+//! ack anything the spool has not reported committed (invariant 1).
 
 pub mod connection;
 pub mod handshake;

@@ -1,7 +1,11 @@
 //! The side facing aggregators: the shared queue ([`dispatcher`]), node health and weighted
-//! choice ([`health`]), and one task per node ([`node`]). `start` builds them from the config;
-//! the returned tracker finishes once every node has drained its window (or given up at
-//! `shutdown_grace`) after shutdown.
+//! choice ([`health`]), one task per node ([`node`], over [`connect`]), and the health probes
+//! ([`heartbeat`]). `start` builds them from the config; the returned tracker finishes once
+//! every node has drained its window (or given up at `shutdown_grace`) after shutdown.
+//!
+//! Owns the aggregator sockets. Must not: delete a record before its ack (invariant 2), change
+//! a chunk id (3), or let a record leave every queue (8); it writes to the spool only through
+//! its delete / dead-letter / split calls.
 
 pub mod connect;
 pub mod dispatcher;
