@@ -2,37 +2,40 @@
 //!
 //! Each complete request is handed to the spool (after waiting for room in its byte budget:
 //! invariant 5, the socket is not read meanwhile) and its ack, when the sender asked for one,
-//! is written only once the spool reports the group commit (invariant 1), in request order, as
-//! one write. Invalid input closes this connection only, is logged with the peer and the
-//! reason, and nothing of the bad request reaches the spool (invariant 4); requests before it
-//! are still committed and acked. A connection is never closed while a request that asked for
-//! an ack is not yet stored: old v0.12 senders take EOF as success (PROTOCOL.md §9.2, §13.5).
+//! is written only once the spool reports the group commit (invariant 1), in request order;
+//! every request a commit settled is acked in one write ([`super::acks`]). Invalid input closes
+//! this connection only, is logged with the peer and the reason, and nothing of the bad request
+//! reaches the spool (invariant 4); requests before it are still committed and acked. A
+//! connection is never closed while a request that asked for an ack is not yet stored: old
+//! v0.12 senders take EOF as success (PROTOCOL.md §9.2, §13.5).
+//!
+//! The connection is a small state machine: [`Connection::run`] decodes what is buffered
+//! ([`Connection::decode_buffered`]), decides whether to read ([`Connection::plan_read`]),
+//! waits for the next [`Event`] and applies it, until [`Connection::finished`].
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::acks::{AckQueue, Commit, Pending, Settled};
+use super::decoder::{DecodeError, Decoder, PickError};
 use super::handshake;
 use super::partial::PartialBytes;
 use super::recent::ChunkKey;
 use super::IngressContext;
 use crate::clock::sleep_until_opt;
-use crate::forward::ack::encode_ack;
 use crate::forward::frame::Signal;
-use crate::forward::json::{chunk_json_value, encode_json_ack, is_json_start, JsonDecoder};
-use crate::forward::{Decoded, FrameDecoder};
+use crate::forward::{Decoded, Frame};
 use crate::metrics::metrics;
-use crate::spool::{Spool, SpoolError};
+use crate::spool::Spool;
 
-/// Deadline for writing one ack to a sender.
+/// Deadline for writing acks to a sender.
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection caught mid-request by shutdown may take to finish that request.
 const SHUTDOWN_READ_GRACE: Duration = Duration::from_secs(2);
@@ -41,80 +44,10 @@ const REJECTED_KEEP_BYTES: usize = 64 * 1024;
 /// Bytes read from a socket per read call.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// The connection's wire format, fixed by its first byte.
-enum Decoder {
-    Unknown,
-    Msgpack(FrameDecoder),
-    Json(JsonDecoder),
-}
-
-impl Decoder {
-    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, DecodeError> {
-        match self {
-            Decoder::Unknown => Ok(None),
-            Decoder::Msgpack(d) => d.decode(buf).map_err(DecodeError::Msgpack),
-            Decoder::Json(d) => d.decode(buf).map_err(DecodeError::Json),
-        }
-    }
-
-    fn take_rejected(&mut self) -> Option<Bytes> {
-        match self {
-            Decoder::Msgpack(d) => d.take_rejected(),
-            _ => None,
-        }
-    }
-
-    fn is_json(&self) -> bool {
-        matches!(self, Decoder::Json(_))
-    }
-
-    /// Bytes the request being read needs at least, when its header declares it.
-    fn wanted(&self) -> usize {
-        match self {
-            Decoder::Msgpack(d) => d.wanted(),
-            _ => 0,
-        }
-    }
-}
-
-/// A rejected request, in either wire format.
-#[derive(Debug, thiserror::Error)]
-enum DecodeError {
-    #[error("{0}")]
-    Msgpack(crate::forward::FrameError),
-    #[error("{0}")]
-    Json(crate::forward::json::JsonFrameError),
-}
-
-impl DecodeError {
-    fn kind(&self) -> &'static str {
-        match self {
-            DecodeError::Msgpack(e) => e.kind(),
-            DecodeError::Json(_) => "bad_json",
-        }
-    }
-}
-
-/// A request handed to the spool, waiting for its commit.
-struct Pending {
-    commit: oneshot::Receiver<Result<u64, SpoolError>>,
-    /// Raw msgpack bytes of the sender's `chunk` option, if it asked for an ack.
-    chunk: Option<Bytes>,
-    events: u32,
-    /// Entry bytes, for metrics.
-    bytes: u64,
-    /// Identity for retransmit detection, remembered once committed.
-    key: Option<ChunkKey>,
-}
-
 /// A decoded request waiting for room in the spool budget.
 struct Staged {
     key: Option<ChunkKey>,
-    signal: Signal,
-    tag: Bytes,
-    entries: Bytes,
-    events: u32,
-    chunk: Option<Bytes>,
+    frame: Frame,
     cost: u64,
 }
 
@@ -135,6 +68,37 @@ enum Close {
     Io,
 }
 
+/// What the connection waits for; one of them wakes it per turn.
+enum Event {
+    /// The oldest request's commit is known.
+    Committed(Commit),
+    /// The staged request got its bytes of the spool budget.
+    Room,
+    /// Bytes of the global partial-request budget were taken.
+    PartialGranted,
+    /// A read finished; `at_boundary`: it started between requests.
+    Read {
+        result: std::io::Result<usize>,
+        at_boundary: bool,
+    },
+    /// Nothing arrived (or a request did not complete) within idle_timeout.
+    Idle,
+    /// Shutdown began: finish the request being read, within a grace period.
+    ShutdownBegun,
+    /// The grace period passed.
+    GraceOver,
+}
+
+/// Whether and how much to read this turn.
+#[derive(Debug, Clone, Copy)]
+struct ReadPlan {
+    allowed: bool,
+    /// Partial-request budget to take before reading.
+    missing: usize,
+    /// Bytes this connection may still buffer.
+    room: usize,
+}
+
 /// Serve one connection (plain or TLS): optional shared-key handshake, then requests until the
 /// peer closes, idles out, sends something invalid, or shutdown.
 pub(super) async fn serve<S>(
@@ -145,7 +109,6 @@ pub(super) async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let m = metrics();
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     if let Some(auth) = &ctx.security {
@@ -153,292 +116,371 @@ pub(super) async fn serve<S>(
         if let Err(e) = handshake::accept(&mut reader, &mut writer, &mut buf, auth, deadline).await
         {
             warn!(%peer, reason = %e, "closing connection: shared-key handshake failed");
-            m.reject(e.kind());
+            metrics().reject(e.kind());
             let _ = writer.shutdown().await;
             return;
         }
         debug!(%peer, "shared-key handshake accepted");
     }
-    let mut decoder = Decoder::Unknown;
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut staged: Option<Staged> = None;
-    let max_pending = ctx.config.max_pending_frames as usize;
-    let idle = ctx.config.idle_timeout.0;
-    let mut idle_deadline = Instant::now() + idle;
-    let mut shutdown_deadline: Option<Instant> = None;
-    let mut eof = false;
-    let mut requests = 0u64;
-    let mut end: Option<Close> = None;
-    let mut partial = PartialBytes::new(ctx.partial.clone(), ctx.limits.max_frame_bytes);
-    let mut told_budget = false;
+    Connection::new(reader, writer, buf, peer, ctx, shutdown)
+        .run()
+        .await;
+}
 
-    loop {
-        let buffered_before = buf.len();
-        // Decode what is buffered, as long as there is room for more pending requests.
-        while end.is_none() && staged.is_none() && pending.len() < max_pending {
-            if matches!(decoder, Decoder::Unknown) && !buf.is_empty() {
-                // fluentd's rule: the first byte of the connection picks msgpack or JSON
-                // for its whole life (PROTOCOL.md §2.1). JSON cannot be authenticated.
-                decoder = if is_json_start(buf[0]) {
-                    if ctx.security.is_some() {
-                        warn!(%peer, reason = "JSON request on a port that requires the shared-key handshake",
-                            "closing connection: invalid request; nothing of it was spooled");
-                        m.reject("json");
-                        end = Some(Close::Rejected);
-                        break;
-                    }
-                    Decoder::Json(JsonDecoder::new(ctx.limits))
-                } else {
-                    Decoder::Msgpack(FrameDecoder::new(ctx.limits))
-                };
-            }
-            match decoder.decode(&mut buf) {
-                Ok(None) => break,
-                Ok(Some(Decoded::Nil)) => continue,
-                Ok(Some(Decoded::Frame(frame))) => {
-                    requests += 1;
-                    idle_deadline = Instant::now() + idle;
-                    let key = frame
-                        .chunk
-                        .as_ref()
-                        .filter(|_| ctx.recent.enabled())
-                        .map(|chunk| ChunkKey::new(chunk, &frame.tag, &frame.entries));
-                    let retransmit = key.as_ref().is_some_and(|k| ctx.recent.seen(peer.ip(), k));
-                    if retransmit || frame.events == 0 {
-                        // A resend of a chunk already committed for this sender, or an empty
-                        // batch: ack it (in order), store nothing.
-                        if retransmit {
-                            debug!(%peer, events = frame.events, "retransmitted chunk acked again without spooling");
-                            m.retransmits.inc();
-                        }
-                        let (done, commit) = oneshot::channel();
-                        let _ = done.send(Ok(0));
-                        pending.push_back(Pending {
-                            commit,
-                            chunk: frame.chunk,
-                            events: 0,
-                            bytes: 0,
-                            key: None,
-                        });
-                        continue;
-                    }
-                    let cost = Spool::cost(frame.signal, &frame.tag, &frame.entries);
-                    staged = Some(Staged {
-                        key,
-                        signal: frame.signal,
-                        tag: frame.tag,
-                        entries: frame.entries,
-                        events: frame.events,
-                        chunk: frame.chunk,
-                        cost,
-                    });
-                    // Fast path: room in the budget now.
-                    if ctx.spool.try_reserve(cost) {
-                        if let Some(s) = staged.take() {
-                            submit(&ctx.spool, s, &mut pending);
-                        }
-                    }
-                }
-                Err(e) => {
-                    warn!(%peer, reason = %e, request = requests + 1,
-                        "closing connection: invalid request; nothing of it was spooled");
-                    m.reject(e.kind());
-                    let mut bytes = decoder
-                        .take_rejected()
-                        .unwrap_or_else(|| buf.split().freeze());
-                    bytes.truncate(REJECTED_KEEP_BYTES);
-                    ctx.spool.reject(peer.to_string(), e.to_string(), bytes);
-                    end = Some(Close::Rejected);
-                }
-            }
-        }
+/// One connection's state between two events.
+struct Connection<S> {
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
+    /// Bytes read and not yet decoded: at most one unfinished request once decoded.
+    buf: BytesMut,
+    peer: SocketAddr,
+    ctx: Arc<IngressContext>,
+    shutdown: CancellationToken,
+    decoder: Decoder,
+    acks: AckQueue,
+    staged: Option<Staged>,
+    partial: PartialBytes,
+    max_pending: usize,
+    idle: Duration,
+    idle_deadline: Instant,
+    /// Set once shutdown began: the request being read must be complete by then.
+    shutdown_deadline: Option<Instant>,
+    /// Nothing more will be read.
+    eof: bool,
+    end: Option<Close>,
+    requests: u64,
+    /// The "partial budget in use" warning was logged for this connection.
+    told_budget: bool,
+}
 
-        if buf.len() < buffered_before {
-            // Requests were taken off the buffer: what is left is one unfinished request.
-            partial.shrink_to(buf.len());
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    fn new(
+        reader: ReadHalf<S>,
+        writer: WriteHalf<S>,
+        buf: BytesMut,
+        peer: SocketAddr,
+        ctx: Arc<IngressContext>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let idle = ctx.config.idle_timeout.0;
+        Connection {
+            reader,
+            writer,
+            buf,
+            peer,
+            partial: PartialBytes::new(ctx.partial.clone(), ctx.limits.max_frame_bytes),
+            max_pending: ctx.config.max_pending_frames as usize,
+            ctx,
+            shutdown,
+            decoder: Decoder::Unknown,
+            acks: AckQueue::default(),
+            staged: None,
+            idle,
+            idle_deadline: Instant::now() + idle,
+            shutdown_deadline: None,
+            eof: false,
+            end: None,
+            requests: 0,
+            told_budget: false,
         }
-        let reading_allowed = end.is_none()
-            && !eof
-            && staged.is_none()
-            && pending.len() < max_pending
-            && (shutdown_deadline.is_none() || !buf.is_empty());
-        let missing = partial.missing(buf.len(), decoder.wanted(), READ_CHUNK);
-        if reading_allowed && missing > ctx.partial.available_permits() && !told_budget {
-            told_budget = true;
-            warn!(%peer, buffered = buf.len(), missing,
-                "ingress.max_partial_bytes in use by other unfinished requests: not reading this connection until they complete");
-        }
-        let room = partial.allowance().saturating_sub(buf.len());
-        if reading_allowed && missing == 0 {
-            let spare = room.min(READ_CHUNK.max(decoder.wanted().saturating_sub(buf.len())));
-            if buf.capacity() - buf.len() < spare {
-                buf.reserve(spare);
+    }
+
+    async fn run(mut self) {
+        loop {
+            let buffered_before = self.buf.len();
+            self.decode_buffered();
+            if self.buf.len() < buffered_before {
+                // Requests were taken off the buffer: what is left is one unfinished request.
+                self.partial.shrink_to(self.buf.len());
             }
-        }
-        if end.is_some() || eof || (shutdown_deadline.is_some() && buf.is_empty()) {
-            // Nothing more will be read: finish the acks that are owed, then close.
-            if pending.is_empty() && staged.is_none() {
+            let plan = self.plan_read();
+            if self.finished() {
                 break;
             }
+            let event = self.next_event(plan).await;
+            self.apply(event).await;
         }
+        self.close().await;
+    }
 
+    /// Decode what is buffered, as long as there is room for more pending requests.
+    fn decode_buffered(&mut self) {
+        while self.end.is_none() && self.staged.is_none() && self.acks.len() < self.max_pending {
+            let secured = self.ctx.security.is_some();
+            if let Err(PickError::JsonOnSecuredPort) =
+                self.decoder.pick(&self.buf, self.ctx.limits, secured)
+            {
+                warn!(peer = %self.peer, reason = "JSON request on a port that requires the shared-key handshake",
+                    "closing connection: invalid request; nothing of it was spooled");
+                metrics().reject("json");
+                self.end = Some(Close::Rejected);
+                return;
+            }
+            match self.decoder.decode(&mut self.buf) {
+                Ok(None) => return,
+                Ok(Some(Decoded::Nil)) => continue,
+                Ok(Some(Decoded::Frame(frame))) => self.accept(frame),
+                Err(e) => self.reject(e),
+            }
+        }
+    }
+
+    /// A complete request: acked in its turn without spooling (a retransmit of a stored chunk,
+    /// or an empty batch), or staged for the spool and handed over if its bytes fit now.
+    fn accept(&mut self, frame: Frame) {
+        self.requests += 1;
+        self.idle_deadline = Instant::now() + self.idle;
+        let recent = &self.ctx.recent;
+        let key = frame
+            .chunk
+            .as_ref()
+            .filter(|_| recent.enabled())
+            .map(|chunk| ChunkKey::new(chunk, &frame.tag, &frame.entries));
+        let retransmit = key.as_ref().is_some_and(|k| recent.seen(self.peer.ip(), k));
+        if retransmit || frame.events == 0 {
+            if retransmit {
+                debug!(peer = %self.peer, events = frame.events, "retransmitted chunk acked again without spooling");
+                metrics().retransmits.inc();
+            }
+            self.acks.push(Pending::stored_already(frame.chunk));
+            return;
+        }
+        let cost = Spool::cost(frame.signal, &frame.tag, &frame.entries);
+        let staged = Staged { key, frame, cost };
+        if self.ctx.spool.try_reserve(cost) {
+            submit(&self.ctx.spool, staged, &mut self.acks);
+        } else {
+            self.staged = Some(staged);
+        }
+    }
+
+    fn reject(&mut self, e: DecodeError) {
+        warn!(peer = %self.peer, reason = %e, request = self.requests + 1,
+            "closing connection: invalid request; nothing of it was spooled");
+        metrics().reject(e.kind());
+        let mut bytes = self
+            .decoder
+            .take_rejected()
+            .unwrap_or_else(|| self.buf.split().freeze());
+        bytes.truncate(REJECTED_KEEP_BYTES);
+        self.ctx
+            .spool
+            .reject(self.peer.to_string(), e.to_string(), bytes);
+        self.end = Some(Close::Rejected);
+    }
+
+    /// Read only with room for more pending requests, none waiting for spool room, and the
+    /// bytes of an unfinished request within this connection's share of the partial budget.
+    fn plan_read(&mut self) -> ReadPlan {
+        let allowed = self.end.is_none()
+            && !self.eof
+            && self.staged.is_none()
+            && self.acks.len() < self.max_pending
+            && (self.shutdown_deadline.is_none() || !self.buf.is_empty());
+        let wanted = self.decoder.wanted();
+        let missing = self.partial.missing(self.buf.len(), wanted, READ_CHUNK);
+        if allowed && missing > self.ctx.partial.available_permits() && !self.told_budget {
+            self.told_budget = true;
+            warn!(peer = %self.peer, buffered = self.buf.len(), missing,
+                "ingress.max_partial_bytes in use by other unfinished requests: not reading this connection until they complete");
+        }
+        let room = self.partial.allowance().saturating_sub(self.buf.len());
+        if allowed && missing == 0 {
+            let spare = room.min(READ_CHUNK.max(wanted.saturating_sub(self.buf.len())));
+            if self.buf.capacity() - self.buf.len() < spare {
+                self.buf.reserve(spare);
+            }
+        }
+        ReadPlan {
+            allowed,
+            missing,
+            room,
+        }
+    }
+
+    /// Nothing more will be read and every ack that is owed was written.
+    fn finished(&self) -> bool {
+        let reading_over = self.end.is_some()
+            || self.eof
+            || (self.shutdown_deadline.is_some() && self.buf.is_empty());
+        reading_over && self.acks.is_empty() && self.staged.is_none()
+    }
+
+    async fn next_event(&mut self, plan: ReadPlan) -> Event {
         // A request must arrive whole within idle_timeout of its first byte: re-arming the
         // deadline on every read would let a slowloris sender hold a connection slot forever.
-        let at_boundary = buf.is_empty();
+        let at_boundary = self.buf.is_empty();
+        let idle_armed = self.acks.is_empty()
+            && self.staged.is_none()
+            && self.shutdown_deadline.is_none()
+            && self.end.is_none();
+        let staged_cost = self.staged.as_ref().map(|s| s.cost);
+        let spool = &self.ctx.spool;
+        let buf = &mut self.buf;
+        let reader = &mut self.reader;
         tokio::select! {
             biased;
-            committed = wait_front(&mut pending), if !pending.is_empty() => {
-                let done = pending.pop_front();
-                match (committed, done) {
-                    (Ok(_key), Some(done)) => {
-                        if done.events > 0 {
-                            m.requests_in.inc();
-                            m.events_in.inc_by(done.events as u64);
-                            m.bytes_in.inc_by(done.bytes);
-                        }
-                        if let Some(key) = done.key {
-                            ctx.recent.remember(peer.ip(), key);
-                        }
-                        if let Some(chunk) = done.chunk {
-                            let written = write_ack(&mut writer, &chunk, decoder.is_json()).await;
-                            if written.is_ok() {
-                                m.acks_sent.inc();
-                            }
-                            if let Err(e) = written {
-                                // Already stored: a resend will be a duplicate, not a loss.
-                                debug!(%peer, error = %e, events = done.events, "ack not delivered; the request is stored");
-                                end = Some(Close::Io);
-                                pending.clear();
-                            }
-                        }
-                    }
-                    (Err(e), _) => {
-                        warn!(%peer, error = %e, "spool could not store a request: closing without ack so the sender resends");
-                        end = Some(Close::CommitFailed);
-                        // Later requests on this connection are not acked either: the sender
-                        // resends them with the one that failed.
-                        pending.clear();
-                        staged = None;
-                        eof = true;
-                    }
-                    (Ok(_), None) => {}
-                }
-                idle_deadline = Instant::now() + idle;
+            commit = self.acks.front_commit(), if !self.acks.is_empty() => Event::Committed(commit),
+            _ = reserve(spool, staged_cost), if staged_cost.is_some() => Event::Room,
+            _ = self.partial.take(plan.missing), if plan.allowed && plan.missing > 0 => {
+                Event::PartialGranted
             }
-            _ = wait_budget(&ctx.spool, &staged), if staged.is_some() => {
-                if let Some(s) = staged.take() {
-                    submit(&ctx.spool, s, &mut pending);
-                }
-            }
-            _ = partial.take(missing), if reading_allowed && missing > 0 => {}
             // At most `room` bytes: what this connection may hold of an unfinished request.
-            read = async { reader.read_buf(&mut (&mut buf).limit(room)).await }, if reading_allowed && missing == 0 => {
-                match read {
-                    Ok(0) => {
-                        eof = true;
-                        if !buf.is_empty() {
-                            warn!(%peer, discarded_bytes = buf.len(),
-                                "peer closed in the middle of a request; the partial request is not spooled");
-                        } else if requests == 0 {
-                            debug!(%peer, "connection closed without data (TCP heartbeat)");
-                        }
-                        if end.is_none() {
-                            end = Some(Close::Eof);
-                        }
-                    }
-                    Ok(_) => {
-                        if at_boundary {
-                            idle_deadline = Instant::now() + idle;
-                        }
-                    }
-                    Err(e) => {
-                        debug!(%peer, error = %e, "read failed");
-                        eof = true;
-                        end.get_or_insert(Close::Io);
-                    }
+            result = async { reader.read_buf(&mut buf.limit(plan.room)).await },
+                if plan.allowed && plan.missing == 0 => Event::Read { result, at_boundary },
+            _ = tokio::time::sleep_until(self.idle_deadline), if idle_armed => Event::Idle,
+            _ = self.shutdown.cancelled(), if self.shutdown_deadline.is_none() => {
+                Event::ShutdownBegun
+            }
+            _ = sleep_until_opt(self.shutdown_deadline),
+                if self.shutdown_deadline.is_some() && self.end.is_none() => Event::GraceOver,
+        }
+    }
+
+    async fn apply(&mut self, event: Event) {
+        match event {
+            Event::Committed(commit) => {
+                let settled = self.acks.settle(commit, self.decoder.is_json());
+                self.answer(settled).await;
+                self.idle_deadline = Instant::now() + self.idle;
+            }
+            Event::Room => {
+                if let Some(staged) = self.staged.take() {
+                    submit(&self.ctx.spool, staged, &mut self.acks);
                 }
             }
-            _ = tokio::time::sleep_until(idle_deadline), if pending.is_empty() && staged.is_none() && shutdown_deadline.is_none() && end.is_none() => {
-                if buf.is_empty() {
-                    debug!(%peer, "closing idle connection");
-                } else {
-                    warn!(%peer, partial_bytes = buf.len(), timeout = ?idle,
-                        "closing connection: request incomplete after idle_timeout; nothing of it was spooled");
-                }
-                end = Some(Close::Idle);
-                eof = true;
+            Event::PartialGranted => {}
+            Event::Read {
+                result,
+                at_boundary,
+            } => self.on_read(result, at_boundary),
+            Event::Idle => self.on_idle(),
+            Event::ShutdownBegun => {
+                self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_READ_GRACE);
             }
-            _ = shutdown.cancelled(), if shutdown_deadline.is_none() => {
-                shutdown_deadline = Some(Instant::now() + SHUTDOWN_READ_GRACE);
+            Event::GraceOver => self.on_grace_over(),
+        }
+    }
+
+    /// Count what was stored, remember its chunk ids, write the acks it is owed in one write;
+    /// after a failed commit, stop answering: the sender resends what was not acked.
+    async fn answer(&mut self, settled: Settled) {
+        let m = metrics();
+        for done in &settled.stored {
+            if done.events > 0 {
+                m.requests_in.inc();
+                m.events_in.inc_by(u64::from(done.events));
+                m.bytes_in.inc_by(done.bytes);
             }
-            _ = sleep_until_opt(shutdown_deadline), if shutdown_deadline.is_some() && end.is_none() => {
-                if !buf.is_empty() || staged.is_some() {
-                    warn!(%peer, partial_bytes = buf.len(), waiting_for_spool_room = staged.is_some(),
-                        "shutting down with a request not yet stored; it is not spooled and not acked");
+        }
+        for key in settled.stored.into_iter().filter_map(|done| done.key) {
+            self.ctx.recent.remember(self.peer.ip(), key);
+        }
+        if !settled.acks.is_empty() {
+            match write_acks(&mut self.writer, &settled.acks).await {
+                Ok(()) => {
+                    m.acks_sent.inc_by(settled.ack_count);
                 }
-                staged = None;
-                end.get_or_insert(Close::Shutdown);
-                eof = true;
-                buf.clear();
+                Err(e) => {
+                    // Already stored: a resend will be a duplicate, not a loss.
+                    debug!(peer = %self.peer, error = %e, acks = settled.ack_count, "acks not delivered; the requests are stored");
+                    self.end = Some(Close::Io);
+                    self.acks.clear();
+                }
+            }
+        }
+        if let Some(error) = settled.failed {
+            warn!(peer = %self.peer, %error, "spool could not store a request: closing without ack so the sender resends");
+            self.end = Some(Close::CommitFailed);
+            // Later requests on this connection are not acked either: the sender resends them
+            // with the one that failed.
+            self.acks.clear();
+            self.staged = None;
+            self.eof = true;
+        }
+    }
+
+    fn on_read(&mut self, result: std::io::Result<usize>, at_boundary: bool) {
+        match result {
+            Ok(0) => {
+                self.eof = true;
+                if !self.buf.is_empty() {
+                    warn!(peer = %self.peer, discarded_bytes = self.buf.len(),
+                        "peer closed in the middle of a request; the partial request is not spooled");
+                } else if self.requests == 0 {
+                    debug!(peer = %self.peer, "connection closed without data (TCP heartbeat)");
+                }
+                self.end.get_or_insert(Close::Eof);
+            }
+            Ok(_) => {
+                if at_boundary {
+                    self.idle_deadline = Instant::now() + self.idle;
+                }
+            }
+            Err(e) => {
+                debug!(peer = %self.peer, error = %e, "read failed");
+                self.eof = true;
+                self.end.get_or_insert(Close::Io);
             }
         }
     }
-    let reason = end.unwrap_or(if shutdown_deadline.is_some() {
-        Close::Shutdown
-    } else {
-        Close::Eof
-    });
-    debug!(%peer, requests, ?reason, "connection closed");
-    let _ = timeout(ACK_WRITE_TIMEOUT, writer.shutdown()).await;
+
+    fn on_idle(&mut self) {
+        if self.buf.is_empty() {
+            debug!(peer = %self.peer, "closing idle connection");
+        } else {
+            warn!(peer = %self.peer, partial_bytes = self.buf.len(), timeout = ?self.idle,
+                "closing connection: request incomplete after idle_timeout; nothing of it was spooled");
+        }
+        self.end = Some(Close::Idle);
+        self.eof = true;
+    }
+
+    fn on_grace_over(&mut self) {
+        if !self.buf.is_empty() || self.staged.is_some() {
+            warn!(peer = %self.peer, partial_bytes = self.buf.len(), waiting_for_spool_room = self.staged.is_some(),
+                "shutting down with a request not yet stored; it is not spooled and not acked");
+        }
+        self.staged = None;
+        self.end.get_or_insert(Close::Shutdown);
+        self.eof = true;
+        self.buf.clear();
+    }
+
+    async fn close(mut self) {
+        let reason = self
+            .end
+            .take()
+            .unwrap_or(if self.shutdown_deadline.is_some() {
+                Close::Shutdown
+            } else {
+                Close::Eof
+            });
+        debug!(peer = %self.peer, requests = self.requests, ?reason, "connection closed");
+        let _ = timeout(ACK_WRITE_TIMEOUT, self.writer.shutdown()).await;
+    }
 }
 
-fn submit(spool: &Spool, staged: Staged, pending: &mut VecDeque<Pending>) {
-    let bytes = staged.entries.len() as u64;
-    let commit = spool.append(
-        staged.signal,
-        staged.tag,
-        staged.entries,
-        staged.events,
-        staged.cost,
-    );
-    pending.push_back(Pending {
-        commit,
-        chunk: staged.chunk,
-        events: staged.events,
-        bytes,
-        key: staged.key,
-    });
+/// Hand a staged request (its budget already taken) to the spool writer.
+fn submit(spool: &Spool, staged: Staged, acks: &mut AckQueue) {
+    let Staged { key, frame, cost } = staged;
+    let bytes = frame.entries.len() as u64;
+    let signal: Signal = frame.signal;
+    let commit = spool.append(signal, frame.tag, frame.entries, frame.events, cost);
+    acks.push(Pending::new(commit, frame.chunk, frame.events, bytes, key));
 }
 
-async fn wait_front(pending: &mut VecDeque<Pending>) -> Result<u64, SpoolError> {
-    match pending.front_mut() {
-        Some(front) => match (&mut front.commit).await {
-            Ok(result) => result,
-            Err(_) => Err(SpoolError::Closed),
-        },
+/// Wait for `cost` bytes of the spool budget (cancel-safe: nothing is taken unless it returns).
+async fn reserve(spool: &Spool, cost: Option<u64>) {
+    match cost {
+        Some(cost) => spool.reserve(cost).await,
         None => std::future::pending().await,
     }
 }
 
-async fn wait_budget(spool: &Spool, staged: &Option<Staged>) {
-    match staged {
-        Some(s) => spool.reserve(s.cost).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// One ack, one write, with a deadline (PROTOCOL.md §13.2); JSON on a JSON connection.
-async fn write_ack<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    chunk: &[u8],
-    json: bool,
-) -> std::io::Result<()> {
-    let mut ack = Vec::with_capacity(8 + chunk.len());
-    match json.then(|| chunk_json_value(chunk)).flatten() {
-        Some(text) => ack = encode_json_ack(&text),
-        None => encode_ack(chunk, &mut ack),
-    }
-    match timeout(ACK_WRITE_TIMEOUT, writer.write_all(&ack)).await {
+/// Every ack a commit settled, in one write, with a deadline (PROTOCOL.md §13.2).
+async fn write_acks<W: AsyncWrite + Unpin>(writer: &mut W, acks: &[u8]) -> std::io::Result<()> {
+    match timeout(ACK_WRITE_TIMEOUT, writer.write_all(acks)).await {
         Ok(result) => result,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -446,3 +488,6 @@ async fn write_ack<W: AsyncWrite + Unpin>(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,12 +1,15 @@
 //! The side facing senders: the accept loop (allow-list, connection limit, TLS) and the UDP
-//! heartbeat responder. Each connection is served by [`connection`]; the shared-key handshake
+//! heartbeat responder. Each connection is served by [`connection`] (its wire format picked by
+//! [`decoder`], its acks settled by [`acks`]); the shared-key handshake
 //! is in [`handshake`]; [`partial`] is the memory budget of unfinished requests; [`recent`]
 //! remembers committed chunk ids to absorb sender retransmits.
 //!
 //! Owns the sender sockets. Must not: touch redb (requests go to [`crate::spool::Spool`]), or
 //! ack anything the spool has not reported committed (invariant 1).
 
+mod acks;
 pub mod connection;
+mod decoder;
 pub mod handshake;
 pub mod partial;
 pub mod recent;
