@@ -275,85 +275,20 @@ pub fn parse_request(bytes: Bytes, limits: &Limits) -> Result<Decoded, FrameErro
     };
     let second = elements[1].clone();
     let marker = bytes[second.start];
-    let header = read_header(&bytes[second.clone()]);
-    let (mode, entries, events, option_index) = match header {
+    let (mode, entries, events, option_index) = match read_header(&bytes[second.clone()]) {
         Some(Header::Array {
             offset,
             count: declared,
-        }) => {
-            if count > 3 {
-                return Err(FrameError::ModeArity {
-                    mode: Mode::Forward,
-                    count,
-                });
-            }
-            let entries = bytes.slice(second.start + offset..second.end);
-            let found = count_entries(&entries, depth)?;
-            if found as usize != declared {
-                return Err(FrameError::CountMismatch { declared, found });
-            }
-            (Mode::Forward, entries, found, 2)
-        }
+        }) => forward_mode(&bytes, &second, offset, declared, count, depth)?,
         Some(Header::Str { offset, len }) | Some(Header::Bin { offset, len }) => {
-            if count > 3 {
-                return Err(FrameError::ModeArity {
-                    mode: Mode::PackedForward,
-                    count,
-                });
-            }
-            let start = second.start + offset;
-            let payload = bytes.slice(start..start + len);
-            let options = parse_options(&bytes, elements.get(2), depth)?;
-            // The magic bytes win over the option, as in fluent-bit: a valid uncompressed
-            // payload starts with an array marker, so gzip/zstd magic is never ambiguous.
-            let codec = match options.compressed.as_deref() {
-                None | Some(b"text") => Compression::sniff(&payload),
-                Some(b"gzip") => Some(Compression::Gzip),
-                Some(b"zstd") => Some(Compression::Zstd),
-                Some(other) => {
-                    return Err(FrameError::UnknownCompression(
-                        String::from_utf8_lossy(other).into_owned(),
-                    ))
-                }
-            };
-            let (mode, entries) = match codec {
-                None => (Mode::PackedForward, payload),
-                Some(codec) => (
-                    Mode::CompressedPackedForward(codec),
-                    Bytes::from(inflate(codec, &payload, limits.max_decompressed_bytes)?),
-                ),
-            };
-            let events = match options.signal {
-                Signal::Logs => count_entries(&entries, depth)?,
-                signal => count_values(&entries, depth)
-                    .map_err(|reason| FrameError::SignalPayload { signal, reason })?,
-            };
-            (mode, entries, events, 2)
+            let payload = second.start + offset..second.start + offset + len;
+            packed_mode(&bytes, payload, elements.get(2), count, limits)?
         }
         Some(Header::Int)
         | Some(Header::Float)
         | Some(Header::Ext {
             kind: 0, len: 8, ..
-        }) => {
-            if count < 3 {
-                return Err(FrameError::ModeArity {
-                    mode: Mode::Message,
-                    count,
-                });
-            }
-            let record = elements[2].clone();
-            if !matches!(
-                read_header(&bytes[record.clone()]),
-                Some(Header::Map { .. })
-            ) {
-                return Err(FrameError::BadMessageRecord);
-            }
-            // [time, record] from the sender's own bytes: only the array header is ours.
-            let mut entry = BytesMut::with_capacity(1 + record.end - second.start);
-            entry.put_u8(0x92);
-            entry.put_slice(&bytes[second.start..record.end]);
-            (Mode::Message, entry.freeze(), 1, 3)
-        }
+        }) => message_mode(&bytes, &elements, count)?,
         _ => return Err(FrameError::UnknownMode { marker }),
     };
     // An empty batch is valid: nothing to store, but acked when asked (as fluentd does).
@@ -375,6 +310,104 @@ pub fn parse_request(bytes: Bytes, limits: &Limits) -> Result<Decoded, FrameErro
         chunk: options.chunk,
         wire_len,
     }))
+}
+
+/// A request's mode, entries, event count and where its options are.
+type ModeParts = (Mode, Bytes, u32, usize);
+
+/// Forward mode: `[tag, [[time, record], ...], options?]`.
+fn forward_mode(
+    bytes: &Bytes,
+    second: &std::ops::Range<usize>,
+    offset: usize,
+    declared: usize,
+    count: usize,
+    depth: usize,
+) -> Result<ModeParts, FrameError> {
+    if count > 3 {
+        return Err(FrameError::ModeArity {
+            mode: Mode::Forward,
+            count,
+        });
+    }
+    let entries = bytes.slice(second.start + offset..second.end);
+    let found = count_entries(&entries, depth)?;
+    if found as usize != declared {
+        return Err(FrameError::CountMismatch { declared, found });
+    }
+    Ok((Mode::Forward, entries, found, 2))
+}
+
+/// (Compressed)PackedForward: `[tag, str|bin payload, options?]`; the payload holds entries,
+/// or metrics/traces contexts when the options carry a `fluent_signal`.
+fn packed_mode(
+    bytes: &Bytes,
+    payload: std::ops::Range<usize>,
+    options_element: Option<&std::ops::Range<usize>>,
+    count: usize,
+    limits: &Limits,
+) -> Result<ModeParts, FrameError> {
+    let depth = limits.max_depth;
+    if count > 3 {
+        return Err(FrameError::ModeArity {
+            mode: Mode::PackedForward,
+            count,
+        });
+    }
+    let payload = bytes.slice(payload);
+    let options = parse_options(bytes, options_element, depth)?;
+    // The magic bytes win over the option, as in fluent-bit: a valid uncompressed
+    // payload starts with an array marker, so gzip/zstd magic is never ambiguous.
+    let codec = match options.compressed.as_deref() {
+        None | Some(b"text") => Compression::sniff(&payload),
+        Some(b"gzip") => Some(Compression::Gzip),
+        Some(b"zstd") => Some(Compression::Zstd),
+        Some(other) => {
+            return Err(FrameError::UnknownCompression(
+                String::from_utf8_lossy(other).into_owned(),
+            ))
+        }
+    };
+    let (mode, entries) = match codec {
+        None => (Mode::PackedForward, payload),
+        Some(codec) => (
+            Mode::CompressedPackedForward(codec),
+            Bytes::from(inflate(codec, &payload, limits.max_decompressed_bytes)?),
+        ),
+    };
+    let events = match options.signal {
+        Signal::Logs => count_entries(&entries, depth)?,
+        signal => count_values(&entries, depth)
+            .map_err(|reason| FrameError::SignalPayload { signal, reason })?,
+    };
+    Ok((mode, entries, events, 2))
+}
+
+/// Message mode: `[tag, time, record, options?]`, one event.
+fn message_mode(
+    bytes: &Bytes,
+    elements: &[std::ops::Range<usize>],
+    count: usize,
+) -> Result<ModeParts, FrameError> {
+    if count < 3 {
+        return Err(FrameError::ModeArity {
+            mode: Mode::Message,
+            count,
+        });
+    }
+    let time = elements[1].clone();
+    let record = elements[2].clone();
+    if !matches!(
+        read_header(&bytes[record.clone()]),
+        Some(Header::Map { .. })
+    ) {
+        return Err(FrameError::BadMessageRecord);
+    }
+    // [time, record] from the sender's own bytes: only the array header is ours.
+    let mut entry = BytesMut::with_capacity(1 + record.end - time.start);
+    entry.put_u8(0x92);
+    entry.put_slice(&bytes[time.start..record.end]);
+    Ok((Mode::Message, entry.freeze(), 1, 3))
 }
 
 fn parse_options(
