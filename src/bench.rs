@@ -13,13 +13,16 @@
 //! - backlog (`--backlog-gib X` or `--records N`): aggregator down, fill the spool, measure RSS
 //!   while it holds the backlog, restart ackgate and time its start-up, then drain;
 //! - fsyncs (`--count-fsyncs`): count ackgate's fsync calls with strace, with and without
-//!   upstream acks flowing at the same load, to see whether deletes cost commits of their own.
+//!   upstream acks flowing at the same load, to see whether deletes cost commits of their own;
+//! - crashes (`--crash-cycles N`, after the relay runs): kill -9 ackgate at a random instant
+//!   under load, restart it on its spool and count the events delivered twice ([`crash`]).
 //!
 //! Every phase is bounded in time (`--duration`, `--drain-timeout`, `--fill-timeout`) and the
 //! only addresses used are on 127.0.0.1.
 
 pub mod aggregator;
 pub mod child;
+pub mod crash;
 pub mod disk;
 pub mod histogram;
 pub mod load;
@@ -43,7 +46,7 @@ pub use report::{
 /// How often ackgate's RSS is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Deadline for ackgate's ready line (start-up of a big spool included).
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Deadline for ackgate's clean exit after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(20);
 /// Idle time after the load in the fsync scenario (deletes only).
@@ -134,6 +137,10 @@ pub struct BenchArgs {
     /// Keep the spools and configs (printed at the end).
     #[arg(long)]
     pub keep: bool,
+    /// After the relay runs: this many kill -9 cycles under load (random instant, restart on
+    /// the spool), counting events delivered twice.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100), conflicts_with_all = ["backlog_gib", "records", "count_fsyncs"])]
+    pub crash_cycles: u32,
 }
 
 /// Why a bench could not run to the end.
@@ -197,7 +204,7 @@ pub async fn bench(args: BenchArgs) -> Result<BenchReport, BenchError> {
     Ok(report)
 }
 
-struct Ctx {
+pub(crate) struct Ctx {
     args: BenchArgs,
     exe: PathBuf,
     work: PathBuf,
@@ -224,7 +231,7 @@ fn wall_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn progress(message: &str) {
+pub(crate) fn progress(message: &str) {
     eprintln!("bench: {message}");
 }
 
@@ -242,7 +249,7 @@ fn own_cpu_ticks() -> u64 {
 }
 
 impl Ctx {
-    fn spec(&self) -> LoadSpec {
+    pub(crate) fn spec(&self) -> LoadSpec {
         LoadSpec {
             connections: self.args.connections,
             legacy: self.args.legacy,
@@ -258,7 +265,7 @@ impl Ctx {
         }
     }
 
-    fn aggregator_options(&self) -> AggregatorOptions {
+    pub(crate) fn aggregator_options(&self) -> AggregatorOptions {
         AggregatorOptions {
             ack: true,
             event_bytes: self.args.event_bytes as usize,
@@ -266,7 +273,12 @@ impl Ctx {
     }
 
     /// Write a config for a run in its own directory.
-    fn prepare(&self, name: &str, node: &str, max_bytes: u64) -> Result<ChildSpec, BenchError> {
+    pub(crate) fn prepare(
+        &self,
+        name: &str,
+        node: &str,
+        max_bytes: u64,
+    ) -> Result<ChildSpec, BenchError> {
         let dir = self.work.join(name);
         let setup = |e: std::io::Error| BenchError::Setup {
             path: dir.clone(),
@@ -324,6 +336,9 @@ impl Ctx {
                     .await?;
                 report.half_load = Some(run);
             }
+        }
+        if self.args.crash_cycles > 0 {
+            report.crash = Some(self.crashes(self.args.crash_cycles).await?);
         }
         if !self.args.no_ceiling {
             // The disk drifts within a minute here: measure again, judge against the stricter.

@@ -200,6 +200,13 @@ impl AckgateChild {
         tail_text(&self.tail)
     }
 
+    /// SIGKILL, as a crash would, and reap it.
+    pub async fn kill(mut self) {
+        signal(self.pid, rustix::process::Signal::KILL);
+        let _ = self.process.start_kill();
+        let _ = timeout(Duration::from_secs(5), self.process.wait()).await;
+    }
+
     /// SIGTERM, then wait up to `grace` for a clean exit (and for strace to write its log);
     /// SIGKILL after that. Returns how long the stop took.
     pub async fn stop(mut self, grace: Duration) -> Duration {
@@ -257,6 +264,8 @@ pub struct ProcSample {
     pub hwm_kib: u64,
     /// utime + stime in clock ticks.
     pub cpu_ticks: u64,
+    /// utime alone (user space), in clock ticks.
+    pub user_ticks: u64,
 }
 
 /// Read VmRSS, VmHWM and utime + stime of `pid`.
@@ -280,6 +289,7 @@ pub fn read_proc(pid: u32) -> Option<ProcSample> {
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
         cpu_ticks: utime + stime,
+        user_ticks: utime,
     })
 }
 
@@ -301,7 +311,11 @@ pub struct ProcStats {
     pub hwm_mib: f64,
     /// CPU time over wall time, in % of one core.
     pub cpu_percent: f64,
+    /// User + system CPU time of the process over the stretch.
     pub cpu_seconds: f64,
+    /// The user-space part of `cpu_seconds` (the rest is the kernel working for it: socket
+    /// copies, page cache writes, fsync).
+    pub user_seconds: f64,
     pub samples: u64,
 }
 
@@ -312,12 +326,13 @@ pub struct Sampler {
     task: tokio::task::JoinHandle<(u64, u64, u64)>,
     start: Instant,
     start_ticks: u64,
+    start_user_ticks: u64,
 }
 
 impl Sampler {
     pub fn start(pid: u32, every: Duration) -> Sampler {
         let stop = CancellationToken::new();
-        let start_ticks = read_proc(pid).map(|s| s.cpu_ticks).unwrap_or(0);
+        let first = read_proc(pid).unwrap_or_default();
         let token = stop.clone();
         let task = tokio::spawn(async move {
             let (mut max, mut sum, mut n) = (0u64, 0u64, 0u64);
@@ -338,7 +353,8 @@ impl Sampler {
             stop,
             task,
             start: Instant::now(),
-            start_ticks,
+            start_ticks: first.cpu_ticks,
+            start_user_ticks: first.user_ticks,
         }
     }
 
@@ -360,6 +376,8 @@ impl Sampler {
             hwm_mib: end.hwm_kib as f64 / 1024.0,
             cpu_percent: cpu_seconds / wall * 100.0,
             cpu_seconds,
+            user_seconds: end.user_ticks.saturating_sub(self.start_user_ticks) as f64
+                / clock_ticks_per_s(),
             samples: n,
         }
     }

@@ -83,6 +83,46 @@ pub fn count_entries(buf: &[u8], max_depth: usize) -> Result<u32, EntryError> {
 
 /// Check one entry at the start of `buf`; returns its length in bytes.
 pub fn entry_len(buf: &[u8], index: u32, max_depth: usize) -> Result<usize, EntryError> {
+    if let Some(len) = plain_entry_len(buf, max_depth) {
+        return Ok(len);
+    }
+    checked_entry_len(buf, index, max_depth)
+}
+
+/// The shape nearly every sender writes, `[int|float|EventTime, {record}]`, checked in one walk
+/// of the record. `None` for any other shape and for anything invalid: then
+/// [`checked_entry_len`] decides, and names what is wrong.
+fn plain_entry_len(buf: &[u8], max_depth: usize) -> Option<usize> {
+    if buf.first() != Some(&0x92) || max_depth < 2 {
+        return None;
+    }
+    let time_len = plain_time_len(buf.get(1..)?)?;
+    let record = buf.get(1 + time_len..)?;
+    if !matches!(record.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return None;
+    }
+    // The record is one level inside the entry's array.
+    let record_len = value_len(record, max_depth - 1).ok()??;
+    Some(1 + time_len + record_len)
+}
+
+/// Bytes of a time that is an integer, a float or an EventTime (fixext8 or ext8 of type 0).
+fn plain_time_len(time: &[u8]) -> Option<usize> {
+    let len = match *time.first()? {
+        0x00..=0x7f | 0xe0..=0xff => 1,
+        0xcc | 0xd0 => 2,
+        0xcd | 0xd1 => 3,
+        0xca | 0xce | 0xd2 => 5,
+        0xcb | 0xcf | 0xd3 => 9,
+        0xd7 if time.get(1) == Some(&0) => 10,
+        0xc7 if time.get(1..3) == Some(&[8, 0]) => 11,
+        _ => return None,
+    };
+    (time.len() >= len).then_some(len)
+}
+
+/// [`entry_len`] for every shape, with the reason when the entry is not acceptable.
+fn checked_entry_len(buf: &[u8], index: u32, max_depth: usize) -> Result<usize, EntryError> {
     let len = value_len(buf, max_depth)
         .map_err(|source| EntryError::Msgpack { index, source })?
         .ok_or(EntryError::Truncated { index })?;
@@ -231,6 +271,59 @@ pub fn deflate_gzip(entries: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast path for plain entries and the full check agree on `buf`.
+    fn assert_entry_checks_agree(buf: &[u8]) {
+        for depth in [0, 1, 2, 3, 64] {
+            let fast = plain_entry_len(buf, depth);
+            let checked = checked_entry_len(buf, 0, depth);
+            if let Some(len) = fast {
+                assert_eq!(Ok(len), checked, "depth {depth}, bytes {buf:02x?}");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_entries_take_the_fast_path_and_agree_with_the_full_check() {
+        let int = [0x92, 0x01, 0x81, 0xa1, b'k', 0xa1, b'v'];
+        let event_time = [0x92, 0xd7, 0x00, 0, 0, 0, 1, 0, 0, 0, 2, 0x80];
+        let ext8 = [0x92, 0xc7, 0x08, 0x00, 0, 0, 0, 1, 0, 0, 0, 2, 0x80];
+        let float = [0x92, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0x80];
+        for entry in [&int[..], &event_time, &ext8, &float] {
+            assert_eq!(plain_entry_len(entry, 64), Some(entry.len()));
+            assert_entry_checks_agree(entry);
+        }
+        // v1.5 metadata, a string time, a truncated record: the full check decides.
+        let metadata = [0x92, 0x92, 0x01, 0x80, 0x80];
+        assert_eq!(plain_entry_len(&metadata, 64), None);
+        assert_eq!(entry_len(&metadata, 0, 64), Ok(metadata.len()));
+        assert_eq!(plain_entry_len(&[0x92, 0xa1, b't', 0x80], 64), None);
+        assert_eq!(plain_entry_len(&int[..5], 64), None);
+        assert_eq!(
+            entry_len(&int[..5], 3, 64),
+            Err(EntryError::Truncated { index: 3 })
+        );
+        // Nesting: the entry's array is a level, as in the full check.
+        let nested = [0x92, 0x01, 0x81, 0xa1, b'k', 0x91, 0x90];
+        for depth in 0..5 {
+            assert_eq!(
+                entry_len(&nested, 0, depth).is_ok(),
+                depth >= 3,
+                "depth limit {depth}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_fast_path_never_accepts_what_the_full_check_refuses(
+            tail in proptest::collection::vec(proptest::sample::select(vec![0x90u8, 0x91, 0x80, 0x81, 0x01, 0xa1, 0xc0, 0xc1, 0xd7, 0x00, 0xcc, 0xde, 0x92]), 0..40)
+        ) {
+            let mut buf = vec![0x92];
+            buf.extend_from_slice(&tail);
+            assert_entry_checks_agree(&buf);
+        }
+    }
 
     const INT_ENTRY: &[u8] = &[0x92, 0xce, 0x6b, 0x07, 0xd1, 0x6d, 0x81, 0xa1, b'a', 0x01];
 

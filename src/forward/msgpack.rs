@@ -170,14 +170,78 @@ impl Skipper {
     }
 }
 
+/// Open containers [`value_len`] tracks in a small array on the call stack (records rarely
+/// nest deeper); a value that nests deeper is walked again by the resumable [`Skipper`].
+const FAST_MAX_DEPTH: usize = 8;
+
+/// Skip one complete value at the start of `buf`; `None` if `buf` ends inside it.
+///
+/// The hot path of entry validation (every event of every request passes here): one pass over
+/// the markers with the open containers' counts in a fixed array, none of the resumable
+/// [`Skipper`]'s bookkeeping. It gives the answers [`Skipper::advance`] gives on the same
+/// complete bytes (a unit test and a property test hold the two together).
+pub fn value_len(buf: &[u8], max_depth: usize) -> Result<Option<usize>, SkipError> {
+    // remaining[d]: values still to skip inside the container open at depth d + 1.
+    let mut remaining = [0u64; FAST_MAX_DEPTH];
+    let mut depth = 0usize;
+    let mut pos = 0usize;
+    loop {
+        let Some(&marker) = buf.get(pos) else {
+            return Ok(None);
+        };
+        match classify(marker, &buf[pos..], pos)? {
+            None => return Ok(None),
+            Some(Marker::Scalar(len)) => {
+                let end = pos as u64 + len;
+                if end > buf.len() as u64 {
+                    return Ok(None);
+                }
+                pos = end as usize;
+            }
+            Some(Marker::Container { header, count }) => {
+                pos += header;
+                if count > 0 {
+                    if depth >= max_depth {
+                        return Err(SkipError::TooDeep {
+                            offset: pos - header,
+                            limit: max_depth,
+                        });
+                    }
+                    if depth == FAST_MAX_DEPTH {
+                        return resumable_value_len(buf, max_depth);
+                    }
+                    // Every child needs at least one byte.
+                    if pos as u64 + count > buf.len() as u64 {
+                        return Ok(None);
+                    }
+                    remaining[depth] = count;
+                    depth += 1;
+                    continue;
+                }
+            }
+        }
+        // A value ended: close every container it completed.
+        loop {
+            let Some(open) = depth.checked_sub(1) else {
+                return Ok(Some(pos));
+            };
+            remaining[open] -= 1;
+            if remaining[open] > 0 {
+                break;
+            }
+            depth = open;
+        }
+    }
+}
+
 thread_local! {
-    /// One reusable [`Skipper`] per thread for [`value_len`]: its stack keeps its capacity, so
-    /// the per-event calls on the hot path allocate nothing.
+    /// One reusable [`Skipper`] per thread for limits deeper than [`FAST_MAX_DEPTH`]: its stack
+    /// keeps its capacity, so repeated calls allocate nothing.
     static SKIPPER: std::cell::RefCell<Skipper> = std::cell::RefCell::new(Skipper::new(0, 0));
 }
 
-/// Skip one complete value at the start of `buf`; `None` if `buf` ends inside it.
-pub fn value_len(buf: &[u8], max_depth: usize) -> Result<Option<usize>, SkipError> {
+/// [`value_len`] through the resumable [`Skipper`].
+fn resumable_value_len(buf: &[u8], max_depth: usize) -> Result<Option<usize>, SkipError> {
     let run = |skipper: &mut Skipper| match skipper.advance(buf) {
         Ok(Progress::Complete(end)) => Ok(Some(end)),
         Ok(Progress::Incomplete { .. }) | Err(SkipError::TooLong { .. }) => Ok(None),
@@ -197,6 +261,7 @@ pub fn value_len(buf: &[u8], max_depth: usize) -> Result<Option<usize>, SkipErro
 }
 
 /// Length of the header of the value that starts with `marker` (bytes before its payload).
+#[inline]
 pub fn header_len(marker: u8) -> usize {
     match marker {
         0xc4 | 0xd9 | 0xcc | 0xd0 | 0xd4..=0xd8 => 2,
@@ -219,6 +284,7 @@ fn be_u32(b: &[u8]) -> u64 {
 }
 
 /// Decode the marker at the start of `rest`; `Ok(None)` when its header is cut short.
+#[inline]
 fn classify(marker: u8, rest: &[u8], offset: usize) -> Result<Option<Marker>, SkipError> {
     let need = header_len(marker).max(match marker {
         0xd4..=0xd8 => 2,
@@ -410,6 +476,61 @@ pub fn read_header(buf: &[u8]) -> Option<Header> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pass walk and the resumable skipper agree on `buf` at every depth limit.
+    fn assert_walks_agree(buf: &[u8]) {
+        for depth in [0, 1, 2, 3, 8, 9, 10, 64] {
+            let fast = value_len(buf, depth);
+            let resumable = resumable_value_len(buf, depth);
+            assert_eq!(fast, resumable, "depth {depth}, bytes {buf:02x?}");
+        }
+    }
+
+    #[test]
+    fn the_one_pass_walk_agrees_with_the_resumable_skipper() {
+        let samples: [&[u8]; 14] = [
+            &[],
+            &[0xc1],
+            &[0x92, 0x01, 0x81, 0xa1, b'k', 0xa1, b'v', 0xff],
+            &[0x92, 0xd7, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0x80],
+            &[0x92, 0xd7, 0x00, 1, 2],
+            &[0x91, 0x91, 0x91, 0x91, 0x90],
+            &[0x91, 0x91, 0x91, 0x91, 0x01],
+            &[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01],
+            &[0xdf, 0x00, 0x00, 0x00, 0x01, 0xc0, 0xc1],
+            &[0xdb, 0x00, 0x00, 0x00, 0x02, b'a'],
+            &[0xc7, 0x02, 0x05, 0xaa, 0xbb, 0x93],
+            &[0x82, 0xa1, b'a', 0x90, 0xa1, b'b', 0x80, 0x00],
+            &[0x93, 0xc0, 0xc2, 0xc3],
+            &[0x81, 0x91],
+        ];
+        for sample in samples {
+            assert_walks_agree(sample);
+        }
+        // Deeper than the walk's own array: the resumable skipper takes over.
+        for levels in [7, 8, 9, 12] {
+            let mut nested = vec![0x91; levels];
+            nested.push(0x01);
+            assert_walks_agree(&nested);
+            assert_eq!(value_len(&nested, 64), Ok(Some(levels + 1)));
+            nested.pop();
+            assert_walks_agree(&nested);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_walks_agree_on_any_bytes(buf in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            assert_walks_agree(&buf);
+        }
+
+        #[test]
+        fn the_walks_agree_on_container_heavy_bytes(
+            buf in proptest::collection::vec(proptest::sample::select(vec![0x90u8, 0x91, 0x92, 0x80, 0x81, 0x01, 0xa1, 0xc0, 0xd7, 0x00, 0xdc, 0xc1]), 0..48)
+        ) {
+            assert_walks_agree(&buf);
+        }
+    }
 
     fn whole(buf: &[u8]) -> Result<Progress, SkipError> {
         Skipper::new(64, 1 << 20).advance(buf)

@@ -112,12 +112,29 @@ pub fn encode_packed_forward(
     out: &mut Vec<u8>,
 ) {
     out.reserve(tag.len() + entries.len() + chunk_id.len() + 64);
+    encode_packed_head(tag, entries.len(), signal, out);
+    out.extend_from_slice(entries);
+    encode_packed_options(chunk_id, events, signal, compressed, out);
+}
+
+/// The bytes of [`encode_packed_forward`]'s request before its entries: a sender may write
+/// head, entries and [`encode_packed_options`] as three slices, without copying the entries.
+pub fn encode_packed_head(tag: &[u8], entries_len: usize, signal: Signal, out: &mut Vec<u8>) {
     out.push(0x93);
     put_raw(out, tag);
     // str32 for logs (legacy receivers cannot read bin); bin32 for metrics and traces.
     out.push(if signal == Signal::Logs { 0xdb } else { 0xc6 });
-    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
-    out.extend_from_slice(entries);
+    out.extend_from_slice(&(entries_len as u32).to_be_bytes());
+}
+
+/// The bytes of [`encode_packed_forward`]'s request after its entries: the options map.
+pub fn encode_packed_options(
+    chunk_id: &str,
+    events: u32,
+    signal: Signal,
+    compressed: Option<Compression>,
+    out: &mut Vec<u8>,
+) {
     out.push(0x82 + u8::from(compressed.is_some()));
     put_raw(out, b"chunk");
     put_raw(out, chunk_id.as_bytes());

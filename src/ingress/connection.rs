@@ -43,6 +43,12 @@ const SHUTDOWN_READ_GRACE: Duration = Duration::from_secs(2);
 const REJECTED_KEEP_BYTES: usize = 64 * 1024;
 /// Bytes read from a socket per read call.
 const READ_CHUNK: usize = 64 * 1024;
+/// After a request larger than [`READ_CHUNK`], the next one's first read takes only this much:
+/// enough for its header, whose declared length then sizes the buffer once. Reading a whole
+/// chunk first would have to copy it into the right-sized buffer.
+const PEEK_BYTES: usize = 512;
+/// Bytes read past a request's declared payload: its options map (chunk id, size).
+const TRAILER_SLACK: usize = 256;
 
 /// A decoded request waiting for room in the spool budget.
 struct Staged {
@@ -149,6 +155,8 @@ struct Connection<S> {
     eof: bool,
     end: Option<Close>,
     requests: u64,
+    /// The last request was larger than [`READ_CHUNK`]: peek at the next one's header first.
+    large_requests: bool,
     /// The "partial budget in use" warning was logged for this connection.
     told_budget: bool,
 }
@@ -181,6 +189,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             eof: false,
             end: None,
             requests: 0,
+            large_requests: false,
             told_budget: false,
         }
     }
@@ -229,6 +238,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// or an empty batch), or staged for the spool and handed over if its bytes fit now.
     fn accept(&mut self, frame: Frame) {
         self.requests += 1;
+        self.large_requests = frame.wire_len > READ_CHUNK;
         self.idle_deadline = Instant::now() + self.idle;
         let recent = &self.ctx.recent;
         let key = frame
@@ -278,18 +288,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             && self.acks.len() < self.max_pending
             && (self.shutdown_deadline.is_none() || !self.buf.is_empty());
         let wanted = self.decoder.wanted();
-        let missing = self.partial.missing(self.buf.len(), wanted, READ_CHUNK);
+        let buffered = self.buf.len();
+        let missing = self.partial.missing(buffered, wanted, READ_CHUNK);
         if allowed && missing > self.ctx.partial.available_permits() && !self.told_budget {
             self.told_budget = true;
-            warn!(peer = %self.peer, buffered = self.buf.len(), missing,
+            warn!(peer = %self.peer, buffered, missing,
                 "ingress.max_partial_bytes in use by other unfinished requests: not reading this connection until they complete");
         }
-        let room = self.partial.allowance().saturating_sub(self.buf.len());
-        if allowed && missing == 0 {
-            let spare = room.min(READ_CHUNK.max(wanted.saturating_sub(self.buf.len())));
-            if self.buf.capacity() - self.buf.len() < spare {
-                self.buf.reserve(spare);
-            }
+        // Read what the request being read still needs (its declared length, if known), so
+        // that its buffer is allocated once at its size and the next request starts in a
+        // buffer of its own: bytes of the next request read along would have to be copied.
+        let this_turn = if buffered == 0 && self.large_requests {
+            PEEK_BYTES
+        } else if wanted > buffered {
+            wanted - buffered + TRAILER_SLACK
+        } else {
+            READ_CHUNK
+        };
+        let room = self
+            .partial
+            .allowance()
+            .saturating_sub(buffered)
+            .min(this_turn);
+        if allowed && missing == 0 && self.buf.capacity() - buffered < room {
+            self.buf.reserve(room);
         }
         ReadPlan {
             allowed,

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, Table};
 
 use super::error::SpoolError;
-use super::record::{self, DeadKind, RecordError};
+use super::record::{self, DeadKind, RecordError, StoredRecord};
 use super::store::{
     Counters, DEAD, META, META_BYTES, META_DEAD_BYTES, META_NEXT_DEAD, META_NEXT_KEY, META_RECORDS,
     RECORDS, RETRIES,
@@ -76,6 +76,8 @@ pub(super) struct Applied {
     pub counters: Option<Counters>,
     /// The record key each append went into.
     pub keys: Vec<u64>,
+    /// The records built from appends, as stored: the dispatcher may send them from memory.
+    pub fresh: Vec<StoredRecord>,
     /// Stored bytes of the records built from appends.
     pub append_bytes: u64,
     /// Bytes added by maintenance (split parts, requeued dead letters).
@@ -109,8 +111,6 @@ pub(super) struct Failed {
 pub(super) struct Group<'a> {
     pub appends: &'a [Append],
     pub pending: &'a [Maintenance],
-    /// `Durability::Immediate` (fsync) or `None` (made durable by the next durable commit).
-    pub durable: bool,
     pub counters: Counters,
     pub dead_max_bytes: u64,
     pub now_ms: u64,
@@ -135,14 +135,9 @@ pub(super) fn write(db: &Database, group: &Group) -> Result<Applied, Failed> {
         error: SpoolError::commit(e),
     })?;
     let written = (|| -> TxResult<Applied> {
-        // Explicit though it is the default: senders are acked on this commit (invariant 1).
-        // Non-durable commits carry only deletes and retry notes (a lost delete is a
-        // duplicate upstream, never a loss).
-        txn.set_durability(if group.durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })?;
+        // Explicit though it is the default: senders are acked on this commit (invariant 1),
+        // and deletes ride in it, so a crash repeats at most one group's deliveries.
+        txn.set_durability(Durability::Immediate)?;
         let applied = {
             let mut tables = Tables {
                 records: txn.open_table(RECORDS)?,
@@ -198,10 +193,24 @@ impl Tables<'_> {
             Some(guard) => guard.value().to_vec(),
             None => return Ok(None),
         };
+        self.forget_record(key, old.len() as u64)?;
+        Ok(Some(old))
+    }
+
+    /// Delete a record after its ack: only its length is needed, not a copy of its bytes.
+    fn delete_record(&mut self, key: u64) -> TxResult<()> {
+        let len = match self.records.remove(key)? {
+            Some(guard) => guard.value().len() as u64,
+            None => return Ok(()),
+        };
+        self.forget_record(key, len)
+    }
+
+    fn forget_record(&mut self, key: u64, len: u64) -> TxResult<()> {
         self.retries.remove(key)?;
         self.counters.records = self.counters.records.saturating_sub(1);
-        self.counters.bytes = self.counters.bytes.saturating_sub(old.len() as u64);
-        Ok(Some(old))
+        self.counters.bytes = self.counters.bytes.saturating_sub(len);
+        Ok(())
     }
 
     fn insert_dead(&mut self, value: &[u8]) -> TxResult<()> {
@@ -244,6 +253,10 @@ impl Tables<'_> {
             for &i in &merged.members {
                 self.applied.keys[i] = key;
             }
+            // The value just built, kept (not copied) for sending; it decodes by construction.
+            if let Ok(stored) = record::decode_shared(key, Bytes::from(value)) {
+                self.applied.fresh.push(stored);
+            }
         }
         Ok(())
     }
@@ -251,7 +264,7 @@ impl Tables<'_> {
     fn apply(&mut self, work: &Maintenance) -> TxResult<Outcome> {
         match work {
             Maintenance::Delete(key) => {
-                self.remove_record(*key)?;
+                self.delete_record(*key)?;
                 Ok(Outcome::Done)
             }
             Maintenance::Failure {

@@ -14,12 +14,14 @@
 //! - [`writer`] and [`group`]: the writer thread, its group commit and failure paths;
 //! - [`reserve`]: disk space kept aside so that a full disk can be recovered from;
 //! - [`record`]: the on-disk layout of records, retry notes and dead letters (pure);
+//! - [`fresh`]: records just committed, sent from memory instead of read back;
 //! - [`error`]: typed errors that keep redb's as their source.
 
 mod budget;
 mod error;
 #[cfg(test)]
 pub(crate) mod fault;
+mod fresh;
 mod group;
 mod read;
 mod reader;
@@ -48,6 +50,7 @@ pub use record::{DeadKind, DeadLetter, RecordError, StoredRecord};
 pub use writer::LAZY_FLUSH;
 
 use budget::Budget;
+use fresh::Fresh;
 use reserve::DiskReserve;
 use store::{Counters, Opener, Store, READ_WAITS_FOR_REOPEN};
 use writer::{Append, Command, Maintenance, Stopped, Writer};
@@ -114,6 +117,8 @@ pub(crate) struct Shared {
     last_commit_micros: AtomicU64,
     /// Highest key committed so far (0 = none): the dispatcher waits on it for new records.
     committed: watch::Sender<u64>,
+    /// Records just committed, for the dispatcher to send without reading them back.
+    fresh: Fresh,
 }
 
 /// Handle to the spool: cheap to clone, usable from any task or thread.
@@ -213,6 +218,7 @@ impl Spool {
             last_commit_ms: AtomicU64::new(0),
             last_commit_micros: AtomicU64::new(0),
             committed,
+            fresh: Fresh::default(),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -224,10 +230,7 @@ impl Spool {
             reserve,
             pending: Vec::new(),
             oldest_pending: None,
-            pending_urgent: false,
             held: Vec::new(),
-            unflushed_since: None,
-            unflushed: Vec::new(),
             last_compaction: None,
             freed_while_held: 0,
         };
@@ -471,6 +474,17 @@ impl Spool {
         max_bytes: usize,
     ) -> Result<ReadBatch, SpoolError> {
         self.with_read(|txn| read::batch(txn, from, max_records, max_bytes))
+    }
+
+    /// Records just committed with keys `cursor`, `cursor + 1`, … (no gap), from memory: the
+    /// caller reads from redb when this is empty. Never blocks on I/O.
+    pub fn take_fresh(
+        &self,
+        cursor: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Vec<StoredRecord> {
+        self.shared.fresh.take_from(cursor, max_records, max_bytes)
     }
 
     /// Read one record. Blocking.

@@ -100,19 +100,25 @@ pub fn encode_record(
 
 /// Decode a record value (attempts and last error are filled in from the retry state).
 pub fn decode_record(key: u64, whole: &[u8]) -> Result<StoredRecord, RecordError> {
-    let (signal, value) = match whole.first() {
+    decode_shared(key, Bytes::copy_from_slice(whole))
+}
+
+/// [`decode_record`] of a value already in memory: tag and entries are slices of it, no copy.
+pub fn decode_shared(key: u64, whole: Bytes) -> Result<StoredRecord, RecordError> {
+    let (signal, skip) = match whole.first() {
         None => return Err(RecordError::Short(0)),
-        Some(&RECORD_VERSION) => (Signal::Logs, whole),
+        Some(&RECORD_VERSION) => (Signal::Logs, 0),
         Some(&SIGNAL_RECORD_VERSION) => {
             let code = *whole.get(1).ok_or(RecordError::Short(whole.len()))?;
             let signal = Signal::from_code(code as i64)
                 .filter(|s| *s != Signal::Logs)
                 .ok_or(RecordError::Signal(code))?;
             // From here on the layout is version 1's, one byte further on.
-            (signal, &whole[1..])
+            (signal, 1)
         }
         Some(&other) => return Err(RecordError::Version(other)),
     };
+    let value = whole.slice(skip..);
     if value.len() < HEADER_LEN {
         return Err(RecordError::Short(whole.len()));
     }
@@ -138,15 +144,14 @@ pub fn decode_record(key: u64, whole: &[u8]) -> Result<StoredRecord, RecordError
             tag_len,
             len: value.len(),
         })?;
-    let copy = Bytes::copy_from_slice(value);
     Ok(StoredRecord {
         key,
         chunk_id,
         received_ms,
         events,
         signal,
-        tag: copy.slice(HEADER_LEN..tag_end),
-        entries: copy.slice(tag_end..),
+        tag: value.slice(HEADER_LEN..tag_end),
+        entries: value.slice(tag_end..),
         attempts: 0,
         last_error: None,
     })

@@ -203,8 +203,7 @@ async fn a_dead_letter_whose_commit_fails_is_kept_for_the_next_commit() {
     let stored = read_all(&spool).records[0].stored_len();
     faults.fail_writes(libc::EIO);
     spool.dead_letter(key, stored, "poison".into(), "agg".into());
-    // The commit that makes it durable fails (and the writer reopens, which forgets what
-    // non-durable commits carried).
+    // The commit that carries it fails (and the writer reopens).
     let start = std::time::Instant::now();
     while faults.failures() == 0 {
         assert!(start.elapsed() < WAIT);

@@ -3,9 +3,10 @@
 //! Each wake-up takes every command waiting (up to `group_commit_bytes` of requests), writes
 //! them in one transaction ([`super::group`]), commits once, and only then answers the waiting
 //! connections, which only then ack their senders (invariant 1). Maintenance (deletes after
-//! acks, retry notes, dead letters) rides in the next group commit; with no ingest it is
-//! committed within [`LAZY_FLUSH`], without fsync, and made durable by the next group commit or
-//! an idle flush after [`IDLE_FLUSH`].
+//! acks, retry notes, dead letters) rides in the next group commit, so it costs no fsync of its
+//! own under load; with no ingest it is committed on its own within [`LAZY_FLUSH`]. Every
+//! commit is durable: a delete lost in a crash is a duplicate upstream, and bounding that
+//! window to [`LAZY_FLUSH`] of deliveries (not seconds) costs at most ten fsyncs a second.
 //!
 //! Failure paths, each recovered from without a restart (invariant 9):
 //! - **disk full** (ENOSPC/EDQUOT on a group with requests): the requests are held unacked,
@@ -39,8 +40,6 @@ use crate::forward::frame::Signal;
 
 /// Longest a delete waits for a group commit to ride in before it is committed on its own.
 pub const LAZY_FLUSH: Duration = Duration::from_millis(100);
-/// Longest that non-durable delete commits wait for a group commit to make them durable.
-const IDLE_FLUSH: Duration = Duration::from_secs(2);
 /// How long a held group waits before its commit is tried again.
 const DISK_FULL_RETRY: Duration = Duration::from_millis(500);
 /// Compaction rewrites the whole file: while the disk stays full, at most this often.
@@ -116,7 +115,7 @@ pub(super) enum Maintenance {
 }
 
 impl Maintenance {
-    /// Someone waits for the answer: commit it durably and soon.
+    /// Someone waits for the answer: commit it now, not after [`LAZY_FLUSH`].
     fn is_urgent(&self) -> bool {
         matches!(
             self,
@@ -210,16 +209,9 @@ pub(super) struct Writer {
     pub pending: Vec<Maintenance>,
     /// Since when the oldest pending maintenance waits.
     pub oldest_pending: Option<Instant>,
-    /// Pending maintenance that someone waits for: committed durably.
-    pub pending_urgent: bool,
     /// Requests whose commit failed because the disk was full: kept, unacked, and retried once
     /// deletes have freed space. While any are held, ingress gets no budget (backpressure).
     pub held: Vec<Append>,
-    /// Since when deletes were committed without fsync (`Durability::None`).
-    pub unflushed_since: Option<Instant>,
-    /// What those non-durable commits carried: a reopen discards them (they only become
-    /// durable with the next durable commit), so they are applied again after one.
-    pub unflushed: Vec<Maintenance>,
     /// When the file was last compacted to make room for the disk reserve.
     pub last_compaction: Option<Instant>,
     /// Record bytes deleted since requests were held for a full disk.
@@ -232,7 +224,7 @@ impl Writer {
             let first = match self.next_command() {
                 Ok(first) => first,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.commit_group(Vec::new(), true);
+                    self.commit_group(Vec::new());
                     return Stopped::Disconnected;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -246,18 +238,11 @@ impl Writer {
             self.try_resume();
             let appends = self.with_held(batch.appends);
             let shutting_down = batch.shutdown.is_some();
-            let idle_flush = self
-                .unflushed_since
-                .is_some_and(|since| since.elapsed() >= IDLE_FLUSH);
             let due = self
                 .oldest_pending
                 .is_some_and(|since| since.elapsed() >= LAZY_FLUSH);
-            if !appends.is_empty() || due || shutting_down || idle_flush {
-                // Requests are acked on this commit: durable. Deletes and retry notes alone
-                // are not worth an fsync of their own: they ride in the next durable commit.
-                let durable =
-                    !appends.is_empty() || shutting_down || idle_flush || self.pending_urgent;
-                self.commit_group(appends, durable);
+            if !appends.is_empty() || due || shutting_down {
+                self.commit_group(appends);
             }
             if let Some(reply) = batch.shutdown {
                 self.finish(reply);
@@ -274,7 +259,7 @@ impl Writer {
             (Some(since), false) => Some((*since, LAZY_FLUSH)),
             (Some(since), true) => Some((*since, DISK_FULL_RETRY.min(LAZY_FLUSH))),
             (None, true) => Some((Instant::now(), DISK_FULL_RETRY)),
-            (None, false) => self.unflushed_since.map(|since| (since, IDLE_FLUSH)),
+            (None, false) => None,
         };
         match patience {
             Some((since, patience)) => {
@@ -324,7 +309,6 @@ impl Writer {
     fn queue(&mut self, work: Maintenance) {
         let urgent = work.is_urgent();
         self.pending.push(work);
-        self.pending_urgent |= urgent;
         let since = self.oldest_pending.get_or_insert_with(Instant::now);
         if urgent {
             // Someone waits for the answer: do not make it wait LAZY_FLUSH.
@@ -342,9 +326,9 @@ impl Writer {
             return appends;
         }
         if !self.pending.is_empty() {
-            // Durable: only a durable commit lets redb reuse the freed pages.
+            // Durable, as every commit: only a durable commit lets redb reuse the freed pages.
             let before = self.counters.bytes;
-            self.commit_group(Vec::new(), true);
+            self.commit_group(Vec::new());
             self.freed_while_held += before.saturating_sub(self.counters.bytes);
         }
         let held_bytes: u64 = self.held.iter().map(|a| a.entries.len() as u64).sum();
@@ -367,21 +351,14 @@ impl Writer {
         retry
     }
 
-    /// One write transaction, then every waiter is answered. `durable`: with fsync
-    /// (`Durability::Immediate`); otherwise persisted by the next durable commit.
-    fn commit_group(&mut self, appends: Vec<Append>, durable: bool) {
+    /// One durable write transaction (fsync), then every waiter is answered.
+    fn commit_group(&mut self, appends: Vec<Append>) {
         self.oldest_pending = None;
-        self.pending_urgent = false;
-        if appends.is_empty()
-            && self.pending.is_empty()
-            && !(durable && self.unflushed_since.is_some())
-        {
+        if appends.is_empty() && self.pending.is_empty() {
             return;
         }
-        // Appends are always acked on this commit, so they always get fsync (invariant 1).
-        let durable = durable || !appends.is_empty();
         let started = Instant::now();
-        let mut result = self.try_write(&appends, durable);
+        let mut result = self.try_write(&appends);
         if let Err(Failed {
             stage: Stage::Begin,
             error,
@@ -391,11 +368,11 @@ impl Writer {
                 // Poisoned before this group touched it: nothing was written, so writing the
                 // group again on a fresh handle can neither lose nor duplicate it.
                 self.reopen("the spool handle failed before this group was written");
-                result = self.try_write(&appends, durable);
+                result = self.try_write(&appends);
             }
         }
         match result {
-            Ok(applied) => self.committed(applied, appends, durable, started),
+            Ok(applied) => self.committed(applied, appends, started),
             Err(failed) if failed.error.is_disk_full() && !appends.is_empty() => {
                 self.hold(appends, failed.error)
             }
@@ -403,7 +380,7 @@ impl Writer {
         }
     }
 
-    fn try_write(&mut self, appends: &[Append], durable: bool) -> Result<Applied, Failed> {
+    fn try_write(&mut self, appends: &[Append]) -> Result<Applied, Failed> {
         let Some(db) = self.database() else {
             return Err(Failed {
                 stage: Stage::NotOpen,
@@ -415,7 +392,6 @@ impl Writer {
             &Group {
                 appends,
                 pending: &self.pending,
-                durable,
                 counters: self.counters,
                 dead_max_bytes: self.dead_max_bytes,
                 now_ms: now_ms(),
@@ -435,20 +411,8 @@ impl Writer {
         self.shared.store.current().map(|(db, _)| db)
     }
 
-    fn committed(
-        &mut self,
-        applied: Applied,
-        appends: Vec<Append>,
-        durable: bool,
-        started: Instant,
-    ) {
+    fn committed(&mut self, applied: Applied, appends: Vec<Append>, started: Instant) {
         let pending = std::mem::take(&mut self.pending);
-        if durable {
-            self.unflushed_since = None;
-            self.unflushed.clear();
-        } else {
-            self.unflushed_since.get_or_insert_with(Instant::now);
-        }
         self.try_resume();
         let shared = &self.shared;
         let took = started.elapsed();
@@ -477,6 +441,8 @@ impl Writer {
         // The budget follows the file before anyone hears of the commit.
         let reserved: u64 = appends.iter().map(|a| a.reserved).sum();
         shared.budget.committed(reserved, applied.append_bytes);
+        // Before the dispatcher hears of the commit: it takes these instead of reading redb.
+        shared.fresh.publish(applied.fresh);
         if self.counters.next_key > 1 {
             shared.committed.send_replace(self.counters.next_key - 1);
         }
@@ -484,12 +450,7 @@ impl Writer {
             let _ = append.reply.send(Ok(key));
         }
         for (work, outcome) in pending.into_iter().zip(applied.outcomes) {
-            if durable {
-                work.answer(outcome);
-            } else {
-                // Only fire-and-forget work rides in a non-durable commit.
-                self.unflushed.push(work);
-            }
+            work.answer(outcome);
         }
     }
 
@@ -602,15 +563,6 @@ impl Writer {
     fn reopen_with(&mut self, why: &str, compact: bool) {
         crate::metrics::metrics().spool_reopens.inc();
         drop(self.shared.store.close());
-        // The new handle sees only durable commits: what rode in non-durable ones since the
-        // last durable commit goes again (deletes and dead letters are idempotent).
-        if !self.unflushed.is_empty() {
-            let mut again = std::mem::take(&mut self.unflushed);
-            again.append(&mut self.pending);
-            self.pending = again;
-            self.oldest_pending.get_or_insert_with(Instant::now);
-        }
-        self.unflushed_since = None;
         let mut delay = REOPEN_FIRST_DELAY;
         for attempt in 1..=REOPEN_TRIES {
             let opened = self

@@ -287,10 +287,19 @@ impl Dispatcher {
         Ok(None)
     }
 
-    /// Read the next batch at the cursor; the cursor moves only past what was read.
+    /// Read the next batch at the cursor, from the records just committed if they start there,
+    /// else from redb; the cursor moves only past what was read.
     async fn read_ahead(&self, state: &mut State) -> Result<(), SpoolError> {
         let committed = *self.spool.subscribe().borrow();
         if committed < state.cursor {
+            return Ok(());
+        }
+        let fresh = self
+            .spool
+            .take_fresh(state.cursor, READ_AHEAD_RECORDS, READ_AHEAD_BYTES);
+        if let Some(last) = fresh.last() {
+            state.cursor = last.key + 1;
+            state.buffered.extend(fresh);
             return Ok(());
         }
         let batch = self.read_batch(state.cursor).await?;

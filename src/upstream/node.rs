@@ -28,7 +28,7 @@ use crate::clock::sleep_until_opt;
 use crate::forward::ack::{decode_ack, AckError};
 use crate::forward::entries::{deflate_gzip, strip_empty_metadata, Compression};
 use crate::forward::frame::Signal;
-use crate::forward::packed::{chunk_id_base64, encode_packed_forward};
+use crate::forward::packed::{chunk_id_base64, encode_packed_head, encode_packed_options};
 use crate::metrics::label;
 use crate::spool::{SpoolError, StoredRecord};
 
@@ -294,6 +294,23 @@ async fn poll_opt<F: Future + Unpin>(future: &mut Option<F>) -> F::Output {
     }
 }
 
+/// Write every byte of `parts`, in order, with as few system calls as the stream allows.
+async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut W,
+    parts: [&[u8]; 3],
+) -> std::io::Result<()> {
+    let mut slices = parts.map(std::io::IoSlice::new);
+    let mut rest: &mut [std::io::IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let n = stream.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
 /// A take in progress, kept across loop turns so that acks are read while it waits.
 type Taking<'a> = Pin<Box<dyn Future<Output = Result<Taken, SpoolError>> + Send + 'a>>;
 
@@ -424,15 +441,11 @@ impl<'a, L: Link> Session<'a, L> {
             Some((codec, bytes)) => (&bytes[..], Some(*codec)),
             None => (entries, None),
         };
-        encode_packed_forward(
-            &record.tag,
-            payload,
-            &chunk_id,
-            record.events,
-            record.signal,
-            codec,
-            out,
-        );
+        // Head and options are built here; the entries go out from the record's own bytes.
+        encode_packed_head(&record.tag, payload.len(), record.signal, out);
+        let head_len = out.len();
+        encode_packed_options(&chunk_id, record.events, record.signal, codec, out);
+        let (head, options) = out.split_at(head_len);
         // Counted as in flight before the write: if the write fails, it is requeued.
         self.in_flight.push_back(InFlight {
             record: Sent::of(&record),
@@ -443,11 +456,13 @@ impl<'a, L: Link> Session<'a, L> {
         m.in_flight
             .get_or_create(&label("node", &self.settings.name))
             .set(self.in_flight.len() as i64);
-        match timeout(self.settings.ack_timeout, self.stream.write_all(out)).await {
+        let parts = [head, payload, options];
+        let written = write_all_vectored(&mut self.stream, parts);
+        match timeout(self.settings.ack_timeout, written).await {
             Ok(Ok(())) => {
                 m.bytes_out
                     .get_or_create(&label("node", &self.settings.name))
-                    .inc_by(out.len() as u64);
+                    .inc_by((out.len() + payload.len()) as u64);
                 Ok(())
             }
             Ok(Err(e)) => Err(NodeError::Io(e.to_string())),
