@@ -512,6 +512,63 @@ pub fn read_int(value: &[u8]) -> Option<i64> {
 mod tests {
     use super::*;
 
+    /// The real captures (`$ACKGATE_CAPTURES`, else `../shared/captures` beside the crate).
+    fn captures_dir() -> std::path::PathBuf {
+        std::env::var_os("ACKGATE_CAPTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/captures")
+            })
+    }
+
+    /// Every request a real sender wrote on a plain connection (the secured ones start with
+    /// the handshake, the JSON one is another decoder's).
+    fn plain_request_captures() -> Vec<(String, Vec<u8>)> {
+        let dir = captures_dir();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let request = name.ends_with(".sender.bin") || name.ends_with(".request.bin");
+            if request && !name.contains("secure") && !name.contains("json") {
+                found.push((name, std::fs::read(&path).unwrap()));
+            }
+        }
+        assert!(found.len() >= 10, "captures missing in {}", dir.display());
+        found
+    }
+
+    /// Decode `first`, then `first` + `second`, taking every complete request each time.
+    fn decode_in_two(first: &[u8], second: &[u8]) -> Vec<Decoded> {
+        let mut decoder = FrameDecoder::new(Limits::default());
+        let mut buf = BytesMut::from(first);
+        let mut out = Vec::new();
+        for more in [&[][..], second] {
+            buf.extend_from_slice(more);
+            while let Some(decoded) = decoder.decode(&mut buf).unwrap() {
+                out.push(decoded);
+            }
+        }
+        assert!(buf.is_empty(), "trailing bytes: {buf:02x?}");
+        out
+    }
+
+    #[test]
+    fn every_split_point_of_every_real_capture_decodes_to_the_same_requests() {
+        for (name, bytes) in plain_request_captures() {
+            let whole = decode_all(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!whole.is_empty(), "{name}: no request");
+            for split in 0..=bytes.len() {
+                let (first, second) = bytes.split_at(split);
+                assert_eq!(
+                    decode_in_two(first, second),
+                    whole,
+                    "{name} split after byte {split}"
+                );
+            }
+        }
+    }
+
     fn decode_all(bytes: &[u8]) -> Result<Vec<Decoded>, FrameError> {
         let mut decoder = FrameDecoder::new(Limits::default());
         let mut buf = BytesMut::from(bytes);

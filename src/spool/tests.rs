@@ -311,3 +311,35 @@ async fn a_writer_that_dies_is_reported_with_the_reason() {
         .map_or(true, |r| r.is_err()));
     stop(writer).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_with_no_ingest_is_durable_after_the_lazy_flush_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&dir);
+    let (spool, writer) = Spool::open(&config).unwrap();
+    let kept = append(&spool, "kept", &entry(1), 1).await.unwrap();
+    let acked = append(&spool, "acked", &entry(2), 1).await.unwrap();
+    let stored = read_all(&spool).records[1].stored_len();
+    let commits = spool.stats().commits;
+    spool.delete(acked, stored);
+    // No request follows: the delete is committed on its own (within LAZY_FLUSH), durably.
+    let start = std::time::Instant::now();
+    while spool.stats().commits == commits {
+        assert!(start.elapsed() < WAIT, "the delete was never committed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // What a crash now would leave: the file as it is on disk, opened by another handle.
+    let copy = dir.path().join("after-crash.redb");
+    std::fs::copy(&config.path, &copy).unwrap();
+    let reader = SpoolReader::open(&copy, 1 << 20).unwrap();
+    let left: Vec<u64> = reader
+        .read_from(1, 10)
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(left, [kept], "the acked record is gone from the file, the other stays");
+    drop(reader);
+    stop(writer).await;
+}
