@@ -232,6 +232,46 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
 
 /// `ackgate_spool_commits` from ackgate's /metrics, if it serves one.
 pub async fn spool_commits(metrics: Option<SocketAddr>) -> Option<u64> {
+    parse_commits(&scrape(metrics).await?)
+}
+
+/// The spool commit-duration histogram from ackgate's /metrics: (upper bound in seconds,
+/// cumulative count) per bucket.
+pub async fn commit_durations(metrics: Option<SocketAddr>) -> Option<Vec<(f64, u64)>> {
+    let text = scrape(metrics).await?;
+    let buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ackgate_commit_duration_seconds_bucket{le=\""))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect();
+    (!buckets.is_empty()).then_some(buckets)
+}
+
+/// The quantile `q` of the commits between two readings of [`commit_durations`], as the
+/// upper bound of the bucket it falls in, in ms.
+pub fn commit_quantile_ms(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let counts: Vec<(f64, u64)> = after
+        .iter()
+        .zip(before)
+        .map(|(&(le, a), &(_, b))| (le, a.saturating_sub(b)))
+        .collect();
+    let total = counts.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let wanted = (q * total as f64).ceil() as u64;
+    counts
+        .iter()
+        .find(|(_, cumulative)| *cumulative >= wanted)
+        .map(|(le, _)| le * 1e3)
+}
+
+/// ackgate's /metrics text.
+async fn scrape(metrics: Option<SocketAddr>) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = metrics?;
     let fetch = async {
@@ -244,8 +284,7 @@ pub async fn spool_commits(metrics: Option<SocketAddr>) -> Option<u64> {
         stream.take(4 << 20).read_to_end(&mut body).await.ok()?;
         Some(String::from_utf8_lossy(&body).into_owned())
     };
-    let text = timeout(Duration::from_secs(5), fetch).await.ok()??;
-    parse_commits(&text)
+    timeout(Duration::from_secs(5), fetch).await.ok()?
 }
 
 fn parse_commits(text: &str) -> Option<u64> {
@@ -405,6 +444,17 @@ pub fn count_syncs(log: &Path, from: f64, to: f64) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commit_quantiles_come_from_the_buckets_filled_between_two_readings() {
+        let before = [(0.001, 10), (0.002, 10), (0.004, 10), (f64::INFINITY, 10)];
+        // 100 commits since: 50 under 1 ms, 45 under 2 ms, 5 under 4 ms.
+        let after = [(0.001, 60), (0.002, 105), (0.004, 110), (f64::INFINITY, 110)];
+        assert_eq!(commit_quantile_ms(&before, &after, 0.5), Some(1.0));
+        assert_eq!(commit_quantile_ms(&before, &after, 0.95), Some(2.0));
+        assert_eq!(commit_quantile_ms(&before, &after, 0.99), Some(4.0));
+        assert_eq!(commit_quantile_ms(&after, &after, 0.5), None, "no commit between");
+    }
 
     #[test]
     fn ready_line_and_proc_are_read() {

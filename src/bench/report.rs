@@ -122,6 +122,10 @@ pub struct RunFigures {
     pub ackgate: Option<ProcStats>,
     /// Spool commits during the load (ackgate's /metrics).
     pub spool_commits: Option<u64>,
+    /// Group commit duration (fsync included) during the load: p50 and p99, as the upper
+    /// bound of their histogram bucket.
+    pub commit_p50_ms: Option<f64>,
+    pub commit_p99_ms: Option<f64>,
     pub bench_cpu_percent: f64,
     pub unacked: u64,
     pub errors: Vec<String>,
@@ -181,6 +185,8 @@ impl RunFigures {
             delivery_latency: aggregator.delivered.latency().summary(),
             ackgate: None,
             spool_commits: None,
+            commit_p50_ms: None,
+            commit_p99_ms: None,
             bench_cpu_percent: m.own_ticks as f64 / ticks / seconds * 100.0,
             unacked: load.unacked,
             errors: load.errors.clone(),
@@ -682,9 +688,11 @@ impl BenchReport {
                     r.requests,
                     r.seconds,
                     r.spool_commits.map_or(String::new(), |c| format!(
-                        "; {c} spool commits ({:.0}/s, {:.1} requests per commit)",
+                        "; {c} spool commits ({:.0}/s, {:.1} requests per commit, duration p50 ≤ {} ms, p99 ≤ {} ms)",
                         c as f64 / r.seconds,
-                        r.requests as f64 / c.max(1) as f64
+                        r.requests as f64 / c.max(1) as f64,
+                        opt_ms(r.commit_p50_ms),
+                        opt_ms(r.commit_p99_ms),
                     )),
                     r.delivered_total,
                     r.duplicates,

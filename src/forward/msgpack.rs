@@ -189,7 +189,17 @@ pub fn value_len(buf: &[u8], max_depth: usize) -> Result<Option<usize>, SkipErro
         let Some(&marker) = buf.get(pos) else {
             return Ok(None);
         };
-        match classify(marker, &buf[pos..], pos)? {
+        // Most markers of a log record: small integers and short strings.
+        let short = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => Some(1),
+            0xa0..=0xbf => Some(1 + usize::from(marker & 0x1f)),
+            _ => None,
+        };
+        let marker = match short {
+            Some(len) => Some(Marker::Scalar(len as u64)),
+            None => classify(marker, &buf[pos..], pos)?,
+        };
+        match marker {
             None => return Ok(None),
             Some(Marker::Scalar(len)) => {
                 let end = pos as u64 + len;

@@ -311,7 +311,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             .saturating_sub(buffered)
             .min(this_turn);
         if allowed && missing == 0 && self.buf.capacity() - buffered < room {
-            self.buf.reserve(room);
+            if buffered <= PEEK_BYTES {
+                // A peeked header: a buffer of the request's size, with only those bytes
+                // copied (growing in place would copy the whole old allocation).
+                let mut sized = BytesMut::with_capacity(buffered + room);
+                sized.extend_from_slice(&self.buf);
+                self.buf = sized;
+            } else {
+                self.buf.reserve(room);
+            }
         }
         ReadPlan {
             allowed,
