@@ -86,7 +86,11 @@ impl Metrics {
             splits: Counter::default(),
             spool_reopens: Counter::default(),
             // Factor √2 from 100 µs to ~4.6 min: fine enough to say where an ack's time goes.
-            commit_seconds: Histogram::new(exponential_buckets(0.0001, std::f64::consts::SQRT_2, 42)),
+            commit_seconds: Histogram::new(exponential_buckets(
+                0.0001,
+                std::f64::consts::SQRT_2,
+                42,
+            )),
             commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             spool_records: Gauge::default(),
             spool_bytes: Gauge::default(),

@@ -140,28 +140,29 @@ pub fn record_events(record: &StoredRecord) -> Vec<Value> {
 /// Log records: one JSON value per event. Metrics and traces: one value per context, with the
 /// context's msgpack bytes in base64 (ackgate relays them without decoding cmetrics/ctraces).
 fn events_json(record: &StoredRecord) -> Vec<Value> {
+    let entries = record.entries.to_bytes();
     let mut events = Vec::new();
     let mut pos = 0usize;
     let mut index = 0u32;
     if record.signal != Signal::Logs {
-        while let Ok(Some(len)) = value_len(&record.entries[pos..], MAX_DEPTH) {
-            let context = &record.entries[pos..pos + len];
+        while let Ok(Some(len)) = value_len(&entries[pos..], MAX_DEPTH) {
+            let context = &entries[pos..pos + len];
             events.push(json!({
                 "signal": record.signal.name(),
                 "context_base64": base64::engine::general_purpose::STANDARD.encode(context),
             }));
             pos += len;
-            if pos >= record.entries.len() {
+            if pos >= entries.len() {
                 break;
             }
         }
         return events;
     }
-    while pos < record.entries.len() {
-        let Ok(len) = entry_len(&record.entries[pos..], index, MAX_DEPTH) else {
+    while pos < entries.len() {
+        let Ok(len) = entry_len(&entries[pos..], index, MAX_DEPTH) else {
             break;
         };
-        let entry = &record.entries[pos..pos + len];
+        let entry = &entries[pos..pos + len];
         events.push(entry_to_json(entry).unwrap_or_else(|e| json!({ "error": e.to_string() })));
         pos += len;
         index += 1;

@@ -473,7 +473,10 @@ fn damage_middle_record(spool: &Path, damage: Damage) -> Damaged {
         Damaged {
             key,
             records: keys.len(),
-            events: ids_of_entries(&stored.entries).0.into_iter().collect(),
+            events: ids_of_entries(&stored.entries.to_bytes())
+                .0
+                .into_iter()
+                .collect(),
             value,
         }
     };
@@ -494,7 +497,7 @@ fn left_in_spool(spool: &Path, damaged: &[u8]) -> (HashSet<u64>, bool) {
         let (key, value) = item.expect("record");
         damaged_there |= value.value() == damaged;
         if let Ok(r) = ackgate::spool::record::decode_record(key.value(), value.value()) {
-            events.extend(ids_of_entries(&r.entries).0);
+            events.extend(ids_of_entries(&r.entries.to_bytes()).0);
         }
     }
     (events, damaged_there)

@@ -382,7 +382,7 @@ fn drops_chunks_above_a_size_limit_without_an_ack() {
                 .iter()
                 .filter(|d| d.kind == ackgate::spool::DeadKind::Record)
                 .filter_map(|d| ackgate::spool::record::decode_record(0, &d.payload).ok())
-                .flat_map(|r| ids_of_entries(&r.entries).0)
+                .flat_map(|r| ids_of_entries(&r.entries.to_bytes()).0)
                 .collect()
         })
         .unwrap_or_default();

@@ -244,7 +244,11 @@ pub async fn commit_durations(metrics: Option<SocketAddr>) -> Option<Vec<(f64, u
         .filter_map(|l| l.strip_prefix("ackgate_commit_duration_seconds_bucket{le=\""))
         .filter_map(|rest| {
             let (le, count) = rest.split_once("\"}")?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             Some((le, count.trim().parse::<f64>().ok()? as u64))
         })
         .collect();
@@ -449,11 +453,20 @@ mod tests {
     fn commit_quantiles_come_from_the_buckets_filled_between_two_readings() {
         let before = [(0.001, 10), (0.002, 10), (0.004, 10), (f64::INFINITY, 10)];
         // 100 commits since: 50 under 1 ms, 45 under 2 ms, 5 under 4 ms.
-        let after = [(0.001, 60), (0.002, 105), (0.004, 110), (f64::INFINITY, 110)];
+        let after = [
+            (0.001, 60),
+            (0.002, 105),
+            (0.004, 110),
+            (f64::INFINITY, 110),
+        ];
         assert_eq!(commit_quantile_ms(&before, &after, 0.5), Some(1.0));
         assert_eq!(commit_quantile_ms(&before, &after, 0.95), Some(2.0));
         assert_eq!(commit_quantile_ms(&before, &after, 0.99), Some(4.0));
-        assert_eq!(commit_quantile_ms(&after, &after, 0.5), None, "no commit between");
+        assert_eq!(
+            commit_quantile_ms(&after, &after, 0.5),
+            None,
+            "no commit between"
+        );
     }
 
     #[test]

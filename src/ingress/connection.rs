@@ -287,8 +287,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             && self.staged.is_none()
             && self.acks.len() < self.max_pending
             && (self.shutdown_deadline.is_none() || !self.buf.is_empty());
-        let wanted = self.decoder.wanted();
         let buffered = self.buf.len();
+        // The declared payload and the options map after it.
+        let wanted = match self.decoder.wanted() {
+            0 => 0,
+            declared => declared + TRAILER_SLACK,
+        };
         let missing = self.partial.missing(buffered, wanted, READ_CHUNK);
         if allowed && missing > self.ctx.partial.available_permits() && !self.told_budget {
             self.told_budget = true;
@@ -301,7 +305,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let this_turn = if buffered == 0 && self.large_requests {
             PEEK_BYTES
         } else if wanted > buffered {
-            wanted - buffered + TRAILER_SLACK
+            wanted - buffered
         } else {
             READ_CHUNK
         };

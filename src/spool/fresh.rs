@@ -115,7 +115,7 @@ mod tests {
             events: 1,
             signal: Signal::Logs,
             tag: Bytes::from_static(b"t"),
-            entries: Bytes::from(vec![0x90; len]),
+            entries: Bytes::from(vec![0x90; len]).into(),
             attempts: 0,
             last_error: None,
         }

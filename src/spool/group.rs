@@ -220,45 +220,59 @@ impl Tables<'_> {
         Ok(())
     }
 
+    /// Each group of same-tag requests becomes one record, written straight into redb's page
+    /// (no copy built first) and kept, as the requests' own bytes, for sending from memory.
     fn add_appends(&mut self, appends: &[Append]) -> TxResult<()> {
         self.applied.keys = vec![0; appends.len()];
         for merged in merge(appends) {
-            let events = merged
-                .members
-                .iter()
-                .map(|&i| appends[i].events)
-                .fold(0u32, u32::saturating_add);
-            let parts: Vec<&[u8]> = merged
-                .members
-                .iter()
-                .map(|&i| &appends[i].entries[..])
-                .collect();
-            let received_ms = merged
-                .members
-                .iter()
-                .map(|&i| appends[i].received_ms)
+            let members = || merged.members.iter().map(|&i| &appends[i]);
+            let events = members().map(|a| a.events).fold(0u32, u32::saturating_add);
+            let parts: Vec<Bytes> = members().map(|a| a.entries.clone()).collect();
+            let received_ms = members()
+                .map(|a| a.received_ms)
                 .min()
                 .unwrap_or(self.now_ms);
-            let chunk_id = *uuid::Uuid::new_v4().as_bytes();
-            let value = record::encode_record(
-                &chunk_id,
+            let record = StoredRecord {
+                key: self.counters.next_key,
+                chunk_id: *uuid::Uuid::new_v4().as_bytes(),
                 received_ms,
                 events,
-                merged.signal,
-                &merged.tag,
-                &parts,
-            );
-            let key = self.insert_record(&value)?;
-            self.applied.append_bytes += value.len() as u64;
+                signal: merged.signal,
+                tag: merged.tag.clone(),
+                entries: record::Entries::new(parts),
+                attempts: 0,
+                last_error: None,
+            };
+            let key = self.insert_in_place(&record)?;
+            self.applied.append_bytes += record.stored_len();
             for &i in &merged.members {
                 self.applied.keys[i] = key;
             }
-            // The value just built, kept (not copied) for sending; it decodes by construction.
-            if let Ok(stored) = record::decode_shared(key, Bytes::from(value)) {
-                self.applied.fresh.push(stored);
-            }
+            self.applied.fresh.push(record);
         }
         Ok(())
+    }
+
+    /// Insert `record` at the next key, writing its value in place.
+    fn insert_in_place(&mut self, record: &StoredRecord) -> TxResult<u64> {
+        let key = self.counters.next_key;
+        let len = record.stored_len() as usize;
+        let parts: Vec<&[u8]> = record.entries.parts().iter().map(|p| &p[..]).collect();
+        let mut slot = self.records.insert_reserve(key, len)?;
+        record::write_record(
+            slot.as_mut(),
+            &record.chunk_id,
+            record.received_ms,
+            record.events,
+            record.signal,
+            &record.tag,
+            &parts,
+        );
+        drop(slot);
+        self.counters.next_key += 1;
+        self.counters.records += 1;
+        self.counters.bytes += len as u64;
+        Ok(key)
     }
 
     fn apply(&mut self, work: &Maintenance) -> TxResult<Outcome> {
@@ -357,7 +371,7 @@ impl Tables<'_> {
                         r.events,
                         r.signal,
                         &r.tag,
-                        &[&r.entries],
+                        &[&r.entries.to_bytes()],
                     ),
                     Err(_) => letter.payload.to_vec(),
                 };

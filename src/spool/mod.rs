@@ -46,7 +46,7 @@ use tokio::sync::{oneshot, watch};
 pub use error::{is_disk_full, needs_reopen, SpoolError};
 pub use group::MERGE_LIMIT;
 pub use reader::SpoolReader;
-pub use record::{DeadKind, DeadLetter, RecordError, StoredRecord};
+pub use record::{DeadKind, DeadLetter, Entries, RecordError, StoredRecord};
 pub use writer::LAZY_FLUSH;
 
 use budget::Budget;

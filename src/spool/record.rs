@@ -57,7 +57,7 @@ pub struct StoredRecord {
     pub tag: Bytes,
     /// Concatenated raw entries (or the metrics/traces payload), exactly as senders wrote them
     /// (invariant 6).
-    pub entries: Bytes,
+    pub entries: Entries,
     /// Upstream attempts that failed so far.
     pub attempts: u32,
     /// Why the last attempt failed.
@@ -67,8 +67,65 @@ pub struct StoredRecord {
 impl StoredRecord {
     /// Bytes this record takes in the spool budget.
     pub fn stored_len(&self) -> u64 {
-        (header_len(self.signal) + self.tag.len() + self.entries.len()) as u64
+        record_len(self.signal, &self.tag, self.entries.len()) as u64
     }
+}
+
+/// A record's entries: one run of bytes (read back from the file), or, for a record just
+/// committed and sent from memory, the runs of the requests it merged, in order. Either way
+/// the bytes exactly as the senders wrote them (invariant 6).
+#[derive(Debug, Clone)]
+pub struct Entries {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Entries {
+    pub fn new(parts: Vec<Bytes>) -> Entries {
+        let len = parts.iter().map(Bytes::len).sum();
+        Entries { parts, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The runs, in order (write them as they are, vectored).
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// All of it in one run: free for a record read from the file, a copy for a merged one.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.parts.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            several => Bytes::from(several.concat()),
+        }
+    }
+}
+
+impl From<Bytes> for Entries {
+    fn from(bytes: Bytes) -> Entries {
+        Entries::new(vec![bytes])
+    }
+}
+
+impl PartialEq for Entries {
+    fn eq(&self, other: &Entries) -> bool {
+        self.len == other.len && self.to_bytes() == other.to_bytes()
+    }
+}
+
+impl Eq for Entries {}
+
+/// Bytes of a record value.
+pub fn record_len(signal: Signal, tag: &[u8], entries_len: usize) -> usize {
+    header_len(signal) + tag.len() + entries_len
 }
 
 /// Encode a record value.
@@ -81,21 +138,50 @@ pub fn encode_record(
     entries: &[&[u8]],
 ) -> Vec<u8> {
     let entries_len: usize = entries.iter().map(|e| e.len()).sum();
-    let mut out = Vec::with_capacity(header_len(signal) + tag.len() + entries_len);
-    if signal == Signal::Logs {
-        out.push(RECORD_VERSION);
-    } else {
-        out.extend_from_slice(&[SIGNAL_RECORD_VERSION, signal.code()]);
-    }
-    out.extend_from_slice(chunk_id);
-    out.extend_from_slice(&received_ms.to_le_bytes());
-    out.extend_from_slice(&events.to_le_bytes());
-    out.extend_from_slice(&(tag.len() as u32).to_le_bytes());
-    out.extend_from_slice(tag);
-    for part in entries {
-        out.extend_from_slice(part);
-    }
+    let mut out = vec![0; record_len(signal, tag, entries_len)];
+    write_record(
+        &mut out,
+        chunk_id,
+        received_ms,
+        events,
+        signal,
+        tag,
+        entries,
+    );
     out
+}
+
+/// Write a record value into `out`, which must be exactly [`record_len`] bytes: the spool
+/// writes records straight into redb's page this way, without building them first.
+pub fn write_record(
+    out: &mut [u8],
+    chunk_id: &[u8; 16],
+    received_ms: u64,
+    events: u32,
+    signal: Signal,
+    tag: &[u8],
+    entries: &[&[u8]],
+) {
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| {
+        if let Some(dest) = out.get_mut(at..at + bytes.len()) {
+            dest.copy_from_slice(bytes);
+        }
+        at += bytes.len();
+    };
+    if signal == Signal::Logs {
+        put(&[RECORD_VERSION]);
+    } else {
+        put(&[SIGNAL_RECORD_VERSION, signal.code()]);
+    }
+    put(chunk_id);
+    put(&received_ms.to_le_bytes());
+    put(&events.to_le_bytes());
+    put(&(tag.len() as u32).to_le_bytes());
+    put(tag);
+    for part in entries {
+        put(part);
+    }
 }
 
 /// Decode a record value (attempts and last error are filled in from the retry state).
@@ -151,7 +237,7 @@ pub fn decode_shared(key: u64, whole: Bytes) -> Result<StoredRecord, RecordError
         events,
         signal,
         tag: value.slice(HEADER_LEN..tag_end),
-        entries: value.slice(tag_end..),
+        entries: Entries::from(value.slice(tag_end..)),
         attempts: 0,
         last_error: None,
     })
@@ -214,7 +300,7 @@ mod tests {
         assert_eq!(record.received_ms, 1_700_000_000_123);
         assert_eq!(record.events, 3);
         assert_eq!(&record.tag[..], b"app.log");
-        assert_eq!(&record.entries[..], b"\x92\x01\x80\xff");
+        assert_eq!(&record.entries.to_bytes()[..], b"\x92\x01\x80\xff");
         assert_eq!(record.stored_len(), value.len() as u64);
         // Pinned layout: version, id, LE integers.
         assert_eq!(value[0], 1);
@@ -247,7 +333,7 @@ mod tests {
         assert_eq!(record.chunk_id, [3; 16]);
         assert_eq!(record.received_ms, 9);
         assert_eq!(&record.tag[..], b"m");
-        assert_eq!(&record.entries[..], payload);
+        assert_eq!(&record.entries.to_bytes()[..], payload);
         assert_eq!(record.stored_len(), value.len() as u64);
 
         let traces = encode_record(&[0; 16], 0, 1, Signal::Traces, b"t", &[payload]);

@@ -44,7 +44,7 @@ async fn group_commit_merges_same_tag_requests_and_answers_after_the_commit() {
     assert_eq!(events, 3);
     if keys[0] == keys[2] {
         let a = batch.records.iter().find(|r| r.key == keys[0]).unwrap();
-        assert_eq!(&a.entries[..], [entry(1), entry(3)].concat());
+        assert_eq!(&a.entries.to_bytes()[..], [entry(1), entry(3)].concat());
     }
     assert_ne!(keys[0], keys[1]);
     let ids: std::collections::HashSet<_> = batch.records.iter().map(|r| r.chunk_id).collect();
@@ -73,7 +73,7 @@ async fn a_failed_commit_answers_its_group_with_the_error_and_the_next_group_com
     let events: Vec<u8> = batch
         .records
         .iter()
-        .flat_map(|r| r.entries.to_vec())
+        .flat_map(|r| r.entries.to_bytes().to_vec())
         .collect();
     assert_eq!(
         events,
@@ -127,7 +127,7 @@ async fn a_full_disk_holds_requests_unacked_and_releases_them_when_space_returns
     let batch = read_all(&spool);
     assert_eq!(batch.records.len(), 1);
     assert_eq!(batch.records[0].key, key);
-    assert_eq!(&batch.records[0].entries[..], &e[..]);
+    assert_eq!(&batch.records[0].entries.to_bytes()[..], &e[..]);
     stop(writer).await;
 }
 
@@ -339,7 +339,11 @@ async fn a_delete_with_no_ingest_is_durable_after_the_lazy_flush_commit() {
         .iter()
         .map(|r| r.key)
         .collect();
-    assert_eq!(left, [kept], "the acked record is gone from the file, the other stays");
+    assert_eq!(
+        left,
+        [kept],
+        "the acked record is gone from the file, the other stays"
+    );
     drop(reader);
     stop(writer).await;
 }

@@ -360,7 +360,9 @@ impl Dispatcher {
                     return false;
                 }
             };
-            if let Some(parts) = split_in_two(&stored.entries, stored.events, stored.signal) {
+            if let Some(parts) =
+                split_in_two(&stored.entries.to_bytes(), stored.events, stored.signal)
+            {
                 return self.split(record, parts, attempts, error, node).await;
             }
         }

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
@@ -297,9 +297,10 @@ async fn poll_opt<F: Future + Unpin>(future: &mut Option<F>) -> F::Output {
 /// Write every byte of `parts`, in order, with as few system calls as the stream allows.
 async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
     stream: &mut W,
-    parts: [&[u8]; 3],
+    parts: &[&[u8]],
 ) -> std::io::Result<()> {
-    let mut slices = parts.map(std::io::IoSlice::new);
+    let mut slices: Vec<std::io::IoSlice<'_>> =
+        parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
     let mut rest: &mut [std::io::IoSlice<'_>] = &mut slices;
     while !rest.is_empty() {
         let n = stream.write_vectored(rest).await?;
@@ -424,25 +425,10 @@ impl<'a, L: Link> Session<'a, L> {
     async fn send(&mut self, record: StoredRecord, out: &mut Vec<u8>) -> Result<(), NodeError> {
         let chunk_id = chunk_id_base64(&record.chunk_id);
         out.clear();
-        let stripped = if self.settings.strip_empty_metadata && record.signal == Signal::Logs {
-            // Entries were validated at ingress; if the walk fails they go out unchanged.
-            strip_empty_metadata(&record.entries, crate::forward::MAX_DEPTH)
-                .ok()
-                .flatten()
-        } else {
-            None
-        };
-        let entries: &[u8] = stripped.as_deref().unwrap_or(&record.entries);
-        let compressed = self
-            .settings
-            .compress
-            .map(|codec| (codec, deflate_gzip(entries)));
-        let (payload, codec) = match &compressed {
-            Some((codec, bytes)) => (&bytes[..], Some(*codec)),
-            None => (entries, None),
-        };
+        let (payload, codec) = self.payload(&record);
+        let payload_len: usize = payload.iter().map(Bytes::len).sum();
         // Head and options are built here; the entries go out from the record's own bytes.
-        encode_packed_head(&record.tag, payload.len(), record.signal, out);
+        encode_packed_head(&record.tag, payload_len, record.signal, out);
         let head_len = out.len();
         encode_packed_options(&chunk_id, record.events, record.signal, codec, out);
         let (head, options) = out.split_at(head_len);
@@ -456,17 +442,43 @@ impl<'a, L: Link> Session<'a, L> {
         m.in_flight
             .get_or_create(&label("node", &self.settings.name))
             .set(self.in_flight.len() as i64);
-        let parts = [head, payload, options];
-        let written = write_all_vectored(&mut self.stream, parts);
+        let mut parts = Vec::with_capacity(payload.len() + 2);
+        parts.push(head);
+        parts.extend(payload.iter().map(|p| &p[..]));
+        parts.push(options);
+        let written = write_all_vectored(&mut self.stream, &parts);
         match timeout(self.settings.ack_timeout, written).await {
             Ok(Ok(())) => {
                 m.bytes_out
                     .get_or_create(&label("node", &self.settings.name))
-                    .inc_by((out.len() + payload.len()) as u64);
+                    .inc_by((out.len() + payload_len) as u64);
                 Ok(())
             }
             Ok(Err(e)) => Err(NodeError::Io(e.to_string())),
             Err(_) => Err(NodeError::WriteTimeout(self.settings.ack_timeout)),
+        }
+    }
+
+    /// The entries as they go out: the record's own runs as they are, or one rewritten run when
+    /// this node strips empty metadata or compresses.
+    fn payload(&self, record: &StoredRecord) -> (Vec<Bytes>, Option<Compression>) {
+        let strip = self.settings.strip_empty_metadata && record.signal == Signal::Logs;
+        if !strip && self.settings.compress.is_none() {
+            return (record.entries.parts().to_vec(), None);
+        }
+        let whole = record.entries.to_bytes();
+        // Entries were validated at ingress; if the walk fails they go out unchanged.
+        let stripped = strip
+            .then(|| {
+                strip_empty_metadata(&whole, crate::forward::MAX_DEPTH)
+                    .ok()
+                    .flatten()
+            })
+            .flatten();
+        let entries = stripped.map(Bytes::from).unwrap_or(whole);
+        match self.settings.compress {
+            Some(codec) => (vec![Bytes::from(deflate_gzip(&entries))], Some(codec)),
+            None => (vec![entries], None),
         }
     }
 

@@ -824,7 +824,7 @@ pub fn snapshot_spool(path: &Path) -> Result<SpoolSnapshot, String> {
         };
         for r in &records {
             let chunk = ackgate::forward::packed::chunk_id_base64(&r.chunk_id);
-            let (ids, foreign) = ids_of_entries(&r.entries);
+            let (ids, foreign) = ids_of_entries(&r.entries.to_bytes());
             snap.foreign += foreign;
             for id in ids {
                 snap.chunk_of_event.insert(id, chunk.clone());
