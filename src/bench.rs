@@ -409,7 +409,7 @@ impl Ctx {
         let mut load_spec = self.spec();
         load_spec.rate = rate;
         let commits_before = child::spool_commits(child.metrics).await;
-        let durations_before = child::commit_durations(child.metrics).await;
+        let stages_before = child::ack_stages(child.metrics).await;
         let sampler = Sampler::start(child.pid, SAMPLE_EVERY);
         let own = own_cpu_ticks();
         let load = load::run(child.listen, &load_spec).await;
@@ -417,7 +417,7 @@ impl Ctx {
         let delivered_at_end = aggregator.delivered.events();
         let stats = sampler.finish().await;
         let commits_after = child::spool_commits(child.metrics).await;
-        let durations_after = child::commit_durations(child.metrics).await;
+        let stages_after = child::ack_stages(child.metrics).await;
         let drain = wait_delivered(&aggregator, load.events, self.args.drain_timeout).await;
         let measured = Measured {
             load: &load,
@@ -430,9 +430,8 @@ impl Ctx {
         figures.spool_commits = commits_before
             .zip(commits_after)
             .map(|(before, after)| after.saturating_sub(before));
-        if let (Some(before), Some(after)) = (&durations_before, &durations_after) {
-            figures.commit_p50_ms = child::commit_quantile_ms(before, after, 0.5);
-            figures.commit_p99_ms = child::commit_quantile_ms(before, after, 0.99);
+        if let (Some(before), Some(after)) = (&stages_before, &stages_after) {
+            figures.stages = Some(report::StageQuantiles::between(before, after));
         }
         figures.ackgate_warnings = child.warnings();
         if load.error_count > 0 {

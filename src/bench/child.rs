@@ -235,13 +235,32 @@ pub async fn spool_commits(metrics: Option<SocketAddr>) -> Option<u64> {
     parse_commits(&scrape(metrics).await?)
 }
 
-/// The spool commit-duration histogram from ackgate's /metrics: (upper bound in seconds,
-/// cumulative count) per bucket.
-pub async fn commit_durations(metrics: Option<SocketAddr>) -> Option<Vec<(f64, u64)>> {
+/// Where an ack's time goes, as ackgate's histograms tell: (upper bound in seconds,
+/// cumulative count) per bucket of the commit queue, the commit, and the whole ack.
+#[derive(Debug, Clone, Default)]
+pub struct AckStages {
+    pub queue: Vec<(f64, u64)>,
+    pub commit: Vec<(f64, u64)>,
+    pub wait: Vec<(f64, u64)>,
+    pub ack: Vec<(f64, u64)>,
+}
+
+/// [`AckStages`] from ackgate's /metrics, if it serves them.
+pub async fn ack_stages(metrics: Option<SocketAddr>) -> Option<AckStages> {
     let text = scrape(metrics).await?;
-    let buckets: Vec<(f64, u64)> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("ackgate_commit_duration_seconds_bucket{le=\""))
+    Some(AckStages {
+        queue: histogram(&text, "ackgate_commit_queue_seconds"),
+        commit: histogram(&text, "ackgate_commit_duration_seconds"),
+        wait: histogram(&text, "ackgate_commit_wait_seconds"),
+        ack: histogram(&text, "ackgate_ack_seconds"),
+    })
+}
+
+/// The buckets of histogram `name` in /metrics text.
+fn histogram(text: &str, name: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .filter_map(|rest| {
             let (le, count) = rest.split_once("\"}")?;
             let le = if le == "+Inf" {
@@ -251,13 +270,12 @@ pub async fn commit_durations(metrics: Option<SocketAddr>) -> Option<Vec<(f64, u
             };
             Some((le, count.trim().parse::<f64>().ok()? as u64))
         })
-        .collect();
-    (!buckets.is_empty()).then_some(buckets)
+        .collect()
 }
 
-/// The quantile `q` of the commits between two readings of [`commit_durations`], as the
-/// upper bound of the bucket it falls in, in ms.
-pub fn commit_quantile_ms(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+/// The quantile `q` of what was observed between two readings of a histogram, as the upper
+/// bound of the bucket it falls in, in ms.
+pub fn quantile_ms(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
     let counts: Vec<(f64, u64)> = after
         .iter()
         .zip(before)
@@ -459,14 +477,10 @@ mod tests {
             (0.004, 110),
             (f64::INFINITY, 110),
         ];
-        assert_eq!(commit_quantile_ms(&before, &after, 0.5), Some(1.0));
-        assert_eq!(commit_quantile_ms(&before, &after, 0.95), Some(2.0));
-        assert_eq!(commit_quantile_ms(&before, &after, 0.99), Some(4.0));
-        assert_eq!(
-            commit_quantile_ms(&after, &after, 0.5),
-            None,
-            "no commit between"
-        );
+        assert_eq!(quantile_ms(&before, &after, 0.5), Some(1.0));
+        assert_eq!(quantile_ms(&before, &after, 0.95), Some(2.0));
+        assert_eq!(quantile_ms(&before, &after, 0.99), Some(4.0));
+        assert_eq!(quantile_ms(&after, &after, 0.5), None, "no commit between");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! What `ackgate bench` prints: the figures of each run, each next to its same-invocation
-//! baseline (direct path, disk ceiling, the 0 ms run), and the five targets of issue 7 judged.
+//! baseline (direct path, disk ceiling, the 0 ms run), and the targets judged.
 
 use std::fmt;
 use std::path::Path;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::aggregator::Aggregator;
-use super::child::ProcStats;
+use super::child::{quantile_ms, AckStages, ProcStats};
 use super::disk::DiskCeiling;
 use super::histogram::LatencySummary;
 use super::load::{LoadResult, LoadSpec};
@@ -122,10 +122,8 @@ pub struct RunFigures {
     pub ackgate: Option<ProcStats>,
     /// Spool commits during the load (ackgate's /metrics).
     pub spool_commits: Option<u64>,
-    /// Group commit duration (fsync included) during the load: p50 and p99, as the upper
-    /// bound of their histogram bucket.
-    pub commit_p50_ms: Option<f64>,
-    pub commit_p99_ms: Option<f64>,
+    /// Where an ack's time went inside ackgate during the load.
+    pub stages: Option<StageQuantiles>,
     pub bench_cpu_percent: f64,
     pub unacked: u64,
     pub errors: Vec<String>,
@@ -133,6 +131,48 @@ pub struct RunFigures {
     pub ackgate_warnings: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ackgate_tail: Option<String>,
+}
+
+/// p50 and p99 (ms, upper bounds of √2-wide buckets) of ackgate's own ack stages over a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageQuantiles {
+    /// Handed to the spool writer → its commit starts.
+    pub queue: (Option<f64>, Option<f64>),
+    /// One group commit, fsync included.
+    pub commit: (Option<f64>, Option<f64>),
+    /// Handed to the spool → commit answered, as the connection sees it.
+    pub wait: (Option<f64>, Option<f64>),
+    /// Complete on the socket → ack written.
+    pub ack: (Option<f64>, Option<f64>),
+}
+
+impl StageQuantiles {
+    pub fn between(before: &AckStages, after: &AckStages) -> StageQuantiles {
+        let pair =
+            |b: &[(f64, u64)], a: &[(f64, u64)]| (quantile_ms(b, a, 0.5), quantile_ms(b, a, 0.99));
+        StageQuantiles {
+            queue: pair(&before.queue, &after.queue),
+            commit: pair(&before.commit, &after.commit),
+            wait: pair(&before.wait, &after.wait),
+            ack: pair(&before.ack, &after.ack),
+        }
+    }
+}
+
+impl fmt::Display for StageQuantiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let q = |(p50, p99): (Option<f64>, Option<f64>)| {
+            format!("p50 ≤ {} ms, p99 ≤ {} ms", opt_ms(p50), opt_ms(p99))
+        };
+        write!(
+            f,
+            "inside ackgate: commit queue {}, commit {}, handed over to answered {}, request to ack {}",
+            q(self.queue),
+            q(self.commit),
+            q(self.wait),
+            q(self.ack)
+        )
+    }
 }
 
 /// What a run measured, gathered by the caller.
@@ -185,8 +225,7 @@ impl RunFigures {
             delivery_latency: aggregator.delivered.latency().summary(),
             ackgate: None,
             spool_commits: None,
-            commit_p50_ms: None,
-            commit_p99_ms: None,
+            stages: None,
             bench_cpu_percent: m.own_ticks as f64 / ticks / seconds * 100.0,
             unacked: load.unacked,
             errors: load.errors.clone(),
@@ -249,7 +288,7 @@ pub struct FsyncReport {
     pub aggregator_down: FsyncPhase,
 }
 
-/// One target of issue 7.
+/// One target, judged.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
     pub target: String,
@@ -688,11 +727,10 @@ impl BenchReport {
                     r.requests,
                     r.seconds,
                     r.spool_commits.map_or(String::new(), |c| format!(
-                        "; {c} spool commits ({:.0}/s, {:.1} requests per commit, duration p50 ≤ {} ms, p99 ≤ {} ms)",
+                        "; {c} spool commits ({:.0}/s, {:.1} requests per commit{})",
                         c as f64 / r.seconds,
                         r.requests as f64 / c.max(1) as f64,
-                        opt_ms(r.commit_p50_ms),
-                        opt_ms(r.commit_p99_ms),
+                        r.stages.as_ref().map_or(String::new(), |s| format!("; {s}")),
                     )),
                     r.delivered_total,
                     r.duplicates,

@@ -29,6 +29,10 @@ pub(super) struct Pending {
     pub bytes: u64,
     /// Identity for retransmit detection, remembered once committed.
     pub key: Option<ChunkKey>,
+    /// When the request was complete on the socket.
+    pub arrived: tokio::time::Instant,
+    /// When it was handed to the spool.
+    pub submitted: tokio::time::Instant,
 }
 
 impl Pending {
@@ -38,6 +42,7 @@ impl Pending {
         events: u32,
         bytes: u64,
         key: Option<ChunkKey>,
+        arrived: tokio::time::Instant,
     ) -> Pending {
         Pending {
             commit,
@@ -45,6 +50,8 @@ impl Pending {
             events,
             bytes,
             key,
+            arrived,
+            submitted: tokio::time::Instant::now(),
         }
     }
 
@@ -53,7 +60,7 @@ impl Pending {
     pub(super) fn stored_already(chunk: Option<Bytes>) -> Pending {
         let (done, commit) = oneshot::channel();
         let _ = done.send(Ok(0));
-        Pending::new(commit, chunk, 0, 0, None)
+        Pending::new(commit, chunk, 0, 0, None, tokio::time::Instant::now())
     }
 }
 
@@ -153,7 +160,10 @@ mod tests {
     fn waiting(chunk: Option<&[u8]>) -> (Pending, oneshot::Sender<Commit>) {
         let (tx, rx) = oneshot::channel();
         let chunk = chunk.map(Bytes::copy_from_slice);
-        (Pending::new(rx, chunk, 1, 10, None), tx)
+        (
+            Pending::new(rx, chunk, 1, 10, None, tokio::time::Instant::now()),
+            tx,
+        )
     }
 
     fn msgpack_chunk(id: &str) -> Vec<u8> {

@@ -55,6 +55,8 @@ struct Staged {
     key: Option<ChunkKey>,
     frame: Frame,
     cost: u64,
+    /// When the request was complete on the socket.
+    arrived: Instant,
 }
 
 /// Why a connection ended.
@@ -256,7 +258,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return;
         }
         let cost = Spool::cost(frame.signal, &frame.tag, &frame.entries);
-        let staged = Staged { key, frame, cost };
+        let staged = Staged {
+            key,
+            frame,
+            cost,
+            arrived: Instant::now(),
+        };
         if self.ctx.spool.try_reserve(cost) {
             submit(&self.ctx.spool, staged, &mut self.acks);
         } else {
@@ -400,20 +407,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// after a failed commit, stop answering: the sender resends what was not acked.
     async fn answer(&mut self, settled: Settled) {
         let m = metrics();
+        let now = Instant::now();
         for done in &settled.stored {
             if done.events > 0 {
+                m.commit_wait_seconds
+                    .observe(now.duration_since(done.submitted).as_secs_f64());
                 m.requests_in.inc();
                 m.events_in.inc_by(u64::from(done.events));
                 m.bytes_in.inc_by(done.bytes);
             }
         }
-        for key in settled.stored.into_iter().filter_map(|done| done.key) {
-            self.ctx.recent.remember(self.peer.ip(), key);
-        }
         if !settled.acks.is_empty() {
             match write_acks(&mut self.writer, &settled.acks).await {
                 Ok(()) => {
                     m.acks_sent.inc_by(settled.ack_count);
+                    for done in settled.stored.iter().filter(|d| d.chunk.is_some()) {
+                        m.ack_seconds.observe(done.arrived.elapsed().as_secs_f64());
+                    }
                 }
                 Err(e) => {
                     // Already stored: a resend will be a duplicate, not a loss.
@@ -422,6 +432,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.acks.clear();
                 }
             }
+        }
+        for key in settled.stored.into_iter().filter_map(|done| done.key) {
+            self.ctx.recent.remember(self.peer.ip(), key);
         }
         if let Some(error) = settled.failed {
             warn!(peer = %self.peer, %error, "spool could not store a request: closing without ack so the sender resends");
@@ -497,11 +510,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
 /// Hand a staged request (its budget already taken) to the spool writer.
 fn submit(spool: &Spool, staged: Staged, acks: &mut AckQueue) {
-    let Staged { key, frame, cost } = staged;
+    let Staged {
+        key,
+        frame,
+        cost,
+        arrived,
+    } = staged;
     let bytes = frame.entries.len() as u64;
     let signal: Signal = frame.signal;
     let commit = spool.append(signal, frame.tag, frame.entries, frame.events, cost);
-    acks.push(Pending::new(commit, frame.chunk, frame.events, bytes, key));
+    acks.push(Pending::new(
+        commit,
+        frame.chunk,
+        frame.events,
+        bytes,
+        key,
+        arrived,
+    ));
 }
 
 /// Wait for `cost` bytes of the spool budget (cancel-safe: nothing is taken unless it returns).

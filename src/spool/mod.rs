@@ -305,6 +305,7 @@ impl Spool {
             entries,
             events,
             received_ms: now_ms(),
+            queued_at: Instant::now(),
             reserved,
             reply,
         };

@@ -71,6 +71,8 @@ pub(super) struct Append {
     pub entries: Bytes,
     pub events: u32,
     pub received_ms: u64,
+    /// When it was handed to the writer.
+    pub queued_at: Instant,
     /// Bytes reserved in the budget for this request (given back if it fails).
     pub reserved: u64,
     pub reply: oneshot::Sender<Result<u64, SpoolError>>,
@@ -358,6 +360,10 @@ impl Writer {
             return;
         }
         let started = Instant::now();
+        let queue = &crate::metrics::metrics().commit_queue_seconds;
+        for append in &appends {
+            queue.observe(started.duration_since(append.queued_at).as_secs_f64());
+        }
         let mut result = self.try_write(&appends);
         if let Err(Failed {
             stage: Stage::Begin,
