@@ -25,6 +25,7 @@ pub mod child;
 pub mod crash;
 pub mod disk;
 pub mod histogram;
+mod judge;
 pub mod load;
 pub mod proxy;
 pub mod report;
