@@ -3,19 +3,23 @@
 //!
 //! Only committed records are published (after the commit, before the dispatcher hears of it),
 //! so what is sent from here is byte for byte what is in the file (invariant 6), with the same
-//! chunk id (invariant 3). Bounded in bytes: when the dispatcher is behind (an aggregator down,
-//! a backlog draining), records are simply not kept and are read from redb as before. The
+//! chunk id (invariant 3). Bounded in bytes, and kept only while the dispatcher takes from here:
+//! when it is behind or idle (an aggregator down, a backlog draining), records are simply not
+//! kept (nor the request buffers they point into) and are read from redb as before. The
 //! dispatcher takes records only from the exact key its cursor is at, in key order, so a
 //! record that was not kept (or a split part, or a record a reopen found on disk) is never
 //! skipped: the first gap sends the cursor back to redb (invariant 8).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::record::StoredRecord;
 
 /// Entry bytes of committed records kept for the dispatcher.
 pub const FRESH_MAX_BYTES: usize = 4 << 20;
+/// Records are kept only if the dispatcher took from here this recently.
+pub const FRESH_IDLE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 pub(super) struct Fresh {
@@ -27,6 +31,8 @@ struct Inner {
     /// In key order.
     records: VecDeque<StoredRecord>,
     bytes: usize,
+    /// When the dispatcher last asked for records.
+    last_take: Option<Instant>,
 }
 
 impl Fresh {
@@ -37,6 +43,12 @@ impl Fresh {
     /// Keep the records of a commit (in key order) while they fit.
     pub(super) fn publish(&self, records: Vec<StoredRecord>) {
         let mut inner = self.inner();
+        if inner.last_take.is_none_or(|at| at.elapsed() > FRESH_IDLE) {
+            // Nobody takes from here now: keep no memory for them.
+            inner.records.clear();
+            inner.bytes = 0;
+            return;
+        }
         for record in records {
             let len = record.entries.len();
             if inner.bytes + len > FRESH_MAX_BYTES {
@@ -66,6 +78,7 @@ impl Fresh {
         max_bytes: usize,
     ) -> Vec<StoredRecord> {
         let mut inner = self.inner();
+        inner.last_take = Some(Instant::now());
         while inner.records.front().is_some_and(|r| r.key < cursor) {
             inner.pop_front();
         }
@@ -125,9 +138,34 @@ mod tests {
         records.iter().map(|r| r.key).collect()
     }
 
+    /// A cache whose dispatcher is taking.
+    fn taking() -> Fresh {
+        let fresh = Fresh::default();
+        assert!(fresh.take_from(1, 1, 1).is_empty());
+        fresh
+    }
+
+    #[test]
+    fn nothing_is_kept_until_the_dispatcher_takes_or_after_it_stopped() {
+        let fresh = Fresh::default();
+        fresh.publish(vec![record(1, 10)]);
+        assert_eq!(fresh.bytes(), 0, "no dispatcher has asked yet");
+        assert!(fresh.take_from(1, 10, 1 << 20).is_empty());
+        fresh.publish(vec![record(2, 10)]);
+        assert_eq!(keys(&fresh.take_from(2, 10, 1 << 20)), [2]);
+        fresh.publish(vec![record(3, 10)]);
+        fresh.inner().last_take = Instant::now().checked_sub(FRESH_IDLE * 2);
+        fresh.publish(vec![record(4, 10)]);
+        assert_eq!(
+            fresh.bytes(),
+            0,
+            "the dispatcher stopped taking: 3 dropped, 4 not kept"
+        );
+    }
+
     #[test]
     fn records_are_taken_from_the_cursor_in_key_order_and_a_gap_stops_the_take() {
-        let fresh = Fresh::default();
+        let fresh = taking();
         fresh.publish(vec![record(5, 10), record(6, 10), record(8, 10)]);
         assert!(
             fresh.take_from(4, 10, 1 << 20).is_empty(),
@@ -144,7 +182,7 @@ mod tests {
 
     #[test]
     fn records_behind_the_cursor_are_dropped_and_limits_hold() {
-        let fresh = Fresh::default();
+        let fresh = taking();
         fresh.publish((1..=6).map(|k| record(k, 100)).collect());
         assert_eq!(keys(&fresh.take_from(3, 2, 1 << 20)), [3, 4], "max records");
         assert_eq!(
@@ -157,7 +195,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded_when_nobody_takes() {
-        let fresh = Fresh::default();
+        let fresh = taking();
         let each = FRESH_MAX_BYTES / 4;
         fresh.publish((1..=10).map(|k| record(k, each)).collect());
         assert!(fresh.bytes() <= FRESH_MAX_BYTES);
