@@ -7,7 +7,7 @@
 //!   is delivered after a restart on the same spool, under the chunk ids the aggregator saw
 //!   before the kill (invariant 3: the id is fixed when the record is written).
 
-mod common;
+mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::*;
 
 const ACK_WAIT: Duration = Duration::from_secs(10);
 
@@ -137,23 +137,12 @@ fn pipelined_requests_are_acked_in_request_order() {
 }
 
 /// Send `n` v0.12 ack requests, each on its own connection, and return their events.
-fn send_acked(gate: &Ackgate, label: &str, n: u64) -> Vec<Vec<u8>> {
+fn send_acked_requests(gate: &Ackgate, label: &str, n: u64) -> Vec<Vec<u8>> {
     let mut events = Vec::new();
     for i in 0..n {
-        let entries: Vec<Vec<u8>> = (0..2)
-            .map(|_| entry_int(TS, &unique_record(label)))
-            .collect();
-        let chunk = v012_chunk_id(90_000 + i);
-        let mut stream = connect(gate.addr());
-        stream
-            .write_all(&ack_request(
-                &format!("acks.{label}"),
-                &entries.concat(),
-                &chunk,
-            ))
-            .expect("write");
-        let ack = read_one_ack(&mut stream, ACK_WAIT);
-        assert_eq!(hex(&ack), hex(&expected_ack(&chunk)));
+        let entries = unique_entries(label, 2);
+        let tag = format!("acks.{label}");
+        send_acked(gate.addr(), &tag, &entries.concat(), 90_000 + i, ACK_WAIT);
         events.extend(entries);
     }
     events
@@ -162,7 +151,7 @@ fn send_acked(gate: &Ackgate, label: &str, n: u64) -> Vec<Vec<u8>> {
 #[test]
 fn acked_requests_survive_sigkill_under_their_original_chunk_ids() {
     const N: u64 = 20;
-    let agg = Aggregator::start_with(0, AckMode::NeverAck);
+    let agg = Aggregator::start_with(Behaviour::NeverAck);
     // A window larger than N and a long ack timeout: every record is sent exactly once before
     // the kill, so the ids seen before it are all the ids there are.
     let mut gate = Ackgate::builder()
@@ -170,7 +159,7 @@ fn acked_requests_survive_sigkill_under_their_original_chunk_ids() {
         .section("upstream", "window = 64\nack_timeout = \"60s\"")
         .start();
 
-    let expected = send_acked(&gate, "durable", N);
+    let expected = send_acked_requests(&gate, "durable", N);
     agg.wait_for_all(&expected, Duration::from_secs(10));
     let before = agg.requests();
     let ids_before: BTreeSet<String> = before.iter().filter_map(|r| r.chunk.clone()).collect();
@@ -182,7 +171,7 @@ fn acked_requests_survive_sigkill_under_their_original_chunk_ids() {
 
     gate.kill9();
     let killed_at = Instant::now();
-    agg.set_mode(AckMode::Ack);
+    agg.set_behaviour(Behaviour::Ack);
     gate.restart();
 
     agg.wait_until(
@@ -197,7 +186,7 @@ fn acked_requests_survive_sigkill_under_their_original_chunk_ids() {
             after >= expected.len()
         },
     );
-    let after: Vec<UpRequest> = agg
+    let after: Vec<Request> = agg
         .requests()
         .into_iter()
         .filter(|r| r.at > killed_at)
@@ -214,7 +203,7 @@ fn acked_requests_survive_sigkill_under_their_original_chunk_ids() {
         "chunk ids changed across the restart (invariant 3)"
     );
     // Each id still names the same events.
-    let by_id = |reqs: &[UpRequest]| -> HashMap<String, Vec<u8>> {
+    let by_id = |reqs: &[Request]| -> HashMap<String, Vec<u8>> {
         reqs.iter()
             .filter_map(|r| r.chunk.clone().map(|c| (c, r.entries.clone())))
             .collect()
@@ -231,9 +220,8 @@ fn sigkill_right_after_the_last_ack_loses_nothing() {
     // No aggregator yet, so nothing leaves the spool before the kill, and the kill comes the
     // instant the last ack is read: anything acked before its commit would be lost here.
     // Everything the aggregator later receives can only come from the spool file.
-    let port = free_port();
-    let node = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut gate = Ackgate::start(node);
+    let node = ReservedPort::new();
+    let mut gate = Ackgate::start(node.addr());
 
     let mut stream = connect(gate.addr());
     let mut expected = Vec::new();
@@ -251,7 +239,7 @@ fn sigkill_right_after_the_last_ack_loses_nothing() {
     gate.kill9();
     assert_eq!(got, acks, "acks differ");
 
-    let agg = Aggregator::start_with(port, AckMode::Ack);
+    let agg = Aggregator::start_on(node, Behaviour::Ack);
     gate.restart();
     agg.wait_for_events(expected.len(), Duration::from_secs(20));
     assert_same_events(&expected, &agg.events(), "acked before SIGKILL");

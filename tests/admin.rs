@@ -3,17 +3,15 @@
 //! it recovers; the bearer token on a non-loopback listener; `ackgate check` without secrets;
 //! read-only spool commands that leave a stopped spool's directory exactly as it was.
 
-mod common;
-#[path = "e2e_support/mod.rs"]
-mod e2e_support;
+mod support;
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::*;
-use e2e_support::*;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -60,21 +58,14 @@ fn node<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value 
 /// A few acked PackedForward requests straight to ackgate.
 fn send(gate: &Ackgate, tag: &str, requests: u64) {
     for i in 0..requests {
-        let chunk = v012_chunk_id(1000 + i);
         let entries = entry_int(1_700_000_000, &unique_record(tag));
-        let mut stream = connect(gate.addr());
-        stream
-            .write_all(&ack_request(tag, &entries, &chunk))
-            .expect("write request");
-        assert_eq!(read_one_ack(&mut stream, WAIT), expected_ack(&chunk));
+        send_acked(gate.addr(), tag, &entries, 1000 + i, WAIT);
     }
 }
 
-use std::io::Write;
-
 #[test]
 fn status_shows_queued_records_and_a_down_node_then_its_recovery() {
-    let agg = Aggregator::start_with(0, AckMode::NeverAck);
+    let agg = Aggregator::start_with(Behaviour::NeverAck);
     let (mut gate, _) = gate_with_admin(Ackgate::builder().node("agg-1", agg.addr()));
     let config = gate.config_path().to_path_buf();
     send(&gate, "status.down", 3);
@@ -137,7 +128,7 @@ fn status_shows_queued_records_and_a_down_node_then_its_recovery() {
     }
 
     // It starts acking: everything drains and the relay is healthy again.
-    agg.set_mode(AckMode::Ack);
+    agg.set_behaviour(Behaviour::Ack);
     let healthy = status_until(&config, "healthy and empty", |s| {
         s["healthy"] == true && s["spool"]["records"] == 0
     });
@@ -152,7 +143,7 @@ fn status_shows_queued_records_and_a_down_node_then_its_recovery() {
     let screen = run(&["status"], &config);
     assert_eq!(screen.status.code(), Some(0), "exit 0 once healthy");
     assert!(String::from_utf8_lossy(&screen.stdout).contains("healthy"));
-    terminate_cleanly(&mut gate);
+    gate.terminate_cleanly();
 }
 
 #[test]
@@ -237,39 +228,6 @@ fn a_non_loopback_admin_listener_needs_a_token_and_refuses_requests_without_it()
     );
 }
 
-/// One HTTP/1.1 request with an optional bearer token.
-fn http_with(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-) -> (u16, String) {
-    use std::io::Read;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect to admin {addr}: {e}"));
-    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[test]
 fn check_prints_no_secret() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -331,7 +289,7 @@ fn snapshot_dir(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime, Vec
 
 #[test]
 fn read_only_commands_leave_a_stopped_spool_unchanged_and_a_missing_one_untouched() {
-    let down = PortHold::new();
+    let down = ReservedPort::new();
     let mut gate = Ackgate::builder().node("down", down.addr()).start();
     send(&gate, "readonly", 2);
     // A rejected request, so that there is a dead letter to list and export.
@@ -339,7 +297,7 @@ fn read_only_commands_leave_a_stopped_spool_unchanged_and_a_missing_one_untouche
     bad.write_all(&[0x93, 0xc1, 0xc1, 0xc1])
         .expect("write garbage");
     expect_closed(&mut bad, WAIT);
-    terminate_cleanly(&mut gate);
+    gate.terminate_cleanly();
     let config = gate.config_path().to_path_buf();
     let spool_dir = gate.spool_path().parent().expect("spool dir").to_path_buf();
     let before = snapshot_dir(&spool_dir);
@@ -393,7 +351,7 @@ fn read_only_commands_leave_a_stopped_spool_unchanged_and_a_missing_one_untouche
 
 #[test]
 fn dead_letters_are_listed_requeued_and_purged_on_a_running_relay() {
-    let agg = Aggregator::start_with(0, AckMode::NeverAck);
+    let agg = Aggregator::start_with(Behaviour::NeverAck);
     let (mut gate, admin) = gate_with_admin(
         Ackgate::builder()
             .node("agg", agg.addr())
@@ -423,7 +381,7 @@ fn dead_letters_are_listed_requeued_and_purged_on_a_running_relay() {
         .success());
 
     // Requeued with their chunk ids, they are delivered once the node acks.
-    agg.set_mode(AckMode::Ack);
+    agg.set_behaviour(Behaviour::Ack);
     let requeued = spool_ok(&config, &["dead-letters", "requeue", "--all"]);
     assert_eq!(
         requeued
@@ -448,5 +406,5 @@ fn dead_letters_are_listed_requeued_and_purged_on_a_running_relay() {
     });
     let purged = spool_ok(&config, &["dead-letters", "purge", "--yes"]);
     assert!(purged.contains("purged 1 dead letter(s)"), "{purged}");
-    terminate_cleanly(&mut gate);
+    gate.terminate_cleanly();
 }

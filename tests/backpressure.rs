@@ -7,14 +7,14 @@
 //! aggregator comes up the sender finishes and every event arrives exactly once, byte for
 //! byte.
 
-mod common;
+mod support;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::*;
 
 const FRAME_BYTES: usize = 8 * 1024;
 const EVENTS_PER_FRAME: usize = 4;
@@ -54,10 +54,9 @@ fn full_spool_blocks_the_sender_and_loses_nothing() {
         (frames * FRAME_BYTES as u64) >> 20
     );
 
-    let port = free_port();
-    let node = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let node = ReservedPort::new();
     let mut gate = Ackgate::builder()
-        .node("agg", node)
+        .node("agg", node.addr())
         .section("ingress", "max_frame_bytes = \"16KiB\"")
         .section("spool", "max_bytes = \"64KiB\"")
         .section(
@@ -121,7 +120,7 @@ fn full_spool_blocks_the_sender_and_loses_nothing() {
     // The aggregator comes up: the sender finishes and everything arrives exactly once.
     eprintln!("backpressure: {accepted} bytes accepted while blocked");
     let agg_started = Instant::now();
-    let agg = Aggregator::start_with(port, AckMode::Ack);
+    let agg = Aggregator::start_on(node, Behaviour::Ack);
     let finished = done_rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the sender never finished after the aggregator came up");

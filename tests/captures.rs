@@ -10,32 +10,20 @@
 //!
 //! The directory is `$ACKGATE_CAPTURES` if set, else `<crate>/../shared/captures`.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::path::{Path, PathBuf};
 
-use ackgate::forward::ack::{decode_ack, encode_ack};
+use ackgate::forward::ack::decode_ack;
 use ackgate::forward::entries::{count_entries, entry_len, Compression};
 use ackgate::forward::msgpack::{read_header, value_len, Header};
-use ackgate::forward::{Decoded, Frame, FrameDecoder, FrameError, Limits, Mode};
-use bytes::BytesMut;
+use ackgate::forward::{Decoded, Frame, FrameError, Mode};
 
-const DEPTH: usize = 64;
+use support::*;
 
 /// Flip to `true` once the JSON variant of the protocol (PROTOCOL.md §2.1, §13.13) is decoded.
 const JSON_REQUESTS_ACCEPTED: bool = false;
-
-fn captures_dir() -> PathBuf {
-    match std::env::var_os("ACKGATE_CAPTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/captures"),
-    }
-}
-
-fn read(name: &str) -> Vec<u8> {
-    let path = captures_dir().join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
 
 // ------------------------------------------------------------------------------------------------
 // What the README says each request file holds.
@@ -322,67 +310,6 @@ const JSON_REPLY: &str = "fluentd-1.18-in_forward-json.reply.bin";
 // ------------------------------------------------------------------------------------------------
 // Feeding bytes to the decoder.
 
-/// Everything one connection's bytes decode to.
-#[derive(Debug, Clone, PartialEq)]
-struct Outcome {
-    decoded: Vec<Decoded>,
-    error: Option<FrameError>,
-    /// Bytes the decoder took off the buffer: all of the input unless it ends inside a request
-    /// (or an error stopped the connection).
-    consumed: usize,
-}
-
-/// xorshift64*: a deterministic piece-size generator, no dependency needed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
-/// Feed `data` in pieces whose sizes `piece` picks, decoding after every piece.
-fn feed(data: &[u8], mut piece: impl FnMut() -> usize) -> Outcome {
-    let mut decoder = FrameDecoder::new(Limits::default());
-    let mut buf = BytesMut::new();
-    let mut decoded = Vec::new();
-    let mut pos = 0;
-    loop {
-        if pos < data.len() {
-            let end = pos.saturating_add(piece().max(1)).min(data.len());
-            buf.extend_from_slice(&data[pos..end]);
-            pos = end;
-        }
-        loop {
-            match decoder.decode(&mut buf) {
-                Ok(Some(d)) => decoded.push(d),
-                Ok(None) => break,
-                Err(e) => {
-                    return Outcome {
-                        decoded,
-                        error: Some(e),
-                        consumed: pos - buf.len(),
-                    }
-                }
-            }
-        }
-        if pos == data.len() {
-            return Outcome {
-                decoded,
-                error: None,
-                consumed: pos - buf.len(),
-            };
-        }
-    }
-}
-
-fn whole(data: &[u8]) -> Outcome {
-    feed(data, || usize::MAX)
-}
-
 /// Decode `data` whole, byte by byte and in random pieces; all must agree. Returns the result.
 fn decode_every_way(data: &[u8]) -> Outcome {
     let reference = whole(data);
@@ -405,20 +332,6 @@ fn frames(outcome: &Outcome) -> Vec<&Frame> {
             Decoded::Nil => panic!("unexpected nil"),
         })
         .collect()
-}
-
-/// Split a buffer into its top-level msgpack values (complete ones only).
-fn msgpack_values(data: &[u8]) -> Vec<&[u8]> {
-    let mut values = Vec::new();
-    let mut rest = data;
-    while !rest.is_empty() {
-        let len = value_len(rest, DEPTH)
-            .expect("valid msgpack")
-            .expect("complete msgpack value");
-        values.push(&rest[..len]);
-        rest = &rest[len..];
-    }
-    values
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -572,7 +485,7 @@ fn check_frame(want: &Expect, frame: &Frame, request: &[u8], file: &[u8]) {
 
 /// Decode one request file (after its PING, if any) every way, and check it.
 fn check_request_file(want: &Expect) -> Frame {
-    let file = read(want.file);
+    let file = read_capture(want.file);
     let start = if want.ping {
         let ping = value_len(&file, DEPTH).unwrap().expect("complete PING");
         assert_ping_rejected(&file[..ping], want.file);
@@ -629,12 +542,6 @@ fn assert_v012_strict(ack: &[u8]) {
     assert_eq!(used, ack.len());
 }
 
-fn ack_for(chunk: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_ack(chunk, &mut out);
-    out
-}
-
 /// The content of a str/bin chunk value (what `decode_ack` returns).
 fn chunk_content(chunk: &[u8]) -> &[u8] {
     let (hdr, len) = str_or_bin_header(chunk);
@@ -688,7 +595,7 @@ fn requests_back_to_back_on_one_connection() {
     let mut stream = Vec::new();
     let mut singles = Vec::new();
     for (i, want) in REQUESTS.iter().filter(|e| !e.ping).enumerate() {
-        let file = read(want.file);
+        let file = read_capture(want.file);
         singles.push(whole(&file).decoded.remove(0));
         stream.extend_from_slice(&file);
         if i % 3 == 0 {
@@ -705,7 +612,7 @@ fn requests_back_to_back_on_one_connection() {
 #[test]
 fn a_request_cut_short_is_pending_not_an_error() {
     for want in REQUESTS.iter().filter(|e| !e.ping) {
-        let file = read(want.file);
+        let file = read_capture(want.file);
         for cut in 0..file.len() {
             let outcome = whole(&file[..cut]);
             assert_eq!(outcome.error, None, "{} cut at {cut}", want.file);
@@ -718,18 +625,18 @@ fn a_request_cut_short_is_pending_not_an_error() {
 #[test]
 fn handshake_messages_are_never_frames() {
     for name in PING_ONLY {
-        let file = read(name);
-        assert_eq!(msgpack_values(&file).len(), 1, "{name}: one PING");
+        let file = read_capture(name);
+        assert_eq!(whole_values(&file).len(), 1, "{name}: one PING");
         assert_ping_rejected(&file, name);
     }
     // A PING in front of a request stops the connection there: no frame slips through.
     for want in REQUESTS.iter().filter(|e| e.ping) {
-        let outcome = decode_every_way(&read(want.file));
+        let outcome = decode_every_way(&read_capture(want.file));
         assert!(outcome.decoded.is_empty(), "{}", want.file);
         assert_eq!(outcome.error, Some(FrameError::BadArity { count: 6 }));
     }
     // HELO `["HELO", {...}]` has a str first and a map second; PONG has 5 elements.
-    let helo = read(HELO_FILE);
+    let helo = read_capture(HELO_FILE);
     let outcome = decode_every_way(&helo);
     assert!(outcome.decoded.is_empty());
     assert!(
@@ -739,12 +646,12 @@ fn handshake_messages_are_never_frames() {
         ),
         "{outcome:?}"
     );
-    let pong = read(PONG_FILE);
+    let pong = read_capture(PONG_FILE);
     let outcome = decode_every_way(&pong);
     assert!(outcome.decoded.is_empty());
     assert_eq!(outcome.error, Some(FrameError::BadArity { count: 5 }));
     // The README says these two files are the first 65 and next 155 bytes of the secure reply.
-    let reply = read("fluentd-1.18-in_forward-secure.reply.bin");
+    let reply = read_capture("fluentd-1.18-in_forward-secure.reply.bin");
     assert_eq!(&reply[..65], &helo[..]);
     assert_eq!(&reply[65..220], &pong[..]);
 }
@@ -752,10 +659,10 @@ fn handshake_messages_are_never_frames() {
 #[test]
 fn acks_equal_the_real_receivers_bytes() {
     for (reply_name, request_name) in ACK_REPLIES {
-        let reply = read(reply_name);
+        let reply = read_capture(reply_name);
         let frame = check_request_file(expect(request_name));
         let chunk = frame.chunk.as_deref().expect("request has a chunk");
-        let ack = ack_for(chunk);
+        let ack = ack_for_value(chunk);
         assert_eq!(ack, reply, "{reply_name} vs ack of {request_name}");
         assert_v012_strict(&reply);
         let (value, _) = decode_ack(&reply, 1024).unwrap().unwrap();
@@ -766,19 +673,19 @@ fn acks_equal_the_real_receivers_bytes() {
 #[test]
 fn acks_after_a_handshake_equal_the_real_receivers_bytes() {
     for (reply_name, sender_name) in SECURE_ACK_REPLIES {
-        let reply = read(reply_name);
-        let values = msgpack_values(&reply);
+        let reply = read_capture(reply_name);
+        let values = whole_values(&reply);
         assert_eq!(values.len(), 3, "{reply_name}: HELO, PONG, ack");
         assert!(values[0].starts_with(b"\x92\xa4HELO"), "{reply_name}");
         assert!(values[1].starts_with(b"\x95\xa4PONG\xc3"), "{reply_name}");
         let frame = check_request_file(expect(sender_name));
-        let ack = ack_for(frame.chunk.as_deref().expect("chunk"));
+        let ack = ack_for_value(frame.chunk.as_deref().expect("chunk"));
         assert_eq!(&ack[..], values[2], "{reply_name} vs ack of {sender_name}");
         assert_v012_strict(&ack);
     }
     for reply_name in SECURE_NO_ACK_REPLIES {
-        let values_owned = read(reply_name);
-        let values = msgpack_values(&values_owned);
+        let values_owned = read_capture(reply_name);
+        let values = whole_values(&values_owned);
         assert_eq!(values.len(), 2, "{reply_name}: HELO, PONG and no ack");
         assert!(values[0].starts_with(b"\x92\xa4HELO"));
         assert!(values[1].starts_with(b"\x95\xa4PONG\xc3"));
@@ -791,14 +698,14 @@ fn acks_the_capture_receiver_sent_to_each_sender() {
     for want in REQUESTS.iter().filter(|e| e.chunk.is_some()) {
         let frame = check_request_file(want);
         let chunk = frame.chunk.as_deref().unwrap();
-        let ack = ack_for(chunk);
+        let ack = ack_for_value(chunk);
         assert_eq!(&ack[..5], b"\x81\xa3ack");
         assert_eq!(&ack[5..], chunk);
         assert_v012_strict(&ack);
     }
     // fluentd's ids are a 25-byte fixstr ending in "\n" and must keep it (PROTOCOL.md §13.1).
     let v012 = check_request_file(expect("fluentd-0.12.43-out_forward-ack.sender.bin"));
-    let ack = ack_for(v012.chunk.as_deref().unwrap());
+    let ack = ack_for_value(v012.chunk.as_deref().unwrap());
     assert_eq!(ack.len(), 31);
     assert_eq!(ack[5], 0xb9);
     assert_eq!(ack.last(), Some(&b'\n'));
@@ -818,7 +725,7 @@ fn fluent_bit_metadata_entries_are_accepted() {
 
 #[test]
 fn fluentd_gzip_is_four_members_in_a_str32() {
-    let file = read("fluentd-1.18-out_forward-gzip.sender.bin");
+    let file = read_capture("fluentd-1.18-out_forward-gzip.sender.bin");
     let (hdr, len) = str_or_bin_header(&file[14..]);
     assert_eq!((file[14], hdr, len), (0xdb, 5, 195));
     let payload = &file[19..19 + len];
@@ -839,7 +746,7 @@ fn fluentd_gzip_is_four_members_in_a_str32() {
 
 #[test]
 fn json_request_is_rejected_for_now() {
-    let json = read(JSON_REQUEST);
+    let json = read_capture(JSON_REQUEST);
     assert_eq!(&json[..], br#"["t",1700000000,{"a":1},{"chunk":"j1"}]"#);
     let outcome = decode_every_way(&json);
     if JSON_REQUESTS_ACCEPTED {
@@ -856,7 +763,7 @@ fn json_request_is_rejected_for_now() {
         assert_eq!(outcome.error, Some(FrameError::NotArray { marker: b'[' }));
     }
     // fluentd answered in JSON; that is not a msgpack ack.
-    let reply = read(JSON_REPLY);
+    let reply = read_capture(JSON_REPLY);
     assert_eq!(&reply[..], br#"{"ack":"j1"}"#);
     assert!(decode_ack(&reply, 1024).is_err());
 }
@@ -867,7 +774,7 @@ fn udp_heartbeats_are_one_zero_byte() {
     for entry in std::fs::read_dir(captures_dir()).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         if name.ends_with(".udp.bin") || name.ends_with(".udp.reply.bin") {
-            assert_eq!(read(&name), [0x00], "{name}");
+            assert_eq!(read_capture(&name), [0x00], "{name}");
             count += 1;
         }
     }

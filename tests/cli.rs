@@ -3,14 +3,14 @@
 //! relay cleanly (exit 0) after every request it stored was acked to its sender, and nothing
 //! acked is lost (DESIGN.md invariants 1, 7).
 
-mod common;
+mod support;
 
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::*;
+use support::*;
 
 const RUN: Duration = Duration::from_secs(20);
 

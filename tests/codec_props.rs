@@ -1,6 +1,6 @@
 //! Property tests for the Forward codec (`ackgate::forward`).
 //!
-//! A small test-only msgpack encoder builds valid requests of every carrier mode (PROTOCOL.md §3):
+//! The test msgpack encoder builds valid requests of every carrier mode (PROTOCOL.md §3):
 //! Message with every time kind, Forward, PackedForward in every str/bin width,
 //! CompressedPackedForward as multi-member gzip or zstd, options absent / nil / maps with a str or
 //! bin `chunk`, unknown keys and `fluent_signal: 0`, v1.5 `[[time, {meta}], record]` entries, and
@@ -14,232 +14,21 @@
 //!    frame that comes out is internally consistent; a truncated stream yields exactly the
 //!    requests wholly before the cut (invariant 4: nothing that was not sent);
 //! 3. the skipper's extent of a random value equals the encoder's length.
+//!
+//! The encoder ([`V`]) and the piecewise decoding ([`feed_at`]) are in `tests/support`.
+
+mod support;
 
 use std::io::Write;
 
 use ackgate::forward::entries::{count_entries, Compression};
 use ackgate::forward::msgpack::{value_len, Progress, Skipper};
-use ackgate::forward::{Decoded, Frame, FrameDecoder, FrameError, Limits, Mode, Signal};
-use bytes::{Bytes, BytesMut};
+use ackgate::forward::{Decoded, Frame, Mode, Signal};
+use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-const DEPTH: usize = 64;
-
-// ------------------------------------------------------------------------------------------------
-// Test-only msgpack encoder. `w` fields pick a header width; a width too small for the value is
-// raised to the smallest valid one, so every generated value is valid msgpack.
-
-#[derive(Debug, Clone)]
-enum V {
-    Nil,
-    Bool(bool),
-    UInt(u64, u8),
-    NInt(i64, u8),
-    F32(u32),
-    F64(u64),
-    Str(Vec<u8>, u8),
-    Bin(Vec<u8>, u8),
-    Array(Vec<V>, u8),
-    Map(Vec<(V, V)>, u8),
-    Ext(i8, Vec<u8>, u8),
-}
-
-fn put_len(out: &mut Vec<u8>, width: usize, len: usize) {
-    match width {
-        1 => out.push(len as u8),
-        2 => out.extend_from_slice(&(len as u16).to_be_bytes()),
-        4 => out.extend_from_slice(&(len as u32).to_be_bytes()),
-        _ => unreachable!(),
-    }
-}
-
-/// Index of the smallest class (in `limits`, ascending) that holds `len`.
-fn min_class(len: usize, limits: &[usize]) -> usize {
-    limits.iter().position(|&max| len <= max).expect("fits")
-}
-
-fn enc(v: &V, out: &mut Vec<u8>) {
-    match v {
-        V::Nil => out.push(0xc0),
-        V::Bool(b) => out.push(if *b { 0xc3 } else { 0xc2 }),
-        V::UInt(n, w) => {
-            let min = min_class(*n as usize, &[127, 0xff, 0xffff, 0xffff_ffff, usize::MAX]);
-            match min.max(*w as usize % 5) {
-                0 => out.push(*n as u8),
-                1 => out.extend_from_slice(&[0xcc, *n as u8]),
-                2 => {
-                    out.push(0xcd);
-                    out.extend_from_slice(&(*n as u16).to_be_bytes());
-                }
-                3 => {
-                    out.push(0xce);
-                    out.extend_from_slice(&(*n as u32).to_be_bytes());
-                }
-                _ => {
-                    out.push(0xcf);
-                    out.extend_from_slice(&n.to_be_bytes());
-                }
-            }
-        }
-        V::NInt(n, w) => {
-            let n = if *n >= 0 { -1 - *n } else { *n };
-            let min = if n >= -32 {
-                0
-            } else if n >= i8::MIN as i64 {
-                1
-            } else if n >= i16::MIN as i64 {
-                2
-            } else if n >= i32::MIN as i64 {
-                3
-            } else {
-                4
-            };
-            match min.max(*w as usize % 5) {
-                0 => out.push(n as i8 as u8),
-                1 => out.extend_from_slice(&[0xd0, n as i8 as u8]),
-                2 => {
-                    out.push(0xd1);
-                    out.extend_from_slice(&(n as i16).to_be_bytes());
-                }
-                3 => {
-                    out.push(0xd2);
-                    out.extend_from_slice(&(n as i32).to_be_bytes());
-                }
-                _ => {
-                    out.push(0xd3);
-                    out.extend_from_slice(&n.to_be_bytes());
-                }
-            }
-        }
-        V::F32(bits) => {
-            out.push(0xca);
-            out.extend_from_slice(&bits.to_be_bytes());
-        }
-        V::F64(bits) => {
-            out.push(0xcb);
-            out.extend_from_slice(&bits.to_be_bytes());
-        }
-        V::Str(b, w) => {
-            put_str_header(out, b.len(), *w);
-            out.extend_from_slice(b);
-        }
-        V::Bin(b, w) => {
-            put_bin_header(out, b.len(), *w);
-            out.extend_from_slice(b);
-        }
-        V::Array(items, w) => {
-            put_array_header(out, items.len(), *w);
-            for item in items {
-                enc(item, out);
-            }
-        }
-        V::Map(pairs, w) => {
-            let class = min_class(pairs.len(), &[15, 0xffff, usize::MAX]).max(*w as usize % 3);
-            match class {
-                0 => out.push(0x80 | pairs.len() as u8),
-                1 => {
-                    out.push(0xde);
-                    put_len(out, 2, pairs.len());
-                }
-                _ => {
-                    out.push(0xdf);
-                    put_len(out, 4, pairs.len());
-                }
-            }
-            for (k, v) in pairs {
-                enc(k, out);
-                enc(v, out);
-            }
-        }
-        V::Ext(kind, data, w) => {
-            let fixed = match data.len() {
-                1 => Some(0xd4),
-                2 => Some(0xd5),
-                4 => Some(0xd6),
-                8 => Some(0xd7),
-                16 => Some(0xd8),
-                _ => None,
-            };
-            match (
-                fixed,
-                min_class(data.len(), &[0xff, 0xffff, usize::MAX]).max(*w as usize % 4),
-            ) {
-                (Some(marker), 0) => out.push(marker),
-                (_, 0 | 1) => {
-                    out.push(0xc7);
-                    put_len(out, 1, data.len());
-                }
-                (_, 2) => {
-                    out.push(0xc8);
-                    put_len(out, 2, data.len());
-                }
-                _ => {
-                    out.push(0xc9);
-                    put_len(out, 4, data.len());
-                }
-            }
-            out.push(*kind as u8);
-            out.extend_from_slice(data);
-        }
-    }
-}
-
-fn encode(v: &V) -> Vec<u8> {
-    let mut out = Vec::new();
-    enc(v, &mut out);
-    out
-}
-
-/// str header: fixstr / str8 / str16 / str32 (the smallest that fits, or wider).
-fn put_str_header(out: &mut Vec<u8>, len: usize, w: u8) {
-    match min_class(len, &[31, 0xff, 0xffff, usize::MAX]).max(w as usize % 4) {
-        0 => out.push(0xa0 | len as u8),
-        1 => {
-            out.push(0xd9);
-            put_len(out, 1, len);
-        }
-        2 => {
-            out.push(0xda);
-            put_len(out, 2, len);
-        }
-        _ => {
-            out.push(0xdb);
-            put_len(out, 4, len);
-        }
-    }
-}
-
-fn put_bin_header(out: &mut Vec<u8>, len: usize, w: u8) {
-    match min_class(len, &[0xff, 0xffff, usize::MAX]).max(w as usize % 3) {
-        0 => {
-            out.push(0xc4);
-            put_len(out, 1, len);
-        }
-        1 => {
-            out.push(0xc5);
-            put_len(out, 2, len);
-        }
-        _ => {
-            out.push(0xc6);
-            put_len(out, 4, len);
-        }
-    }
-}
-
-fn put_array_header(out: &mut Vec<u8>, len: usize, w: u8) {
-    match min_class(len, &[15, 0xffff, usize::MAX]).max(w as usize % 3) {
-        0 => out.push(0x90 | len as u8),
-        1 => {
-            out.push(0xdc);
-            put_len(out, 2, len);
-        }
-        _ => {
-            out.push(0xdd);
-            put_len(out, 4, len);
-        }
-    }
-}
+use support::*;
 
 // ------------------------------------------------------------------------------------------------
 // Strategies for values.
@@ -519,105 +308,14 @@ fn build(shape: Shape) -> Req {
         V::Str(shape.tag.clone(), shape.tag_w)
     };
     enc(&tag_value, &mut body);
-
-    // Second (and for Message, third) element, and the entries the decoder must hand out.
-    let joined: Vec<u8> = shape.entries.concat();
-    let (mode, entries, events, base_arity) = match &shape.carrier {
-        Carrier::Message => {
-            let (time, record) = &shape.message;
-            body.extend_from_slice(time);
-            body.extend_from_slice(record);
-            let entry = [&[0x92][..], time, record].concat();
-            (Mode::Message, entry, 1, 3)
-        }
-        Carrier::Forward => {
-            put_array_header(&mut body, shape.entries.len(), shape.payload_header.1);
-            body.extend_from_slice(&joined);
-            (Mode::Forward, joined.clone(), shape.entries.len(), 2)
-        }
-        Carrier::Packed | Carrier::Gzip { .. } | Carrier::Zstd { .. } => {
-            let (payload, mode) = match shape.carrier {
-                Carrier::Packed => (joined.clone(), Mode::PackedForward),
-                Carrier::Gzip { members } => (
-                    gzip_members(&joined, members, shape.gzip_level),
-                    Mode::CompressedPackedForward(Compression::Gzip),
-                ),
-                Carrier::Zstd { frames } => (
-                    zstd_frames(&joined, frames),
-                    Mode::CompressedPackedForward(Compression::Zstd),
-                ),
-                _ => unreachable!(),
-            };
-            let (as_bin, w) = shape.payload_header;
-            if as_bin {
-                put_bin_header(&mut body, payload.len(), w);
-            } else {
-                put_str_header(&mut body, payload.len(), w);
-            }
-            body.extend_from_slice(&payload);
-            (mode, joined.clone(), shape.entries.len(), 2)
-        }
-    };
-
-    // Option.
-    let mut chunk = None;
-    let arity = match shape.option_form {
-        OptionForm::Absent => base_arity,
+    let (mode, entries, events, base_arity) = put_carrier(&shape, &mut body);
+    let (arity, chunk) = match shape.option_form {
+        OptionForm::Absent => (base_arity, None),
         OptionForm::Nil => {
             body.push(0xc0);
-            base_arity + 1
+            (base_arity + 1, None)
         }
-        OptionForm::Map => {
-            let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = shape.unknown.clone();
-            if let Some(c) = &shape.chunk {
-                pairs.push((encode(&V::Str(b"chunk".to_vec(), 0)), c.clone()));
-                chunk = Some(Bytes::from(c.clone()));
-            }
-            if let Some(n) = shape.size {
-                pairs.push((encode(&V::Str(b"size".to_vec(), 0)), encode(&V::UInt(n, 0))));
-            }
-            if shape.signal {
-                pairs.push((encode(&V::Str(b"fluent_signal".to_vec(), 0)), vec![0x00]));
-            }
-            if shape.name_compression {
-                let name: &[u8] = match mode {
-                    Mode::CompressedPackedForward(c) => c.name().as_bytes(),
-                    Mode::PackedForward => b"text",
-                    _ => b"",
-                };
-                if !name.is_empty() {
-                    pairs.push((
-                        encode(&V::Str(b"compressed".to_vec(), 0)),
-                        encode(&V::Str(name.to_vec(), 0)),
-                    ));
-                }
-            }
-            // Key order is the sender's business.
-            for (i, idx) in shape.shuffle.iter().enumerate() {
-                let n = pairs.len();
-                if n > 1 {
-                    pairs.swap(i % n, idx.index(n));
-                }
-            }
-            let map_class =
-                min_class(pairs.len(), &[15, 0xffff, usize::MAX]).max(shape.option_w as usize % 3);
-            match map_class {
-                0 => body.push(0x80 | pairs.len() as u8),
-                1 => {
-                    body.push(0xde);
-                    put_len(&mut body, 2, pairs.len());
-                }
-                _ => {
-                    body.push(0xdf);
-                    put_len(&mut body, 4, pairs.len());
-                }
-            }
-            for (k, v) in pairs {
-                body.extend_from_slice(&k);
-                body.extend_from_slice(&v);
-            }
-            base_arity + 1
-        }
+        OptionForm::Map => (base_arity + 1, put_option_map(&shape, mode, &mut body)),
     };
 
     let mut bytes = Vec::new();
@@ -638,6 +336,86 @@ fn build(shape: Shape) -> Req {
     }
 }
 
+/// The second (and for Message, third) element; returns the mode, the entries the decoder must
+/// hand out, their count, and the arity without an option.
+fn put_carrier(shape: &Shape, body: &mut Vec<u8>) -> (Mode, Vec<u8>, usize, usize) {
+    let joined: Vec<u8> = shape.entries.concat();
+    match &shape.carrier {
+        Carrier::Message => {
+            let (time, record) = &shape.message;
+            body.extend_from_slice(time);
+            body.extend_from_slice(record);
+            let entry = [&[0x92][..], time, record].concat();
+            (Mode::Message, entry, 1, 3)
+        }
+        Carrier::Forward => {
+            put_array_header(body, shape.entries.len(), shape.payload_header.1);
+            body.extend_from_slice(&joined);
+            (Mode::Forward, joined, shape.entries.len(), 2)
+        }
+        Carrier::Packed | Carrier::Gzip { .. } | Carrier::Zstd { .. } => {
+            let (payload, mode) = match shape.carrier {
+                Carrier::Packed => (joined.clone(), Mode::PackedForward),
+                Carrier::Gzip { members } => (
+                    gzip_members(&joined, members, shape.gzip_level),
+                    Mode::CompressedPackedForward(Compression::Gzip),
+                ),
+                Carrier::Zstd { frames } => (
+                    zstd_frames(&joined, frames),
+                    Mode::CompressedPackedForward(Compression::Zstd),
+                ),
+                _ => unreachable!(),
+            };
+            let (as_bin, w) = shape.payload_header;
+            if as_bin {
+                put_bin_header(body, payload.len(), w);
+            } else {
+                put_str_header(body, payload.len(), w);
+            }
+            body.extend_from_slice(&payload);
+            (mode, joined, shape.entries.len(), 2)
+        }
+    }
+}
+
+/// The option map, its keys in a shuffled order; returns the chunk value it carries.
+fn put_option_map(shape: &Shape, mode: Mode, body: &mut Vec<u8>) -> Option<Bytes> {
+    let key = |k: &[u8]| encode(&V::Str(k.to_vec(), 0));
+    let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = shape.unknown.clone();
+    if let Some(c) = &shape.chunk {
+        pairs.push((key(b"chunk"), c.clone()));
+    }
+    if let Some(n) = shape.size {
+        pairs.push((key(b"size"), encode(&V::UInt(n, 0))));
+    }
+    if shape.signal {
+        pairs.push((key(b"fluent_signal"), vec![0x00]));
+    }
+    if shape.name_compression {
+        let name: &[u8] = match mode {
+            Mode::CompressedPackedForward(c) => c.name().as_bytes(),
+            Mode::PackedForward => b"text",
+            _ => b"",
+        };
+        if !name.is_empty() {
+            pairs.push((key(b"compressed"), key(name)));
+        }
+    }
+    // Key order is the sender's business.
+    for (i, idx) in shape.shuffle.iter().enumerate() {
+        let n = pairs.len();
+        if n > 1 {
+            pairs.swap(i % n, idx.index(n));
+        }
+    }
+    put_map_header(body, pairs.len(), shape.option_w);
+    for (k, v) in pairs {
+        body.extend_from_slice(&k);
+        body.extend_from_slice(&v);
+    }
+    shape.chunk.clone().map(Bytes::from)
+}
+
 fn arb_request() -> impl Strategy<Value = Req> {
     prop_oneof![
         1 => Just(Req {
@@ -654,47 +432,6 @@ fn arb_stream() -> impl Strategy<Value = Vec<Req>> {
 
 // ------------------------------------------------------------------------------------------------
 // Driving the decoder.
-
-#[derive(Debug, Clone, PartialEq)]
-struct Outcome {
-    decoded: Vec<Decoded>,
-    error: Option<FrameError>,
-    consumed: usize,
-}
-
-/// Feed `data` with a decode pass after each piece; pieces end at `cuts` (sorted or not).
-fn feed_at(data: &[u8], cuts: &[usize]) -> Outcome {
-    let mut points: Vec<usize> = cuts.iter().map(|&c| c.min(data.len())).collect();
-    points.push(data.len());
-    points.sort_unstable();
-    points.dedup();
-    let mut decoder = FrameDecoder::new(Limits::default());
-    let mut buf = BytesMut::new();
-    let mut decoded = Vec::new();
-    let mut pos = 0;
-    for end in points {
-        buf.extend_from_slice(&data[pos..end]);
-        pos = end;
-        loop {
-            match decoder.decode(&mut buf) {
-                Ok(Some(d)) => decoded.push(d),
-                Ok(None) => break,
-                Err(error) => {
-                    return Outcome {
-                        decoded,
-                        error: Some(error),
-                        consumed: pos - buf.len(),
-                    }
-                }
-            }
-        }
-    }
-    Outcome {
-        decoded,
-        error: None,
-        consumed: pos - buf.len(),
-    }
-}
 
 fn cut_points(indices: &[Index], len: usize) -> Vec<usize> {
     indices.iter().map(|i| i.index(len + 1)).collect()

@@ -6,9 +6,7 @@
 //! node without it gets the capture's entries byte for byte. A node with `compress = "gzip"`
 //! gets CompressedPackedForward (`compressed: "gzip"`) whose inflated entries are the original.
 
-mod common;
-#[path = "e2e_support/mod.rs"]
-mod e2e_support;
+mod support;
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -16,8 +14,7 @@ use std::time::Duration;
 use ackgate::forward::entries::Compression;
 use ackgate::forward::Mode;
 
-use common::*;
-use e2e_support::*;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 const FLUENT_BIT: &str = "fluent-bit-5.1.1-out_forward-ack.sender.bin";
@@ -35,9 +32,7 @@ struct Capture {
 }
 
 fn fluent_bit_capture() -> Capture {
-    let path = captures_dir().join(FLUENT_BIT);
-    let bytes = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (set ACKGATE_CAPTURES)", path.display()));
+    let bytes = read_capture(FLUENT_BIT);
     let request = array_elements(&bytes);
     assert_eq!(request.len(), 3, "[tag, entries, option]");
     let mut original = Vec::new();
@@ -125,17 +120,12 @@ fn empty_metadata_is_stripped_only_for_the_node_that_asks() {
 
 #[test]
 fn gzip_node_gets_compressed_packed_forward_that_inflates_to_the_original() {
-    let agg = RawAggregator::start();
+    let agg = Aggregator::start();
     let gate = gate_for(agg.addr(), "compress = \"gzip\"");
     let entries: Vec<Vec<u8>> = (0..20)
         .map(|i| entry_eventtime(TS + i, i, &unique_record("gzip")))
         .collect();
-    let chunk = v012_chunk_id(1);
-    let mut stream = connect(gate.addr());
-    stream
-        .write_all(&ack_request("compat.gzip", &entries.concat(), &chunk))
-        .expect("write");
-    assert_eq!(read_one_ack(&mut stream, WAIT), expected_ack(&chunk));
+    send_acked(gate.addr(), "compat.gzip", &entries.concat(), 1, WAIT);
 
     let requests = agg.wait_until("one acked request", WAIT, |r| r.iter().any(|r| r.acked));
     let request = requests.iter().find(|r| r.acked).expect("acked request");

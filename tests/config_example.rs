@@ -3,14 +3,11 @@
 //! files generated for the test), the file must still pass `ackgate check`, and the keys must
 //! take effect: every documented key parses.
 
-mod common;
-#[path = "e2e_support/mod.rs"]
-mod e2e_support;
+mod support;
 
 use std::path::Path;
 
-use common::*;
-use e2e_support::*;
+use support::*;
 
 /// A commented-out line that is TOML on its own: a `[section]` / `[[array]]` header or a
 /// `key = value` pair (trailing comments allowed). Prose comments are not.
@@ -36,11 +33,11 @@ fn commented_toml(line: &str) -> Option<&str> {
     toml::from_str::<toml::Table>(&probe).ok().map(|_| rest)
 }
 
-#[test]
-fn every_commented_key_of_the_example_config_parses() {
+/// The example with every commented-out TOML line uncommented, certificate paths pointing at
+/// `certs` and the spool at `spool`; and the lines uncommented.
+fn uncommented_example(certs: &Pki, spool: &Path) -> (String, Vec<String>) {
     let example_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ackgate.toml");
     let example = std::fs::read_to_string(&example_path).expect("read config/ackgate.toml");
-    let certs = Certs::generate("config example CA");
     let replacements = [
         ("\"certs/server.pem\"", toml_path(&certs.server_cert)),
         ("\"certs/server.key\"", toml_path(&certs.server_key)),
@@ -48,7 +45,6 @@ fn every_commented_key_of_the_example_config_parses() {
         ("\"certs/client.pem\"", toml_path(&certs.client_cert)),
         ("\"certs/client.key\"", toml_path(&certs.client_key)),
     ];
-    let dir = tempfile::tempdir().expect("temp dir");
     let mut uncommented = Vec::new();
     let mut out = String::new();
     for line in example.lines() {
@@ -70,8 +66,16 @@ fn every_commented_key_of_the_example_config_parses() {
     // point into the repository).
     let out = out.replace(
         "path = \"data/spool.redb\"",
-        &format!("path = {}", toml_path(&dir.path().join("spool.redb"))),
+        &format!("path = {}", toml_path(spool)),
     );
+    (out, uncommented)
+}
+
+#[test]
+fn every_commented_key_of_the_example_config_parses() {
+    let certs = Pki::generate("config example CA");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (out, uncommented) = uncommented_example(&certs, &dir.path().join("spool.redb"));
     eprintln!(
         "uncommented {} lines:\n{}",
         uncommented.len(),
@@ -108,9 +112,12 @@ fn every_commented_key_of_the_example_config_parses() {
         output.status.success(),
         "ackgate check refused the example with every key uncommented: {stderr}\nconfig:\n{out}"
     );
+    assert_uncommented_values_are_effective(&stdout, &certs);
+}
 
-    // The uncommented values are the effective ones.
-    let effective: toml::Table = toml::from_str(&stdout).expect("effective config is TOML");
+/// The uncommented values are the effective ones (`ackgate check` prints those).
+fn assert_uncommented_values_are_effective(stdout: &str, certs: &Pki) {
+    let effective: toml::Table = toml::from_str(stdout).expect("effective config is TOML");
     let at = |path: &[&str]| -> toml::Value {
         let mut value = toml::Value::Table(effective.clone());
         for part in path {

@@ -5,7 +5,7 @@
 //! tmux is an apt package `.ci/run` installs; without it the tmux tests print why they skip
 //! and pass, except under `CI`, where a missing tmux is a failure.
 
-mod common;
+mod support;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{
+use support::{
     ack_request, ackgate_command, connect, entry_int, expected_ack, read_one_ack, send_signal,
     unique_record, v012_chunk_id, wait_child, Ackgate, Aggregator, TS,
 };

@@ -8,39 +8,27 @@
 //! (which answers UDP heartbeats), a killed node is detached by `hard_timeout` and recovers by
 //! heartbeats when it comes back on the same port, and what was spooled meanwhile is delivered.
 
-mod common;
-#[path = "e2e_support/mod.rs"]
-mod e2e_support;
+mod support;
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use e2e_support::*;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn nodes_toml(p60: SocketAddr, p20: SocketAddr, standby: SocketAddr) -> String {
-    format!(
+/// Primaries weighted 60 and 20 and a standby, waking one signal, and ackgate in front of them.
+fn weighted_nodes() -> (Arc<RequestSignal>, [Aggregator; 3], Ackgate) {
+    let signal = RequestSignal::new();
+    let aggs = [(); 3].map(|_| Aggregator::builder().signalling(&signal).start());
+    let nodes = format!(
         "heartbeat_type = \"none\"\n{}{}{}",
-        node_toml("p60", p60, "weight = 60"),
-        node_toml("p20", p20, "weight = 20"),
-        node_toml("standby", standby, "weight = 60\nstandby = true"),
-    )
-}
-
-/// One acked request on an open connection.
-fn send_on(stream: &mut TcpStream, tag: &str, entries: &[Vec<u8>], id: u64) {
-    let chunk = v012_chunk_id(id);
-    stream
-        .write_all(&ack_request(tag, &entries.concat(), &chunk))
-        .expect("write");
-    assert_eq!(
-        read_one_ack(stream, WAIT),
-        expected_ack(&chunk),
-        "ack #{id}"
+        node_toml("p60", aggs[0].addr(), "weight = 60"),
+        node_toml("p20", aggs[1].addr(), "weight = 20"),
+        node_toml("standby", aggs[2].addr(), "weight = 60\nstandby = true"),
     );
+    let gate = Ackgate::builder().section("upstream", &nodes).start();
+    (signal, aggs, gate)
 }
 
 /// `n` acked one-event requests on one connection; returns the events.
@@ -49,7 +37,7 @@ fn send_events(gate: &Ackgate, tag: &str, n: u64) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
             let event = entry_int(TS, &unique_record(tag));
-            send_on(&mut stream, tag, std::slice::from_ref(&event), i);
+            send_acked_on(&mut stream, tag, &event, i, WAIT);
             event
         })
         .collect()
@@ -65,16 +53,7 @@ fn count_of(have: &[Vec<u8>], want: &[Vec<u8>]) -> usize {
 
 #[test]
 fn weights_share_the_events_and_the_standby_stays_idle() {
-    let signal = Signal::new();
-    let p60 = RawAggregator::start_signalling(&signal);
-    let p20 = RawAggregator::start_signalling(&signal);
-    let standby = RawAggregator::start_signalling(&signal);
-    let gate = Ackgate::builder()
-        .section(
-            "upstream",
-            &nodes_toml(p60.addr(), p20.addr(), standby.addr()),
-        )
-        .start();
+    let (signal, [p60, p20, standby], gate) = weighted_nodes();
 
     // 10 000 events in 1 000 small requests: 4 senders, each waiting for its acks, so every
     // request is its own record (a record is what the balancer hands out).
@@ -88,10 +67,8 @@ fn weights_share_the_events_and_the_standby_stays_idle() {
                 let tag = format!("failover.w{s}");
                 let mut stream = connect(addr);
                 for i in 0..REQUESTS {
-                    let entries: Vec<Vec<u8>> = (0..PER_REQUEST)
-                        .map(|_| entry_int(TS, &unique_record(&tag)))
-                        .collect();
-                    send_on(&mut stream, &tag, &entries, i);
+                    let entries = unique_entries(&tag, PER_REQUEST);
+                    send_acked_on(&mut stream, &tag, &entries.concat(), i, WAIT);
                 }
             })
         })
@@ -129,17 +106,8 @@ fn weights_share_the_events_and_the_standby_stays_idle() {
 
 #[test]
 fn standby_takes_over_while_every_primary_is_down_and_hands_back() {
-    let signal = Signal::new();
-    let mut p60 = RawAggregator::start_signalling(&signal);
-    let mut p20 = RawAggregator::start_signalling(&signal);
-    let standby = RawAggregator::start_signalling(&signal);
-    let gate = Ackgate::builder()
-        .section(
-            "upstream",
-            &nodes_toml(p60.addr(), p20.addr(), standby.addr()),
-        )
-        .start();
-    fn everywhere(aggs: [&RawAggregator; 3]) -> Vec<Vec<u8>> {
+    let (signal, [mut p60, mut p20, standby], gate) = weighted_nodes();
+    fn everywhere(aggs: [&Aggregator; 3]) -> Vec<Vec<u8>> {
         aggs.iter().flat_map(|a| a.events()).collect()
     }
 
@@ -228,8 +196,7 @@ fn udp_heartbeats_detach_a_dead_node_and_recover_it_on_the_same_port() {
     let mut a = Ackgate::start(agg.addr());
     // Port 0 gave A a free port; pin it, so that A comes back on the same one.
     let port_a = a.addr().port();
-    edit_config(
-        &a,
+    a.edit_config(
         "listen = \"127.0.0.1:0\"",
         &format!("listen = \"127.0.0.1:{port_a}\""),
     );
@@ -242,7 +209,7 @@ fn udp_heartbeats_detach_a_dead_node_and_recover_it_on_the_same_port() {
                 node_toml("relay-a", a.addr(), "")
             ),
         )
-        .section("metrics", "listen = \"127.0.0.1:0\"")
+        .metrics()
         .start();
 
     let first = send_events(&b, "failover.udp.before", 3);
@@ -259,6 +226,10 @@ fn udp_heartbeats_detach_a_dead_node_and_recover_it_on_the_same_port() {
     let mark = b.log_mark();
     let killed = Instant::now();
     a.kill9();
+    // A's TCP port stays reserved while A is down (connects are refused all the same), so
+    // that A gets it back. Its UDP port (heartbeats) cannot be held that way: ackgate's UDP
+    // socket does not share a port, so that one is rebound by A's restart as it is.
+    let held = ReservedPort::hold(a.addr());
     b.wait_for_log_since(
         mark,
         &[
@@ -279,6 +250,7 @@ fn udp_heartbeats_detach_a_dead_node_and_recover_it_on_the_same_port() {
 
     let mark = b.log_mark();
     a.restart();
+    drop(held);
     assert_eq!(a.addr().port(), port_a, "A back on the same port");
     b.wait_for_log_since(
         mark,
@@ -305,5 +277,5 @@ fn a_lone_node_with_a_window_of_one_delivers_everything() {
         .start();
     let events = send_events(&gate, "window.one", 40);
     agg.wait_for_all(&events, WAIT);
-    terminate_cleanly(&mut gate);
+    gate.terminate_cleanly();
 }

@@ -15,9 +15,7 @@
 //!
 //! Good senders' events are accounted for like everywhere else: acked ones must arrive.
 
-mod common;
-#[path = "faults_support/mod.rs"]
-mod faults_support;
+mod support;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -26,17 +24,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use faults_support::*;
+use support::*;
 
 fn gate_with(ingress: &str, agg: &Aggregator) -> (Ackgate, SocketAddr) {
     let gate = Ackgate::builder()
         .node("agg", agg.addr())
         .section("ingress", ingress)
-        .section("metrics", "listen = \"127.0.0.1:0\"")
+        .metrics()
         .start();
-    let metrics = metrics_addr(&gate, 0);
+    let metrics = metrics_addr(&gate);
     (gate, metrics)
+}
+
+/// Wait (bounded) until every acked good event arrived; whether they did, and what arrived.
+fn good_events_arrived(agg: &Aggregator, acked: &HashSet<u64>) -> (bool, SeenState) {
+    let seen = agg.seen();
+    let arrived = seen.wait(Duration::from_secs(20), |s| s.has_all(acked));
+    (arrived, seen.snapshot())
 }
 
 /// `n` good requests of 5 events, one connection each; their latencies, and the acked ids.
@@ -107,38 +111,27 @@ fn thousands_of_idle_connections_do_not_stop_good_senders() {
     let agg = Aggregator::start();
     let (gate, metrics) = gate_with("idle_timeout = \"4s\"", &agg);
     let ids = Ids::default();
-    let seen = Seen::new();
     let rss_before = rss_kib(gate.pid()).unwrap_or(0);
     let mut idle = open_idle(gate.addr(), IDLE);
     let opened = Instant::now();
     let (latencies, acked, errors) = good_sender(gate.addr(), &ids, 20, Duration::from_secs(5));
-    let open_now = scrape(metrics, "ackgate_connections_open").unwrap_or(-1.0);
+    let open_now = scrape_sum(metrics, "ackgate_connections_open").unwrap_or(-1.0);
     let rss_with = rss_kib(gate.pid()).unwrap_or(0);
     let fds_with = open_fds(gate.pid()).unwrap_or(0);
     // Idle connections are closed at idle_timeout (4 s), each observed by its EOF.
     let closed = count_closed(&mut idle, opened + Duration::from_secs(15));
     let rss_after = rss_kib(gate.pid()).unwrap_or(0);
     drop(idle);
-    let arrived = seen.wait_agg(&agg, "good events", Duration::from_secs(20), |s| {
-        s.has_all(&acked)
-    });
-    let s = seen.snapshot();
+    let (arrived, s) = good_events_arrived(&agg, &acked);
     Row {
-        scenario: format!("7a {IDLE} idle connections"),
-        sent: 100,
-        acked: acked.len(),
-        received: acked.len() - s.missing(&acked).len(),
-        duplicates: s.duplicates(),
-        lost: s.missing(&acked).len(),
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_abuse", "thousands_of_idle"),
+        command: rerun_command("faults_abuse", "thousands_of_idle"),
         notes: format!(
             "good requests while {IDLE} idle: slowest ack {} ms; connections_open {open_now}; ackgate fds {fds_with}; \
              RSS {rss_before} KiB → {rss_with} KiB with them → {rss_after} KiB after; {closed}/{IDLE} closed by idle_timeout 4s",
             max_ms(&latencies)
         ),
-        ..Row::default()
+        ..Row::acked_only(format!("7a {IDLE} idle connections"), 100, &acked, &s)
     }
     .save();
     assert!(errors.is_empty(), "good sender failed: {errors:?}");
@@ -167,30 +160,19 @@ fn connections_beyond_max_connections_wait_and_a_good_sender_gets_through() {
         &agg,
     );
     let ids = Ids::default();
-    let seen = Seen::new();
     let idle = open_idle(gate.addr(), IDLE);
-    let open_peak = scrape(metrics, "ackgate_connections_open").unwrap_or(-1.0);
+    let open_peak = scrape_sum(metrics, "ackgate_connections_open").unwrap_or(-1.0);
     // Behind 300 idle connections: served once idle_timeout has cycled through them (bounded).
     let (latencies, acked, errors) = good_sender(gate.addr(), &ids, 1, Duration::from_secs(30));
-    let open_later = scrape(metrics, "ackgate_connections_open").unwrap_or(-1.0);
+    let open_later = scrape_sum(metrics, "ackgate_connections_open").unwrap_or(-1.0);
     drop(idle);
     let (after, acked_after, errors_after) =
         good_sender(gate.addr(), &ids, 5, Duration::from_secs(10));
     let all: HashSet<u64> = acked.union(&acked_after).copied().collect();
-    let arrived = seen.wait_agg(&agg, "good events", Duration::from_secs(20), |s| {
-        s.has_all(&all)
-    });
-    let s = seen.snapshot();
+    let (arrived, s) = good_events_arrived(&agg, &all);
     Row {
-        scenario: format!("7b {IDLE} connections over max_connections = {CAP}"),
-        sent: 30,
-        acked: all.len(),
-        received: all.len() - s.missing(&all).len(),
-        duplicates: s.duplicates(),
-        lost: s.missing(&all).len(),
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_abuse", "connections_beyond"),
+        command: rerun_command("faults_abuse", "connections_beyond"),
         notes: format!(
             "connections_open {open_peak} then {open_later} (cap {CAP}); good request behind them acked after {} ms \
              (idle_timeout 2s × {} waves); after they left: {} ms",
@@ -198,7 +180,7 @@ fn connections_beyond_max_connections_wait_and_a_good_sender_gets_through() {
             IDLE.div_ceil(CAP),
             max_ms(&after)
         ),
-        ..Row::default()
+        ..Row::acked_only(format!("7b {IDLE} connections over max_connections = {CAP}"), 30, &all, &s)
     }
     .save();
     assert!(
@@ -230,7 +212,6 @@ fn half_written_frames_are_closed_at_idle_timeout() {
         &agg,
     );
     let ids = Ids::default();
-    let seen = Seen::new();
     let mut loris = open_idle(gate.addr(), CAP);
     for c in &mut loris {
         c.write_all(&half_frame(1 << 20)).expect("half frame");
@@ -247,27 +228,17 @@ fn half_written_frames_are_closed_at_idle_timeout() {
         counted.get() >= CAP
     });
     let warned = counted.get();
-    let spooled = scrape(metrics, "ackgate_events_in_total").unwrap_or(-1.0);
-    let arrived = seen.wait_agg(&agg, "good events", Duration::from_secs(20), |s| {
-        s.has_all(&acked)
-    });
-    let s = seen.snapshot();
+    let spooled = scrape_sum(metrics, "ackgate_events_in_total").unwrap_or(-1.0);
+    let (arrived, s) = good_events_arrived(&agg, &acked);
     Row {
-        scenario: format!("7c {CAP} half-written frames at max_connections = {CAP}"),
-        sent: 15,
-        acked: acked.len(),
-        received: acked.len() - s.missing(&acked).len(),
-        duplicates: s.duplicates(),
-        lost: s.missing(&acked).len(),
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_abuse", "half_written_frames"),
+        command: rerun_command("faults_abuse", "half_written_frames"),
         notes: format!(
             "{closed}/{CAP} closed at idle_timeout 2s, {warned} WARN lines naming the peer; good request behind them acked after {} ms; \
              events committed {spooled} (none from the half frames)",
             max_ms(&latencies)
         ),
-        ..Row::default()
+        ..Row::acked_only(format!("7c {CAP} half-written frames at max_connections = {CAP}"), 15, &acked, &s)
     }
     .save();
     assert!(errors.is_empty(), "{errors:?}");
@@ -317,19 +288,13 @@ fn slowloris_trickling_at_the_connection_cap_does_not_lock_out_good_senders() {
     let (trickled, _) = trickle.join().expect("trickle thread");
     let (after, acked_after, _) = good_sender(gate.addr(), &ids, 1, Duration::from_secs(10));
     let all: HashSet<u64> = acked.union(&acked_after).copied().collect();
-    let seen = Seen::new();
-    let arrived = seen.wait_agg(&agg, "good events", Duration::from_secs(20), |s| {
-        s.has_all(&all)
-    });
+    let (arrived, s) = good_events_arrived(&agg, &all);
+    let scenario = format!(
+        "7d slowloris: {CAP} connections trickling 1 B / 500 ms at max_connections = {CAP}"
+    );
     Row {
-        scenario: format!("7d slowloris: {CAP} connections trickling 1 B / 500 ms at max_connections = {CAP}"),
-        sent: 10,
-        acked: all.len(),
-        received: seen.with(|s| all.len() - s.missing(&all).len()),
-        lost: seen.with(|s| s.missing(&all).len()),
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_abuse", "slowloris"),
+        command: rerun_command("faults_abuse", "slowloris"),
         notes: format!(
             "good request while they trickle ({trickled} B sent): {} (bound {BOUND:?}); after they stopped: {} ms",
             match (&errors[..], latencies.first()) {
@@ -338,7 +303,7 @@ fn slowloris_trickling_at_the_connection_cap_does_not_lock_out_good_senders() {
             },
             max_ms(&after)
         ),
-        ..Row::default()
+        ..Row::acked_only(scenario, 10, &all, &s)
     }
     .save();
     assert!(arrived, "good events lost");
@@ -356,7 +321,6 @@ fn frames_over_the_size_limit_are_refused_and_memory_stays_bounded() {
     let agg = Aggregator::start();
     let (mut gate, _metrics) = gate_with("max_frame_bytes = \"256KiB\"", &agg);
     let ids = Ids::default();
-    let seen = Seen::new();
     let rss_before = rss_kib(gate.pid()).unwrap_or(0);
 
     // A header declaring 100 MiB: refused before the bytes come.
@@ -405,25 +369,15 @@ fn frames_over_the_size_limit_are_refused_and_memory_stays_bounded() {
         counted.get() >= 17
     });
     let refused_lines = counted.get();
-    let arrived = seen.wait_agg(&agg, "good events", Duration::from_secs(20), |s| {
-        s.has_all(&acked)
-    });
+    let (arrived, s) = good_events_arrived(&agg, &acked);
     let status = gate.terminate(Duration::from_secs(20));
     let dead = snapshot_spool(gate.spool_path())
         .map(|s| s.dead_letters)
         .unwrap_or_default();
     let largest_dead = dead.iter().map(|d| d.payload.len()).max().unwrap_or(0);
-    let s = seen.snapshot();
     Row {
-        scenario: "7e frames over max_frame_bytes = 256 KiB (declared 100 MiB; 16 × 8 MiB streamed)".into(),
-        sent: 50,
-        acked: acked.len(),
-        received: acked.len() - s.missing(&acked).len(),
-        duplicates: s.duplicates(),
-        lost: s.missing(&acked).len(),
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_abuse", "frames_over_the_size_limit"),
+        command: rerun_command("faults_abuse", "frames_over_the_size_limit"),
         notes: format!(
             "declared 100 MiB refused before any byte came back: {refused_declared}; streamed: {cut_off}/16 cut off, \
              at most {} KiB written by one (kernel buffers included); {refused_lines} WARN lines naming the peer; \
@@ -433,7 +387,7 @@ fn frames_over_the_size_limit_are_refused_and_memory_stays_bounded() {
             largest_dead / 1024,
             max_ms(&latencies)
         ),
-        ..Row::default()
+        ..Row::acked_only("7e frames over max_frame_bytes = 256 KiB (declared 100 MiB; 16 × 8 MiB streamed)", 50, &acked, &s)
     }
     .save();
     assert!(
@@ -459,15 +413,6 @@ fn frames_over_the_size_limit_are_refused_and_memory_stays_bounded() {
     );
     assert!(status.success(), "ackgate exited with {status}");
     let _ = LIMIT;
-}
-
-/// Peak resident memory of a process (VmHWM), KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Write to every connection without blocking, round robin, until `until`. Returns the bytes
@@ -520,7 +465,6 @@ fn declared_large_requests_share_one_memory_budget() {
     let agg = Aggregator::start();
     let (gate, metrics) = gate_with("max_partial_bytes = \"32MiB\"\nidle_timeout = \"4s\"", &agg);
     let ids = Ids::default();
-    let seen = Seen::new();
     let rss_before = rss_kib(gate.pid()).unwrap_or(0);
     let mut hostile = open_idle(gate.addr(), CONNS);
     for c in &mut hostile {
@@ -546,21 +490,13 @@ fn declared_large_requests_share_one_memory_budget() {
     if big_acked.is_ok() {
         expected.extend(big.iter().copied());
     }
-    let arrived = seen.wait_agg(&agg, "good events", Duration::from_secs(20), |s| {
-        s.has_all(&expected)
-    });
-    let s = seen.snapshot();
-    let spooled = scrape(metrics, "ackgate_events_in_total").unwrap_or(-1.0);
+    let (arrived, s) = good_events_arrived(&agg, &expected);
+    let spooled = scrape_sum(metrics, "ackgate_events_in_total").unwrap_or(-1.0);
+    let scenario =
+        format!("7f {CONNS} connections declaring 15 MiB requests, max_partial_bytes = 32 MiB");
     Row {
-        scenario: format!("7f {CONNS} connections declaring 15 MiB requests, max_partial_bytes = 32 MiB"),
-        sent: 15 + big.len(),
-        acked: expected.len(),
-        received: expected.len() - s.missing(&expected).len(),
-        duplicates: s.duplicates(),
-        lost: s.missing(&expected).len(),
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_abuse", "declared_large_requests"),
+        command: rerun_command("faults_abuse", "declared_large_requests"),
         notes: format!(
             "{} MiB pushed by the hostile senders in 2 s; ackgate RSS {} MiB before, peak {} MiB; good requests acked after at most {} ms; \
              {closed}/{CONNS} cut at idle_timeout; a 2000-event request afterwards acked: {}",
@@ -570,7 +506,7 @@ fn declared_large_requests_share_one_memory_budget() {
             max_ms(&latencies),
             big_acked.is_ok()
         ),
-        ..Row::default()
+        ..Row::acked_only(scenario, 15 + big.len(), &expected, &s)
     }
     .save();
     assert_eq!(

@@ -15,47 +15,38 @@
 //!
 //! Short mode by default; `ACKGATE_SOAK=1` runs the long cycle counts (≥ 20 and ≥ 50).
 
-mod common;
-#[path = "faults_support/mod.rs"]
-mod faults_support;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use faults_support::*;
+use support::*;
 
 /// Wait for the spool to drain (no event exists for it: poll the metric, bounded).
 fn wait_spool_empty(metrics: SocketAddr, timeout: Duration) -> f64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let records = scrape(metrics, "ackgate_spool_records").unwrap_or(-1.0);
-        if records == 0.0 || Instant::now() >= deadline {
-            return records;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll_metric_sum(metrics, "ackgate_spool_records", timeout, |v| v == 0.0)
 }
 
 #[test]
 fn aggregator_sigkilled_and_restarted_under_load_loses_nothing() {
     let started = Instant::now();
     let n = cycles(5, 20);
-    let port = free_port();
-    let agg_addr = SocketAddr::from(([127, 0, 0, 1], port));
     let seen = Seen::new();
-    let mut receiver = ReceiveProc::start(agg_addr, None, &[], seen.clone());
+    // The receiver binds port 0 and says which port it got; restarts reuse it.
+    let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut receiver = ReceiveProc::start(any_port, None, &[], seen.clone());
     let gate = Ackgate::builder()
-        .node("agg", agg_addr)
+        .node("agg", receiver.addr())
         .section(
             "upstream",
             "ack_timeout = \"3s\"\nretry_initial = \"100ms\"\nretry_max = \"500ms\"",
         )
-        .section("metrics", "listen = \"127.0.0.1:0\"")
+        .metrics()
         .start();
-    let metrics = metrics_addr(&gate, 0);
+    let metrics = metrics_addr(&gate);
 
     let target = Target::new(gate.addr());
     let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
@@ -80,12 +71,10 @@ fn aggregator_sigkilled_and_restarted_under_load_loses_nothing() {
             Duration::from_millis(200),
             Duration::from_millis(1200),
         ));
-        receiver.kill9();
         let down = random_between(Duration::ZERO, Duration::from_millis(800));
         downtime += down;
         // The aggregator stays down for a random while (a crash, not a synchronisation).
-        std::thread::sleep(down);
-        receiver.restart();
+        receiver.kill_and_restart_after(down);
         eprintln!(
             "crash.agg: cycle {cycle}/{n} done, {} events seen",
             seen.with(|s| s.events)
@@ -96,7 +85,7 @@ fn aggregator_sigkilled_and_restarted_under_load_loses_nothing() {
     let handed: HashSet<u64> = sent.acked.union(&sent.legacy_written).copied().collect();
     let all_arrived = seen.wait(Duration::from_secs(60), |s| s.has_all(&handed));
     let spool_left = wait_spool_empty(metrics, Duration::from_secs(30));
-    let events_in = scrape(metrics, "ackgate_events_in_total").unwrap_or(-1.0) as i64;
+    let events_in = scrape_sum(metrics, "ackgate_events_in_total").unwrap_or(-1.0) as i64;
     let s = seen.snapshot();
     let lost = s.missing(&handed);
     let received = handed.len() - lost.len();
@@ -115,7 +104,7 @@ fn aggregator_sigkilled_and_restarted_under_load_loses_nothing() {
         lost: lost.len(),
         cycles: n,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_crash", "aggregator_sigkilled"),
+        command: rerun_command("faults_crash", "aggregator_sigkilled"),
         notes: format!(
             "events_in (ackgate's commits) = {events_in} = {} acked + {} legacy written; aggregator down {:.1} s in total; \
              {} partial output lines from killed receivers; sender resends {}",
@@ -151,13 +140,13 @@ fn aggregator_sigkilled_and_restarted_under_load_loses_nothing() {
 #[test]
 fn chunk_ids_survive_a_sigkill_and_restart() {
     let started = Instant::now();
-    let agg = Aggregator::start_with(0, AckMode::NeverAck);
+    let agg = Aggregator::start_with(Behaviour::NeverAck);
     let mut gate = Ackgate::builder()
         .node("agg", agg.addr())
         // Long enough that nothing is resent before the kill: each id is seen once first.
         .section("upstream", "ack_timeout = \"30s\"\nwindow = 100")
         .start();
-    let seen = Seen::new();
+    let seen = agg.seen();
     let target = Target::new(gate.addr());
     let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
     let mut senders = Senders::new();
@@ -169,12 +158,7 @@ fn chunk_ids_survive_a_sigkill_and_restart() {
     let acked = ledger.snapshot().acked;
     assert_eq!(acked.len(), 150);
     assert!(
-        seen.wait_agg(
-            &agg,
-            "every acked event sent once",
-            Duration::from_secs(20),
-            |s| s.has_all(&acked)
-        ),
+        seen.wait(Duration::from_secs(20), |s| s.has_all(&acked)),
         "ackgate did not send everything to the silent aggregator"
     );
     let before = seen.snapshot();
@@ -195,18 +179,9 @@ fn chunk_ids_survive_a_sigkill_and_restart() {
         );
     }
 
-    agg.set_mode(AckMode::Ack);
+    agg.set_behaviour(Behaviour::Ack);
     gate.restart();
-    let resent = seen.wait_agg(
-        &agg,
-        "every event resent after the restart",
-        Duration::from_secs(30),
-        |s| {
-            acked
-                .iter()
-                .all(|id| s.counts.get(id).copied().unwrap_or(0) >= 2)
-        },
-    );
+    let resent = seen.wait(Duration::from_secs(30), |s| s.each_at_least(&acked, 2));
     let after = seen.snapshot();
     let changed: Vec<u64> = acked
         .iter()
@@ -227,7 +202,7 @@ fn chunk_ids_survive_a_sigkill_and_restart() {
         lost: after.missing(&acked).len(),
         cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_crash", "chunk_ids_survive"),
+        command: rerun_command("faults_crash", "chunk_ids_survive"),
         notes: format!(
             "{} chunk ids before the kill = spool records {}; resent after restart under the same ids: {}; events under another id: {}",
             chunks_before.len(),
@@ -257,62 +232,74 @@ fn chunk_ids_survive_a_sigkill_and_restart() {
     );
 }
 
-#[test]
-fn ackgate_sigkilled_at_random_instants_loses_nothing_acked_or_committed() {
-    let started = Instant::now();
-    let n = cycles(10, 50);
-    let agg = Aggregator::start();
-    let mut gate = Ackgate::builder()
-        .node("agg", agg.addr())
-        .section(
-            "upstream",
-            "ack_timeout = \"5s\"\nretry_initial = \"100ms\"\nretry_max = \"500ms\"",
-        )
-        .start();
-    let seen = Seen::new();
-    let target = Target::new(gate.addr());
-    let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
+/// Two kept-alive acking senders, one acking with a connection per request, one legacy.
+fn crash_load(target: &Arc<Target>, ledger: &Arc<Ledger>) -> Senders {
+    let ids = Arc::new(Ids::default());
     let mut senders = Senders::new();
     let mut keepalive = Load::new("crash.gate.keep");
     keepalive.pace = Duration::from_millis(2);
     keepalive.ack_wait = Duration::from_secs(5);
-    senders.ack(2, &keepalive, &target, &ids, &ledger);
+    senders.ack(2, &keepalive, target, &ids, ledger);
     let mut per_conn = Load::new("crash.gate.conn");
     per_conn.conn_per_request = true;
     per_conn.pace = Duration::from_millis(2);
     per_conn.ack_wait = Duration::from_secs(5);
-    senders.ack(1, &per_conn, &target, &ids, &ledger);
+    senders.ack(1, &per_conn, target, &ids, ledger);
     let mut legacy = Load::new("crash.gate.legacy");
     legacy.pace = Duration::from_millis(4);
-    senders.legacy(1, &legacy, &target, &ids, &ledger);
+    senders.legacy(1, &legacy, target, &ids, ledger);
+    senders
+}
 
-    // Event → chunk id of its record in the spool copy taken at each kill.
-    let mut committed_at_kill: HashMap<u64, String> = HashMap::new();
-    let mut spool_records_at_kills = 0usize;
-    let mut largest_file = 0u64;
-    let mut open_problems = Vec::new();
+/// What the spool copies taken at the kills held.
+#[derive(Default)]
+struct AtKills {
+    /// Event → chunk id of its record in the spool copy taken at a kill.
+    committed: HashMap<u64, String>,
+    /// Records found, summed over the copies.
+    records: usize,
+    largest_file: u64,
+    /// A copy that did not open cleanly or held altered bytes, errors logged after a restart.
+    problems: Vec<String>,
+}
+
+impl AtKills {
+    fn read_copy(&mut self, cycle: u32, spool: &Path) {
+        match snapshot_spool(spool) {
+            Ok(snap) => {
+                self.records += snap.records;
+                self.largest_file = self.largest_file.max(snap.file_bytes);
+                self.committed.extend(snap.chunk_of_event);
+                if snap.foreign > 0 {
+                    self.problems.push(format!(
+                        "cycle {cycle}: {} foreign entries in the spool",
+                        snap.foreign
+                    ));
+                }
+            }
+            Err(e) => self
+                .problems
+                .push(format!("cycle {cycle}: spool copy does not open: {e}")),
+        }
+    }
+}
+
+/// `n` times: SIGKILL ackgate at a random instant, read a copy of its spool, restart it on the
+/// same spool and point the senders at it.
+fn kill_at_random_instants(
+    gate: &mut Ackgate,
+    target: &Target,
+    ledger: &Ledger,
+    n: u32,
+) -> AtKills {
+    let mut at_kills = AtKills::default();
     for cycle in 1..=n {
         std::thread::sleep(random_between(
             Duration::from_millis(100),
             Duration::from_millis(1200),
         ));
         gate.kill9();
-        match snapshot_spool(gate.spool_path()) {
-            Ok(snap) => {
-                spool_records_at_kills += snap.records;
-                largest_file = largest_file.max(snap.file_bytes);
-                for (id, chunk) in snap.chunk_of_event {
-                    committed_at_kill.insert(id, chunk);
-                }
-                if snap.foreign > 0 {
-                    open_problems.push(format!(
-                        "cycle {cycle}: {} foreign entries in the spool",
-                        snap.foreign
-                    ));
-                }
-            }
-            Err(e) => open_problems.push(format!("cycle {cycle}: spool copy does not open: {e}")),
-        }
+        at_kills.read_copy(cycle, gate.spool_path());
         let mark = gate.log_mark();
         gate.restart();
         target.set(gate.addr());
@@ -325,13 +312,37 @@ fn ackgate_sigkilled_at_random_instants_loses_nothing_acked_or_committed() {
             .filter(|l| l.contains(" ERROR "))
             .collect::<Vec<_>>();
         if !errors.is_empty() {
-            open_problems.push(format!("cycle {cycle}: errors after restart: {errors:?}"));
+            at_kills
+                .problems
+                .push(format!("cycle {cycle}: errors after restart: {errors:?}"));
         }
         eprintln!(
             "crash.gate: cycle {cycle}/{n}: {opened}; {} acked so far",
             ledger.acked_count()
         );
     }
+    at_kills
+}
+
+#[test]
+fn ackgate_sigkilled_at_random_instants_loses_nothing_acked_or_committed() {
+    let started = Instant::now();
+    let n = cycles(10, 50);
+    let agg = Aggregator::start();
+    let mut gate = Ackgate::builder()
+        .node("agg", agg.addr())
+        .section(
+            "upstream",
+            "ack_timeout = \"5s\"\nretry_initial = \"100ms\"\nretry_max = \"500ms\"",
+        )
+        .start();
+    let seen = agg.seen();
+    let target = Target::new(gate.addr());
+    let ledger = Arc::new(Ledger::default());
+    let senders = crash_load(&target, &ledger);
+
+    let at_kills = kill_at_random_instants(&mut gate, &target, &ledger, n);
+    let committed_at_kill = &at_kills.committed;
     senders.stop();
     let final_gen = target.get().1;
     let sent = ledger.snapshot();
@@ -347,13 +358,7 @@ fn ackgate_sigkilled_at_random_instants_loses_nothing_acked_or_committed() {
         .collect();
     let mut must_arrive: HashSet<u64> = sent.acked.union(&legacy_committed).copied().collect();
     must_arrive.extend(committed_at_kill.keys().copied());
-    let all_arrived = seen.wait_agg(
-        &agg,
-        "every acked and committed event",
-        Duration::from_secs(60),
-        |s| s.has_all(&must_arrive),
-    );
-    seen.pump(&agg);
+    let all_arrived = seen.wait(Duration::from_secs(60), |s| s.has_all(&must_arrive));
     let s = seen.snapshot();
     let lost = s.missing(&must_arrive);
     let lost_acked = s.missing(&sent.acked);
@@ -390,21 +395,22 @@ fn ackgate_sigkilled_at_random_instants_loses_nothing_acked_or_committed() {
         lost: lost.len(),
         cycles: n,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_crash", "ackgate_sigkilled"),
+        command: rerun_command("faults_crash", "ackgate_sigkilled"),
         notes: format!(
-            "{spool_records_at_kills} records ({} events) found in the spool copies at the kills, all delivered under their spooled chunk id: {}; \
+            "{} records ({} events) found in the spool copies at the kills, all delivered under their spooled chunk id: {}; \
              sender resends after kills {}; legacy events written but never committed (in flight at a kill, allowed) {uncommitted_legacy}, \
              legacy writes that failed {}; largest spool file {} KiB; spool open problems: {}",
+            at_kills.records,
             committed_at_kill.len(),
             wrong_id.is_empty(),
             sent.resends,
             sent.legacy_failed.len(),
-            largest_file / 1024,
-            open_problems.len()
+            at_kills.largest_file / 1024,
+            at_kills.problems.len()
         ),
     }
     .save();
-    assert!(open_problems.is_empty(), "{open_problems:#?}");
+    assert!(at_kills.problems.is_empty(), "{:#?}", at_kills.problems);
     assert!(
         all_arrived && lost.is_empty(),
         "lost {} events ({} acked): {}",

@@ -11,17 +11,14 @@
 //!
 //! Needs root (mount); elsewhere it skips with the reason on stderr.
 
-mod common;
-#[path = "faults_support/mod.rs"]
-mod faults_support;
+mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use faults_support::*;
+use support::*;
 
 const DISK: &str = "8m";
 const FULL_LINE: &str = "spool disk is full";
@@ -31,7 +28,8 @@ const ROOM_LINE: &str = "spool disk has room again";
 struct Setup {
     gate: Ackgate,
     metrics: SocketAddr,
-    node: SocketAddr,
+    /// The aggregator's port, reserved until an aggregator listens on it.
+    node: Option<ReservedPort>,
     target: Arc<Target>,
     ids: Arc<Ids>,
     ledger: Arc<Ledger>,
@@ -50,9 +48,9 @@ fn fill_the_disk(legacy_flood: bool) -> Option<Setup> {
         }
     };
     let spool_path = disk.path.join("spool.redb");
-    let node = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let node = ReservedPort::new();
     let gate = Ackgate::builder()
-        .node("agg", node)
+        .node("agg", node.addr())
         .section(
             "spool",
             &format!(
@@ -64,9 +62,9 @@ fn fill_the_disk(legacy_flood: bool) -> Option<Setup> {
             "upstream",
             "retry_initial = \"100ms\"\nretry_max = \"300ms\"",
         )
-        .section("metrics", "listen = \"127.0.0.1:0\"")
+        .metrics()
         .start();
-    let metrics = metrics_addr(&gate, 0);
+    let metrics = metrics_addr(&gate);
     let target = Target::new(gate.addr());
     let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
     let mut senders = Senders::new();
@@ -87,7 +85,7 @@ fn fill_the_disk(legacy_flood: bool) -> Option<Setup> {
         disk,
         gate,
         metrics,
-        node,
+        node: Some(node),
         target,
         ids,
         ledger,
@@ -113,11 +111,23 @@ fn full_disk_with_a_legacy_flood_resumes_once_upstream_drains() {
     );
 }
 
-fn full_disk_then_drain(legacy_flood: bool, scenario: &str, test: &str) {
-    let started = Instant::now();
-    let Some(mut setup) = fill_the_disk(legacy_flood) else {
-        return;
-    };
+/// How ackgate behaved while the disk was full.
+struct WhileFull {
+    acked_at_full: usize,
+    /// Acks per second before the disk filled.
+    rate_before: f64,
+    /// Acks in the second after it filled.
+    acked_in_the_next_second: usize,
+    ready: String,
+    spool_file_bytes: u64,
+    open_at_full: f64,
+}
+
+/// The full-disk warning, and backpressure: (almost) nothing more is acked while the disk is
+/// full, an observation window since there is no event for "nothing happens". The writer
+/// retries the held group every 500 ms and a retry may fit in pages redb freed, so a trickle
+/// is allowed (checked by the caller, after the row is saved).
+fn observe_while_full(setup: &mut Setup, started: Instant) -> WhileFull {
     let gate = &mut setup.gate;
     let line = gate.wait_for_log(FULL_LINE, Duration::from_secs(1));
     assert!(
@@ -126,110 +136,152 @@ fn full_disk_then_drain(legacy_flood: bool, scenario: &str, test: &str) {
     );
     assert!(line.contains("spool.redb"), "path not named: {line}");
     assert!(gate.is_running(), "ackgate died on a full disk");
-
-    // Backpressure: (almost) nothing more is acked while the disk is full, an observation
-    // window since there is no event for "nothing happens". The writer retries the held group
-    // every 500 ms and a retry may fit in pages redb freed, so a trickle is allowed.
     let acked_at_full = setup.ledger.acked_count();
     let rate_before = acked_at_full as f64 / started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(1));
     let acked_later = setup.ledger.acked_count();
-    let ready = http_get(setup.metrics, "/ready").unwrap_or_default();
-    let df = std::fs::metadata(setup.disk.path.join("spool.redb"))
+    let ready = try_http(setup.metrics, "GET", "/ready")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    let spool_file_bytes = std::fs::metadata(setup.disk.path.join("spool.redb"))
         .map(|m| m.len())
         .unwrap_or(0);
-    let open_at_full = scrape(setup.metrics, "ackgate_connections_open").unwrap_or(-1.0);
+    let open_at_full = scrape_sum(setup.metrics, "ackgate_connections_open").unwrap_or(-1.0);
     assert!(gate.is_running(), "ackgate died on a full disk");
+    WhileFull {
+        acked_at_full,
+        rate_before,
+        acked_in_the_next_second: acked_later - acked_at_full,
+        ready,
+        spool_file_bytes,
+        open_at_full,
+    }
+}
 
-    // The aggregator comes up; the spool drains and ingress resumes.
+/// How ackgate came back once the aggregator was up.
+struct Resumed {
+    agg: Aggregator,
+    /// The "room again" line.
+    room: Option<String>,
+    /// Acks went on well past the level at which the disk was full.
+    resumed: bool,
+    open_conns: f64,
+    spool_records: f64,
+    rss: u64,
+    full_lines: usize,
+    room_lines: usize,
+}
+
+/// The aggregator comes up on the node's port; the spool drains and ingress resumes.
+fn bring_the_aggregator_up(setup: &mut Setup, node: ReservedPort, acked_at_full: usize) -> Resumed {
+    let gate = &setup.gate;
     let resume_mark = gate.log_mark();
-    let agg = Aggregator::start_with(setup.node.port(), AckMode::Ack);
+    let agg = Aggregator::start_on(node, Behaviour::Ack);
     let room = gate
         .log()
         .wait_for_from(resume_mark, Duration::from_secs(30), |l| {
             l.contains(ROOM_LINE)
         });
-    let seen = Seen::new();
-    // Flow resumed: acks go on well past the level at which the disk was full.
     let resumed = setup
         .ledger
         .wait_acked(acked_at_full + 200, Duration::from_secs(30));
-    let open_conns = scrape(setup.metrics, "ackgate_connections_open").unwrap_or(-1.0);
-    let spool_records = scrape(setup.metrics, "ackgate_spool_records").unwrap_or(-1.0);
-    let rss = rss_kib(gate.pid()).unwrap_or(0);
-    let full_lines = gate.log_lines_with(&[FULL_LINE]).len();
-    let room_lines = gate.log_lines_with(&[ROOM_LINE]).len();
-    // Each sender finishes its current request (or gives up on it after 30 s).
-    setup.senders.stop();
-    let sent = setup.ledger.snapshot();
-    // The promise: every acked event, and as many legacy events as ackgate committed.
-    let all_arrived = seen.wait_agg(&agg, "every acked event", Duration::from_secs(30), |s| {
-        s.has_all(&sent.acked)
-    });
-    // A legacy request read just before the senders stopped may still be in a commit slice
-    // (held requests are retried oldest first, a slice at a time): give the count a bounded
-    // time to reach everything written. /metrics has no change notification, hence the poll.
-    let everything = (sent.acked.len() + sent.legacy_written.len()) as f64;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut events_in = scrape(setup.metrics, "ackgate_events_in_total").unwrap_or(-1.0);
-    while events_in < everything && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        events_in = scrape(setup.metrics, "ackgate_events_in_total").unwrap_or(-1.0);
+    Resumed {
+        agg,
+        room,
+        resumed,
+        open_conns: scrape_sum(setup.metrics, "ackgate_connections_open").unwrap_or(-1.0),
+        spool_records: scrape_sum(setup.metrics, "ackgate_spool_records").unwrap_or(-1.0),
+        rss: rss_kib(gate.pid()).unwrap_or(0),
+        full_lines: gate.log_lines_with(&[FULL_LINE]).len(),
+        room_lines: gate.log_lines_with(&[ROOM_LINE]).len(),
     }
-    let events_in = events_in as i64;
-    let legacy_committed = (events_in - sent.acked.len() as i64).max(0) as usize;
+}
+
+/// Legacy events ackgate committed: its events_in beyond the acked events. A legacy request
+/// read just before the senders stopped may still be in a commit slice (held requests are
+/// retried oldest first, a slice at a time): the count gets a bounded time to reach everything
+/// written. /metrics has no change notification, hence the poll.
+fn legacy_committed(metrics: SocketAddr, sent: &LedgerState) -> usize {
+    let everything = (sent.acked.len() + sent.legacy_written.len()) as f64;
+    let events_in = poll_metric_sum(
+        metrics,
+        "ackgate_events_in_total",
+        Duration::from_secs(15),
+        |v| v >= everything,
+    ) as i64;
+    (events_in - sent.acked.len() as i64).max(0) as usize
+}
+
+fn full_disk_then_drain(legacy_flood: bool, scenario: &str, test: &str) {
+    let started = Instant::now();
+    let Some(mut setup) = fill_the_disk(legacy_flood) else {
+        return;
+    };
+    let full = observe_while_full(&mut setup, started);
+    let node = setup.node.take().expect("the node's port");
+    let up = bring_the_aggregator_up(&mut setup, node, full.acked_at_full);
+    // Each sender finishes its current request (or gives up on it after 30 s).
+    std::mem::replace(&mut setup.senders, Senders::new()).stop();
+    let sent = setup.ledger.snapshot();
+    let seen = up.agg.seen();
+    // The promise: every acked event, and as many legacy events as ackgate committed.
+    let all_arrived = seen.wait(Duration::from_secs(30), |s| s.has_all(&sent.acked));
+    let legacy_committed = legacy_committed(setup.metrics, &sent);
     // Committed legacy events may still be on their way upstream: wait for them (bounded).
-    seen.wait_agg(
-        &agg,
-        "every committed legacy event",
-        Duration::from_secs(30),
-        |s| sent.legacy_written.len() - s.missing(&sent.legacy_written).len() >= legacy_committed,
-    );
+    let legacy_arrived =
+        |s: &SeenState| sent.legacy_written.len() - s.missing(&sent.legacy_written).len();
+    seen.wait(Duration::from_secs(30), |s| {
+        legacy_arrived(s) >= legacy_committed
+    });
     let s = seen.snapshot();
-    let legacy_arrived = sent.legacy_written.len() - s.missing(&sent.legacy_written).len();
     let lost_acked = s.missing(&sent.acked);
-    let lost_committed = legacy_committed.saturating_sub(legacy_arrived);
+    let lost_committed = legacy_committed.saturating_sub(legacy_arrived(&s));
     let never_committed = sent.legacy_written.len().saturating_sub(legacy_committed);
-    let status = gate.terminate(Duration::from_secs(20));
+    let status = setup.gate.terminate(Duration::from_secs(20));
     let reopened = snapshot_spool(&setup.disk.path.join("spool.redb"));
     Row {
-        scenario: scenario.into(),
-        sent: sent.ack_sent.len() + sent.legacy_written.len(),
-        acked: sent.acked.len(),
         committed: legacy_committed,
         received: s.unique(),
         duplicates: s.duplicates(),
         lost: lost_acked.len() + lost_committed,
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_disk", test),
+        command: rerun_command("faults_disk", test),
         notes: format!(
-            "disk full after {acked_at_full} acked events (spool file {df} B), {open_at_full} sender connections open, \
-             acked in the next second: {} ({rate_before:.0}/s before); /ready while full: {:?}; {ROOM_LINE:?} logged: {}; {full_lines} full / {room_lines} room lines; \
-             acks went on to {} (resumed: {resumed}); then (at most 30 s after the aggregator came up): {open_conns} sender connections open, \
-             {spool_records} spool records, RSS {rss} KiB; acked events never acked (given up after 30 s): {}; \
+            "disk full after {} acked events (spool file {} B), {} sender connections open, \
+             acked in the next second: {} ({:.0}/s before); /ready while full: {:?}; {ROOM_LINE:?} logged: {}; {} full / {} room lines; \
+             acks went on to {} (resumed: {}); then (at most 30 s after the aggregator came up): {} sender connections open, \
+             {} spool records, RSS {} KiB; acked events never acked (given up after 30 s): {}; \
              legacy events written but never committed although ackgate stayed up: {never_committed}; exit {status}; \
              spool after exit: {}; legacy writes that failed under backpressure: {}",
-            acked_later - acked_at_full,
-            ready.trim(),
-            room.is_some(),
+            full.acked_at_full,
+            full.spool_file_bytes,
+            full.open_at_full,
+            full.acked_in_the_next_second,
+            full.rate_before,
+            full.ready.trim(),
+            up.room.is_some(),
+            up.full_lines,
+            up.room_lines,
             sent.acked.len(),
+            up.resumed,
+            up.open_conns,
+            up.spool_records,
+            up.rss,
             sent.gave_up.len(),
-            match &reopened {
-                Ok(snap) => format!("opens, {} records", snap.records),
-                Err(e) => format!("DOES NOT OPEN: {e}"),
-            },
+            opens(&reopened),
             sent.legacy_failed.len()
         ),
+        ..Row::from_ledger(scenario, &sent)
     }
     .save();
-    let rate_full = (acked_later - acked_at_full) as f64;
+    let rate_full = full.acked_in_the_next_second as f64;
     assert!(
-        rate_full < rate_before / 10.0,
-        "acks went on while the disk was full: {rate_full}/s, {rate_before:.0}/s before"
+        rate_full < full.rate_before / 10.0,
+        "acks went on while the disk was full: {rate_full}/s, {:.0}/s before",
+        full.rate_before
     );
     assert!(
-        room.is_some(),
+        up.room.is_some(),
         "no {ROOM_LINE:?} line after upstream drained the spool"
     );
     assert!(
@@ -250,7 +302,7 @@ fn full_disk_then_drain(legacy_flood: bool, scenario: &str, test: &str) {
     );
     // Flow resumes: what senders handed over while ackgate was up is eventually stored.
     assert!(
-        resumed && sent.gave_up.is_empty(),
+        up.resumed && sent.gave_up.is_empty(),
         "ingress never resumed after upstream drained the spool: {} events of acking senders never acked in 30 s",
         sent.gave_up.len()
     );
@@ -258,6 +310,14 @@ fn full_disk_then_drain(legacy_flood: bool, scenario: &str, test: &str) {
         never_committed, 0,
         "legacy events written while ackgate was up and never committed"
     );
+}
+
+/// How a spool read after the run went, for the notes.
+fn opens(spool: &Result<SpoolSnapshot, String>) -> String {
+    match spool {
+        Ok(snap) => format!("opens, {} records, {} B", snap.records, snap.file_bytes),
+        Err(e) => format!("DOES NOT OPEN: {e}"),
+    }
 }
 
 #[test]
@@ -270,7 +330,8 @@ fn sigkill_while_the_disk_is_full_then_restart_on_the_same_disk() {
     setup.gate.kill9();
     let at_kill = snapshot_spool(&setup.disk.path.join("spool.redb"));
     // Restart on the same, still full, disk, with the aggregator up.
-    let agg = Aggregator::start_with(setup.node.port(), AckMode::Ack);
+    let node = setup.node.take().expect("the node's port");
+    let agg = Aggregator::start_on(node, Behaviour::Ack);
     let mark = setup.gate.log_mark();
     setup.gate.restart();
     setup.target.set(setup.gate.addr());
@@ -281,7 +342,7 @@ fn sigkill_while_the_disk_is_full_then_restart_on_the_same_disk() {
     let senders = std::mem::replace(&mut setup.senders, Senders::new());
     senders.stop();
     let sent_before = setup.ledger.snapshot();
-    let seen = Seen::new();
+    let seen = agg.seen();
     // After the restart, new senders are served again.
     let mut senders = Senders::new();
     let mut load = Load::new("disk.after");
@@ -299,30 +360,22 @@ fn sigkill_while_the_disk_is_full_then_restart_on_the_same_disk() {
     if let Ok(snap) = &at_kill {
         must.extend(snap.chunk_of_event.keys().copied());
     }
-    let all_arrived = seen.wait_agg(&agg, "every acked event", Duration::from_secs(60), |s| {
-        s.has_all(&must)
-    });
+    let all_arrived = seen.wait(Duration::from_secs(60), |s| s.has_all(&must));
     let s = seen.snapshot();
     let lost = s.missing(&must);
     Row {
-        scenario: "4b SIGKILL while the disk is full, restart on it".into(),
-        sent: sent.ack_sent.len() + sent.legacy_written.len(),
-        acked: sent.acked.len(),
         committed: at_kill.as_ref().map(|s| s.chunk_of_event.len()).unwrap_or(0),
         received: must.len() - lost.len(),
         duplicates: s.duplicates(),
         lost: lost.len(),
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_disk", "sigkill_while_the_disk_is_full"),
+        command: rerun_command("faults_disk", "sigkill_while_the_disk_is_full"),
         notes: format!(
             "acked before the kill {acked_before_kill}; spool copy at the kill: {}; restart: {opened:?}; 20 more requests acked after the restart: {}",
-            match &at_kill {
-                Ok(snap) => format!("opens, {} records, {} B", snap.records, snap.file_bytes),
-                Err(e) => format!("DOES NOT OPEN: {e}"),
-            },
+            opens(&at_kill),
             sent.acked.len() - sent_before.acked.len() == 100
         ),
+        ..Row::from_ledger("4b SIGKILL while the disk is full, restart on it", &sent)
     }
     .save();
     assert!(

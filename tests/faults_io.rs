@@ -15,16 +15,12 @@
 //!   garbage cut short); every other record must arrive, and the damaged one must become a
 //!   dead letter with its reason, not stall delivery or vanish.
 //!
-//! The errors come from `faults_support/eio_shim.c`, an LD_PRELOAD library built here with
-//! `cc` and switched through a control file (see `faults_support/eio.rs`). Nothing needs root;
+//! The errors come from `support/eio_shim.c`, an LD_PRELOAD library built here with
+//! `cc` and switched through a control file (see `support/eio.rs`). Nothing needs root;
 //! without `cc`, 8a and 8b skip with the reason on stderr. ackgate runs with the default
 //! configuration: only addresses, the spool path and the metrics listener are set.
 
-mod common;
-#[path = "faults_support/eio.rs"]
-mod eio;
-#[path = "faults_support/mod.rs"]
-mod faults_support;
+mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -33,9 +29,7 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use eio::{EioShim, Mode};
-use faults_support::*;
+use support::*;
 
 /// The harness writes test-friendly upstream timing; these tests put back the documented
 /// defaults (README, configuration table), which the reports were made with.
@@ -52,7 +46,7 @@ fn start_gate(node: SocketAddr, shim: Option<&EioShim>) -> Ackgate {
     let mut builder = Ackgate::builder()
         .node("agg", node)
         .section("upstream", DEFAULT_UPSTREAM)
-        .section("metrics", "listen = \"127.0.0.1:0\"");
+        .metrics();
     for (key, value) in shim.map(EioShim::env).unwrap_or_default() {
         builder = builder.env(&key, &value);
     }
@@ -119,19 +113,6 @@ fn stop_and_account(gate: &mut Ackgate, missing: &[u64]) -> (ExitStatus, usize, 
     (exit, spooled, lost, opened)
 }
 
-/// Poll a metric until `done` holds or `timeout` passes; its last value. /metrics has no
-/// change notification, hence the poll.
-fn wait_metric(addr: SocketAddr, name: &str, timeout: Duration, done: impl Fn(f64) -> bool) -> f64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let value = scrape(addr, name).unwrap_or(-1.0);
-        if done(value) || Instant::now() >= deadline {
-            return value;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // 8a: EIO on reads while a cold backlog drains
 
@@ -174,14 +155,49 @@ fn read_eio_in_the_middle_of_a_cold_drain_then_everything_arrives() {
     );
 }
 
+/// Switch reads to EIO at the moment `start` says, and bring the aggregator up on `node`;
+/// returns it and the moment, for the notes.
+fn start_the_read_fault(
+    start: ReadFaultStart,
+    shim: &EioShim,
+    node: ReservedPort,
+    total: usize,
+) -> (Aggregator, String) {
+    match start {
+        ReadFaultStart::BeforeTheFirstDelivery => {
+            // The fault timer: a random start, then the aggregator comes up under the fault.
+            let delay = random_between(Duration::ZERO, Duration::from_millis(500));
+            std::thread::sleep(delay);
+            shim.set(EioMode::FailReads);
+            let agg = Aggregator::start_on(node, Behaviour::Ack);
+            (
+                agg,
+                format!("{delay:?} after the restart, aggregator up after it"),
+            )
+        }
+        ReadFaultStart::MidDrain => {
+            let agg = Aggregator::start_on(node, Behaviour::Ack);
+            let share = 1 + random_between(Duration::ZERO, Duration::from_millis(40)).as_millis();
+            let trigger = total * share as usize / 100;
+            assert!(
+                agg.seen()
+                    .wait(Duration::from_secs(60), |s| s.unique() >= trigger),
+                "the drain did not reach {share}% of the backlog before the fault"
+            );
+            shim.set(EioMode::FailReads);
+            (agg, format!("once {share}% of the backlog arrived"))
+        }
+    }
+}
+
 fn read_eio_during_a_cold_drain(start: ReadFaultStart, scenario: &str, test: &str) {
     let Some(shim) = shim_or_skip(test) else {
         return;
     };
     let started = Instant::now();
     // The aggregator's port stays closed while the backlog is spooled.
-    let node = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut gate = start_gate(node, Some(&shim));
+    let node = ReservedPort::new();
+    let mut gate = start_gate(node.addr(), Some(&shim));
     let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
     let mut load = acking_load("io.backlog", BACKLOG_EVENTS_PER_REQUEST);
     load.max_requests = Some(BACKLOG_REQUESTS_PER_THREAD);
@@ -199,49 +215,21 @@ fn read_eio_during_a_cold_drain(start: ReadFaultStart, scenario: &str, test: &st
     // A fresh process: redb's page cache is empty, so the drain reads every page from the file.
     let exit = gate.terminate(Duration::from_secs(30));
     assert!(exit.success(), "ackgate exited with {exit} on SIGTERM");
-    let mark = gate.log_mark();
     gate.restart();
-    let metrics = metrics_addr(&gate, mark);
+    let metrics = metrics_addr(&gate);
     let attached = shim.attached();
-    let seen = Seen::new();
-    let (agg, moment) = match start {
-        ReadFaultStart::BeforeTheFirstDelivery => {
-            // The fault timer: a random start, then the aggregator comes up under the fault.
-            let delay = random_between(Duration::ZERO, Duration::from_millis(500));
-            std::thread::sleep(delay);
-            shim.set(Mode::FailReads);
-            let agg = Aggregator::start_with(node.port(), AckMode::Ack);
-            (
-                agg,
-                format!("{delay:?} after the restart, aggregator up after it"),
-            )
-        }
-        ReadFaultStart::MidDrain => {
-            let agg = Aggregator::start_with(node.port(), AckMode::Ack);
-            let share = 1 + random_between(Duration::ZERO, Duration::from_millis(40)).as_millis();
-            let trigger = total * share as usize / 100;
-            let what = format!("{share}% of the backlog");
-            assert!(
-                seen.wait_agg(&agg, &what, Duration::from_secs(60), |s| s.unique()
-                    >= trigger),
-                "the drain did not reach {what} before the fault"
-            );
-            shim.set(Mode::FailReads);
-            (agg, format!("once {share}% of the backlog arrived"))
-        }
-    };
+    let (agg, moment) = start_the_read_fault(start, &shim, node, total);
+    let seen = agg.seen();
     let arrived_at_fault = seen.with(|s| s.unique());
     std::thread::sleep(READ_FAULT);
-    shim.set(Mode::Off);
+    shim.set(EioMode::Off);
     let failures = shim.failures_by_kind();
     let fault_over = Instant::now();
 
-    let all_arrived = seen.wait_agg(&agg, "every acked event", DRAIN_AFTER_FAULT, |s| {
-        s.has_all(&sent.acked)
-    });
+    let all_arrived = seen.wait(DRAIN_AFTER_FAULT, |s| s.has_all(&sent.acked));
     let drain_seconds = fault_over.elapsed().as_secs_f64();
     let running = gate.is_running();
-    let spool_records = scrape(metrics, "ackgate_spool_records").unwrap_or(-1.0);
+    let spool_records = scrape_sum(metrics, "ackgate_spool_records").unwrap_or(-1.0);
     let s = seen.snapshot();
     let missing = s.missing(&sent.acked);
     let (exit, stuck, lost, spool) = stop_and_account(&mut gate, &missing);
@@ -255,7 +243,7 @@ fn read_eio_during_a_cold_drain(start: ReadFaultStart, scenario: &str, test: &st
         lost: lost.len(),
         cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_io", test),
+        command: rerun_command("faults_io", test),
         notes: format!(
             "fault on {moment}, {arrived_at_fault} events had arrived; injected {failures:?} into \
              {attached} attached process(es); waited {drain_seconds:.1} s after the fault (bound \
@@ -310,12 +298,12 @@ fn write_and_sync_eio_for_twenty_seconds_under_load_loses_nothing_and_acks_resum
     let started = Instant::now();
     let agg = Aggregator::start();
     let mut gate = start_gate(agg.addr(), Some(&shim));
-    let metrics = metrics_addr(&gate, 0);
+    let metrics = metrics_addr(&gate);
     let target = Target::new(gate.addr());
     let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
     let mut senders = Senders::new();
     senders.ack(3, &acking_load("io.write", 20), &target, &ids, &ledger);
-    let seen = Seen::new();
+    let seen = agg.seen();
 
     // The fault moment: after a random number of further acks (load is flowing by then).
     let warmup =
@@ -326,9 +314,9 @@ fn write_and_sync_eio_for_twenty_seconds_under_load_loses_nothing_and_acks_resum
         ledger.acked_count()
     );
     let acked_at_on = ledger.acked_count();
-    shim.set(Mode::FailWrites);
+    shim.set(EioMode::FailWrites);
     std::thread::sleep(WRITE_FAULT);
-    shim.set(Mode::Off);
+    shim.set(EioMode::Off);
     let acked_at_off = ledger.acked_count();
     let failures = shim.failures_by_kind();
 
@@ -336,11 +324,9 @@ fn write_and_sync_eio_for_twenty_seconds_under_load_loses_nothing_and_acks_resum
     let acked_after = ledger.acked_count() - acked_at_off;
     senders.stop();
     let sent = ledger.snapshot();
-    let all_arrived = seen.wait_agg(&agg, "every acked event", Duration::from_secs(60), |s| {
-        s.has_all(&sent.acked)
-    });
+    let all_arrived = seen.wait(Duration::from_secs(60), |s| s.has_all(&sent.acked));
     let running = gate.is_running();
-    let spool_records = scrape(metrics, "ackgate_spool_records").unwrap_or(-1.0);
+    let spool_records = scrape_sum(metrics, "ackgate_spool_records").unwrap_or(-1.0);
     let s = seen.snapshot();
     let missing = s.missing(&sent.acked);
     let (exit, stuck, lost, spool) = stop_and_account(&mut gate, &missing);
@@ -354,7 +340,7 @@ fn write_and_sync_eio_for_twenty_seconds_under_load_loses_nothing_and_acks_resum
         lost: lost.len(),
         cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_io", "write_and_sync_eio"),
+        command: rerun_command("faults_io", "write_and_sync_eio"),
         notes: format!(
             "fault on after {acked_at_on} acked events; acked while it lasted: {}; injected {failures:?}; \
              acked in the bounded wait after it: {acked_after} (resumed: {resumed}); requests given up: {}; \
@@ -505,15 +491,7 @@ fn left_in_spool(spool: &Path, damaged: &[u8]) -> (HashSet<u64>, bool) {
 
 /// `ackgate spool … dead-letters <args>` on a stopped spool: its stdout.
 fn dead_letters_cli(config: &Path, args: &[&str]) -> String {
-    let mut command = ackgate_command(["spool", "--config"]);
-    command.arg(config).arg("dead-letters").args(args);
-    let out = command.output().expect("run ackgate spool dead-letters");
-    assert!(
-        out.status.success(),
-        "ackgate spool dead-letters {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    spool_ok(config, &[&["dead-letters"][..], args].concat())
 }
 
 /// The exported dead letter that holds exactly `value`, with its reason.
@@ -551,8 +529,8 @@ fn damaged_record_of_garbage_becomes_a_dead_letter() {
 
 fn damaged_record_in_the_middle(damage: Damage, scenario: &str) {
     let started = Instant::now();
-    let node = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut gate = start_gate(node, None);
+    let node = ReservedPort::new();
+    let mut gate = start_gate(node.addr(), None);
     let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
     let mut load = acking_load("io.damage", DAMAGE_EVENTS_PER_REQUEST);
     load.max_requests = Some(DAMAGE_REQUESTS);
@@ -565,29 +543,23 @@ fn damaged_record_in_the_middle(damage: Damage, scenario: &str) {
 
     let damaged = damage_middle_record(gate.spool_path(), damage);
     let others: HashSet<u64> = sent.acked.difference(&damaged.events).copied().collect();
-    let agg = Aggregator::start_with(node.port(), AckMode::Ack);
-    let seen = Seen::new();
-    let mark = gate.log_mark();
+    let agg = Aggregator::start_on(node, Behaviour::Ack);
+    let seen = agg.seen();
     gate.restart();
-    let metrics = metrics_addr(&gate, mark);
-    let delivered = seen.wait_agg(
-        &agg,
-        "every event of the undamaged records",
-        Duration::from_secs(30),
-        |s| s.has_all(&others),
-    );
+    let metrics = metrics_addr(&gate);
+    let delivered = seen.wait(Duration::from_secs(30), |s| s.has_all(&others));
     // Then the damaged record must leave the queue (as a dead letter, checked below).
     let records_left = if delivered {
-        wait_metric(
+        poll_metric_sum(
             metrics,
             "ackgate_spool_records",
             Duration::from_secs(15),
             |v| v == 0.0,
         )
     } else {
-        scrape(metrics, "ackgate_spool_records").unwrap_or(-1.0)
+        scrape_sum(metrics, "ackgate_spool_records").unwrap_or(-1.0)
     };
-    let dead_total = scrape(metrics, "ackgate_dead_letters_total").unwrap_or(-1.0);
+    let dead_total = scrape_sum(metrics, "ackgate_dead_letters_total").unwrap_or(-1.0);
     let running = gate.is_running();
     let damaged_lines = gate.log_lines_with(&["damaged"]);
     let exit = gate.terminate(Duration::from_secs(30));
@@ -620,7 +592,7 @@ fn damaged_record_in_the_middle(damage: Damage, scenario: &str) {
         lost,
         cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_io", &format!("damaged_record_{}", match damage {
+        command: rerun_command("faults_io", &format!("damaged_record_{}", match damage {
             Damage::FutureVersion => "with_a_future_version",
             Damage::GarbageCutShort => "of_garbage",
         })),

@@ -28,18 +28,15 @@
 //! Needs root, `ip` and `iptables` (CI has them: .ci/run installs iptables); elsewhere it
 //! skips with the reason on stderr.
 
-mod common;
-#[path = "faults_support/mod.rs"]
-mod faults_support;
+mod support;
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use faults_support::*;
+use support::*;
 
 /// The aggregator's port inside the namespace (the namespace is ours alone).
 const PORT: u16 = 24224;
@@ -194,6 +191,22 @@ fn arrivals(s: &SeenState, ids: &HashSet<u64>) -> u64 {
         .sum()
 }
 
+/// Without ackgate: `DIRECT_CHUNKS` chunks of fresh ids, each sent by `send` on its own thread.
+fn per_chunk<T: Send + 'static>(
+    ids: &Ids,
+    send: impl Fn(&[u64]) -> T + Send + Clone + 'static,
+) -> (Vec<u64>, Vec<std::thread::JoinHandle<T>>) {
+    let all = ids.take(DIRECT_CHUNKS as usize * DIRECT_EVENTS_PER_CHUNK);
+    let threads = all
+        .chunks(DIRECT_EVENTS_PER_CHUNK)
+        .map(|c| {
+            let (c, send) = (c.to_vec(), send.clone());
+            std::thread::spawn(move || send(&c))
+        })
+        .collect();
+    (all, threads)
+}
+
 #[test]
 fn seed_without_ackgate_legacy_writes_succeed_and_graceful_retries_duplicate() {
     if let Some(reason) = netns_unavailable() {
@@ -208,23 +221,11 @@ fn seed_without_ackgate_legacy_writes_succeed_and_graceful_retries_duplicate() {
     let rule_added = Instant::now();
 
     // A legacy sender writing straight to the aggregator "succeeds".
-    let direct: Vec<u64> = ids.take(DIRECT_CHUNKS as usize * DIRECT_EVENTS_PER_CHUNK);
-    let direct_threads: Vec<_> = direct
-        .chunks(DIRECT_EVENTS_PER_CHUNK)
-        .map(|c| {
-            let c = c.to_vec();
-            std::thread::spawn(move || legacy_direct(agg_addr, &c))
-        })
-        .collect();
+    let (direct, direct_threads) = per_chunk(&ids, move |c| legacy_direct(agg_addr, c));
     // The same aggregator behind a fluentd-like acking client (graceful close on timeout).
-    let fluentd: Vec<u64> = ids.take(DIRECT_CHUNKS as usize * DIRECT_EVENTS_PER_CHUNK);
-    let fluentd_threads: Vec<_> = fluentd
-        .chunks(DIRECT_EVENTS_PER_CHUNK)
-        .map(|c| {
-            let c = c.to_vec();
-            std::thread::spawn(move || fluentd_like(agg_addr, &c, Duration::from_secs(60)))
-        })
-        .collect();
+    let (fluentd, fluentd_threads) = per_chunk(&ids, move |c| {
+        fluentd_like(agg_addr, c, Duration::from_secs(60))
+    });
     let direct_ok = direct_threads
         .into_iter()
         .map(|t| t.join().expect("direct sender"))
@@ -257,9 +258,7 @@ fn seed_without_ackgate_legacy_writes_succeed_and_graceful_retries_duplicate() {
     // The fluentd-like client's abandoned sockets keep retransmitting: wait (bounded) for
     // their late copies.
     let late_copies = seen.wait(Duration::from_secs(40), |s| {
-        fluentd_set
-            .iter()
-            .all(|id| s.counts.get(id).copied().unwrap_or(0) >= 2)
+        s.each_at_least(&fluentd_set, 2)
     });
     // Then until no orphaned socket (fluentd-like or direct) holds an unacknowledged byte, so
     // the counts are final: no event exists for a kernel table, poll, bounded. Whether the
@@ -300,7 +299,7 @@ fn seed_without_ackgate_legacy_writes_succeed_and_graceful_retries_duplicate() {
         lost: fluentd_lost.len(),
         cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_seed", "seed_without_ackgate"),
+        command: rerun_command("faults_seed", "seed_without_ackgate"),
         notes: notes.clone(),
     }
     .save();
@@ -406,6 +405,76 @@ impl GateRun {
     }
 }
 
+/// ackgate notices the outage, and says so naming the node and the timeout (the first warning
+/// comes about 2 s after the traffic started, well before the lift), having committed every
+/// event and kept its records. Returns its events_in.
+fn assert_the_outage_is_visible(
+    gate: &Ackgate,
+    metrics: SocketAddr,
+    run: u32,
+    until_lift: Duration,
+    lift_after: Duration,
+) -> f64 {
+    let warning = gate
+        .log()
+        .wait_for_from(0, until_lift, |l| {
+            l.contains("no ack from upstream node within ack_timeout")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "run {run}: no ack-timeout warning within {:.1} s of the traffic; log:\n{}",
+                lift_after.as_secs_f64(),
+                gate.log().dump()
+            )
+        });
+    assert!(warning.contains("WARN"), "not a warning: {warning}");
+    assert!(warning.contains("node=ns-agg"), "node not named: {warning}");
+    assert!(
+        warning.contains(&format!("ack_timeout={ACK_TIMEOUT}")),
+        "timeout not named: {warning}"
+    );
+    let events_in = scrape_sum(metrics, "ackgate_events_in_total").unwrap_or(-1.0);
+    let spooled = scrape_sum(metrics, "ackgate_spool_records").unwrap_or(-1.0);
+    assert_eq!(
+        events_in, EVENTS as f64,
+        "run {run}: ackgate committed {events_in} of {EVENTS} events"
+    );
+    assert!(
+        spooled >= 1.0,
+        "run {run}: spool holds {spooled} records during the outage"
+    );
+    events_in
+}
+
+/// Wait until ackgate is idle (spool empty, nothing in flight) and no socket towards the
+/// aggregator holds an unacknowledged byte, at most until `healed + AFTER_HEAL`. No event
+/// exists for either (a metric, a kernel table): poll, bounded. Returns when that was, counted
+/// from the heal, and the most sockets and unacknowledged bytes seen meanwhile.
+fn wait_quiet(
+    metrics: SocketAddr,
+    agg: SocketAddrV4,
+    healed: Instant,
+) -> (Option<Duration>, (usize, u64)) {
+    let quiet_deadline = healed + AFTER_HEAL;
+    let mut peak_unacked = (0, 0);
+    loop {
+        let idle = scrape_sum(metrics, "ackgate_spool_records") == Some(0.0)
+            && scrape_sum(metrics, "ackgate_in_flight_chunks").is_none_or(|v| v == 0.0);
+        let towards = unacked_towards(agg);
+        if let Some((sockets, bytes)) = towards {
+            peak_unacked = (peak_unacked.0.max(sockets), peak_unacked.1.max(bytes));
+        }
+        let drained = towards.is_some_and(|(_, bytes)| bytes == 0);
+        if idle && drained {
+            return (Some(healed.elapsed()), peak_unacked);
+        }
+        if Instant::now() >= quiet_deadline {
+            return (None, peak_unacked);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn gate_run(run: u32, ids: &Arc<Ids>) -> GateRun {
     let started = Instant::now();
     let (ns, agg_addr, seen, _receiver) = namespace_with_aggregator(ids);
@@ -418,9 +487,9 @@ fn gate_run(run: u32, ids: &Arc<Ids>) -> GateRun {
         .product_upstream_timing()
         .node("ns-agg", agg_addr)
         .section("upstream", &format!("ack_timeout = \"{ACK_TIMEOUT}\""))
-        .section("metrics", "listen = \"127.0.0.1:0\"")
+        .metrics()
         .start();
-    let metrics = metrics_addr(&gate, 0);
+    let metrics = metrics_addr(&gate);
 
     add_rule(&ns);
     let lift_after = random_between(LIFT_AFTER.0, LIFT_AFTER.1);
@@ -446,41 +515,12 @@ fn gate_run(run: u32, ids: &Arc<Ids>) -> GateRun {
     assert_eq!(sent.ack_sent.len(), EVENTS);
     let ours: HashSet<u64> = sent.acked.clone();
 
-    // ackgate notices, and says so naming the node and the timeout (the first one comes about
-    // 2 s after the traffic started, well before the lift).
-    let warning = gate
-        .log()
-        .wait_for_from(0, until_lift(), |l| {
-            l.contains("no ack from upstream node within ack_timeout")
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "run {run}: no ack-timeout warning within {:.1} s of the traffic; log:\n{}",
-                lift_after.as_secs_f64(),
-                gate.log().dump()
-            )
-        });
-    assert!(warning.contains("WARN"), "not a warning: {warning}");
-    assert!(warning.contains("node=ns-agg"), "node not named: {warning}");
-    assert!(
-        warning.contains(&format!("ack_timeout={ACK_TIMEOUT}")),
-        "timeout not named: {warning}"
-    );
-    let events_in = scrape(metrics, "ackgate_events_in_total").unwrap_or(-1.0);
-    let spooled = scrape(metrics, "ackgate_spool_records").unwrap_or(-1.0);
-    assert_eq!(
-        events_in, EVENTS as f64,
-        "run {run}: ackgate committed {events_in} of {EVENTS} events"
-    );
-    assert!(
-        spooled >= 1.0,
-        "run {run}: spool holds {spooled} records during the outage"
-    );
+    let events_in = assert_the_outage_is_visible(&gate, metrics, run, until_lift(), lift_after);
 
     // The outage lasts until the random moment: the fault's schedule, not a wait for a
     // condition.
     std::thread::sleep(until_lift());
-    let timeouts_before_lift = scrape(metrics, "ackgate_ack_timeouts_total").unwrap_or(-1.0);
+    let timeouts_before_lift = scrape_sum(metrics, "ackgate_ack_timeouts_total").unwrap_or(-1.0);
     seen.with(|s| {
         assert_eq!(
             s.missing(&ours).len(),
@@ -499,32 +539,13 @@ fn gate_run(run: u32, ids: &Arc<Ids>) -> GateRun {
     let all_after = seen
         .wait(AFTER_HEAL, |s| s.has_all(&ours))
         .then(|| healed.elapsed());
-    // Then ackgate goes idle, and no socket towards the aggregator holds an unacknowledged
-    // byte. No event exists for either (a metric, a kernel table): poll, bounded.
-    let quiet_deadline = healed + AFTER_HEAL;
-    let mut peak_unacked = (0, 0);
-    let quiet_after = loop {
-        let idle = scrape(metrics, "ackgate_spool_records") == Some(0.0)
-            && scrape(metrics, "ackgate_in_flight_chunks").is_none_or(|v| v == 0.0);
-        let towards = unacked_towards(agg_v4);
-        if let Some((sockets, bytes)) = towards {
-            peak_unacked = (peak_unacked.0.max(sockets), peak_unacked.1.max(bytes));
-        }
-        let drained = towards.is_some_and(|(_, bytes)| bytes == 0);
-        if idle && drained {
-            break Some(healed.elapsed());
-        }
-        if Instant::now() >= quiet_deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (quiet_after, peak_unacked) = wait_quiet(metrics, agg_v4, healed);
     // The margin (see MARGIN): an observation window in which a late copy would be counted.
     let _ = seen.wait(MARGIN, |_| false);
 
     let s = seen.snapshot();
-    let spool_left = scrape(metrics, "ackgate_spool_records").unwrap_or(-1.0);
-    let timeouts = scrape(metrics, "ackgate_ack_timeouts_total").unwrap_or(-1.0);
+    let spool_left = scrape_sum(metrics, "ackgate_spool_records").unwrap_or(-1.0);
+    let timeouts = scrape_sum(metrics, "ackgate_ack_timeouts_total").unwrap_or(-1.0);
     let lost = s.missing(&ours);
     let exit_ok = gate.is_running() && gate.terminate(Duration::from_secs(15)).success();
     drop(ns);
@@ -595,7 +616,7 @@ fn seed_ackgate_delivers_every_event_exactly_once_at_the_default_timing() {
         lost: sum(&|r| r.lost.len() as u64) as usize,
         cycles: RUNS,
         seconds: started.elapsed().as_secs_f64(),
-        command: command("faults_seed", "seed_ackgate"),
+        command: rerun_command("faults_seed", "seed_ackgate"),
         notes,
     }
     .save();

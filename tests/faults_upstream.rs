@@ -1,7 +1,7 @@
 //! Scenario 5 of FAULTS.md: an upstream that misbehaves, one case each (DESIGN.md invariants
 //! 2, 3; PROTOCOL.md §6.3, §13.2, §13.5, §13.12).
 //!
-//! A real Forward aggregator ([`FaultAgg`]) answers badly on purpose: never acks, acks a wrong
+//! The test aggregator (`support::Aggregator`) answers badly on purpose: never acks, acks a wrong
 //! id, sends garbage, sends a JSON ack, acks after ackgate's ack timeout, closes right after
 //! reading, resets the connection, reads at 1 KiB/s, or drops requests above a size limit
 //! without an answer (fluentd's `chunk_size_limit`). For each, ackgate must make the problem
@@ -11,24 +11,21 @@
 //! several events and then moved to the dead letters with the reason: never retried silently
 //! forever.
 
-mod common;
-#[path = "faults_support/mod.rs"]
-mod faults_support;
+mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use faults_support::*;
+use support::*;
 
 const NODE: &str = "fault-agg";
 
 struct Case {
     started: Instant,
     seen: Arc<Seen>,
-    agg: FaultAgg,
+    agg: Aggregator,
     gate: Ackgate,
     metrics: SocketAddr,
     target: Arc<Target>,
@@ -38,14 +35,14 @@ struct Case {
 
 fn start(behaviour: Behaviour, upstream: &str) -> Case {
     let started = Instant::now();
-    let seen = Seen::new();
-    let agg = FaultAgg::start(behaviour, seen.clone());
+    let agg = Aggregator::start_with(behaviour);
+    let seen = agg.seen();
     let gate = Ackgate::builder()
         .node(NODE, agg.addr())
         .section("upstream", upstream)
-        .section("metrics", "listen = \"127.0.0.1:0\"")
+        .metrics()
         .start();
-    let metrics = metrics_addr(&gate, 0);
+    let metrics = metrics_addr(&gate);
     let target = Target::new(gate.addr());
     Case {
         started,
@@ -82,33 +79,21 @@ impl Case {
     }
 
     fn spool_records(&self) -> f64 {
-        scrape(self.metrics, "ackgate_spool_records").unwrap_or(-1.0)
+        scrape_sum(self.metrics, "ackgate_spool_records").unwrap_or(-1.0)
     }
 
     /// Wait (bounded, polling the metric: no event exists for it) until the spool is empty.
     fn wait_drained(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.spool_records() == 0.0 {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll_metric_sum(self.metrics, "ackgate_spool_records", timeout, |v| v == 0.0) == 0.0
     }
 
-    /// Chunk ids the aggregator received more than once, and whether any of them came back
-    /// with other events.
+    /// Chunk ids the aggregator received more than once.
     fn resent_ids(&self) -> usize {
-        let mut counts = std::collections::HashMap::new();
-        for r in self.agg.requests() {
-            if let Some(c) = r.chunk {
-                *counts.entry(c).or_insert(0u32) += 1;
-            }
-        }
-        counts.values().filter(|&&n| n > 1).count()
+        self.agg
+            .chunk_id_counts()
+            .values()
+            .filter(|&&n| n > 1)
+            .count()
     }
 }
 
@@ -135,22 +120,20 @@ fn misbehave_then_recover(
         "node not named: {line}"
     );
     // While it misbehaves, every event is resent, always under its first chunk id.
-    let resent = case.seen.wait(Duration::from_secs(20), |s| {
-        acked
-            .iter()
-            .all(|id| s.counts.get(id).copied().unwrap_or(0) >= 2)
-    });
+    let resent = case
+        .seen
+        .wait(Duration::from_secs(20), |s| s.each_at_least(&acked, 2));
     let during = case.seen.snapshot();
     let spooled_during = case.spool_records();
     let recovered_at = Instant::now();
-    case.agg.set(good);
+    case.agg.set_behaviour(good);
     let drained = case.wait_drained(Duration::from_secs(30));
     let drain_secs = recovered_at.elapsed().as_secs_f64();
     let s = case.seen.snapshot();
     let lost = s.missing(&acked);
-    let timeouts = scrape(case.metrics, "ackgate_ack_timeouts_total").unwrap_or(0.0);
-    let retries = scrape(case.metrics, "ackgate_retries_total").unwrap_or(0.0);
-    let dead = scrape(case.metrics, "ackgate_dead_letters_total").unwrap_or(0.0);
+    let timeouts = scrape_sum(case.metrics, "ackgate_ack_timeouts_total").unwrap_or(0.0);
+    let retries = scrape_sum(case.metrics, "ackgate_retries_total").unwrap_or(0.0);
+    let dead = scrape_sum(case.metrics, "ackgate_dead_letters_total").unwrap_or(0.0);
     let same_id = acked
         .iter()
         .all(|id| s.chunks_of_event.get(id).is_some_and(|c| c.len() == 1));
@@ -162,15 +145,8 @@ fn misbehave_then_recover(
         .take(220)
         .collect();
     Row {
-        scenario: scenario.into(),
-        sent: acked.len(),
-        acked: acked.len(),
-        received: acked.len() - lost.len(),
-        duplicates: s.duplicates(),
-        lost: lost.len(),
-        cycles: 1,
         seconds: case.started.elapsed().as_secs_f64(),
-        command: command("faults_upstream", test),
+        command: rerun_command("faults_upstream", test),
         notes: format!(
             "visible: `{excerpt}`; {} spooled records kept meanwhile, {} chunk ids resent (same ids: {same_id}); \
              metrics: {retries} retries, {timeouts} ack timeouts, {dead} dead letters; drained {drain_secs:.1} s after it behaved; \
@@ -179,7 +155,7 @@ fn misbehave_then_recover(
             case.resent_ids(),
             case.agg.connections()
         ),
-        ..Row::default()
+        ..Row::acked_only(scenario, acked.len(), &acked, &s)
     }
     .save();
     assert!(
@@ -303,7 +279,7 @@ fn reads_at_one_kib_per_second() {
     let drained = case.wait_drained(Duration::from_secs(60));
     let s = case.seen.snapshot();
     let lost = s.missing(&acked);
-    let timeouts = scrape(case.metrics, "ackgate_ack_timeouts_total").unwrap_or(0.0);
+    let timeouts = scrape_sum(case.metrics, "ackgate_ack_timeouts_total").unwrap_or(0.0);
     let warned = case
         .gate
         .log_lines_with(&[
@@ -312,22 +288,15 @@ fn reads_at_one_kib_per_second() {
         ])
         .len();
     Row {
-        scenario: "5h upstream reads at 1 KiB/s".into(),
-        sent: acked.len(),
-        acked: acked.len(),
-        received: acked.len() - lost.len(),
-        duplicates: s.duplicates(),
-        lost: lost.len(),
-        cycles: 1,
         seconds: case.started.elapsed().as_secs_f64(),
-        command: command("faults_upstream", "reads_at_one_kib_per_second"),
+        command: rerun_command("faults_upstream", "reads_at_one_kib_per_second"),
         notes: format!(
             "{bytes} B of events in 6 records, window 8, ack_timeout 2s: {timeouts} ack timeouts ({warned} WARN lines), \
              {} connections, {} chunk ids resent; delivered by itself",
             case.agg.connections(),
             case.resent_ids()
         ),
-        ..Row::default()
+        ..Row::acked_only("5h upstream reads at 1 KiB/s", acked.len(), &acked, &s)
     }
     .save();
     assert!(
@@ -369,7 +338,7 @@ fn drops_chunks_above_a_size_limit_without_an_ack() {
     let drained = case.wait_drained(Duration::from_secs(30));
     let trickled = case.ledger.snapshot();
     let splits = case.gate.log_lines_with(&["splitting it in two"]).len();
-    let dead_metric = scrape(case.metrics, "ackgate_dead_letters_total").unwrap_or(0.0);
+    let dead_metric = scrape_sum(case.metrics, "ackgate_dead_letters_total").unwrap_or(0.0);
     let dropped = case.agg.requests().iter().filter(|r| !r.kept).count();
     let left = case.spool_records();
     let mut gate = case.gate;
@@ -407,7 +376,7 @@ fn drops_chunks_above_a_size_limit_without_an_ack() {
         lost: lost.len(),
         cycles: 1,
         seconds: case.started.elapsed().as_secs_f64(),
-        command: command("faults_upstream", "drops_chunks_above"),
+        command: rerun_command("faults_upstream", "drops_chunks_above"),
         notes: format!(
             "{dropped} requests dropped by the aggregator; {splits} splits (40-event record arrived whole: {big_arrived}); \
              dead letters: {dead_metric} (the 6 KiB single event, kept in the spool: {}); reason logged: {}",

@@ -5,30 +5,13 @@
 
 #[path = "../fuzz/src/lib.rs"]
 mod fuzz_check;
+mod support;
 
 use ackgate::forward::entries::deflate_gzip;
 use fuzz_check::check_frame_stream;
+use support::Rng;
 
 const INPUTS: usize = 20_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-}
 
 /// Valid requests of every mode, the starting points for mutation.
 fn seeds() -> Vec<Vec<u8>> {

@@ -11,16 +11,13 @@
 //! a wrong key or a self_hostname equal to A's is logged clearly and the records stay in B's
 //! spool (DESIGN.md invariant 2).
 
-mod common;
-#[path = "e2e_support/mod.rs"]
-mod e2e_support;
+mod support;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::*;
-use e2e_support::*;
+use support::*;
 
 const HOSTNAME: &str = "ackgate-test";
 const KEY: &str = "k3y";
@@ -255,7 +252,7 @@ fn json_sender_on_a_secured_port_is_closed_and_named_json_in_the_log() {
             "ingress",
             &format!("[security]\nself_hostname = \"{HOSTNAME}\"\nshared_key = \"{KEY}\"\n"),
         )
-        .section("metrics", "listen = \"127.0.0.1:0\"")
+        .metrics()
         .start();
     let mut stream = connect(gate.addr());
     let local = stream.local_addr().expect("local addr");
@@ -279,7 +276,7 @@ fn json_sender_on_a_secured_port_is_closed_and_named_json_in_the_log() {
     );
     let (_, text) = http(metrics_addr(&gate), "GET", "/metrics");
     assert_eq!(
-        metric(&text, "ackgate_rejected_connections_total{reason=\"json\"}"),
+        metric_exact(&text, "ackgate_rejected_connections_total{reason=\"json\"}"),
         Some(1.0),
         "counted as a JSON refusal"
     );
@@ -381,7 +378,7 @@ fn send_plain(gate: &Ackgate, tag: &str) -> Vec<u8> {
 
 /// Stop B and read its spool: the record is still there.
 fn assert_still_spooled(mut b: Ackgate) {
-    terminate_cleanly(&mut b);
+    b.terminate_cleanly();
     let stats = spool_ok(b.config_path(), &["stats"]);
     assert_eq!(
         stats_value(&stats, "records"),

@@ -5,12 +5,12 @@
 //! unanswered, they detach the node for good. fluentd v1's transport heartbeat is a TCP
 //! connection that opens and closes without a byte: that is normal traffic, not an error.
 
-mod common;
+mod support;
 
 use std::net::{TcpStream, UdpSocket};
 use std::time::Duration;
 
-use common::*;
+use support::*;
 
 fn heartbeat(target: std::net::SocketAddr, payload: &[u8]) {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
@@ -110,7 +110,7 @@ fn answered(socket: &UdpSocket, target: std::net::SocketAddr) -> bool {
 /// over (PROTOCOL.md §13.7), and are answered again once upstream has drained it.
 #[test]
 fn heartbeats_stop_while_the_spool_is_full_and_resume_after_it_drains() {
-    let agg = Aggregator::start_with(0, AckMode::NeverAck);
+    let agg = Aggregator::start_with(Behaviour::NeverAck);
     let gate = Ackgate::builder()
         .node("agg", agg.addr())
         .section("ingress", "max_frame_bytes = \"16KiB\"")
@@ -152,7 +152,7 @@ fn heartbeats_stop_while_the_spool_is_full_and_resume_after_it_drains() {
     );
     gate.wait_for_log("UDP heartbeats go unanswered", Duration::from_secs(10));
 
-    agg.set_mode(AckMode::Ack);
+    agg.set_behaviour(Behaviour::Ack);
     let mut back = false;
     for _ in 0..100 {
         if answered(&socket, gate.addr()) {

@@ -17,9 +17,7 @@
 //! there the client reports what it sent and the aggregator's events are compared by content.
 //! A runtime or library that is missing skips its test with the reason, except under `CI`.
 
-mod common;
-#[path = "interop_support/mod.rs"]
-mod interop_support;
+mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
@@ -27,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use ackgate::forward::value::entry_to_json;
 use ackgate::forward::Mode;
-use common::*;
-use interop_support::*;
+use support::*;
 
 /// How long a client run may take (it prints and exits well before).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -301,7 +298,7 @@ fn node_tls() {
     let Some(node) = tool_or_skip("node_tls", node_tool()) else {
         return;
     };
-    let pki = TestPki::new();
+    let pki = Pki::generate("ackgate interop test CA");
     let agg = Aggregator::start();
     let gate = Ackgate::builder()
         .node("agg", agg.addr())
@@ -309,15 +306,15 @@ fn node_tls() {
             "ingress",
             &format!(
                 "tls = {{ cert = {:?}, key = {:?} }}",
-                pki.cert().to_string_lossy(),
-                pki.key().to_string_lossy()
+                pki.server_cert.to_string_lossy(),
+                pki.server_key.to_string_lossy()
             ),
         )
         .start();
     let report = pki.dir().join("sent.jsonl");
 
     // No proxy: the bytes are encrypted. The client reports what it emitted instead.
-    let (ca, report_arg) = (pki.ca(), report.to_string_lossy().into_owned());
+    let (ca, report_arg) = (&pki.ca, report.to_string_lossy().into_owned());
     let command = node_command(
         &node,
         gate.addr().port(),

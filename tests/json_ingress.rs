@@ -7,16 +7,13 @@
 //! request order. JSON cannot be authenticated, so a secured port refuses it, whether it comes
 //! instead of the PING or after a valid handshake, and nothing of it is spooled.
 
-mod common;
-#[path = "e2e_support/mod.rs"]
-mod e2e_support;
+mod support;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::*;
-use e2e_support::*;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -2,13 +2,13 @@
 //! logged with its peer address, nothing of it reaches the spool or the aggregator, and every
 //! other connection goes on undisturbed.
 
-mod common;
+mod support;
 
 use std::io::Write;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::*;
+use support::*;
 
 const GOOD_REQUESTS: u64 = 60;
 

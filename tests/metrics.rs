@@ -8,15 +8,12 @@
 //! admin API and prints what it prints on the stopped spool; without an admin listener it says
 //! how to enable one.
 
-mod common;
-#[path = "e2e_support/mod.rs"]
-mod e2e_support;
+mod support;
 
 use std::io::Write;
 use std::time::Duration;
 
-use common::*;
-use e2e_support::*;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -39,16 +36,13 @@ fn send_requests(gate: &Ackgate, tag: &str, n: u64, events: u64) -> Vec<Vec<u8>>
 }
 
 fn get(text: &str, key: &str) -> f64 {
-    metric(text, key).unwrap_or_else(|| panic!("no sample {key} in /metrics:\n{text}"))
+    metric_exact(text, key).unwrap_or_else(|| panic!("no sample {key} in /metrics:\n{text}"))
 }
 
 #[test]
 fn counters_gauges_and_histogram_after_a_run() {
     let agg = Aggregator::start();
-    let gate = Ackgate::builder()
-        .node("agg", agg.addr())
-        .section("metrics", "listen = \"127.0.0.1:0\"")
-        .start();
+    let gate = Ackgate::builder().node("agg", agg.addr()).metrics().start();
     let addr = metrics_addr(&gate);
     let events = send_requests(&gate, "metrics.run", 5, 4);
     agg.wait_for_all(&events, WAIT);
@@ -117,10 +111,7 @@ fn counters_gauges_and_histogram_after_a_run() {
 #[test]
 fn health_ready_and_retry_endpoints_answer() {
     let agg = Aggregator::start();
-    let gate = Ackgate::builder()
-        .node("agg", agg.addr())
-        .section("metrics", "listen = \"127.0.0.1:0\"")
-        .start();
+    let gate = Ackgate::builder().node("agg", agg.addr()).metrics().start();
     let addr = metrics_addr(&gate);
     assert_eq!(http(addr, "GET", "/health"), (200, "ok\n".into()));
     assert_eq!(http(addr, "GET", "/ready"), (200, "ready\n".into()));
@@ -133,12 +124,12 @@ fn health_ready_and_retry_endpoints_answer() {
 #[test]
 fn ready_turns_503_when_the_spool_is_full() {
     // Nothing listens on the node's port: records stay.
-    let down = PortHold::new();
+    let down = ReservedPort::new();
     let gate = Ackgate::builder()
         .node("down", down.addr())
         .section("ingress", "max_frame_bytes = \"1KiB\"")
         .section("spool", "max_bytes = \"1KiB\"")
-        .section("metrics", "listen = \"127.0.0.1:0\"")
+        .metrics()
         .start();
     let addr = metrics_addr(&gate);
     assert_eq!(http(addr, "GET", "/ready"), (200, "ready\n".into()));
@@ -189,7 +180,7 @@ fn without_ages(list: &str) -> String {
 #[test]
 fn spool_commands_on_a_running_spool_go_through_its_admin_api_and_print_what_a_stopped_one_prints()
 {
-    let down = PortHold::new();
+    let down = ReservedPort::new();
     // The commands find the running process through the config, which names its port.
     let (mut gate, admin) = start_with_admin(Ackgate::builder().node("down", down.addr()));
     let events = send_requests(&gate, "spool.cli", 3, 2);
@@ -209,7 +200,7 @@ fn spool_commands_on_a_running_spool_go_through_its_admin_api_and_print_what_a_s
     let (status, _) = http(admin, "POST", "/retry");
     assert_eq!(status, 200);
 
-    terminate_cleanly(&mut gate);
+    gate.terminate_cleanly();
     let stats = spool_ok(&config, &["stats"]);
     assert_eq!(
         stats_value(&stats, "records"),
@@ -272,7 +263,7 @@ fn spool_commands_on_a_running_spool_go_through_its_admin_api_and_print_what_a_s
 
 #[test]
 fn spool_commands_on_a_running_spool_without_an_admin_listener_say_how_to_enable_it() {
-    let down = PortHold::new();
+    let down = ReservedPort::new();
     let mut gate = Ackgate::builder().node("down", down.addr()).start();
     send_requests(&gate, "spool.cli", 1, 1);
     let output = spool_cmd(gate.config_path(), &["list"]);
@@ -285,5 +276,5 @@ fn spool_commands_on_a_running_spool_without_an_admin_listener_say_how_to_enable
         stderr.contains("[admin]"),
         "must say how to enable the admin listener: {stderr}"
     );
-    terminate_cleanly(&mut gate);
+    gate.terminate_cleanly();
 }

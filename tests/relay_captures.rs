@@ -14,7 +14,7 @@
 //!
 //! The directory is `$ACKGATE_CAPTURES` if set, else `<crate>/../shared/captures`.
 
-mod common;
+mod support;
 
 use std::io::Write;
 use std::path::Path;
@@ -23,7 +23,7 @@ use std::time::Duration;
 use ackgate::forward::msgpack::value_len;
 use ackgate::forward::{Decoded, FrameDecoder, Limits};
 use bytes::BytesMut;
-use common::*;
+use support::*;
 
 /// Real receiver replies captured for a request file: (request or sender file, reply file).
 /// For the `-secure` pairs the reply starts with HELO and PONG; the ack is its last value.

@@ -3,12 +3,12 @@
 //! option, no read, close right after the last write. Every event must reach the aggregator
 //! byte for byte, exactly once, inside ackgate's own PackedForward with a 24-char chunk id.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::*;
+use support::*;
 
 const CHUNKS: usize = 200;
 const EVENTS_PER_CHUNK: usize = 5;
@@ -50,12 +50,13 @@ fn v010_chunks_on_fresh_connections_arrive_byte_identical() {
             .unwrap_or_else(|e| panic!("chunk id {id:?} is not base64: {e}"));
         assert_eq!(decoded.len(), 16, "chunk id {id:?} does not carry 16 bytes");
         assert_eq!(
-            r.array_marker, 0x93,
+            r.array_marker(),
+            0x93,
             "upstream request is not a 3-element array"
         );
-        assert_eq!(r.entries_marker, 0xdb, "upstream entries are not str32");
+        assert_eq!(r.entries_marker(), 0xdb, "upstream entries are not str32");
         assert_eq!(
-            r.size,
+            r.size(),
             Some(r.events as i64),
             "size option does not count the request's events"
         );

@@ -8,12 +8,12 @@
 //! For Message mode the upstream entry is `0x92` followed by the sender's own time and record
 //! bytes; for compressed requests it is the inflated entries.
 
-mod common;
+mod support;
 
 use std::io::Write;
 use std::time::Duration;
 
-use common::*;
+use support::*;
 
 /// One request and what must come out of it.
 struct Case {
@@ -402,8 +402,8 @@ fn every_mode_and_framing_arrives_byte_identical() {
     agg.wait_for_all(&expected, Duration::from_secs(20));
     assert_same_events(&expected, &agg.events(), "all modes");
     for r in agg.requests() {
-        assert_eq!(r.entries_marker, 0xdb, "upstream entries are not str32");
-        assert_eq!(r.size, Some(r.events as i64), "size option is wrong");
+        assert_eq!(r.entries_marker(), 0xdb, "upstream entries are not str32");
+        assert_eq!(r.size(), Some(r.events as i64), "size option is wrong");
         assert!(
             String::from_utf8_lossy(&r.tag).starts_with("modes."),
             "unexpected tag {:?}",

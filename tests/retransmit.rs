@@ -6,15 +6,12 @@
 //! (fluent-bit ids are content hashes), so the same id with different content is a new request:
 //! spooled and delivered.
 
-mod common;
-#[path = "e2e_support/mod.rs"]
-mod e2e_support;
+mod support;
 
 use std::io::Write;
 use std::time::Duration;
 
-use common::*;
-use e2e_support::*;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -49,10 +46,7 @@ fn count(events: &[Vec<u8>], event: &[u8]) -> usize {
 #[test]
 fn identical_resend_is_acked_again_but_delivered_once() {
     let agg = Aggregator::start();
-    let gate = Ackgate::builder()
-        .node("agg", agg.addr())
-        .section("metrics", "listen = \"127.0.0.1:0\"")
-        .start();
+    let gate = Ackgate::builder().node("agg", agg.addr()).metrics().start();
     let metrics = metrics_addr(&gate);
 
     let entries: Vec<Vec<u8>> = (0..3)
@@ -74,12 +68,12 @@ fn identical_resend_is_acked_again_but_delivered_once() {
     // it: wait for it rather than racing it.
     let text = wait_metric(metrics, "ackgate_acks_sent_total", WAIT, |v| v == Some(3.0));
     assert_eq!(
-        metric(&text, "ackgate_retransmits_total"),
+        metric_exact(&text, "ackgate_retransmits_total"),
         Some(1.0),
         "ackgate_retransmits_total must count the resend; metrics:\n{text}"
     );
     assert_eq!(
-        metric(&text, "ackgate_acks_sent_total"),
+        metric_exact(&text, "ackgate_acks_sent_total"),
         Some(3.0),
         "three acks sent"
     );

@@ -9,12 +9,9 @@
 //! `size` (it counts events, and these are contexts), never merged with another request
 //! (fluent-bit decodes one context stream per request), and the signal survives a SIGKILL.
 
-mod common;
-#[path = "e2e_support/mod.rs"]
-mod e2e_support;
+mod support;
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ackgate::forward::entries::deflate_gzip;
@@ -22,8 +19,7 @@ use ackgate::forward::value::json_to_msgpack;
 use base64::Engine as _;
 use serde_json::json;
 
-use common::*;
-use e2e_support::*;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -90,7 +86,7 @@ fn ack_for(chunk: &str) -> Vec<u8> {
     out
 }
 
-fn gate_for(agg: &RawAggregator, node_extra: &str) -> Ackgate {
+fn gate_for(agg: &Aggregator, node_extra: &str) -> Ackgate {
     Ackgate::builder()
         .section("upstream", &node_toml("agg", agg.addr(), node_extra))
         .start()
@@ -107,17 +103,17 @@ fn send_acked(gate: &Ackgate, tag: &str, payload: &[u8], signal: u64, chunk_seq:
 }
 
 /// The first request the aggregator acked (waits for it).
-fn first_acked(agg: &RawAggregator, what: &str) -> RawRequest {
+fn first_acked(agg: &Aggregator, what: &str) -> Request {
     let got = agg.wait_until(what, WAIT, |r| r.iter().any(|r| r.acked));
     got.into_iter().find(|r| r.acked).expect("acked")
 }
 
-fn signal_of(request: &RawRequest) -> Option<Vec<u8>> {
+fn signal_of(request: &Request) -> Option<Vec<u8>> {
     request.option("fluent_signal")
 }
 
 /// The upstream request's payload element, checked to be a bin (0xc4–0xc6), and its content.
-fn bin_payload(request: &RawRequest) -> Vec<u8> {
+fn bin_payload(request: &Request) -> Vec<u8> {
     let elements = array_elements(&request.raw);
     assert_eq!(elements.len(), 3, "[tag, payload, option]");
     assert!(
@@ -130,7 +126,7 @@ fn bin_payload(request: &RawRequest) -> Vec<u8> {
 
 #[test]
 fn metrics_and_traces_pass_through_unchanged_and_apart_from_logs() {
-    let agg = RawAggregator::start();
+    let agg = Aggregator::start();
     let gate = gate_for(&agg, "");
 
     // Two contexts in one metrics request, a second metrics request with the same tag, a
@@ -168,7 +164,7 @@ fn metrics_and_traces_pass_through_unchanged_and_apart_from_logs() {
     let got = agg.wait_until("4 acked requests", WAIT, |r| {
         r.iter().filter(|r| r.acked).count() >= 4
     });
-    let with_signal = |code: u8| -> Vec<&RawRequest> {
+    let with_signal = |code: u8| -> Vec<&Request> {
         got.iter()
             .filter(|r| signal_of(r).as_deref() == Some(&[code][..]))
             .collect()
@@ -211,7 +207,7 @@ fn metrics_and_traces_pass_through_unchanged_and_apart_from_logs() {
         "traces inflated once at ingress, sent as they were before compression"
     );
 
-    let logs: Vec<&RawRequest> = got.iter().filter(|r| signal_of(r).is_none()).collect();
+    let logs: Vec<&Request> = got.iter().filter(|r| signal_of(r).is_none()).collect();
     assert_eq!(logs.len(), 1, "the logs went on their own: {got:?}");
     assert_eq!(logs[0].tag, b"fb.metrics");
     assert_eq!(
@@ -224,7 +220,7 @@ fn metrics_and_traces_pass_through_unchanged_and_apart_from_logs() {
 
 #[test]
 fn a_spooled_signal_survives_sigkill_and_shows_in_spool_inspection() {
-    let agg = RawAggregator::start_with(Arc::new(|_| false));
+    let agg = Aggregator::start_with(Behaviour::NeverAck);
     let mut gate = Ackgate::builder()
         .section("upstream", &node_toml("agg", agg.addr(), ""))
         .section("upstream", "ack_timeout = \"30s\"")
@@ -252,7 +248,7 @@ fn a_spooled_signal_survives_sigkill_and_shows_in_spool_inspection() {
         "the stored context byte for byte"
     );
 
-    agg.set_policy(Arc::new(|_| true));
+    agg.set_behaviour(Behaviour::Ack);
     gate.restart();
     let resent = first_acked(&agg, "the metrics request, acked");
     assert_eq!(signal_of(&resent).as_deref(), Some(&[1u8][..]));
@@ -266,7 +262,7 @@ fn a_spooled_signal_survives_sigkill_and_shows_in_spool_inspection() {
 
 #[test]
 fn a_signal_ackgate_cannot_relay_closes_only_that_connection() {
-    let agg = RawAggregator::start();
+    let agg = Aggregator::start();
     let gate = gate_for(&agg, "");
     let context = cmetrics_context("x", 1.0);
     let cases: [(&str, Vec<u8>, &str); 3] = [
@@ -330,7 +326,7 @@ fn a_signal_ackgate_cannot_relay_closes_only_that_connection() {
 
 #[test]
 fn node_rewrites_never_touch_a_signal_payload_and_gzip_inflates_to_it() {
-    let agg = RawAggregator::start();
+    let agg = Aggregator::start();
     let gate = gate_for(&agg, "strip_empty_metadata = true\ncompress = \"gzip\"");
     // A payload that contains the very bytes strip_empty_metadata rewrites in log entries
     // (`[[EventTime, {}], record]`): as a trace context it must stay as it is.

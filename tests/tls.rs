@@ -10,9 +10,7 @@
 //! trusts A's CA, or when `tls_verify = false` whatever signed A's certificate; with the wrong
 //! CA and verification on, B logs the TLS failure and keeps its records (invariant 2).
 
-mod common;
-#[path = "e2e_support/mod.rs"]
-mod e2e_support;
+mod support;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -24,8 +22,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::*;
-use e2e_support::*;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -104,7 +101,7 @@ fn tls_request(
     })
 }
 
-fn tls_gate(agg: &Aggregator, certs: &Certs, client_ca: bool) -> Ackgate {
+fn tls_gate(agg: &Aggregator, certs: &Pki, client_ca: bool) -> Ackgate {
     let mut tls = format!(
         "[tls]\ncert = {}\nkey = {}\n",
         toml_path(&certs.server_cert),
@@ -127,7 +124,7 @@ fn request(tag: &str, id: u64) -> (Vec<u8>, Vec<u8>, String) {
 
 #[test]
 fn ingress_tls_acks_over_tls_and_events_flow() {
-    let certs = Certs::generate("ackgate test CA");
+    let certs = Pki::generate("ackgate test CA");
     let agg = Aggregator::start();
     let gate = tls_gate(&agg, &certs, false);
     let (bytes, entries, chunk) = request("tls.ingress", 1);
@@ -141,7 +138,7 @@ fn ingress_tls_acks_over_tls_and_events_flow() {
 
 #[test]
 fn client_ca_refuses_a_client_without_certificate_and_serves_a_signed_one() {
-    let certs = Certs::generate("ackgate test CA");
+    let certs = Pki::generate("ackgate test CA");
     let agg = Aggregator::start();
     let gate = tls_gate(&agg, &certs, true);
 
@@ -179,7 +176,7 @@ fn client_ca_refuses_a_client_without_certificate_and_serves_a_signed_one() {
 // ------------------------------------------------------------------------------------------------
 // Upstream: ackgate B → ackgate A (TLS + shared key)
 
-fn relay_a(agg: &Aggregator, certs: &Certs) -> Ackgate {
+fn relay_a(agg: &Aggregator, certs: &Pki) -> Ackgate {
     Ackgate::builder()
         .node("agg", agg.addr())
         .section(
@@ -226,7 +223,7 @@ fn send_plain(gate: &Ackgate, tag: &str, n: u64) -> Vec<Vec<u8>> {
 
 #[test]
 fn relay_delivers_over_tls_to_a_node_it_trusts() {
-    let certs = Certs::generate("ackgate test CA");
+    let certs = Pki::generate("ackgate test CA");
     let agg = Aggregator::start();
     let a = relay_a(&agg, &certs);
     let b = relay_b(a.addr(), &format!("tls_ca = {}\n", toml_path(&certs.ca)));
@@ -241,7 +238,7 @@ fn relay_delivers_over_tls_to_a_node_it_trusts() {
 
 #[test]
 fn relay_without_verification_accepts_an_unknown_ca() {
-    let certs = Certs::generate("a CA nobody trusts");
+    let certs = Pki::generate("a CA nobody trusts");
     let agg = Aggregator::start();
     let a = relay_a(&agg, &certs);
     let b = relay_b(a.addr(), "tls_verify = false\n");
@@ -252,8 +249,8 @@ fn relay_without_verification_accepts_an_unknown_ca() {
 
 #[test]
 fn relay_with_the_wrong_ca_logs_the_tls_error_and_keeps_its_records() {
-    let certs = Certs::generate("ackgate test CA");
-    let other = Certs::generate("some other CA");
+    let certs = Pki::generate("ackgate test CA");
+    let other = Pki::generate("some other CA");
     let agg = Aggregator::start();
     let a = relay_a(&agg, &certs);
     let mut b = relay_b(
@@ -273,7 +270,7 @@ fn relay_with_the_wrong_ca_logs_the_tls_error_and_keeps_its_records() {
         0,
         "nothing may pass an unverified TLS node"
     );
-    terminate_cleanly(&mut b);
+    b.terminate_cleanly();
     let stats = spool_ok(b.config_path(), &["stats"]);
     assert_eq!(
         stats_value(&stats, "records"),

@@ -2,7 +2,7 @@
 //! `ackgate receive` (an acking aggregator writing JSON lines), `ackgate run` relaying to it,
 //! and `ackgate send` feeding JSON lines from stdin, with acks and in the fluentd v0.10 layout.
 
-mod common;
+mod support;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{json, Value};
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 

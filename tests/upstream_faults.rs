@@ -7,34 +7,42 @@
 //! (b) The aggregator is down when ackgate starts: senders are still acked (the data is
 //!     spooled), and everything is delivered once the aggregator comes up on that port.
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::*;
 
 /// Send `n` acked v0.12 requests (on their own connections) and return their events.
-fn send_acked(gate: &Ackgate, tag: &str, n: u64) -> Vec<Vec<u8>> {
+fn send_acked_requests(gate: &Ackgate, tag: &str, n: u64) -> Vec<Vec<u8>> {
     let mut events = Vec::new();
     for i in 0..n {
-        let entries: Vec<Vec<u8>> = (0..3).map(|_| entry_int(TS, &unique_record(tag))).collect();
-        let chunk = v012_chunk_id(10_000 + i);
-        let mut stream = connect(gate.addr());
-        stream
-            .write_all(&ack_request(tag, &entries.concat(), &chunk))
-            .expect("write");
-        let ack = read_one_ack(&mut stream, Duration::from_secs(10));
-        assert_eq!(hex(&ack), hex(&expected_ack(&chunk)));
+        let entries = unique_entries(tag, 3);
+        send_acked(
+            gate.addr(),
+            tag,
+            &entries.concat(),
+            10_000 + i,
+            Duration::from_secs(10),
+        );
         events.extend(entries);
     }
     events
 }
 
+/// Whether some chunk id came at least twice.
+fn some_chunk_id_resent(requests: &[Request]) -> bool {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for c in requests.iter().filter_map(|r| r.chunk.as_deref()) {
+        *counts.entry(c).or_insert(0) += 1;
+    }
+    counts.values().any(|&n| n >= 2)
+}
+
 #[test]
 fn aggregator_that_reads_but_never_acks_gets_the_same_chunk_ids_again() {
-    let agg = Aggregator::start_with(0, AckMode::NeverAck);
+    let agg = Aggregator::start_with(Behaviour::NeverAck);
     let gate = Ackgate::builder()
         .node("silent-agg", agg.addr())
         .section(
@@ -47,7 +55,7 @@ fn aggregator_that_reads_but_never_acks_gets_the_same_chunk_ids_again() {
         )
         .start();
 
-    let expected = send_acked(&gate, "faults.seed", 5);
+    let expected = send_acked_requests(&gate, "faults.seed", 5);
 
     // ackgate notices the silence and names the node and the timeout.
     let line = gate.wait_for_log(
@@ -62,15 +70,7 @@ fn aggregator_that_reads_but_never_acks_gets_the_same_chunk_ids_again() {
     agg.wait_until(
         "a chunk id sent at least twice",
         Duration::from_secs(15),
-        |reqs| {
-            let mut counts: HashMap<&str, usize> = HashMap::new();
-            for r in reqs {
-                if let Some(c) = r.chunk.as_deref() {
-                    *counts.entry(c).or_insert(0) += 1;
-                }
-            }
-            counts.values().any(|&n| n >= 2)
-        },
+        some_chunk_id_resent,
     );
     // Every resend carries exactly the events its id carried the first time.
     let mut first: HashMap<String, Vec<u8>> = HashMap::new();
@@ -86,7 +86,7 @@ fn aggregator_that_reads_but_never_acks_gets_the_same_chunk_ids_again() {
         agg.chunk_ids_seen().into_iter().collect();
 
     // The aggregator recovers: everything is delivered.
-    agg.set_mode(AckMode::Ack);
+    agg.set_behaviour(Behaviour::Ack);
     agg.wait_until("every chunk id acked", Duration::from_secs(20), |reqs| {
         let acked: std::collections::HashSet<&str> = reqs
             .iter()
@@ -114,14 +114,14 @@ fn aggregator_that_reads_but_never_acks_gets_the_same_chunk_ids_again() {
     // "nothing happened", so watch for longer than ack_timeout + retry_max.
     let quiet_from = agg.requests().len();
     std::thread::sleep(Duration::from_secs(3));
-    let late: Vec<UpRequest> = agg.requests().into_iter().skip(quiet_from).collect();
+    let late: Vec<Request> = agg.requests().into_iter().skip(quiet_from).collect();
     assert!(
         late.is_empty(),
         "{} request(s) after every id was acked: {:?}",
         late.len(),
         late.iter().map(|r| &r.chunk).collect::<Vec<_>>()
     );
-    let resent: Vec<UpRequest> = agg
+    let resent: Vec<Request> = agg
         .requests()
         .into_iter()
         .filter(|r| r.resent_after_ack)
@@ -135,10 +135,9 @@ fn aggregator_that_reads_but_never_acks_gets_the_same_chunk_ids_again() {
 
 #[test]
 fn aggregator_down_at_start_gets_everything_once_it_is_up() {
-    let port = free_port();
-    let node = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let node = ReservedPort::new();
     let gate = Ackgate::builder()
-        .node("late-agg", node)
+        .node("late-agg", node.addr())
         .section(
             "upstream",
             "retry_initial = \"100ms\"\nretry_max = \"500ms\"",
@@ -147,7 +146,7 @@ fn aggregator_down_at_start_gets_everything_once_it_is_up() {
 
     // Acked although no aggregator exists: acks mean "spooled", not "delivered".
     let started = Instant::now();
-    let expected = send_acked(&gate, "faults.down", 10);
+    let expected = send_acked_requests(&gate, "faults.down", 10);
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "acks were held back by the missing aggregator"
@@ -155,7 +154,7 @@ fn aggregator_down_at_start_gets_everything_once_it_is_up() {
     let line = gate.wait_for_log("upstream node unreachable", Duration::from_secs(10));
     assert!(line.contains("node=late-agg"), "node not named: {line}");
 
-    let agg = Aggregator::start_with(port, AckMode::Ack);
+    let agg = Aggregator::start_on(node, Behaviour::Ack);
     agg.wait_for_all(&expected, Duration::from_secs(20));
     assert_same_events(
         &expected,
@@ -169,7 +168,7 @@ fn aggregator_down_at_start_gets_everything_once_it_is_up() {
 fn aggregator_that_closes_after_reading_gets_the_chunk_again() {
     // A receiver that drops the connection without an answer (fluentd when emit raises):
     // the chunk is not lost and is resent with the same id.
-    let agg = Aggregator::start_with(0, AckMode::CloseAfterRead);
+    let agg = Aggregator::start_with(Behaviour::CloseAfterRead);
     let gate = Ackgate::builder()
         .node("closing-agg", agg.addr())
         .section(
@@ -177,15 +176,13 @@ fn aggregator_that_closes_after_reading_gets_the_chunk_again() {
             "retry_initial = \"100ms\"\nretry_max = \"300ms\"",
         )
         .start();
-    let expected = send_acked(&gate, "faults.close", 3);
-    agg.wait_until("a resend after a close", Duration::from_secs(10), |reqs| {
-        let mut counts: HashMap<&str, usize> = HashMap::new();
-        reqs.iter()
-            .filter_map(|r| r.chunk.as_deref())
-            .for_each(|c| *counts.entry(c).or_insert(0) += 1);
-        counts.values().any(|&n| n >= 2)
-    });
-    agg.set_mode(AckMode::Ack);
+    let expected = send_acked_requests(&gate, "faults.close", 3);
+    agg.wait_until(
+        "a resend after a close",
+        Duration::from_secs(10),
+        some_chunk_id_resent,
+    );
+    agg.set_behaviour(Behaviour::Ack);
     agg.wait_for_all(&expected, Duration::from_secs(20));
     assert_same_event_set(&expected, &agg.events(), "after closes");
     gate.wait_for_log_since(
@@ -208,10 +205,10 @@ fn aggregator_restart_mid_stream_loses_nothing() {
             "retry_initial = \"50ms\"\nretry_max = \"300ms\"",
         )
         .start();
-    let first = send_acked(&gate, "faults.bounce1", 10);
+    let first = send_acked_requests(&gate, "faults.bounce1", 10);
     agg.wait_for_all(&first, Duration::from_secs(10));
     agg.stop();
-    let second = send_acked(&gate, "faults.bounce2", 10);
+    let second = send_acked_requests(&gate, "faults.bounce2", 10);
     gate.wait_for_log_since(0, &["node=bouncing-agg", "WARN"], Duration::from_secs(10));
     agg.restart();
     let all: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();

@@ -15,8 +15,6 @@
 //! | 24 | u64 | sync failures injected |
 //! | 32 | u64 | processes that attached (their constructor mapped the file) |
 
-#![allow(dead_code)]
-
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -33,7 +31,7 @@ const OFF_ATTACHED: u64 = 32;
 
 /// What the shim does to calls on the targeted file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub enum EioMode {
     /// Every call passes through.
     Off,
     /// `pread`, `pread64`, `preadv` fail with EIO.
@@ -42,12 +40,12 @@ pub enum Mode {
     FailWrites,
 }
 
-impl Mode {
+impl EioMode {
     fn bits(self) -> u32 {
         match self {
-            Mode::Off => 0,
-            Mode::FailReads => 1,
-            Mode::FailWrites => 2 | 4,
+            EioMode::Off => 0,
+            EioMode::FailReads => 1,
+            EioMode::FailWrites => 2 | 4,
         }
     }
 }
@@ -132,7 +130,7 @@ impl EioShim {
     }
 
     /// Switch the fault mode; attached processes see it on their next call.
-    pub fn set(&self, mode: Mode) {
+    pub fn set(&self, mode: EioMode) {
         self.ctl
             .write_all_at(&mode.bits().to_ne_bytes(), OFF_MODE)
             .expect("write the fault mode");
@@ -174,7 +172,7 @@ impl Drop for EioShim {
 }
 
 fn compile() -> Result<PathBuf, String> {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/faults_support/eio_shim.c");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/eio_shim.c");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("eio_shim");
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let lib = dir.join("libeio_shim.so");

@@ -15,8 +15,6 @@
 //!
 //! Every wait has a deadline and is woken by an event, never by a sleep.
 
-#![allow(dead_code)]
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -32,7 +30,10 @@ use ackgate::forward::msgpack::{read_header, value_len, Header};
 use ackgate::forward::{Decoded, FrameDecoder, Limits, Mode};
 use bytes::BytesMut;
 
-use crate::common::{lock, raw_string, split_entries, wait_for_condition, Proc, DEPTH};
+use super::msgpack::{raw_string, DEPTH};
+use super::process::Proc;
+use super::requests::split_entries;
+use super::{lock, wait_for_condition};
 
 // ------------------------------------------------------------------------------------------------
 // Tools
@@ -83,7 +84,7 @@ fn probe(program: &str, args: &[&str], cwd: Option<&Path>) -> Result<String, Str
     if let Some(dir) = cwd {
         command.current_dir(dir);
     }
-    let mut proc = Proc::spawn_with(program, command)
+    let mut proc = Proc::try_spawn(program, command)
         .map_err(|e| format!("`{program}` cannot be started: {e}"))?;
     let stdout = proc.take_stdout();
     let status = proc.wait(Duration::from_secs(60));
@@ -160,7 +161,7 @@ pub fn go_tool() -> Result<Tool, String> {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null());
             let started = Instant::now();
-            let mut proc = Proc::spawn_with("go build", command)
+            let mut proc = Proc::try_spawn("go build", command)
                 .map_err(|e| format!("`go build` cannot be started: {e}"))?;
             let status = proc.wait(Duration::from_secs(300));
             if !status.success() {
@@ -215,7 +216,7 @@ pub fn run_client(name: &str, mut command: Command, timeout: Duration) -> Client
     command.stdin(Stdio::null()).stdout(Stdio::piped());
     let started = Instant::now();
     let mut proc =
-        Proc::spawn_with(name, command).unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc::try_spawn(name, command).unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
     let stdout = proc.take_stdout();
     let status = proc.wait(timeout);
     let elapsed = started.elapsed();
@@ -233,68 +234,6 @@ pub fn run_client(name: &str, mut command: Command, timeout: Duration) -> Client
         stdout,
         stderr: proc.stderr_text(),
         elapsed,
-    }
-}
-
-/// Extension of the shared [`Proc`] for children that are not ackgate.
-trait ProcExt: Sized {
-    fn spawn_with(name: &str, command: Command) -> std::io::Result<Self>;
-    fn take_stdout(&mut self) -> StdoutReader;
-    fn stderr_text(&self) -> String;
-}
-
-impl ProcExt for Proc {
-    /// Like `Proc::spawn`, but a missing program is an error, not a panic.
-    fn spawn_with(name: &str, mut command: Command) -> std::io::Result<Proc> {
-        let program = command.get_program().to_os_string();
-        // Proc::spawn panics on a spawn failure; ask the OS first so "not installed" is a reason.
-        which(&program).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{} not found on PATH", program.to_string_lossy()),
-            )
-        })?;
-        command.stderr(Stdio::piped());
-        Ok(Proc::spawn(name, command))
-    }
-
-    fn take_stdout(&mut self) -> StdoutReader {
-        let stdout = self.child.stdout.take();
-        StdoutReader {
-            thread: stdout.map(|mut out| {
-                std::thread::spawn(move || {
-                    let mut text = String::new();
-                    let _ = out.read_to_string(&mut text);
-                    text
-                })
-            }),
-        }
-    }
-
-    fn stderr_text(&self) -> String {
-        self.log.dump()
-    }
-}
-
-/// A program's path: as given if it has a slash, else the first match on PATH.
-fn which(program: &std::ffi::OsStr) -> Option<PathBuf> {
-    let path = Path::new(program);
-    if path.components().count() > 1 {
-        return path.is_file().then(|| path.to_path_buf());
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-}
-
-/// A child's stdout, read to the end on its own thread (ends when the child exits).
-pub struct StdoutReader {
-    thread: Option<JoinHandle<String>>,
-}
-
-impl StdoutReader {
-    fn finish(self) -> String {
-        self.thread.and_then(|t| t.join().ok()).unwrap_or_default()
     }
 }
 
@@ -617,58 +556,4 @@ pub fn max_in_flight(conn: &ConnRecord, client: &ClientStream, server: &ServerSt
         })
         .max()
         .unwrap_or(0)
-}
-
-// ------------------------------------------------------------------------------------------------
-// TLS material
-
-/// A test CA and a server certificate for `localhost` and 127.0.0.1, as PEM files in a temp dir.
-pub struct TestPki {
-    dir: tempfile::TempDir,
-}
-
-impl TestPki {
-    pub fn new() -> TestPki {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
-        let dir = tempfile::tempdir().expect("pki temp dir");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "ackgate interop test CA");
-        let ca_key = KeyPair::generate().expect("ca key");
-        let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
-
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        let key = KeyPair::generate().expect("server key");
-        let issuer = Issuer::from_params(&ca_params, &ca_key);
-        let cert = params.signed_by(&key, &issuer).expect("server cert");
-
-        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).expect("write ca");
-        std::fs::write(dir.path().join("server.pem"), cert.pem()).expect("write cert");
-        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).expect("write key");
-        TestPki { dir }
-    }
-
-    pub fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    pub fn cert(&self) -> PathBuf {
-        self.dir.path().join("server.pem")
-    }
-
-    pub fn key(&self) -> PathBuf {
-        self.dir.path().join("server.key")
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
 }

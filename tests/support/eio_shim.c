@@ -17,7 +17,7 @@
  * both variables, or with a file that is too short or lacks the magic, the shim passes every
  * call through.
  *
- * Layout (host byte order; tests/faults_support/eio.rs mirrors it):
+ * Layout (host byte order; tests/support/eio.rs mirrors it):
  *   offset  0  u32  magic            CTL_MAGIC, written by the test
  *   offset  4  u32  mode             bit 0 fail reads  (pread, pread64, preadv)
  *                                    bit 1 fail writes (pwrite, pwrite64, pwritev)

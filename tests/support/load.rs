@@ -1,0 +1,329 @@
+//! Load for the fault tests: sender threads that behave like fluentd and account for every
+//! event in a [`Ledger`]. Ack-requesting senders (PackedForward with a `chunk` option, like
+//! fluentd v0.12+ with `require_ack_response`) mark events acked once ackgate's ack arrives and
+//! resend an unacked request with the same chunk id, like fluentd; legacy senders write fluentd
+//! v0.10's layout on one connection per request and close. Senders follow ackgate across
+//! restarts through a [`Target`].
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ackgate::forward::msgpack::value_len;
+
+use super::ledger::{event, Ids, Ledger};
+use super::msgpack::{hex, DEPTH};
+use super::requests::{ack_request, expected_ack, legacy_request_parts, random_chunk_id};
+use super::{lock, wait_for_condition};
+
+/// Where senders connect: ackgate's address changes on every restart (it listens on port 0).
+pub struct Target {
+    state: Mutex<(SocketAddr, u64)>,
+    changed: Condvar,
+}
+
+impl Target {
+    pub fn new(addr: SocketAddr) -> Arc<Target> {
+        Arc::new(Target {
+            state: Mutex::new((addr, 0)),
+            changed: Condvar::new(),
+        })
+    }
+
+    pub fn get(&self) -> (SocketAddr, u64) {
+        *lock(&self.state)
+    }
+
+    pub fn set(&self, addr: SocketAddr) {
+        let mut s = lock(&self.state);
+        s.0 = addr;
+        s.1 += 1;
+        self.changed.notify_all();
+    }
+
+    /// Wait until the address changes from generation `gen`, at most `timeout`.
+    pub fn wait_change(&self, gen: u64, timeout: Duration) {
+        let _ = wait_for_condition(&self.state, &self.changed, timeout, |s| s.1 != gen);
+    }
+}
+
+/// How one group of sender threads behaves.
+#[derive(Clone, Debug)]
+pub struct Load {
+    pub tag: String,
+    pub events_per_request: usize,
+    /// Bytes of padding per event.
+    pub pad: usize,
+    /// Pause between requests of one sender (a load rate, not a synchronisation).
+    pub pace: Duration,
+    /// How long a sender waits for ackgate's ack before it resends.
+    pub ack_wait: Duration,
+    /// A request not acked after this long is given up (and reported).
+    pub give_up_after: Duration,
+    /// One connection per request (fluentd v0.12) instead of a kept-alive one (v1 keepalive).
+    pub conn_per_request: bool,
+    /// Stop after this many requests per thread.
+    pub max_requests: Option<u64>,
+}
+
+impl Load {
+    pub fn new(tag: &str) -> Load {
+        Load {
+            tag: tag.to_string(),
+            events_per_request: 5,
+            pad: 40,
+            pace: Duration::from_millis(5),
+            ack_wait: Duration::from_secs(10),
+            give_up_after: Duration::from_secs(120),
+            conn_per_request: false,
+            max_requests: None,
+        }
+    }
+}
+
+/// What a sender thread needs, cloned for each.
+#[derive(Clone)]
+struct Sender {
+    tag: String,
+    load: Load,
+    target: Arc<Target>,
+    ids: Arc<Ids>,
+    ledger: Arc<Ledger>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Sender {
+    fn running(&self, sent: u64) -> bool {
+        !self.stop.load(Ordering::Acquire) && self.load.max_requests.is_none_or(|m| sent < m)
+    }
+
+    /// The next request's ids and entries.
+    fn batch(&self) -> (Vec<u64>, Vec<u8>) {
+        let batch = self.ids.take(self.load.events_per_request);
+        let entries = batch
+            .iter()
+            .flat_map(|&id| event(id, self.load.pad))
+            .collect();
+        (batch, entries)
+    }
+
+    fn pace(&self) {
+        if !self.load.pace.is_zero() {
+            std::thread::sleep(self.load.pace);
+        }
+    }
+}
+
+/// Running sender threads; [`Senders::stop`] lets each finish (and resend until acked) the
+/// request it is on, then joins them.
+pub struct Senders {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Senders {
+    pub fn new() -> Senders {
+        Senders {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        }
+    }
+
+    /// `count` threads that ask for acks.
+    pub fn ack(
+        &mut self,
+        count: usize,
+        load: &Load,
+        target: &Arc<Target>,
+        ids: &Arc<Ids>,
+        ledger: &Arc<Ledger>,
+    ) {
+        self.spawn(count, load, target, ids, ledger, ack_sender);
+    }
+
+    /// `count` threads that write fluentd v0.10's layout and close, never reading.
+    pub fn legacy(
+        &mut self,
+        count: usize,
+        load: &Load,
+        target: &Arc<Target>,
+        ids: &Arc<Ids>,
+        ledger: &Arc<Ledger>,
+    ) {
+        self.spawn(count, load, target, ids, ledger, legacy_sender);
+    }
+
+    fn spawn(
+        &mut self,
+        count: usize,
+        load: &Load,
+        target: &Arc<Target>,
+        ids: &Arc<Ids>,
+        ledger: &Arc<Ledger>,
+        run: fn(Sender),
+    ) {
+        for n in 0..count {
+            let sender = Sender {
+                tag: format!("{}.{n}", load.tag),
+                load: load.clone(),
+                target: target.clone(),
+                ids: ids.clone(),
+                ledger: ledger.clone(),
+                stop: self.stop.clone(),
+            };
+            self.threads.push(std::thread::spawn(move || run(sender)));
+        }
+    }
+
+    /// Join threads that stop by themselves (`max_requests`); bounded by `give_up_after`.
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
+            t.join().expect("sender thread panicked");
+        }
+    }
+
+    /// Ask every thread to stop after its current request and join them. Bounded: a thread
+    /// gives up a request after its `give_up_after`.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        self.join();
+    }
+}
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn connect_to(addr: SocketAddr, io_timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_nodelay(true)?;
+    s.set_write_timeout(Some(io_timeout))?;
+    s.set_read_timeout(Some(io_timeout))?;
+    Ok(s)
+}
+
+/// Write `request`, read one complete msgpack value, and require it to be `want`.
+fn exchange(s: &mut TcpStream, request: &[u8], want: &[u8], wait: Duration) -> Result<(), String> {
+    s.write_all(request).map_err(|e| format!("write: {e}"))?;
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        if let Ok(Some(n)) = value_len(&got, DEPTH) {
+            return if got[..n] == *want && n == got.len() {
+                Ok(())
+            } else {
+                Err(format!("wrong ack {} (want {})", hex(&got), hex(want)))
+            };
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("no ack in time".into());
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match s.read(&mut buf) {
+            Ok(0) => return Err("closed before the ack".into()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+/// One acked request of `ids` on a new connection; how long it took from connect to ack.
+pub fn timed_request(
+    addr: SocketAddr,
+    tag: &str,
+    ids: &[u64],
+    wait: Duration,
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    let entries: Vec<u8> = ids.iter().flat_map(|&id| event(id, 40)).collect();
+    let chunk = random_chunk_id();
+    let mut s = connect_to(addr, wait).map_err(|e| format!("connect: {e}"))?;
+    exchange(
+        &mut s,
+        &ack_request(tag, &entries, &chunk),
+        &expected_ack(&chunk),
+        wait,
+    )?;
+    Ok(started.elapsed())
+}
+
+fn ack_sender(me: Sender) {
+    let mut conn: Option<TcpStream> = None;
+    let mut sent = 0u64;
+    while me.running(sent) {
+        let (batch, entries) = me.batch();
+        let chunk = random_chunk_id();
+        let request = ack_request(&me.tag, &entries, &chunk);
+        let want = expected_ack(&chunk);
+        me.ledger.with(|l| l.ack_sent.extend(batch.iter().copied()));
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let (addr, gen) = me.target.get();
+            if conn.is_none() {
+                conn = connect_to(addr, me.load.ack_wait).ok();
+            }
+            let result = match conn.as_mut() {
+                Some(s) => exchange(s, &request, &want, me.load.ack_wait),
+                None => Err("connect failed".into()),
+            };
+            if result.is_ok() {
+                me.ledger.with(|l| {
+                    l.acked.extend(batch.iter().copied());
+                    if attempts > 1 {
+                        l.resends += 1;
+                    }
+                });
+                if me.load.conn_per_request {
+                    conn = None;
+                }
+                break;
+            }
+            // Like fluentd: drop the connection, resend the same chunk later.
+            conn = None;
+            if started.elapsed() > me.load.give_up_after {
+                me.ledger.with(|l| l.gave_up.extend(batch.iter().copied()));
+                break;
+            }
+            me.target.wait_change(gen, Duration::from_millis(200));
+        }
+        sent += 1;
+        me.pace();
+    }
+}
+
+fn legacy_sender(me: Sender) {
+    let mut sent = 0u64;
+    while me.running(sent) {
+        let (batch, entries) = me.batch();
+        let parts = legacy_request_parts(&me.tag, &entries);
+        let (addr, gen) = me.target.get();
+        let written = connect_to(addr, Duration::from_secs(5)).and_then(|mut s| {
+            for part in &parts {
+                s.write_all(part)?;
+            }
+            Ok(())
+        });
+        match written {
+            Ok(()) => me.ledger.with(|l| {
+                l.legacy_written.extend(batch.iter().copied());
+                l.legacy_gen.extend(batch.iter().map(|&id| (id, gen)));
+            }),
+            Err(_) => {
+                me.ledger
+                    .with(|l| l.legacy_failed.extend(batch.iter().copied()));
+                me.target.wait_change(gen, Duration::from_millis(200));
+            }
+        }
+        sent += 1;
+        me.pace();
+    }
+}

@@ -1,0 +1,140 @@
+//! A network namespace joined to the host by a veth pair (root only, deleted on drop), for the
+//! seed scenario's aggregator behind an iptables rule; and what the host's TCP table says about
+//! the bytes still unacknowledged towards an address.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::process::{is_root, run_command};
+
+/// Why the network-namespace scenario cannot run here, if it cannot.
+pub fn netns_unavailable() -> Option<String> {
+    if !is_root() {
+        return Some("needs root (ip netns, iptables)".into());
+    }
+    for tool in ["ip", "iptables"] {
+        let ok = Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Some(format!("`{tool}` is not installed (.ci/run installs it)"));
+        }
+    }
+    None
+}
+
+/// Namespaces created by this process so far: tests of one binary run in parallel threads,
+/// so each namespace needs its own name, interfaces and /30.
+static NETNS_CREATED: AtomicU64 = AtomicU64::new(0);
+
+/// A network namespace joined to the host by a veth pair with a /30 of 10.231.0.0/16. Drop
+/// deletes both (also when a test panics).
+pub struct Netns {
+    pub name: String,
+    host_if: String,
+    pub host_addr: Ipv4Addr,
+    pub ns_addr: Ipv4Addr,
+}
+
+impl Netns {
+    pub fn create() -> Result<Netns, String> {
+        let pid = std::process::id();
+        // 32 namespaces per process before names or blocks repeat (earlier ones are gone by
+        // then: a test drops its namespace before it creates the next one).
+        let n = (NETNS_CREATED.fetch_add(1, Ordering::Relaxed) % 32) as u32;
+        // At most 7 + 1 + 2 hex digits: "agh" + tag stays within IFNAMSIZ (15).
+        let tag = format!("{:x}x{n:x}", pid & 0xfff_ffff);
+        let block = ((pid.wrapping_mul(32) + n) % 16384) * 4;
+        let third = (block / 256) as u8;
+        let fourth = (block % 256) as u8;
+        let ns = Netns {
+            name: format!("agf-{tag}"),
+            host_if: format!("agh{tag}"),
+            host_addr: Ipv4Addr::new(10, 231, third, fourth + 1),
+            ns_addr: Ipv4Addr::new(10, 231, third, fourth + 2),
+        };
+        let peer = format!("agn{tag}");
+        let host_cidr = format!("{}/30", ns.host_addr);
+        let ns_cidr = format!("{}/30", ns.ns_addr);
+        // Leftovers of an earlier run with the same pid would make the adds fail.
+        let _ = run_command(&["ip", "netns", "del", &ns.name]);
+        let _ = run_command(&["ip", "link", "del", &ns.host_if]);
+        run_command(&["ip", "netns", "add", &ns.name])?;
+        // From here on, Drop cleans up whatever was created.
+        let veth = [
+            "ip",
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+        ];
+        run_command(&veth)?;
+        run_command(&["ip", "link", "set", &peer, "netns", &ns.name])?;
+        run_command(&["ip", "addr", "add", &host_cidr, "dev", &ns.host_if])?;
+        run_command(&["ip", "link", "set", &ns.host_if, "up"])?;
+        ns.exec(&["ip", "addr", "add", &ns_cidr, "dev", &peer])?;
+        ns.exec(&["ip", "link", "set", &peer, "up"])?;
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Run a command inside the namespace.
+    pub fn exec(&self, cmd: &[&str]) -> Result<(), String> {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(cmd);
+        run_command(&full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting one end of a veth pair deletes both; the namespace takes its rules along.
+        let _ = run_command(&["ip", "link", "del", &self.host_if]);
+        let _ = run_command(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// TCP sockets of this (the host's) network namespace connected to `peer`, and the bytes they
+/// hold that `peer` has not acknowledged (`tx_queue` of /proc/net/tcp: sent or queued, not
+/// acked; a queued FIN counts one). Orphans count too: a socket its process closed gracefully
+/// stays here, retransmitting, until its data is acked or it gives up. `None` if the table
+/// cannot be read.
+pub fn unacked_towards(peer: std::net::SocketAddrV4) -> Option<(usize, u64)> {
+    // The kernel prints an address as u32 words in memory order, the port as a number. An
+    // IPv6 socket may reach the peer as ::ffff:a.b.c.d.
+    let v4 = format!("{:08X}", u32::from_ne_bytes(peer.ip().octets()));
+    let mapped = format!(
+        "0000000000000000{:08X}{v4}",
+        u32::from_ne_bytes([0, 0, 0xff, 0xff])
+    );
+    let port = format!("{:04X}", peer.port());
+    let mut sockets = 0;
+    let mut unacked = 0;
+    for (file, addr) in [("/proc/net/tcp", v4), ("/proc/net/tcp6", mapped)] {
+        let Ok(table) = std::fs::read_to_string(file) else {
+            if file == "/proc/net/tcp" {
+                return None;
+            }
+            continue;
+        };
+        let want = format!("{addr}:{port}");
+        for line in table.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 5 || cols[2] != want {
+                continue;
+            }
+            let tx = cols[4].split(':').next().unwrap_or("0");
+            sockets += 1;
+            unacked += u64::from_str_radix(tx, 16).unwrap_or(0);
+        }
+    }
+    Some((sockets, unacked))
+}

@@ -1,0 +1,260 @@
+//! Child processes of the tests: stderr collected line by line ([`LogLines`], woken on every
+//! new line), `ackgate <args>` commands, one-shot programs that may not be installed ([`Proc`]),
+//! signals and bounded waits for an exit, and running a system command (`ip`, `mount`).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{lock, wait_for_condition};
+
+/// Lines a child wrote to stderr, with a condition variable signalled on every new line.
+#[derive(Default)]
+pub struct LogLines {
+    lines: Mutex<Vec<String>>,
+    added: Condvar,
+}
+
+impl LogLines {
+    fn push(&self, line: String) {
+        lock(&self.lines).push(line);
+        self.added.notify_all();
+    }
+
+    /// Every line so far.
+    pub fn all(&self) -> Vec<String> {
+        lock(&self.lines).clone()
+    }
+
+    /// Number of lines so far (a mark for [`LogLines::wait_for_from`]).
+    pub fn len(&self) -> usize {
+        lock(&self.lines).len()
+    }
+
+    /// Wait for a line at index ≥ `from` that satisfies `matches`; `None` on timeout.
+    pub fn wait_for_from(
+        &self,
+        from: usize,
+        timeout: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let mut checked = from;
+        let mut found = None;
+        let _ = wait_for_condition(&self.lines, &self.added, timeout, |lines| {
+            found = lines[checked.min(lines.len())..]
+                .iter()
+                .find(|l| matches(l))
+                .cloned();
+            checked = lines.len();
+            found.is_some()
+        });
+        found
+    }
+
+    /// The whole log, for panic messages.
+    pub fn dump(&self) -> String {
+        lock(&self.lines).join("\n")
+    }
+}
+
+/// Read `stream` line by line into `log`, echoing each line to the test's stderr.
+pub fn collect_lines(
+    prefix: String,
+    stream: impl Read + Send + 'static,
+    log: Arc<LogLines>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&raw).trim_end().to_string();
+                    eprintln!("[{prefix}] {line}");
+                    log.push(line);
+                }
+            }
+        }
+    })
+}
+
+/// A child process of the test with its stderr collected line by line (the `receive` and
+/// `send` tools, the interop clients, one-shot commands).
+pub struct Proc {
+    pub child: Child,
+    pub log: Arc<LogLines>,
+    stderr_thread: Option<JoinHandle<()>>,
+}
+
+impl Proc {
+    /// Spawn `command` with stderr piped; stdin and stdout are as given in `command`.
+    pub fn spawn(name: &str, command: Command) -> Proc {
+        Proc::try_spawn(name, command).unwrap_or_else(|e| panic!("spawn {name}: {e}"))
+    }
+
+    /// Like [`Proc::spawn`], but a program that is not installed is an error (a reason to
+    /// skip), not a panic.
+    pub fn try_spawn(name: &str, mut command: Command) -> std::io::Result<Proc> {
+        let program = command.get_program().to_os_string();
+        which(&program).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} not found on PATH", program.to_string_lossy()),
+            )
+        })?;
+        let mut child = command
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let log = Arc::new(LogLines::default());
+        let stderr = child.stderr.take().expect("stderr piped");
+        let stderr_thread = Some(collect_lines(name.to_string(), stderr, log.clone()));
+        Ok(Proc {
+            child,
+            log,
+            stderr_thread,
+        })
+    }
+
+    /// Wait for a stderr line containing `needle`; panics with the log on timeout.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        self.log
+            .wait_for_from(0, timeout, |l| l.contains(needle))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no line containing {needle:?} within {timeout:?}; stderr:\n{}",
+                    self.log.dump()
+                )
+            })
+    }
+
+    /// Wait for the exit (SIGKILL and panic past `timeout`); stderr is complete afterwards.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let status = wait_child(&mut self.child, timeout);
+        if let Some(thread) = self.stderr_thread.take() {
+            let _ = thread.join();
+        }
+        status.unwrap_or_else(|| {
+            panic!(
+                "process did not exit within {timeout:?}; stderr:\n{}",
+                self.log.dump()
+            )
+        })
+    }
+
+    /// SIGTERM and wait.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        send_signal(self.child.id(), libc::SIGTERM);
+        self.wait(timeout)
+    }
+
+    /// Read the child's stdout to the end on its own thread (it ends when the child exits).
+    pub fn take_stdout(&mut self) -> StdoutReader {
+        let stdout = self.child.stdout.take();
+        StdoutReader {
+            thread: stdout.map(|mut out| {
+                std::thread::spawn(move || {
+                    let mut text = String::new();
+                    let _ = out.read_to_string(&mut text);
+                    text
+                })
+            }),
+        }
+    }
+
+    /// Everything the child wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.log.dump()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child's stdout, read to the end on its own thread (ends when the child exits).
+pub struct StdoutReader {
+    thread: Option<JoinHandle<String>>,
+}
+
+impl StdoutReader {
+    pub fn finish(self) -> String {
+        self.thread.and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
+/// A program's path: as given if it has a slash, else the first match on PATH.
+fn which(program: &std::ffi::OsStr) -> Option<PathBuf> {
+    let path = Path::new(program);
+    if path.components().count() > 1 {
+        return path.is_file().then(|| path.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+/// `ackgate` with these arguments.
+pub fn ackgate_command<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ackgate"));
+    command.args(args).env_remove("RUST_LOG");
+    command
+}
+
+pub fn send_signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// Wait for a child with a deadline; SIGKILL it (and return `None`) if it does not exit.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // std has no wait-with-timeout; a short poll with a hard deadline is the only option.
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run a system command (`ip`, `iptables`, `mount`) to completion; its stderr on failure.
+pub fn run_command(cmd: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Whether this process runs as root (namespaces, iptables, mounts).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
