@@ -137,15 +137,9 @@ fn pipelined_requests_are_acked_in_request_order() {
 }
 
 /// Send `n` v0.12 ack requests, each on its own connection, and return their events.
-fn send_acked_requests(gate: &Ackgate, label: &str, n: u64) -> Vec<Vec<u8>> {
-    let mut events = Vec::new();
-    for i in 0..n {
-        let entries = unique_entries(label, 2);
-        let tag = format!("acks.{label}");
-        send_acked(gate.addr(), &tag, &entries.concat(), 90_000 + i, ACK_WAIT);
-        events.extend(entries);
-    }
-    events
+fn send_acked_v012(gate: &Ackgate, label: &str, n: u64) -> Vec<Vec<u8>> {
+    let tag = format!("acks.{label}");
+    send_acked_requests(gate.addr(), &tag, n, 2, 90_000, ACK_WAIT)
 }
 
 #[test]
@@ -159,7 +153,7 @@ fn acked_requests_survive_sigkill_under_their_original_chunk_ids() {
         .section("upstream", "window = 64\nack_timeout = \"60s\"")
         .start();
 
-    let expected = send_acked_requests(&gate, "durable", N);
+    let expected = send_acked_v012(&gate, "durable", N);
     agg.wait_for_all(&expected, Duration::from_secs(10));
     let before = agg.requests();
     let ids_before: BTreeSet<String> = before.iter().filter_map(|r| r.chunk.clone()).collect();

@@ -7,15 +7,14 @@
 
 mod support;
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{
-    ack_request, ackgate_command, connect, entry_int, expected_ack, read_one_ack, send_signal,
-    unique_record, v012_chunk_id, wait_child, Ackgate, Aggregator, TS,
+    ackgate_command, connect, entry_int, send_acked_on, send_signal, unique_record, wait_child,
+    Ackgate, Aggregator, TS,
 };
 use tempfile::TempDir;
 
@@ -275,12 +274,13 @@ fn send_events(gate: &Ackgate, agg: &Aggregator) {
             .iter()
             .flat_map(|_| entry_int(TS, &unique_record("top")))
             .collect();
-        let id = v012_chunk_id(n as u64);
-        stream
-            .write_all(&ack_request("top.test", &entries, &id))
-            .expect("write request");
-        let ack = read_one_ack(&mut stream, Duration::from_secs(10));
-        assert_eq!(ack, expected_ack(&id), "the relay's ack");
+        send_acked_on(
+            &mut stream,
+            "top.test",
+            &entries,
+            n as u64,
+            Duration::from_secs(10),
+        );
     }
     agg.wait_for_events(EVENTS, Duration::from_secs(20));
 }

@@ -20,7 +20,6 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -48,15 +47,14 @@ fn aggregator_sigkilled_and_restarted_under_load_loses_nothing() {
         .start();
     let metrics = metrics_addr(&gate);
 
-    let target = Target::new(gate.addr());
-    let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
-    let mut senders = Senders::new();
+    let mut senders = Senders::to(gate.addr());
+    let ledger = senders.ledger();
     let mut load = Load::new("crash.agg.ack");
     load.pace = Duration::from_millis(3);
-    senders.ack(2, &load, &target, &ids, &ledger);
+    senders.ack(2, &load);
     let mut legacy = Load::new("crash.agg.legacy");
     legacy.pace = Duration::from_millis(5);
-    senders.legacy(1, &legacy, &target, &ids, &ledger);
+    senders.legacy(1, &legacy);
 
     let mut downtime = Duration::ZERO;
     for cycle in 1..=n {
@@ -147,13 +145,12 @@ fn chunk_ids_survive_a_sigkill_and_restart() {
         .section("upstream", "ack_timeout = \"30s\"\nwindow = 100")
         .start();
     let seen = agg.seen();
-    let target = Target::new(gate.addr());
-    let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
-    let mut senders = Senders::new();
+    let mut senders = Senders::to(gate.addr());
+    let ledger = senders.ledger();
     let mut load = Load::new("crash.ids");
     load.max_requests = Some(10);
     load.pace = Duration::ZERO;
-    senders.ack(3, &load, &target, &ids, &ledger);
+    senders.ack(3, &load);
     senders.join();
     let acked = ledger.snapshot().acked;
     assert_eq!(acked.len(), 150);
@@ -233,21 +230,20 @@ fn chunk_ids_survive_a_sigkill_and_restart() {
 }
 
 /// Two kept-alive acking senders, one acking with a connection per request, one legacy.
-fn crash_load(target: &Arc<Target>, ledger: &Arc<Ledger>) -> Senders {
-    let ids = Arc::new(Ids::default());
-    let mut senders = Senders::new();
+fn crash_load(addr: SocketAddr) -> Senders {
+    let mut senders = Senders::to(addr);
     let mut keepalive = Load::new("crash.gate.keep");
     keepalive.pace = Duration::from_millis(2);
     keepalive.ack_wait = Duration::from_secs(5);
-    senders.ack(2, &keepalive, target, &ids, ledger);
+    senders.ack(2, &keepalive);
     let mut per_conn = Load::new("crash.gate.conn");
     per_conn.conn_per_request = true;
     per_conn.pace = Duration::from_millis(2);
     per_conn.ack_wait = Duration::from_secs(5);
-    senders.ack(1, &per_conn, target, &ids, ledger);
+    senders.ack(1, &per_conn);
     let mut legacy = Load::new("crash.gate.legacy");
     legacy.pace = Duration::from_millis(4);
-    senders.legacy(1, &legacy, target, &ids, ledger);
+    senders.legacy(1, &legacy);
     senders
 }
 
@@ -337,9 +333,8 @@ fn ackgate_sigkilled_at_random_instants_loses_nothing_acked_or_committed() {
         )
         .start();
     let seen = agg.seen();
-    let target = Target::new(gate.addr());
-    let ledger = Arc::new(Ledger::default());
-    let senders = crash_load(&target, &ledger);
+    let mut senders = crash_load(gate.addr());
+    let (target, ledger) = (senders.target(), senders.ledger());
 
     let at_kills = kill_at_random_instants(&mut gate, &target, &ledger, n);
     let committed_at_kill = &at_kills.committed;

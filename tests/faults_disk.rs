@@ -30,9 +30,8 @@ struct Setup {
     metrics: SocketAddr,
     /// The aggregator's port, reserved until an aggregator listens on it.
     node: Option<ReservedPort>,
-    target: Arc<Target>,
-    ids: Arc<Ids>,
     ledger: Arc<Ledger>,
+    /// The senders, and through them the target, ids and ledger they share.
     senders: Senders,
     disk: Tmpfs,
 }
@@ -65,20 +64,18 @@ fn fill_the_disk(legacy_flood: bool) -> Option<Setup> {
         .metrics()
         .start();
     let metrics = metrics_addr(&gate);
-    let target = Target::new(gate.addr());
-    let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
-    let mut senders = Senders::new();
+    let mut senders = Senders::to(gate.addr());
     let mut load = Load::new("disk.ack");
     load.pad = 2000;
     load.pace = Duration::ZERO;
     // A request held by a full disk for this long is reported as never acked.
     load.give_up_after = Duration::from_secs(30);
-    senders.ack(2, &load, &target, &ids, &ledger);
+    senders.ack(2, &load);
     if legacy_flood {
         let mut legacy = Load::new("disk.legacy");
         legacy.pad = 2000;
         legacy.pace = Duration::from_millis(2);
-        senders.legacy(1, &legacy, &target, &ids, &ledger);
+        senders.legacy(1, &legacy);
     }
     gate.wait_for_log(FULL_LINE, Duration::from_secs(60));
     Some(Setup {
@@ -86,9 +83,7 @@ fn fill_the_disk(legacy_flood: bool) -> Option<Setup> {
         gate,
         metrics,
         node: Some(node),
-        target,
-        ids,
-        ledger,
+        ledger: senders.ledger(),
         senders,
     })
 }
@@ -221,7 +216,7 @@ fn full_disk_then_drain(legacy_flood: bool, scenario: &str, test: &str) {
     let node = setup.node.take().expect("the node's port");
     let up = bring_the_aggregator_up(&mut setup, node, full.acked_at_full);
     // Each sender finishes its current request (or gives up on it after 30 s).
-    std::mem::replace(&mut setup.senders, Senders::new()).stop();
+    setup.senders.stop();
     let sent = setup.ledger.snapshot();
     let seen = up.agg.seen();
     // The promise: every acked event, and as many legacy events as ackgate committed.
@@ -334,27 +329,25 @@ fn sigkill_while_the_disk_is_full_then_restart_on_the_same_disk() {
     let agg = Aggregator::start_on(node, Behaviour::Ack);
     let mark = setup.gate.log_mark();
     setup.gate.restart();
-    setup.target.set(setup.gate.addr());
+    setup.senders.target().set(setup.gate.addr());
     let opened = setup
         .gate
         .wait_for_log_since(mark, &["spool opened"], Duration::from_secs(10));
     // The senders resend what the kill left unacked to the new incarnation, then stop.
-    let senders = std::mem::replace(&mut setup.senders, Senders::new());
-    senders.stop();
+    setup.senders.stop();
     let sent_before = setup.ledger.snapshot();
     let seen = agg.seen();
     // After the restart, new senders are served again.
-    let mut senders = Senders::new();
     let mut load = Load::new("disk.after");
     load.max_requests = Some(20);
     // Bounded: a relay that never serves again fails here within a minute, not after
     // 20 × give_up_after.
     load.give_up_after = Duration::from_secs(20);
-    senders.ack(1, &load, &setup.target, &setup.ids, &setup.ledger);
+    setup.senders.ack(1, &load);
     setup
         .ledger
         .wait_acked(sent_before.acked.len() + 100, Duration::from_secs(60));
-    senders.stop();
+    setup.senders.stop();
     let sent = setup.ledger.snapshot();
     let mut must: HashSet<u64> = sent.acked.clone();
     if let Ok(snap) = &at_kill {

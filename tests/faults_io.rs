@@ -26,7 +26,6 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitStatus;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -71,25 +70,20 @@ fn acking_load(tag: &str, events: usize) -> Load {
     load
 }
 
-/// `threads` senders of `load`, one request at a time, until its `max_requests`; all must be
-/// acked.
-fn send_all(
-    target: &Arc<Target>,
-    ids: &Arc<Ids>,
-    ledger: &Arc<Ledger>,
-    load: Load,
-    threads: usize,
-) {
-    let mut senders = Senders::new();
-    senders.ack(threads, &load, target, ids, ledger);
+/// `threads` senders of `load` to `addr`, one request at a time, until its `max_requests`; all
+/// must be acked. Returns what they handed over.
+fn send_all(addr: SocketAddr, load: Load, threads: usize) -> LedgerState {
+    let mut senders = Senders::to(addr);
+    senders.ack(threads, &load);
     senders.join();
-    let s = ledger.snapshot();
+    let s = senders.ledger().snapshot();
     assert!(
         s.gave_up.is_empty() && s.acked == s.ack_sent,
         "ackgate did not ack all it was sent: {} sent, {} acked",
         s.ack_sent.len(),
         s.acked.len()
     );
+    s
 }
 
 /// Stop ackgate and split the acked events that never arrived into those still in its spool
@@ -198,18 +192,10 @@ fn read_eio_during_a_cold_drain(start: ReadFaultStart, scenario: &str, test: &st
     // The aggregator's port stays closed while the backlog is spooled.
     let node = ReservedPort::new();
     let mut gate = start_gate(node.addr(), Some(&shim));
-    let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
     let mut load = acking_load("io.backlog", BACKLOG_EVENTS_PER_REQUEST);
     load.max_requests = Some(BACKLOG_REQUESTS_PER_THREAD);
     load.pace = Duration::ZERO;
-    send_all(
-        &Target::new(gate.addr()),
-        &ids,
-        &ledger,
-        load,
-        BACKLOG_THREADS,
-    );
-    let sent = ledger.snapshot();
+    let sent = send_all(gate.addr(), load, BACKLOG_THREADS);
     let total = sent.acked.len();
 
     // A fresh process: redb's page cache is empty, so the drain reads every page from the file.
@@ -299,10 +285,9 @@ fn write_and_sync_eio_for_twenty_seconds_under_load_loses_nothing_and_acks_resum
     let agg = Aggregator::start();
     let mut gate = start_gate(agg.addr(), Some(&shim));
     let metrics = metrics_addr(&gate);
-    let target = Target::new(gate.addr());
-    let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
-    let mut senders = Senders::new();
-    senders.ack(3, &acking_load("io.write", 20), &target, &ids, &ledger);
+    let mut senders = Senders::to(gate.addr());
+    let ledger = senders.ledger();
+    senders.ack(3, &acking_load("io.write", 20));
     let seen = agg.seen();
 
     // The fault moment: after a random number of further acks (load is flowing by then).
@@ -531,13 +516,11 @@ fn damaged_record_in_the_middle(damage: Damage, scenario: &str) {
     let started = Instant::now();
     let node = ReservedPort::new();
     let mut gate = start_gate(node.addr(), None);
-    let (ids, ledger) = (Arc::new(Ids::default()), Arc::new(Ledger::default()));
     let mut load = acking_load("io.damage", DAMAGE_EVENTS_PER_REQUEST);
     load.max_requests = Some(DAMAGE_REQUESTS);
     load.pace = Duration::ZERO;
     // One sender, one request at a time: one record per request.
-    send_all(&Target::new(gate.addr()), &ids, &ledger, load, 1);
-    let sent = ledger.snapshot();
+    let sent = send_all(gate.addr(), load, 1);
     let exit = gate.terminate(Duration::from_secs(30));
     assert!(exit.success(), "ackgate exited with {exit} on SIGTERM");
 

@@ -495,15 +495,14 @@ fn gate_run(run: u32, ids: &Arc<Ids>) -> GateRun {
     let lift_after = random_between(LIFT_AFTER.0, LIFT_AFTER.1);
 
     // The traffic: one acking sender, 10 requests of 50 events, on one kept-alive connection.
-    let target = Target::new(gate.addr());
     let ledger = Arc::new(Ledger::default());
-    let mut senders = Senders::new();
+    let mut senders = Senders::sharing(&Target::new(gate.addr()), ids, &ledger);
     let mut load = Load::new(&format!("seed.run{run}"));
     load.events_per_request = EVENTS_PER_REQUEST;
     load.max_requests = Some(REQUESTS);
     let traffic_started = Instant::now();
     let lift_at = traffic_started + lift_after;
-    senders.ack(1, &load, &target, ids, &ledger);
+    senders.ack(1, &load);
     let until_lift = || lift_at.saturating_duration_since(Instant::now());
     assert!(
         ledger.wait_acked(EVENTS, until_lift()),

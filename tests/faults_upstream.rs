@@ -61,13 +61,13 @@ impl Case {
     /// Its own ledger: other senders of the case (a trickle) do not mix in.
     fn send(&self, tag: &str, requests: u64, events: usize, pad: usize) -> HashSet<u64> {
         let ledger = Arc::new(Ledger::default());
-        let mut senders = Senders::new();
+        let mut senders = Senders::sharing(&self.target, &self.ids, &ledger);
         let mut load = Load::new(tag);
         load.max_requests = Some(requests);
         load.events_per_request = events;
         load.pad = pad;
         load.pace = Duration::ZERO;
-        senders.ack(1, &load, &self.target, &self.ids, &ledger);
+        senders.ack(1, &load);
         senders.join();
         let acked = ledger.snapshot().acked;
         assert_eq!(
@@ -317,11 +317,11 @@ fn drops_chunks_above_a_size_limit_without_an_ack() {
     );
     // Small chunks keep being acked meanwhile: that is how ackgate tells a poison record from
     // an outage.
-    let mut trickle = Senders::new();
+    let mut trickle = Senders::sharing(&case.target, &case.ids, &case.ledger);
     let mut small = Load::new("up.small");
     small.events_per_request = 1;
     small.pace = Duration::from_millis(100);
-    trickle.ack(1, &small, &case.target, &case.ids, &case.ledger);
+    trickle.ack(1, &small);
     // 40 events of ~320 B in one request (~13 KiB upstream): fits once split to ≤ 4 KiB.
     let big = case.send("up.big", 1, 40, 300);
     // One event of ~6 KiB: can never be accepted.

@@ -367,24 +367,14 @@ fn relay_b(a: SocketAddr, self_hostname: &str, key: &str) -> Ackgate {
 fn send_plain(gate: &Ackgate, tag: &str) -> Vec<u8> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100);
     let entries = entry_int(TS, &unique_record(tag));
-    let chunk = v012_chunk_id(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let mut stream = connect(gate.addr());
-    stream
-        .write_all(&ack_request(tag, &entries, &chunk))
-        .expect("write");
-    assert_eq!(read_one_ack(&mut stream, WAIT), expected_ack(&chunk));
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    send_acked(gate.addr(), tag, &entries, id, WAIT);
     entries
 }
 
 /// Stop B and read its spool: the record is still there.
-fn assert_still_spooled(mut b: Ackgate) {
-    b.terminate_cleanly();
-    let stats = spool_ok(b.config_path(), &["stats"]);
-    assert_eq!(
-        stats_value(&stats, "records"),
-        1,
-        "the undelivered record must stay in B's spool"
-    );
+fn assert_still_spooled(b: Ackgate) {
+    assert_records_left(b, 1, "the undelivered record must stay in B's spool");
 }
 
 #[test]

@@ -21,15 +21,15 @@ fn good_sender(
     let mut stream = connect(addr);
     let mut events = Vec::new();
     for i in 0..GOOD_REQUESTS {
-        let entries: Vec<Vec<u8>> = (0..2)
-            .map(|_| entry_int(TS, &unique_record("good")))
-            .collect();
-        let chunk = v012_chunk_id(i);
-        stream
-            .write_all(&ack_request("malformed.good", &entries.concat(), &chunk))
-            .expect("good sender write");
-        let ack = read_one_ack(&mut stream, Duration::from_secs(10));
-        assert_eq!(ack, expected_ack(&chunk), "good sender ack #{i}");
+        let entries = unique_entries("good", 2);
+        let tag = "malformed.good";
+        send_acked_on(
+            &mut stream,
+            tag,
+            &entries.concat(),
+            i,
+            Duration::from_secs(10),
+        );
         events.extend(entries);
         if i == GOOD_REQUESTS / 2 {
             // Halfway: let the bad connections do their damage, then finish.

@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::io::Write;
 use std::time::Duration;
 
 use support::*;
@@ -19,20 +18,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// `n` acked requests of `events` events each, on their own connections; returns the entries.
 fn send_requests(gate: &Ackgate, tag: &str, n: u64, events: u64) -> Vec<Vec<u8>> {
-    let mut all = Vec::new();
-    for i in 0..n {
-        let entries: Vec<Vec<u8>> = (0..events)
-            .map(|_| entry_int(TS, &unique_record(tag)))
-            .collect();
-        let chunk = v012_chunk_id(i);
-        let mut stream = connect(gate.addr());
-        stream
-            .write_all(&ack_request(tag, &entries.concat(), &chunk))
-            .expect("write");
-        assert_eq!(read_one_ack(&mut stream, WAIT), expected_ack(&chunk));
-        all.extend(entries);
-    }
-    all
+    send_acked_requests(gate.addr(), tag, n, events, 0, WAIT)
 }
 
 fn get(text: &str, key: &str) -> f64 {
@@ -137,12 +123,7 @@ fn ready_turns_503_when_the_spool_is_full() {
     // the 1 KiB budget exactly.
     for i in 0..2 {
         let entries = entry_of_len(475, b'a' + i as u8);
-        let chunk = v012_chunk_id(i);
-        let mut stream = connect(gate.addr());
-        stream
-            .write_all(&ack_request("full", &entries, &chunk))
-            .expect("write");
-        assert_eq!(read_one_ack(&mut stream, WAIT), expected_ack(&chunk));
+        send_acked(gate.addr(), "full", &entries, i, WAIT);
         if i == 0 {
             assert_eq!(http(addr, "GET", "/ready").0, 200, "half full is ready");
         }

@@ -12,7 +12,6 @@
 
 mod support;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -210,12 +209,7 @@ fn send_plain(gate: &Ackgate, tag: &str, n: u64) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
             let entries = entry_int(TS, &unique_record(tag));
-            let chunk = v012_chunk_id(1000 + i);
-            let mut stream = connect(gate.addr());
-            stream
-                .write_all(&ack_request(tag, &entries, &chunk))
-                .expect("write");
-            assert_eq!(read_one_ack(&mut stream, WAIT), expected_ack(&chunk));
+            send_acked(gate.addr(), tag, &entries, 1000 + i, WAIT);
             entries
         })
         .collect()
@@ -253,7 +247,7 @@ fn relay_with_the_wrong_ca_logs_the_tls_error_and_keeps_its_records() {
     let other = Pki::generate("some other CA");
     let agg = Aggregator::start();
     let a = relay_a(&agg, &certs);
-    let mut b = relay_b(
+    let b = relay_b(
         a.addr(),
         &format!("tls_verify = true\ntls_ca = {}\n", toml_path(&other.ca)),
     );
@@ -270,11 +264,5 @@ fn relay_with_the_wrong_ca_logs_the_tls_error_and_keeps_its_records() {
         0,
         "nothing may pass an unverified TLS node"
     );
-    b.terminate_cleanly();
-    let stats = spool_ok(b.config_path(), &["stats"]);
-    assert_eq!(
-        stats_value(&stats, "records"),
-        1,
-        "the record stays in B's spool"
-    );
+    assert_records_left(b, 1, "the record stays in B's spool");
 }

@@ -15,20 +15,8 @@ use std::time::{Duration, Instant};
 use support::*;
 
 /// Send `n` acked v0.12 requests (on their own connections) and return their events.
-fn send_acked_requests(gate: &Ackgate, tag: &str, n: u64) -> Vec<Vec<u8>> {
-    let mut events = Vec::new();
-    for i in 0..n {
-        let entries = unique_entries(tag, 3);
-        send_acked(
-            gate.addr(),
-            tag,
-            &entries.concat(),
-            10_000 + i,
-            Duration::from_secs(10),
-        );
-        events.extend(entries);
-    }
-    events
+fn send_acked_v012(gate: &Ackgate, tag: &str, n: u64) -> Vec<Vec<u8>> {
+    send_acked_requests(gate.addr(), tag, n, 3, 10_000, Duration::from_secs(10))
 }
 
 /// Whether some chunk id came at least twice.
@@ -55,7 +43,7 @@ fn aggregator_that_reads_but_never_acks_gets_the_same_chunk_ids_again() {
         )
         .start();
 
-    let expected = send_acked_requests(&gate, "faults.seed", 5);
+    let expected = send_acked_v012(&gate, "faults.seed", 5);
 
     // ackgate notices the silence and names the node and the timeout.
     let line = gate.wait_for_log(
@@ -146,7 +134,7 @@ fn aggregator_down_at_start_gets_everything_once_it_is_up() {
 
     // Acked although no aggregator exists: acks mean "spooled", not "delivered".
     let started = Instant::now();
-    let expected = send_acked_requests(&gate, "faults.down", 10);
+    let expected = send_acked_v012(&gate, "faults.down", 10);
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "acks were held back by the missing aggregator"
@@ -176,7 +164,7 @@ fn aggregator_that_closes_after_reading_gets_the_chunk_again() {
             "retry_initial = \"100ms\"\nretry_max = \"300ms\"",
         )
         .start();
-    let expected = send_acked_requests(&gate, "faults.close", 3);
+    let expected = send_acked_v012(&gate, "faults.close", 3);
     agg.wait_until(
         "a resend after a close",
         Duration::from_secs(10),
@@ -205,10 +193,10 @@ fn aggregator_restart_mid_stream_loses_nothing() {
             "retry_initial = \"50ms\"\nretry_max = \"300ms\"",
         )
         .start();
-    let first = send_acked_requests(&gate, "faults.bounce1", 10);
+    let first = send_acked_v012(&gate, "faults.bounce1", 10);
     agg.wait_for_all(&first, Duration::from_secs(10));
     agg.stop();
-    let second = send_acked_requests(&gate, "faults.bounce2", 10);
+    let second = send_acked_v012(&gate, "faults.bounce2", 10);
     gate.wait_for_log_since(0, &["node=bouncing-agg", "WARN"], Duration::from_secs(10));
     agg.restart();
     let all: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();

@@ -117,61 +117,65 @@ impl Sender {
     }
 }
 
-/// Running sender threads; [`Senders::stop`] lets each finish (and resend until acked) the
-/// request it is on, then joins them.
+/// Running sender threads, with the target, id space and ledger they share; [`Senders::stop`]
+/// lets each finish (and resend until acked) the request it is on, then joins them.
+/// Dropping them tells them to stop, without waiting.
 pub struct Senders {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    target: Arc<Target>,
+    ids: Arc<Ids>,
+    ledger: Arc<Ledger>,
 }
 
 impl Senders {
-    pub fn new() -> Senders {
+    /// Senders to ackgate at `addr`, with a fresh id space and ledger.
+    pub fn to(addr: SocketAddr) -> Senders {
+        let ids = Arc::new(Ids::default());
+        Senders::sharing(&Target::new(addr), &ids, &Arc::new(Ledger::default()))
+    }
+
+    /// Senders that share a target, an id space and a ledger with others.
+    pub fn sharing(target: &Arc<Target>, ids: &Arc<Ids>, ledger: &Arc<Ledger>) -> Senders {
         Senders {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
+            target: target.clone(),
+            ids: ids.clone(),
+            ledger: ledger.clone(),
         }
     }
 
+    pub fn target(&self) -> Arc<Target> {
+        self.target.clone()
+    }
+
+    pub fn ids(&self) -> Arc<Ids> {
+        self.ids.clone()
+    }
+
+    pub fn ledger(&self) -> Arc<Ledger> {
+        self.ledger.clone()
+    }
+
     /// `count` threads that ask for acks.
-    pub fn ack(
-        &mut self,
-        count: usize,
-        load: &Load,
-        target: &Arc<Target>,
-        ids: &Arc<Ids>,
-        ledger: &Arc<Ledger>,
-    ) {
-        self.spawn(count, load, target, ids, ledger, ack_sender);
+    pub fn ack(&mut self, count: usize, load: &Load) {
+        self.spawn(count, load, ack_sender);
     }
 
     /// `count` threads that write fluentd v0.10's layout and close, never reading.
-    pub fn legacy(
-        &mut self,
-        count: usize,
-        load: &Load,
-        target: &Arc<Target>,
-        ids: &Arc<Ids>,
-        ledger: &Arc<Ledger>,
-    ) {
-        self.spawn(count, load, target, ids, ledger, legacy_sender);
+    pub fn legacy(&mut self, count: usize, load: &Load) {
+        self.spawn(count, load, legacy_sender);
     }
 
-    fn spawn(
-        &mut self,
-        count: usize,
-        load: &Load,
-        target: &Arc<Target>,
-        ids: &Arc<Ids>,
-        ledger: &Arc<Ledger>,
-        run: fn(Sender),
-    ) {
+    fn spawn(&mut self, count: usize, load: &Load, run: fn(Sender)) {
         for n in 0..count {
             let sender = Sender {
                 tag: format!("{}.{n}", load.tag),
                 load: load.clone(),
-                target: target.clone(),
-                ids: ids.clone(),
-                ledger: ledger.clone(),
+                target: self.target.clone(),
+                ids: self.ids.clone(),
+                ledger: self.ledger.clone(),
                 stop: self.stop.clone(),
             };
             self.threads.push(std::thread::spawn(move || run(sender)));
@@ -179,17 +183,18 @@ impl Senders {
     }
 
     /// Join threads that stop by themselves (`max_requests`); bounded by `give_up_after`.
-    pub fn join(mut self) {
+    pub fn join(&mut self) {
         for t in self.threads.drain(..) {
             t.join().expect("sender thread panicked");
         }
     }
 
     /// Ask every thread to stop after its current request and join them. Bounded: a thread
-    /// gives up a request after its `give_up_after`.
-    pub fn stop(self) {
+    /// gives up a request after its `give_up_after`. Threads started afterwards run again.
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
         self.join();
+        self.stop = Arc::new(AtomicBool::new(false));
     }
 }
 

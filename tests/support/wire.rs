@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ackgate::forward::msgpack::{read_header, value_len, Header};
 
 use super::msgpack::{complete_values, hex, DEPTH};
-use super::requests::{ack_request, expected_ack, v012_chunk_id};
+use super::requests::{ack_request, expected_ack, unique_entries, v012_chunk_id};
 
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
@@ -142,4 +142,24 @@ pub fn send_acked_on(stream: &mut TcpStream, tag: &str, entries: &[u8], id: u64,
 /// [`send_acked_on`] on a new connection to `addr`.
 pub fn send_acked(addr: SocketAddr, tag: &str, entries: &[u8], id: u64, wait: Duration) {
     send_acked_on(&mut connect(addr), tag, entries, id, wait);
+}
+
+/// `n` acked v0.12 requests of `events` fresh events each ([`unique_entries`] labelled `tag`),
+/// every one on its own connection, with chunk ids `first_id`, `first_id + 1`, …; returns the
+/// events.
+pub fn send_acked_requests(
+    addr: SocketAddr,
+    tag: &str,
+    n: u64,
+    events: u64,
+    first_id: u64,
+    wait: Duration,
+) -> Vec<Vec<u8>> {
+    let mut all = Vec::new();
+    for i in 0..n {
+        let entries = unique_entries(tag, events);
+        send_acked(addr, tag, &entries.concat(), first_id + i, wait);
+        all.extend(entries);
+    }
+    all
 }
