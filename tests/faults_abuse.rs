@@ -202,20 +202,27 @@ fn half_frame(len: u32) -> Vec<u8> {
     out
 }
 
+/// ackgate with `max_connections = cap` and `idle_timeout = "2s"`, and `cap` connections that
+/// each wrote the header of a 1 MiB request and stopped.
+fn half_frames_at_the_cap(cap: usize, agg: &Aggregator) -> (Ackgate, SocketAddr, Vec<TcpStream>) {
+    let (gate, metrics) = gate_with(
+        &format!("max_connections = {cap}\nidle_timeout = \"2s\""),
+        agg,
+    );
+    let mut loris = open_idle(gate.addr(), cap);
+    for c in &mut loris {
+        c.write_all(&half_frame(1 << 20)).expect("half frame");
+    }
+    (gate, metrics, loris)
+}
+
 #[test]
 fn half_written_frames_are_closed_at_idle_timeout() {
     let started = Instant::now();
     const CAP: usize = 64;
     let agg = Aggregator::start();
-    let (gate, metrics) = gate_with(
-        &format!("max_connections = {CAP}\nidle_timeout = \"2s\""),
-        &agg,
-    );
+    let (gate, metrics, mut loris) = half_frames_at_the_cap(CAP, &agg);
     let ids = Ids::default();
-    let mut loris = open_idle(gate.addr(), CAP);
-    for c in &mut loris {
-        c.write_all(&half_frame(1 << 20)).expect("half frame");
-    }
     let opened = Instant::now();
     let (latencies, acked, errors) = good_sender(gate.addr(), &ids, 3, Duration::from_secs(20));
     let closed = count_closed(&mut loris, opened + Duration::from_secs(10));
@@ -254,15 +261,8 @@ fn slowloris_trickling_at_the_connection_cap_does_not_lock_out_good_senders() {
     const CAP: usize = 32;
     const BOUND: Duration = Duration::from_secs(10);
     let agg = Aggregator::start();
-    let (gate, _metrics) = gate_with(
-        &format!("max_connections = {CAP}\nidle_timeout = \"2s\""),
-        &agg,
-    );
+    let (gate, _metrics, mut loris) = half_frames_at_the_cap(CAP, &agg);
     let ids = Ids::default();
-    let mut loris = open_idle(gate.addr(), CAP);
-    for c in &mut loris {
-        c.write_all(&half_frame(1 << 20)).expect("half frame");
-    }
     // One byte per connection every 500 ms: never idle for idle_timeout, never done.
     let stop = Arc::new(AtomicBool::new(false));
     let trickle = {

@@ -86,12 +86,65 @@ fn send_all(addr: SocketAddr, load: Load, threads: usize) -> LedgerState {
     s
 }
 
-/// Stop ackgate and split the acked events that never arrived into those still in its spool
-/// (stuck: a delivery failure, not a loss) and the lost ones (nowhere). Read with ackgate's own
-/// spool code from a copy; a spool that does not open leaves all of them lost.
-fn stop_and_account(gate: &mut Ackgate, missing: &[u64]) -> (ExitStatus, usize, Vec<u64>, String) {
+/// "N 'line', M 'other line'": how many log lines contain each of `needles`, for the notes.
+fn log_counts(gate: &Ackgate, needles: &[&str]) -> String {
+    needles
+        .iter()
+        .map(|n| format!("{} '{n}'", gate.log_lines_with(&[n]).len()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// How a run ended, read before and after ackgate is stopped.
+struct RunEnd {
+    running: bool,
+    spool_records: f64,
+    /// What arrived upstream.
+    seen: SeenState,
+    /// Acked events that never arrived.
+    missing: Vec<u64>,
+    exit: ExitStatus,
+    /// Of the missing, those still in the spool after the exit (stuck: a delivery failure, not
+    /// a loss).
+    stuck: usize,
+    /// Of the missing, those that are nowhere.
+    lost: Vec<u64>,
+    /// Whether the spool opened after the exit, and its records.
+    spool: String,
+}
+
+impl RunEnd {
+    /// For the notes.
+    fn describe(&self) -> String {
+        format!(
+            "spool_records at the end {}; ackgate running: {}; never arrived: {}, of them still \
+             in the spool after exit: {} (spool {}, exit {})",
+            self.spool_records,
+            self.running,
+            self.missing.len(),
+            self.stuck,
+            self.spool,
+            self.exit
+        )
+    }
+}
+
+/// Note whether ackgate still runs and what its spool holds, stop it, and split the acked
+/// events that never arrived into those still in its spool and the lost ones. The spool is
+/// read with ackgate's own spool code from a copy; a spool that does not open leaves all of
+/// them lost.
+fn stop_and_account(
+    gate: &mut Ackgate,
+    metrics: SocketAddr,
+    seen: &Seen,
+    acked: &HashSet<u64>,
+) -> RunEnd {
+    let running = gate.is_running();
+    let spool_records = scrape_sum(metrics, "ackgate_spool_records").unwrap_or(-1.0);
+    let seen = seen.snapshot();
+    let missing = seen.missing(acked);
     let exit = gate.terminate(Duration::from_secs(30));
-    let (spooled, lost, opened) = match snapshot_spool(gate.spool_path()) {
+    let (stuck, lost, spool) = match snapshot_spool(gate.spool_path()) {
         Ok(snap) => {
             let (spooled, lost): (Vec<u64>, Vec<u64>) = missing
                 .iter()
@@ -104,7 +157,16 @@ fn stop_and_account(gate: &mut Ackgate, missing: &[u64]) -> (ExitStatus, usize, 
         }
         Err(e) => (0, missing.to_vec(), format!("DOES NOT OPEN: {e}")),
     };
-    (exit, spooled, lost, opened)
+    RunEnd {
+        running,
+        spool_records,
+        seen,
+        missing,
+        exit,
+        stuck,
+        lost,
+        spool,
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -214,34 +276,23 @@ fn read_eio_during_a_cold_drain(start: ReadFaultStart, scenario: &str, test: &st
 
     let all_arrived = seen.wait(DRAIN_AFTER_FAULT, |s| s.has_all(&sent.acked));
     let drain_seconds = fault_over.elapsed().as_secs_f64();
-    let running = gate.is_running();
-    let spool_records = scrape_sum(metrics, "ackgate_spool_records").unwrap_or(-1.0);
-    let s = seen.snapshot();
-    let missing = s.missing(&sent.acked);
-    let (exit, stuck, lost, spool) = stop_and_account(&mut gate, &missing);
+    let end = stop_and_account(&mut gate, metrics, &seen, &sent.acked);
+    let (s, missing, lost) = (&end.seen, &end.missing, &end.lost);
     Row {
-        scenario: scenario.into(),
-        sent: sent.ack_sent.len(),
-        acked: total,
-        committed: 0,
-        received: s.unique(),
-        duplicates: s.duplicates(),
         lost: lost.len(),
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
         command: rerun_command("faults_io", test),
         notes: format!(
             "fault on {moment}, {arrived_at_fault} events had arrived; injected {failures:?} into \
              {attached} attached process(es); waited {drain_seconds:.1} s after the fault (bound \
-             {DRAIN_AFTER_FAULT:?}), all arrived: {all_arrived}; spool_records then {spool_records}; \
-             ackgate running: {running}; never arrived: {}, of them still in the spool after exit: \
-             {stuck} (spool {spool}, exit {exit}); log lines: {} 'Previous I/O error', {} 'spool \
-             read failed', {} 'spool reopened'",
-            missing.len(),
-            gate.log_lines_with(&["Previous I/O error"]).len(),
-            gate.log_lines_with(&["spool read failed"]).len(),
-            gate.log_lines_with(&["spool reopened"]).len(),
+             {DRAIN_AFTER_FAULT:?}), all arrived: {all_arrived}; {}; log lines: {}",
+            end.describe(),
+            log_counts(
+                &gate,
+                &["Previous I/O error", "spool read failed", "spool reopened"]
+            ),
         ),
+        ..Row::from_ledger(scenario, &sent).arrived(s)
     }
     .save();
     assert!(
@@ -253,19 +304,20 @@ fn read_eio_during_a_cold_drain(start: ReadFaultStart, scenario: &str, test: &st
         "the read fault never hit ackgate's spool file: {failures:?} (nothing was read from the \
          spool in the {READ_FAULT:?} after {arrived_at_fault} of {total} events had arrived)"
     );
-    assert!(running, "ackgate died after the read fault");
+    assert!(end.running, "ackgate died after the read fault");
     assert!(
         all_arrived && missing.is_empty(),
         "{} of {total} acked events never arrived within {DRAIN_AFTER_FAULT:?} after {READ_FAULT:?} \
-         of read EIO ended (ackgate not restarted; {stuck} of them still in the spool): {}",
+         of read EIO ended (ackgate not restarted; {} of them still in the spool): {}",
         missing.len(),
-        first(&missing, 10)
+        end.stuck,
+        first(missing, 10)
     );
     assert!(
         lost.is_empty(),
         "lost {} acked events: {}",
         lost.len(),
-        first(&lost, 10)
+        first(lost, 10)
     );
 }
 
@@ -310,54 +362,45 @@ fn write_and_sync_eio_for_twenty_seconds_under_load_loses_nothing_and_acks_resum
     senders.stop();
     let sent = ledger.snapshot();
     let all_arrived = seen.wait(Duration::from_secs(60), |s| s.has_all(&sent.acked));
-    let running = gate.is_running();
-    let spool_records = scrape_sum(metrics, "ackgate_spool_records").unwrap_or(-1.0);
-    let s = seen.snapshot();
-    let missing = s.missing(&sent.acked);
-    let (exit, stuck, lost, spool) = stop_and_account(&mut gate, &missing);
+    let end = stop_and_account(&mut gate, metrics, &seen, &sent.acked);
+    let (s, missing, lost) = (&end.seen, &end.missing, &end.lost);
     Row {
-        scenario: "8b EIO on spool writes + fdatasync for 20 s under acking load".into(),
-        sent: sent.ack_sent.len(),
-        acked: sent.acked.len(),
-        committed: 0,
-        received: s.unique(),
-        duplicates: s.duplicates(),
         lost: lost.len(),
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
         command: rerun_command("faults_io", "write_and_sync_eio"),
         notes: format!(
             "fault on after {acked_at_on} acked events; acked while it lasted: {}; injected {failures:?}; \
              acked in the bounded wait after it: {acked_after} (resumed: {resumed}); requests given up: {}; \
-             resends: {}; spool_records at the end {spool_records}; ackgate running: {running}; never \
-             arrived: {}, of them still in the spool after exit: {stuck} (spool {spool}, exit {exit}); \
-             log lines: {} 'spool commit failed', {} 'spool reopened', {} 'spool reopen failed'",
+             resends: {}; {}; log lines: {}",
             acked_at_off - acked_at_on,
             sent.gave_up.len(),
             sent.resends,
-            missing.len(),
-            gate.log_lines_with(&["spool commit failed"]).len(),
-            gate.log_lines_with(&["spool reopened"]).len(),
-            gate.log_lines_with(&["spool reopen failed"]).len(),
+            end.describe(),
+            log_counts(
+                &gate,
+                &["spool commit failed", "spool reopened", "spool reopen failed"]
+            ),
         ),
+        ..Row::from_ledger("8b EIO on spool writes + fdatasync for 20 s under acking load", &sent).arrived(s)
     }
     .save();
     assert!(
         failures.total() > 0,
         "the write fault never hit ackgate's spool file"
     );
-    assert!(running, "ackgate died during or after the write fault");
+    assert!(end.running, "ackgate died during or after the write fault");
     assert!(
         lost.is_empty(),
         "lost {} acked events: {}",
         lost.len(),
-        first(&lost, 10)
+        first(lost, 10)
     );
     assert!(
         all_arrived && missing.is_empty(),
-        "{} acked events never arrived within 60 s ({stuck} of them still in the spool): {}",
+        "{} acked events never arrived within 60 s ({} of them still in the spool): {}",
         missing.len(),
-        first(&missing, 10)
+        end.stuck,
+        first(missing, 10)
     );
     assert!(
         resumed && sent.gave_up.is_empty(),
@@ -365,7 +408,7 @@ fn write_and_sync_eio_for_twenty_seconds_under_load_loses_nothing_and_acks_resum
          {} events of requests given up",
         sent.gave_up.len()
     );
-    assert!(exit.success(), "ackgate exited with {exit}");
+    assert!(end.exit.success(), "ackgate exited with {}", end.exit);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -566,14 +609,7 @@ fn damaged_record_in_the_middle(damage: Damage, scenario: &str) {
         .unwrap_or("")
         .to_string();
     Row {
-        scenario: scenario.into(),
-        sent: sent.ack_sent.len(),
-        acked: sent.acked.len(),
-        committed: 0,
-        received: s.unique(),
-        duplicates: s.duplicates(),
         lost,
-        cycles: 1,
         seconds: started.elapsed().as_secs_f64(),
         command: rerun_command("faults_io", &format!("damaged_record_{}", match damage {
             Damage::FutureVersion => "with_a_future_version",
@@ -594,6 +630,7 @@ fn damaged_record_in_the_middle(damage: Damage, scenario: &str) {
             damaged_lines.len(),
             damaged_lines.first(),
         ),
+        ..Row::from_ledger(scenario, &sent).arrived(&s)
     }
     .save();
     assert!(running, "ackgate died on a damaged record");

@@ -17,7 +17,6 @@
 mod support;
 
 use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
 
 use ackgate::forward::msgpack::value_len;
@@ -68,25 +67,6 @@ const JSON_REQUESTS_ACCEPTED: bool = true;
 /// `["t",1700000000,{"a":1},{"chunk":"j1"}]` relayed as msgpack: `[1700000000, {"a": 1}]`.
 const JSON_EVENT: &[u8] = &[0x92, 0xce, 0x65, 0x53, 0xf1, 0x00, 0x81, 0xa1, b'a', 0x01];
 
-fn read(dir: &Path, name: &str) -> Vec<u8> {
-    let path = dir.join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
-/// The last complete msgpack value in `bytes`.
-fn last_value(bytes: &[u8]) -> Vec<u8> {
-    let mut pos = 0;
-    let mut last = None;
-    while pos < bytes.len() {
-        let n = value_len(&bytes[pos..], DEPTH)
-            .expect("reply is msgpack")
-            .expect("reply ends with a whole value");
-        last = Some(bytes[pos..pos + n].to_vec());
-        pos += n;
-    }
-    last.expect("reply is not empty")
-}
-
 /// Read exactly `n` bytes (however they are split across recvs) within `timeout`.
 fn read_exactly(stream: &mut std::net::TcpStream, n: usize, timeout: Duration) -> Vec<u8> {
     stream.set_read_timeout(Some(timeout)).expect("timeout");
@@ -120,8 +100,8 @@ fn decode_file(name: &str, bytes: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     (events, chunks)
 }
 
-#[test]
-fn every_captured_sender_is_relayed_and_acked_like_fluentd() {
+/// Every `*.sender.bin` and `client-*.request.bin` in the captures, sorted.
+fn request_files() -> Vec<String> {
     let dir = captures_dir();
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("captures dir {}: {e}", dir.display()))
@@ -137,82 +117,100 @@ fn every_captured_sender_is_relayed_and_acked_like_fluentd() {
         "expected the README's 20+ request files in {}, found {files:?}",
         dir.display()
     );
+    files
+}
 
+/// The JSON request: answered exactly like fluentd 1.18 (its event is then returned, as
+/// relayed), or refused and logged, as [`JSON_REQUESTS_ACCEPTED`] pins.
+fn send_json_request(gate: &Ackgate, bytes: &[u8]) -> Option<Vec<u8>> {
+    let name = "client-json.request.bin";
+    let mut stream = connect(gate.addr());
+    let local = stream.local_addr().expect("local addr");
+    stream.write_all(bytes).expect("write json");
+    if JSON_REQUESTS_ACCEPTED {
+        let real = read_capture("fluentd-1.18-in_forward-json.reply.bin");
+        let answer = read_exactly(&mut stream, real.len(), Duration::from_secs(10));
+        assert_eq!(
+            String::from_utf8_lossy(&answer),
+            String::from_utf8_lossy(&real),
+            "{name}: the JSON ack differs from fluentd 1.18's"
+        );
+        return Some(JSON_EVENT.to_vec());
+    }
+    let answer = expect_closed(&mut stream, Duration::from_secs(10));
+    assert!(answer.is_empty(), "JSON request got an answer: {answer:?}");
+    let line = gate.wait_for_log_since(
+        0,
+        &[
+            "closing connection: invalid request; nothing of it was spooled",
+            &format!("peer={local}"),
+            "reason=",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(
+        line.contains("WARN"),
+        "rejection not logged as a warning: {line}"
+    );
+    None
+}
+
+/// Write capture `name` (after its handshake PING, if any) on its own connection and check
+/// each ack: `81 a3 "ack"` + the raw chunk value, and the real receiver's reply where one was
+/// captured. Returns the events ackgate's decoder finds in it, and how many acks were
+/// compared with a real reply.
+fn send_capture(gate: &Ackgate, name: &str, bytes: &[u8]) -> (Vec<Vec<u8>>, usize) {
+    let payload = if name.contains("-secure") {
+        // Handshake support is a later issue: skip the leading PING.
+        let ping = value_len(bytes, DEPTH)
+            .expect("msgpack")
+            .expect("a whole PING");
+        &bytes[ping..]
+    } else {
+        bytes
+    };
+    let (events, chunks) = decode_file(name, payload);
+    let mut stream = connect(gate.addr());
+    stream.write_all(payload).expect("write capture");
+    let mut compared = 0;
+    for chunk in &chunks {
+        let ack = read_one_ack(&mut stream, Duration::from_secs(10));
+        let want = [&[0x81, 0xa3, b'a', b'c', b'k'][..], chunk].concat();
+        assert_eq!(
+            ack, want,
+            "{name}: ack is not 81 a3 'ack' + the raw chunk value"
+        );
+        if let Some((_, reply)) = REAL_REPLIES.iter().find(|(req, _)| *req == name) {
+            let real = whole_values(&read_capture(reply)).pop().expect("a reply");
+            assert_eq!(
+                hex(&ack),
+                hex(&real),
+                "{name}: ackgate's ack differs from the real reply in {reply}"
+            );
+            compared += 1;
+        }
+    }
+    (events, compared)
+}
+
+#[test]
+fn every_captured_sender_is_relayed_and_acked_like_fluentd() {
+    let files = request_files();
     let agg = Aggregator::start();
     let gate = Ackgate::start(agg.addr());
     let mut expected = Vec::new();
     let mut compared_with_real_reply = 0;
     let mut json_seen = false;
-
     for name in &files {
-        let bytes = read(&dir, name);
-        if name == "client-json.request.bin" && JSON_REQUESTS_ACCEPTED {
-            json_seen = true;
-            let mut stream = connect(gate.addr());
-            stream.write_all(&bytes).expect("write json");
-            let real = read(&dir, "fluentd-1.18-in_forward-json.reply.bin");
-            let answer = read_exactly(&mut stream, real.len(), Duration::from_secs(10));
-            assert_eq!(
-                String::from_utf8_lossy(&answer),
-                String::from_utf8_lossy(&real),
-                "{name}: the JSON ack differs from fluentd 1.18's"
-            );
-            expected.push(JSON_EVENT.to_vec());
-            continue;
-        }
+        let bytes = read_capture(name);
         if name == "client-json.request.bin" {
             json_seen = true;
-            let mut stream = connect(gate.addr());
-            let local = stream.local_addr().expect("local addr");
-            stream.write_all(&bytes).expect("write json");
-            let answer = expect_closed(&mut stream, Duration::from_secs(10));
-            assert!(answer.is_empty(), "JSON request got an answer: {answer:?}");
-            let line = gate.wait_for_log_since(
-                0,
-                &[
-                    "closing connection: invalid request; nothing of it was spooled",
-                    &format!("peer={local}"),
-                    "reason=",
-                ],
-                Duration::from_secs(10),
-            );
-            assert!(
-                line.contains("WARN"),
-                "rejection not logged as a warning: {line}"
-            );
+            expected.extend(send_json_request(&gate, &bytes));
             continue;
         }
-        let payload = if name.contains("-secure") {
-            // Handshake support is a later issue: skip the leading PING.
-            let ping = value_len(&bytes, DEPTH)
-                .expect("msgpack")
-                .expect("a whole PING");
-            bytes[ping..].to_vec()
-        } else {
-            bytes.clone()
-        };
-        let (events, chunks) = decode_file(name, &payload);
-        let mut stream = connect(gate.addr());
-        stream.write_all(&payload).expect("write capture");
-        for chunk in &chunks {
-            let ack = read_one_ack(&mut stream, Duration::from_secs(10));
-            let mut want = vec![0x81, 0xa3, b'a', b'c', b'k'];
-            want.extend_from_slice(chunk);
-            assert_eq!(
-                ack, want,
-                "{name}: ack is not 81 a3 'ack' + the raw chunk value"
-            );
-            if let Some((_, reply)) = REAL_REPLIES.iter().find(|(req, _)| req == name) {
-                let real = last_value(&read(&dir, reply));
-                assert_eq!(
-                    hex(&ack),
-                    hex(&real),
-                    "{name}: ackgate's ack differs from the real reply in {reply}"
-                );
-                compared_with_real_reply += 1;
-            }
-        }
+        let (events, compared) = send_capture(&gate, name, &bytes);
         expected.extend(events);
+        compared_with_real_reply += compared;
     }
     assert!(
         json_seen,

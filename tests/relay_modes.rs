@@ -64,267 +64,284 @@ fn uint_value(n: u64) -> Vec<u8> {
     v
 }
 
+/// The tag of case `name`.
+fn tag(label: &str, name: &str) -> Vec<u8> {
+    let mut t = Vec::new();
+    mp_str(&mut t, format!("modes.{label}.{name}").as_bytes());
+    t
+}
+
+/// Message mode, `[tag, time, record]` or with an option `[tag, time, record, option]`: the
+/// aggregator must get `0x92` followed by the sender's own time and record bytes.
+fn message_case(
+    name: &'static str,
+    tag: Vec<u8>,
+    time: &[u8],
+    record: &[u8],
+    option: Option<Vec<u8>>,
+    chunk: Option<Vec<u8>>,
+) -> Case {
+    let mut bytes = vec![if option.is_some() { 0x94 } else { 0x93 }];
+    bytes.extend(tag);
+    bytes.extend_from_slice(time);
+    bytes.extend_from_slice(record);
+    bytes.extend(option.unwrap_or_default());
+    let entry = [&[0x92][..], time, record].concat();
+    Case {
+        name,
+        bytes,
+        expected: vec![entry],
+        chunk,
+    }
+}
+
+/// `[tag, <carrier header> <payload>, option?]`: Forward and (Compressed)PackedForward.
+fn case(
+    name: &'static str,
+    tag: Vec<u8>,
+    carrier: impl FnOnce(&mut Vec<u8>),
+    option: Option<Vec<u8>>,
+    expected: Vec<Vec<u8>>,
+    chunk: Option<Vec<u8>>,
+) -> Case {
+    let mut bytes = vec![if option.is_some() { 0x93 } else { 0x92 }];
+    bytes.extend(tag);
+    carrier(&mut bytes);
+    bytes.extend(option.unwrap_or_default());
+    Case {
+        name,
+        bytes,
+        expected,
+        chunk,
+    }
+}
+
+/// Message mode with every time form and option form.
+fn message_cases(label: &str) -> Vec<Case> {
+    let rec = || unique_record(label);
+    let mut uint32 = vec![0xce];
+    uint32.extend_from_slice(&TS.to_be_bytes());
+    let mut int64 = vec![0xd3];
+    int64.extend_from_slice(&(TS as i64).to_be_bytes());
+    let mut float = vec![0xcb];
+    float.extend_from_slice(&(TS as f64 + 0.25).to_be_bytes());
+    let chunk = chunk_value(&format!("{label}-msg-fixext"));
+    vec![
+        message_case(
+            "message 3 elements, uint32 time",
+            tag(label, "msg3int"),
+            &uint32,
+            &rec(),
+            None,
+            None,
+        ),
+        // Any int width is an int.
+        message_case(
+            "message 3 elements, int64 time",
+            tag(label, "msg3int64"),
+            &int64,
+            &rec(),
+            None,
+            None,
+        ),
+        message_case(
+            "message 4 elements, EventTime fixext8, chunk",
+            tag(label, "msg4fixext8"),
+            &event_time(TS, 123_456_789),
+            &rec(),
+            Some(option_map(Some(&chunk), &[])),
+            Some(chunk.clone()),
+        ),
+        // An empty option map (fluent-logger-golang).
+        message_case(
+            "message 4 elements, EventTime ext8, empty option",
+            tag(label, "msg4ext8"),
+            &event_time_ext8(TS, 42),
+            &rec(),
+            Some(vec![0x80]),
+            None,
+        ),
+        // A float64 time (non-conforming loggers), a nil option (old Docker).
+        message_case(
+            "message 4 elements, float64 time, nil option",
+            tag(label, "msg4float"),
+            &float,
+            &rec(),
+            Some(vec![0xc0]),
+            None,
+        ),
+    ]
+}
+
+/// Forward mode with the smallest and a wider array header, and v1.5 entries.
+fn forward_cases(label: &str) -> Vec<Case> {
+    let rec = || unique_record(label);
+    let fwd: Vec<Vec<u8>> = (0..3).map(|i| entry_eventtime(TS, i, &rec())).collect();
+    let fwd16: Vec<Vec<u8>> = (0..2).map(|_| entry_int(TS, &rec())).collect();
+    let chunk = chunk_value(&format!("{label}-fwd"));
+    // v1.5 entries [[EventTime, {}], record] (fluent-bit >= 5.0.5), with the 32-bit map
+    // headers fluent-bit writes.
+    let v15: Vec<Vec<u8>> = (0..2)
+        .map(|i| {
+            let mut e = vec![0x92, 0x92];
+            e.extend(event_time(TS, i));
+            e.extend_from_slice(&[0xdf, 0, 0, 0, 0]);
+            e.extend(rec());
+            e
+        })
+        .collect();
+    let array = |entries: &[Vec<u8>]| {
+        let entries = entries.to_vec();
+        move |b: &mut Vec<u8>| {
+            mp_array_header(b, entries.len());
+            b.extend(entries.concat());
+        }
+    };
+    vec![
+        case(
+            "forward, no option",
+            tag(label, "fwd"),
+            array(&fwd),
+            None,
+            fwd.clone(),
+            None,
+        ),
+        // An array16 header (a sender that never uses the smallest form).
+        case(
+            "forward array16, option with size, fluent_signal, chunk",
+            tag(label, "fwd16"),
+            |b| {
+                b.extend_from_slice(&[0xdc, 0x00, 0x02]);
+                b.extend(fwd16.concat());
+            },
+            Some(option_map(
+                Some(&chunk),
+                &[("size", uint_value(2)), ("fluent_signal", uint_value(0))],
+            )),
+            fwd16.clone(),
+            Some(chunk.clone()),
+        ),
+        case(
+            "v1.5 [[EventTime, {}], record] entries",
+            tag(label, "v15"),
+            array(&v15),
+            None,
+            v15.clone(),
+            None,
+        ),
+    ]
+}
+
+/// PackedForward as str32 and bin, gzip and zstd CompressedPackedForward.
+fn packed_cases(label: &str) -> Vec<Case> {
+    let rec = || unique_record(label);
+    let str32: Vec<Vec<u8>> = (0..4).map(|_| entry_int(TS, &rec())).collect();
+    let str32_chunk = chunk_value(&v012_chunk_id(label.len() as u64 + 7));
+    let bin: Vec<Vec<u8>> = (0..3).map(|i| entry_eventtime(TS, i, &rec())).collect();
+    let gzip_str: Vec<Vec<u8>> = (0..4).map(|i| entry_eventtime(TS, i, &rec())).collect();
+    let gzip_str_chunk = chunk_value(&format!("{label}-gzip"));
+    let gzip_bin: Vec<Vec<u8>> = (0..2).map(|i| entry_eventtime(TS, i, &rec())).collect();
+    let zstd_entries: Vec<Vec<u8>> = (0..3).map(|_| entry_int(TS, &rec())).collect();
+    let compressed = |n: u64, codec: &str| {
+        Some(option_map(
+            None,
+            &[("size", uint_value(n)), ("compressed", str_value(codec))],
+        ))
+    };
+    vec![
+        // Every fluentd, with the v0.12 ack layout.
+        case(
+            "packed forward str32, v0.12 chunk",
+            tag(label, "packedstr32"),
+            |b| mp_str32(b, &str32.concat()),
+            Some(option_map(Some(&str32_chunk), &[])),
+            str32.clone(),
+            Some(str32_chunk.clone()),
+        ),
+        // The spec's SHOULD.
+        case(
+            "packed forward bin8",
+            tag(label, "packedbin"),
+            |b| mp_bin(b, &bin.concat()),
+            Some(option_map(None, &[("size", uint_value(3))])),
+            bin.clone(),
+            None,
+        ),
+        // Multi-member gzip in str32 (fluentd 1.x), compressed: gzip.
+        case(
+            "compressed packed forward, 4 gzip members in str32, chunk",
+            tag(label, "gzipstr32"),
+            |b| {
+                mp_str32(
+                    b,
+                    &gzip_str
+                        .iter()
+                        .flat_map(|e| gzip_member(e))
+                        .collect::<Vec<u8>>(),
+                )
+            },
+            Some(option_map(
+                Some(&gzip_str_chunk),
+                &[("size", uint_value(4)), ("compressed", str_value("gzip"))],
+            )),
+            gzip_str.clone(),
+            Some(gzip_str_chunk.clone()),
+        ),
+        // One gzip member as bin (fluent-bit).
+        case(
+            "compressed packed forward, gzip bin",
+            tag(label, "gzipbin"),
+            |b| mp_bin(b, &gzip_member(&gzip_bin.concat())),
+            compressed(2, "gzip"),
+            gzip_bin.clone(),
+            None,
+        ),
+        // zstd (fluentd 1.19+).
+        case(
+            "compressed packed forward, zstd",
+            tag(label, "zstd"),
+            |b| {
+                mp_bin(
+                    b,
+                    &zstd::encode_all(&zstd_entries.concat()[..], 3).expect("zstd"),
+                )
+            },
+            compressed(3, "zstd"),
+            zstd_entries.clone(),
+            None,
+        ),
+    ]
+}
+
+/// Non-UTF-8 bytes inside str values, bin inside a record, str8 and raw16 values.
+fn odd_record_case(label: &str) -> Case {
+    let mut r = Vec::new();
+    mp_map_header(&mut r, 4);
+    mp_str(&mut r, b"raw");
+    r.extend_from_slice(&[0xa4, 0xff, 0xfe, 0x80, 0xc3]);
+    mp_str(&mut r, b"bin");
+    mp_bin(&mut r, &[0, 1, 2, 0xff]);
+    mp_str(&mut r, b"raw16");
+    mp_raw(&mut r, &[0xe9; 40]);
+    mp_str(&mut r, b"id");
+    r.extend(unique_record(label));
+    let e = entry_int(TS, &r);
+    case(
+        "non-UTF-8 str values, bin and raw16 in a record",
+        tag(label, "nonutf8"),
+        |b| mp_str32(b, &e),
+        None,
+        vec![e.clone()],
+        None,
+    )
+}
+
 /// A fresh set of requests (new unique records each call) covering every mode.
 fn cases(label: &str) -> Vec<Case> {
-    let tag = |name: &str| {
-        let mut t = Vec::new();
-        mp_str(&mut t, format!("modes.{label}.{name}").as_bytes());
-        t
-    };
-    let rec = || unique_record(label);
-    let mut cases = Vec::new();
-
-    // Message, 3 elements, uint32 time.
-    {
-        let r = rec();
-        let mut b = vec![0x93];
-        b.extend(tag("msg3int"));
-        b.push(0xce);
-        b.extend_from_slice(&TS.to_be_bytes());
-        b.extend_from_slice(&r);
-        cases.push(Case {
-            name: "message 3 elements, uint32 time",
-            bytes: b,
-            expected: vec![entry_int(TS, &r)],
-            chunk: None,
-        });
-    }
-    // Message, 3 elements, int64 time (any int width is an int).
-    {
-        let r = rec();
-        let mut time = vec![0xd3];
-        time.extend_from_slice(&(TS as i64).to_be_bytes());
-        let mut b = vec![0x93];
-        b.extend(tag("msg3int64"));
-        b.extend_from_slice(&time);
-        b.extend_from_slice(&r);
-        let mut e = vec![0x92];
-        e.extend_from_slice(&time);
-        e.extend_from_slice(&r);
-        cases.push(Case {
-            name: "message 3 elements, int64 time",
-            bytes: b,
-            expected: vec![e],
-            chunk: None,
-        });
-    }
-    // Message, 4 elements, EventTime fixext8, with chunk.
-    {
-        let r = rec();
-        let chunk = chunk_value(&format!("{label}-msg-fixext"));
-        let mut b = vec![0x94];
-        b.extend(tag("msg4fixext8"));
-        b.extend(event_time(TS, 123_456_789));
-        b.extend_from_slice(&r);
-        b.extend(option_map(Some(&chunk), &[]));
-        cases.push(Case {
-            name: "message 4 elements, EventTime fixext8, chunk",
-            bytes: b,
-            expected: vec![entry_eventtime(TS, 123_456_789, &r)],
-            chunk: Some(chunk),
-        });
-    }
-    // Message, 4 elements, EventTime ext8, empty option map (fluent-logger-golang).
-    {
-        let r = rec();
-        let mut b = vec![0x94];
-        b.extend(tag("msg4ext8"));
-        b.extend(event_time_ext8(TS, 42));
-        b.extend_from_slice(&r);
-        b.push(0x80);
-        let mut e = vec![0x92];
-        e.extend(event_time_ext8(TS, 42));
-        e.extend_from_slice(&r);
-        cases.push(Case {
-            name: "message 4 elements, EventTime ext8, empty option",
-            bytes: b,
-            expected: vec![e],
-            chunk: None,
-        });
-    }
-    // Message, float64 time (non-conforming loggers), nil option (old Docker).
-    {
-        let r = rec();
-        let mut time = vec![0xcb];
-        time.extend_from_slice(&(TS as f64 + 0.25).to_be_bytes());
-        let mut b = vec![0x94];
-        b.extend(tag("msg4float"));
-        b.extend_from_slice(&time);
-        b.extend_from_slice(&r);
-        b.push(0xc0);
-        let mut e = vec![0x92];
-        e.extend_from_slice(&time);
-        e.extend_from_slice(&r);
-        cases.push(Case {
-            name: "message 4 elements, float64 time, nil option",
-            bytes: b,
-            expected: vec![e],
-            chunk: None,
-        });
-    }
-    // Forward, fixarray of entries, no option.
-    {
-        let es: Vec<Vec<u8>> = (0..3).map(|i| entry_eventtime(TS, i, &rec())).collect();
-        let mut b = vec![0x92];
-        b.extend(tag("fwd"));
-        mp_array_header(&mut b, es.len());
-        b.extend(es.concat());
-        cases.push(Case {
-            name: "forward, no option",
-            bytes: b,
-            expected: es,
-            chunk: None,
-        });
-    }
-    // Forward, array16 header (a sender that never uses the smallest form), option + chunk.
-    {
-        let es: Vec<Vec<u8>> = (0..2).map(|_| entry_int(TS, &rec())).collect();
-        let chunk = chunk_value(&format!("{label}-fwd"));
-        let mut b = vec![0x93];
-        b.extend(tag("fwd16"));
-        b.extend_from_slice(&[0xdc, 0x00, 0x02]);
-        b.extend(es.concat());
-        b.extend(option_map(
-            Some(&chunk),
-            &[("size", uint_value(2)), ("fluent_signal", uint_value(0))],
-        ));
-        cases.push(Case {
-            name: "forward array16, option with size, fluent_signal, chunk",
-            bytes: b,
-            expected: es,
-            chunk: Some(chunk),
-        });
-    }
-    // PackedForward, str32 entries (every fluentd), with chunk (v0.12 ack layout).
-    {
-        let es: Vec<Vec<u8>> = (0..4).map(|_| entry_int(TS, &rec())).collect();
-        let chunk = chunk_value(&v012_chunk_id(label.len() as u64 + 7));
-        let mut b = vec![0x93];
-        b.extend(tag("packedstr32"));
-        mp_str32(&mut b, &es.concat());
-        b.extend(option_map(Some(&chunk), &[]));
-        cases.push(Case {
-            name: "packed forward str32, v0.12 chunk",
-            bytes: b,
-            expected: es,
-            chunk: Some(chunk),
-        });
-    }
-    // PackedForward, bin entries (the spec's SHOULD).
-    {
-        let es: Vec<Vec<u8>> = (0..3).map(|i| entry_eventtime(TS, i, &rec())).collect();
-        let mut b = vec![0x93];
-        b.extend(tag("packedbin"));
-        mp_bin(&mut b, &es.concat());
-        b.extend(option_map(None, &[("size", uint_value(3))]));
-        cases.push(Case {
-            name: "packed forward bin8",
-            bytes: b,
-            expected: es,
-            chunk: None,
-        });
-    }
-    // CompressedPackedForward, multi-member gzip in str32 (fluentd 1.x), compressed: gzip.
-    {
-        let es: Vec<Vec<u8>> = (0..4).map(|i| entry_eventtime(TS, i, &rec())).collect();
-        let payload: Vec<u8> = es.iter().flat_map(|e| gzip_member(e)).collect();
-        let chunk = chunk_value(&format!("{label}-gzip"));
-        let mut b = vec![0x93];
-        b.extend(tag("gzipstr32"));
-        mp_str32(&mut b, &payload);
-        b.extend(option_map(
-            Some(&chunk),
-            &[("size", uint_value(4)), ("compressed", str_value("gzip"))],
-        ));
-        cases.push(Case {
-            name: "compressed packed forward, 4 gzip members in str32, chunk",
-            bytes: b,
-            expected: es,
-            chunk: Some(chunk),
-        });
-    }
-    // CompressedPackedForward, one gzip member as bin (fluent-bit).
-    {
-        let es: Vec<Vec<u8>> = (0..2).map(|i| entry_eventtime(TS, i, &rec())).collect();
-        let payload = gzip_member(&es.concat());
-        let mut b = vec![0x93];
-        b.extend(tag("gzipbin"));
-        mp_bin(&mut b, &payload);
-        b.extend(option_map(
-            None,
-            &[("size", uint_value(2)), ("compressed", str_value("gzip"))],
-        ));
-        cases.push(Case {
-            name: "compressed packed forward, gzip bin",
-            bytes: b,
-            expected: es,
-            chunk: None,
-        });
-    }
-    // CompressedPackedForward, zstd (fluentd 1.19+).
-    {
-        let es: Vec<Vec<u8>> = (0..3).map(|_| entry_int(TS, &rec())).collect();
-        let payload = zstd::encode_all(&es.concat()[..], 3).expect("zstd");
-        let mut b = vec![0x93];
-        b.extend(tag("zstd"));
-        mp_bin(&mut b, &payload);
-        b.extend(option_map(
-            None,
-            &[("size", uint_value(3)), ("compressed", str_value("zstd"))],
-        ));
-        cases.push(Case {
-            name: "compressed packed forward, zstd",
-            bytes: b,
-            expected: es,
-            chunk: None,
-        });
-    }
-    // v1.5 entries [[EventTime, {}], record] in Forward mode (fluent-bit >= 5.0.5), with the
-    // 32-bit map headers fluent-bit writes.
-    {
-        let es: Vec<Vec<u8>> = (0..2)
-            .map(|i| {
-                let mut e = vec![0x92, 0x92];
-                e.extend(event_time(TS, i));
-                e.extend_from_slice(&[0xdf, 0, 0, 0, 0]);
-                e.extend(rec());
-                e
-            })
-            .collect();
-        let mut b = vec![0x92];
-        b.extend(tag("v15"));
-        mp_array_header(&mut b, 2);
-        b.extend(es.concat());
-        cases.push(Case {
-            name: "v1.5 [[EventTime, {}], record] entries",
-            bytes: b,
-            expected: es,
-            chunk: None,
-        });
-    }
-    // Non-UTF-8 bytes inside str values, bin inside a record, str8 and raw16 values.
-    {
-        let mut r = Vec::new();
-        mp_map_header(&mut r, 4);
-        mp_str(&mut r, b"raw");
-        r.extend_from_slice(&[0xa4, 0xff, 0xfe, 0x80, 0xc3]);
-        mp_str(&mut r, b"bin");
-        mp_bin(&mut r, &[0, 1, 2, 0xff]);
-        mp_str(&mut r, b"raw16");
-        mp_raw(&mut r, &[0xe9; 40]);
-        mp_str(&mut r, b"id");
-        r.extend(unique_record(label));
-        let e = entry_int(TS, &r);
-        let mut b = vec![0x92];
-        b.extend(tag("nonutf8"));
-        mp_str32(&mut b, &e);
-        cases.push(Case {
-            name: "non-UTF-8 str values, bin and raw16 in a record",
-            bytes: b,
-            expected: vec![e],
-            chunk: None,
-        });
-    }
+    let mut cases = message_cases(label);
+    cases.extend(forward_cases(label));
+    cases.extend(packed_cases(label));
+    cases.push(odd_record_case(label));
     cases
 }
 

@@ -130,66 +130,30 @@ static uint64_t *syncs(struct ctl *c) { return &c->sync_failures; }
         return -1;                                                                 \
     }
 
-ssize_t pread64(int fd, void *buf, size_t count, off64_t offset)
-{
-    REAL(pread64);
-    if (inject(FAIL_READS, fd, reads))
-        return -1;
-    return real_pread64(fd, buf, count, offset);
-}
+/* An interposed call: fails with EIO while the mode has `bit` and the descriptor is targeted,
+ * and is counted then; otherwise it goes on to libc's `name`. */
+#define INTERPOSE(ret, name, bit, counter, params, args)                           \
+    ret name params                                                                \
+    {                                                                              \
+        REAL(name);                                                                \
+        if (inject(bit, fd, counter))                                              \
+            return -1;                                                             \
+        return real_##name args;                                                   \
+    }
 
-ssize_t pread(int fd, void *buf, size_t count, off_t offset)
-{
-    REAL(pread);
-    if (inject(FAIL_READS, fd, reads))
-        return -1;
-    return real_pread(fd, buf, count, offset);
-}
-
-ssize_t preadv(int fd, const struct iovec *iov, int iovcnt, off_t offset)
-{
-    REAL(preadv);
-    if (inject(FAIL_READS, fd, reads))
-        return -1;
-    return real_preadv(fd, iov, iovcnt, offset);
-}
-
-ssize_t pwrite64(int fd, const void *buf, size_t count, off64_t offset)
-{
-    REAL(pwrite64);
-    if (inject(FAIL_WRITES, fd, writes))
-        return -1;
-    return real_pwrite64(fd, buf, count, offset);
-}
-
-ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
-{
-    REAL(pwrite);
-    if (inject(FAIL_WRITES, fd, writes))
-        return -1;
-    return real_pwrite(fd, buf, count, offset);
-}
-
-ssize_t pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset)
-{
-    REAL(pwritev);
-    if (inject(FAIL_WRITES, fd, writes))
-        return -1;
-    return real_pwritev(fd, iov, iovcnt, offset);
-}
-
-int fdatasync(int fd)
-{
-    REAL(fdatasync);
-    if (inject(FAIL_SYNCS, fd, syncs))
-        return -1;
-    return real_fdatasync(fd);
-}
-
-int fsync(int fd)
-{
-    REAL(fsync);
-    if (inject(FAIL_SYNCS, fd, syncs))
-        return -1;
-    return real_fsync(fd);
-}
+/* clang-format off */
+INTERPOSE(ssize_t, pread64, FAIL_READS, reads,
+          (int fd, void *buf, size_t count, off64_t offset), (fd, buf, count, offset))
+INTERPOSE(ssize_t, pread, FAIL_READS, reads,
+          (int fd, void *buf, size_t count, off_t offset), (fd, buf, count, offset))
+INTERPOSE(ssize_t, preadv, FAIL_READS, reads,
+          (int fd, const struct iovec *iov, int iovcnt, off_t offset), (fd, iov, iovcnt, offset))
+INTERPOSE(ssize_t, pwrite64, FAIL_WRITES, writes,
+          (int fd, const void *buf, size_t count, off64_t offset), (fd, buf, count, offset))
+INTERPOSE(ssize_t, pwrite, FAIL_WRITES, writes,
+          (int fd, const void *buf, size_t count, off_t offset), (fd, buf, count, offset))
+INTERPOSE(ssize_t, pwritev, FAIL_WRITES, writes,
+          (int fd, const struct iovec *iov, int iovcnt, off_t offset), (fd, iov, iovcnt, offset))
+INTERPOSE(int, fdatasync, FAIL_SYNCS, syncs, (int fd), (fd))
+INTERPOSE(int, fsync, FAIL_SYNCS, syncs, (int fd), (fd))
+/* clang-format on */

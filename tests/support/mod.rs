@@ -12,7 +12,8 @@
 //! - [`launcher`]: the ackgate launcher (config builder, ready line, log capture) and `ackgate spool`
 //!   runs; [`process`]: child processes and their stderr; [`ports`]: ports the tests own.
 //! - [`aggregator`]: the one test aggregator, whose [`Behaviour`] is configurable (ack, never
-//!   ack, wrong ack, late ack, garbage, close, reset, slow, drop over a size);
+//!   ack, wrong ack, late ack, garbage, close, reset, slow, drop over a size), with its
+//!   connections in [`aggregator_conn`];
 //!   [`receiver`]: `ackgate receive` as an aggregator process that can be killed.
 //! - [`msgpack`], [`requests`]: bytes senders write; [`wire`]: a sender's socket;
 //!   [`decode`]: ackgate's decoder fed in pieces, and the wire captures.
@@ -27,6 +28,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod aggregator;
+mod aggregator_conn;
 mod decode;
 mod eio;
 mod handshake_oracle;

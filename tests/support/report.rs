@@ -90,6 +90,15 @@ impl Row {
         }
     }
 
+    /// The same row with received and duplicates counted from what arrived.
+    pub fn arrived(self, seen: &SeenState) -> Row {
+        Row {
+            received: seen.unique(),
+            duplicates: seen.duplicates(),
+            ..self
+        }
+    }
+
     /// Print the row and save it under `target/tmp/faults/<short|soak>/`.
     pub fn save(&self) {
         let line = format!(
