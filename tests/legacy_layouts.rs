@@ -8,10 +8,14 @@
 //! request that arrives one byte per read. Entries must come out exactly as sent (DESIGN.md
 //! invariant 6).
 
+mod support;
+
 use ackgate::forward::ack::encode_ack;
 use ackgate::forward::entries::count_entries;
 use ackgate::forward::{Decoded, Frame, FrameDecoder, FrameError, Limits, Mode};
 use bytes::BytesMut;
+
+use support::{feed, mp_raw, mp_str32};
 
 // ------------------------------------------------------------------------------------------------
 // Helpers.
@@ -25,18 +29,19 @@ fn decode_all(bytes: &[u8]) -> Vec<Decoded> {
     whole
 }
 
+/// Decode `bytes` fed `piece` bytes per read; everything must be taken off the buffer.
 fn run(bytes: &[u8], piece: usize) -> Result<Vec<Decoded>, FrameError> {
-    let mut decoder = FrameDecoder::new(Limits::default());
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    for chunk in bytes.chunks(piece) {
-        buf.extend_from_slice(chunk);
-        while let Some(decoded) = decoder.decode(&mut buf)? {
-            out.push(decoded);
-        }
+    let outcome = feed(bytes, || piece);
+    if let Some(e) = outcome.error {
+        return Err(e);
     }
-    assert!(buf.is_empty(), "left over: {:02x?}", &buf[..]);
-    Ok(out)
+    assert_eq!(
+        outcome.consumed,
+        bytes.len(),
+        "left over: {:02x?}",
+        &bytes[outcome.consumed..]
+    );
+    Ok(outcome.decoded)
 }
 
 fn only_frame(bytes: &[u8]) -> Frame {
@@ -55,29 +60,17 @@ fn frame(d: &Decoded) -> &Frame {
     }
 }
 
-/// Old msgpack "raw" header (fixraw / raw16 / raw32; there was no str8).
+/// Old msgpack "raw" header (fixraw / raw16 / raw32; there was no str8) + bytes.
 fn raw(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    match bytes.len() {
-        n if n < 32 => out.push(0xa0 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0xda);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0xdb);
-            out.extend_from_slice(&(n as u32).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(bytes);
+    mp_raw(&mut out, bytes);
     out
 }
 
 /// str32 header + bytes: how every fluentd version frames PackedForward entries.
 fn str32(bytes: &[u8]) -> Vec<u8> {
-    let mut out = vec![0xdb];
-    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    out.extend_from_slice(bytes);
+    let mut out = Vec::new();
+    mp_str32(&mut out, bytes);
     out
 }
 

@@ -7,6 +7,8 @@
 //! Every wait has a deadline and is woken by an event (a stderr or stdout line, a closed pipe);
 //! every child is killed when its guard drops, so a failing test leaves no process behind.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,18 +18,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use support::{ackgate_command, Pki};
+
 /// Deadline of every wait on a child.
 const WAIT: Duration = Duration::from_secs(20);
 
 fn ackgate(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ackgate"));
-    command
-        .args(args)
-        // Hermetic: no log filter or secret from the developer's shell.
-        .env_remove("RUST_LOG")
-        .env_remove("ACKGATE_SHARED_KEY")
-        .env_remove("ACKGATE_PASSWORD");
-    command
+    ackgate_command(args)
 }
 
 /// A child killed (and reaped) on drop.
@@ -358,33 +355,17 @@ fn legacy_from_stdin() {
     check(&receive.take(3), "cli.legacy", &input, true);
 }
 
-/// A CA and a server certificate for `relay.test` in `dir`.
-fn certificates(dir: &Path) -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().expect("CA key");
-    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
-    let key = KeyPair::generate().expect("server key");
-    let cert = CertificateParams::new(vec!["relay.test".to_owned()])
-        .expect("server params")
-        .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))
-        .expect("server certificate");
-    let path = |name: &str, text: String| {
-        let path = temp_file(dir, name, text.as_bytes());
-        path.to_str().expect("utf-8 path").to_owned()
-    };
-    (
-        path("ca.pem", ca.pem()),
-        path("server.pem", cert.pem()),
-        path("server.key", key.serialize_pem()),
-    )
+/// A CA and a server certificate for `relay.test` (not for 127.0.0.1), and their paths.
+fn certificates() -> (Pki, String, String, String) {
+    let pki = Pki::generate_for("ackgate tools test CA", &["relay.test"]);
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+    let (ca, cert, key) = (path(&pki.ca), path(&pki.server_cert), path(&pki.server_key));
+    (pki, ca, cert, key)
 }
 
 #[test]
 fn tls() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (ca, cert, key) = certificates(dir.path());
+    let (_pki, ca, cert, key) = certificates();
     let receive = Receive::start(&["--tls-cert", &cert, "--tls-key", &key]);
     let input = records(3, "tls");
     let tls = ["--tls", "--tls-ca", &ca, "--tls-server-name", "relay.test"];

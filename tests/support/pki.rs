@@ -1,5 +1,6 @@
-//! TLS material for the tests: a CA, a server certificate for `localhost` / 127.0.0.1 and a
-//! client certificate, all signed by that CA, as PEM files in a temp dir (rcgen).
+//! TLS material for the tests: a CA, a server certificate (for `localhost` and 127.0.0.1 unless
+//! the test names others) and a client certificate, all signed by that CA, as PEM files in a
+//! temp dir (rcgen).
 
 use std::path::{Path, PathBuf};
 
@@ -19,8 +20,15 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// A fresh CA named `ca_name` and its two leaves.
+    /// A fresh CA named `ca_name` and its two leaves, the server's for `localhost` and
+    /// 127.0.0.1.
     pub fn generate(ca_name: &str) -> Pki {
+        Pki::generate_for(ca_name, &["localhost", "127.0.0.1"])
+    }
+
+    /// A fresh CA named `ca_name` and its two leaves, the server's for `server_names` (an IP
+    /// address among them is an IP address SAN, the others DNS names).
+    pub fn generate_for(ca_name: &str, server_names: &[&str]) -> Pki {
         let dir = tempfile::tempdir().expect("pki temp dir");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
         ca_params.distinguished_name = common_name(ca_name);
@@ -35,13 +43,8 @@ impl Pki {
         let issuer = Issuer::new(ca_params, ca_key);
 
         let leaf = |names: &[&str], usage: ExtendedKeyUsagePurpose, cn: &str| {
-            let dns: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-            let mut params = CertificateParams::new(dns).expect("leaf params");
-            if usage == ExtendedKeyUsagePurpose::ServerAuth {
-                params
-                    .subject_alt_names
-                    .push(SanType::IpAddress([127, 0, 0, 1].into()));
-            }
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
+            params.subject_alt_names = names.iter().map(|n| san(n)).collect();
             params.distinguished_name = common_name(cn);
             params.extended_key_usages = vec![usage];
             let key = KeyPair::generate().expect("leaf key");
@@ -49,9 +52,9 @@ impl Pki {
             (cert.pem(), key.serialize_pem())
         };
         let (server_pem, server_key_pem) = leaf(
-            &["localhost"],
+            server_names,
             ExtendedKeyUsagePurpose::ServerAuth,
-            "localhost",
+            server_names.first().copied().unwrap_or("server"),
         );
         let (client_pem, client_key_pem) = leaf(
             &["sender.example"],
@@ -76,6 +79,14 @@ impl Pki {
     /// The temp dir holding the files (removed on drop); tests may put their own files there.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// An IP address SAN for an address, else a DNS name SAN.
+fn san(name: &str) -> SanType {
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => SanType::DnsName(name.try_into().expect("a DNS name")),
     }
 }
 

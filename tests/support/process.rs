@@ -202,14 +202,19 @@ fn which(program: &std::ffi::OsStr) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// `ackgate` with these arguments.
+/// `ackgate` with these arguments; hermetic: no log filter or secret from the developer's
+/// shell.
 pub fn ackgate_command<I, S>(args: I) -> Command
 where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ackgate"));
-    command.args(args).env_remove("RUST_LOG");
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("ACKGATE_SHARED_KEY")
+        .env_remove("ACKGATE_PASSWORD");
     command
 }
 
