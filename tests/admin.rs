@@ -160,18 +160,19 @@ fn status_of_a_relay_that_cannot_be_reached_exits_2_and_says_how_to_enable_the_l
         "{stderr}"
     );
 
-    // Port 1 is never served here: connect is refused at once.
+    // Nothing listens on a reserved port: connect is refused at once.
+    let down = ReservedPort::new();
     let nobody = dir.path().join("nobody.toml");
     std::fs::write(
         &nobody,
-        format!("{base}[admin]\nlisten = \"127.0.0.1:1\"\n"),
+        format!("{base}[admin]\nlisten = \"{}\"\n", down.addr()),
     )
     .expect("write");
     let output = run(&["status", "--json"], &nobody);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("127.0.0.1:1") && stderr.contains("running"),
+        stderr.contains(&down.addr().to_string()) && stderr.contains("running"),
         "{stderr}"
     );
 }

@@ -13,8 +13,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{
-    ackgate_command, connect, entry_int, send_acked_on, send_signal, unique_record, wait_child,
-    Ackgate, Aggregator, TS,
+    ackgate_command, connect, entry_int, send_acked_on, send_signal, start_with_admin,
+    unique_record, wait_child, Ackgate, Aggregator, ReservedPort, TS,
 };
 use tempfile::TempDir;
 
@@ -22,8 +22,6 @@ use tempfile::TempDir;
 const SCREEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Events sent (shown as "1,234").
 const EVENTS: usize = 1234;
-/// The node whose connects fail at once: nothing serves port 1 on a test machine.
-const REFUSED: &str = "127.0.0.1:1";
 
 // ------------------------------------------------------------------------------------------------
 // tmux
@@ -221,47 +219,24 @@ impl Drop for Tmux {
 // ------------------------------------------------------------------------------------------------
 // The relay and `ackgate top`
 
-/// A relay with an admin listener, forwarding to `live` and to a node that refuses.
-/// `live` has weight 1 against 60, so it may run only `window` (32) records ahead of
-/// `refused`: the records past those make `refused` connect (and fail, and show DOWN) however
-/// fast `live` acks. (A node connects only when there is work it may take.)
-fn relay(live: SocketAddr) -> (Ackgate, SocketAddr) {
+/// A relay with an admin listener (its config names the port it got, so that `ackgate top
+/// --config` finds it), forwarding to `live` and to `refused`, where nothing listens (a
+/// [`ReservedPort`]: connects fail at once). `live` has weight 1 against 60, so it may run
+/// only `window` (32) records ahead of `refused`: the records past those make `refused`
+/// connect (and fail, and show DOWN) however fast `live` acks. (A node connects only when
+/// there is work it may take.)
+fn relay(live: SocketAddr, refused: SocketAddr) -> (Ackgate, SocketAddr) {
     let nodes = format!(
         r#"nodes = [
             {{ name = "live", address = "{live}", weight = 1 }},
-            {{ name = "refused", address = "{REFUSED}", weight = 60 }},
+            {{ name = "refused", address = "{refused}", weight = 60 }},
         ]"#
     );
-    let gate = Ackgate::builder()
-        .section("upstream", &nodes)
-        .section("upstream", "window = 32")
-        .section("admin", r#"listen = "127.0.0.1:0""#)
-        .start();
-    let admin = admin_addr(&gate);
-    (gate, admin)
-}
-
-/// The admin listener's real address, from its log line (printed before the ready line).
-fn admin_addr(gate: &Ackgate) -> SocketAddr {
-    let line = gate.wait_for_log("admin and metrics listening", Duration::from_secs(10));
-    let start = line.find("listen=").expect("listen= in the admin line") + "listen=".len();
-    let rest = &line[start..];
-    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-    rest[..end]
-        .parse()
-        .unwrap_or_else(|e| panic!("cannot parse the admin address in {line:?}: {e}"))
-}
-
-/// The relay's own config with the admin port it really got (it was told port 0).
-fn top_config(gate: &Ackgate, admin: SocketAddr) -> PathBuf {
-    let text = std::fs::read_to_string(gate.config_path()).expect("read the relay's config");
-    let mut config: toml::Table = toml::from_str(&text).expect("parse the relay's config");
-    let mut section = toml::Table::new();
-    section.insert("listen".into(), admin.to_string().into());
-    config.insert("admin".into(), section.into());
-    let path = gate.dir().join("top.toml");
-    std::fs::write(&path, toml::to_string(&config).expect("render config")).expect("write config");
-    path
+    start_with_admin(
+        Ackgate::builder()
+            .section("upstream", &nodes)
+            .section("upstream", "window = 32"),
+    )
 }
 
 /// `EVENTS` events in 42 acked requests, one after the other (more records than `live` may
@@ -312,9 +287,9 @@ fn cell<'a>(screen: &str, row: &'a str, title: &str) -> Option<&'a str> {
 }
 
 /// Both node rows, the refused one DOWN, the live one up with every event acked.
-fn shows_both_nodes(screen: &str, live: SocketAddr) -> bool {
+fn shows_both_nodes(screen: &str, live: SocketAddr, refused: SocketAddr) -> bool {
     let live = row(screen, "live", &live.to_string());
-    let refused = row(screen, "refused", REFUSED);
+    let refused = row(screen, "refused", &refused.to_string());
     live.is_some_and(|l| l.contains(" up ") && cell(screen, l, "acked ev") == Some("1,234"))
         && refused.is_some_and(|l| l.contains(" DOWN "))
 }
@@ -340,6 +315,8 @@ fn assert_quit_cleanly(tmux: &Tmux, timeout: Duration) {
 /// why) when tmux is not available.
 struct Running {
     agg: Aggregator,
+    /// Where the refused node is (held, so that it stays refused).
+    refused: ReservedPort,
     gate: Ackgate,
     admin: std::net::SocketAddr,
     tmux: Tmux,
@@ -350,13 +327,15 @@ fn running_top(test: &str) -> Option<Running> {
         return None;
     }
     let agg = Aggregator::start();
-    let (gate, admin) = relay(agg.addr());
-    let tmux = start_top(&top_config(&gate, admin));
+    let refused = ReservedPort::new();
+    let (gate, admin) = relay(agg.addr(), refused.addr());
+    let tmux = start_top(gate.config_path());
     tmux.wait_for_screen("the node rows", SCREEN_TIMEOUT, |s| {
         row(s, "live", &agg.addr().to_string()).is_some()
     });
     Some(Running {
         agg,
+        refused,
         gate,
         admin,
         tmux,
@@ -369,13 +348,14 @@ fn top_shows_every_node_and_quits_on_q() {
         return;
     }
     let agg = Aggregator::start();
-    let (gate, admin) = relay(agg.addr());
+    let refused = ReservedPort::new();
+    let (gate, admin) = relay(agg.addr(), refused.addr());
     send_events(&gate, &agg);
-    let tmux = start_top(&top_config(&gate, admin));
+    let tmux = start_top(gate.config_path());
     let screen = tmux.wait_for_screen(
         "both nodes, DOWN and up, 1,234 acked",
         SCREEN_TIMEOUT,
-        |s| shows_both_nodes(s, agg.addr()),
+        |s| shows_both_nodes(s, agg.addr(), refused.addr()),
     );
     eprintln!("the screen of `ackgate top`:\n{screen}");
     assert!(screen.contains("NEEDS ATTENTION"), "{screen}");
@@ -392,6 +372,7 @@ fn top_shows_every_node_and_quits_on_q() {
 fn q_quits_at_once_while_the_relay_does_not_answer() {
     let Some(Running {
         agg: _agg,
+        refused: _refused,
         gate,
         admin,
         tmux,
@@ -426,14 +407,18 @@ impl Drop for Resume {
 fn a_relay_that_goes_away_is_an_error_line_not_an_exit() {
     let Some(Running {
         agg,
+        refused: _refused,
         mut gate,
-        admin: _admin,
+        admin,
         tmux,
     }) = running_top("a_relay_that_goes_away_is_an_error_line_not_an_exit")
     else {
         return;
     };
     gate.kill9();
+    // The admin port stays reserved, so that every poll is refused as it is when nothing
+    // else binds it.
+    let _held = ReservedPort::hold(admin);
     let screen = tmux.wait_for_screen("the failed poll", SCREEN_TIMEOUT, |s| {
         s.contains("poll failed: cannot reach ackgate's admin listener")
     });
@@ -450,6 +435,7 @@ fn a_relay_that_goes_away_is_an_error_line_not_an_exit() {
 fn sigterm_restores_the_terminal_too() {
     let Some(Running {
         agg: _agg,
+        refused: _refused,
         gate: _gate,
         admin: _admin,
         tmux,
@@ -466,15 +452,21 @@ fn top_on_a_relay_that_is_down_exits_non_zero() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("top.toml");
     let spool = dir.path().join("spool.redb");
+    // The admin address: nothing listens there (connects fail at once).
+    let refused = ReservedPort::new();
     let text = format!(
-        "[ingress]\nlisten = \"127.0.0.1:0\"\n[spool]\npath = {:?}\n[[upstream.nodes]]\naddress = \"127.0.0.1:24224\"\n[admin]\nlisten = \"{REFUSED}\"\n",
-        spool.to_str().expect("utf-8 temp path")
+        "[ingress]\nlisten = \"127.0.0.1:0\"\n[spool]\npath = {:?}\n[[upstream.nodes]]\naddress = \"127.0.0.1:24224\"\n[admin]\nlisten = \"{}\"\n",
+        spool.to_str().expect("utf-8 temp path"),
+        refused.addr()
     );
     std::fs::write(&config, text).expect("write config");
     let (code, stderr) = run_top(&config);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("cannot reach ackgate's admin listener at 127.0.0.1:1"),
+        stderr.contains(&format!(
+            "cannot reach ackgate's admin listener at {}",
+            refused.addr()
+        )),
         "{stderr}"
     );
 }
@@ -482,8 +474,9 @@ fn top_on_a_relay_that_is_down_exits_non_zero() {
 #[test]
 fn top_without_a_terminal_says_so() {
     let agg = Aggregator::start();
-    let (gate, admin) = relay(agg.addr());
-    let (code, stderr) = run_top(&top_config(&gate, admin));
+    let refused = ReservedPort::new();
+    let (gate, _admin) = relay(agg.addr(), refused.addr());
+    let (code, stderr) = run_top(gate.config_path());
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("needs a terminal"), "{stderr}");
 }
