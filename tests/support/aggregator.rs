@@ -237,10 +237,6 @@ impl Shared {
         let chunk = chunk_raw.as_deref().and_then(raw_string);
         let kept = !matches!(behaviour, Behaviour::DropAbove(limit) if raw.len() > limit);
         let acked = chunk.is_some() && behaviour.acks(kept);
-        if kept {
-            let (ids, foreign) = ids_of_entries(&frame.entries);
-            self.seen.add_request(chunk.as_deref(), &ids, foreign);
-        }
         let request = {
             let mut state = lock(&self.state);
             let resent_after_ack = chunk
@@ -267,6 +263,13 @@ impl Shared {
             state.requests.push(request.clone());
             request
         };
+        // Counted after it is recorded: whoever the count wakes finds the request (and its
+        // ack) in the aggregator's state too.
+        if kept {
+            let (ids, foreign) = ids_of_entries(&request.entries);
+            self.seen
+                .add_request(request.chunk.as_deref(), &ids, foreign);
+        }
         self.notify();
         request
     }

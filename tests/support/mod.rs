@@ -9,12 +9,13 @@
 //! exists (`/metrics`, a kernel table, a child's exit). On timeout a wait panics with what it saw.
 //!
 //! By role:
-//! - [`launcher`]: the ackgate launcher (config builder, ready line, log capture) and `ackgate spool`
-//!   runs; [`process`]: child processes and their stderr; [`ports`]: ports the tests own.
+//! - [`launcher`]: the ackgate launcher (config builder, ready line, log capture) and
+//!   `ackgate spool` runs; [`process`]: child processes and their stderr; [`ports`]: ports the
+//!   tests own (never "bind, close, pass the number on").
 //! - [`aggregator`]: the one test aggregator, whose [`Behaviour`] is configurable (ack, never
-//!   ack, wrong ack, late ack, garbage, close, reset, slow, drop over a size), with its
-//!   connections in [`aggregator_conn`];
-//!   [`receiver`]: `ackgate receive` as an aggregator process that can be killed.
+//!   ack, wrong ack, late ack, garbage, close, reset, slow, drop over a size), its connections
+//!   in [`aggregator_conn`]; [`receiver`]: `ackgate receive` as an aggregator process that can
+//!   be killed.
 //! - [`msgpack`], [`requests`]: bytes senders write; [`wire`]: a sender's socket;
 //!   [`decode`]: ackgate's decoder fed in pieces, and the wire captures.
 //! - [`ledger`]: what was handed over against what arrived; [`load`]: sender threads for the
