@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::io::Read;
 
 use ackgate::forward::ack::decode_ack;
-use ackgate::forward::entries::{count_entries, entry_len, Compression};
+use ackgate::forward::entries::{count_entries, entry_len};
 use ackgate::forward::msgpack::{read_header, value_len, Header};
 use ackgate::forward::{Decoded, Frame, FrameError, Mode};
 
@@ -24,288 +24,6 @@ use support::*;
 
 /// Flip to `true` once the JSON variant of the protocol (PROTOCOL.md §2.1, §13.13) is decoded.
 const JSON_REQUESTS_ACCEPTED: bool = false;
-
-// ------------------------------------------------------------------------------------------------
-// What the README says each request file holds.
-
-/// The first bytes of every entry, which tell the time encoding apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Shape {
-    /// `92 ce <u32>`: integer seconds (v0.10, v0.12, fluentd `time_as_integer`).
-    Int,
-    /// `92 d7 00`: fixext8 EventTime.
-    Event,
-    /// `92 92 d7 00 <8> df 00 00 00 00`: fluent-bit's `[[EventTime, {}], record]` (v1.5).
-    MetaEvent,
-    /// `dd 00 00 00 02 d7 00`: fluent-bit with metadata off, array32 entry headers.
-    Array32Event,
-}
-
-struct Expect {
-    file: &'static str,
-    /// A handshake PING precedes the request.
-    ping: bool,
-    tag: &'static str,
-    mode: Mode,
-    events: u32,
-    /// Raw msgpack bytes of the `chunk` value, header included.
-    chunk: Option<&'static [u8]>,
-    shape: Shape,
-}
-
-const GZIP: Mode = Mode::CompressedPackedForward(Compression::Gzip);
-
-const REQUESTS: &[Expect] = &[
-    Expect {
-        file: "fluentd-0.10.62-out_forward.sender.bin",
-        ping: false,
-        tag: "test.v010",
-        mode: Mode::PackedForward,
-        events: 4,
-        chunk: None,
-        shape: Shape::Int,
-    },
-    Expect {
-        file: "fluentd-0.12.43-out_forward-noack.sender.bin",
-        ping: false,
-        tag: "test.v012",
-        mode: Mode::PackedForward,
-        events: 4,
-        chunk: None,
-        shape: Shape::Int,
-    },
-    Expect {
-        file: "fluentd-0.12.43-out_forward-ack.sender.bin",
-        ping: false,
-        tag: "test.v012",
-        mode: Mode::PackedForward,
-        events: 4,
-        chunk: Some(b"\xb9ZhKAyItCQhNAiWuQNNH2ZQ==\n"),
-        shape: Shape::Int,
-    },
-    Expect {
-        file: "fluentd-1.18-out_forward-plain.sender.bin",
-        ping: false,
-        tag: "test.v1.plain",
-        mode: Mode::PackedForward,
-        events: 4,
-        chunk: None,
-        shape: Shape::Event,
-    },
-    Expect {
-        file: "fluentd-1.18-out_forward-ack.sender.bin",
-        ping: false,
-        tag: "test.v1.ack",
-        mode: Mode::PackedForward,
-        events: 4,
-        chunk: Some(b"\xb9ZhKA0+cHNgTqSDZigxDHng==\n"),
-        shape: Shape::Event,
-    },
-    Expect {
-        file: "fluentd-1.18-out_forward-gzip.sender.bin",
-        ping: false,
-        tag: "test.v1.gzip",
-        mode: GZIP,
-        events: 4,
-        chunk: None,
-        shape: Shape::Event,
-    },
-    Expect {
-        file: "fluentd-1.18-out_forward-time_as_integer.sender.bin",
-        ping: false,
-        tag: "test.v1.timeint",
-        mode: Mode::PackedForward,
-        events: 4,
-        chunk: None,
-        shape: Shape::Int,
-    },
-    Expect {
-        file: "fluentd-1.18-out_forward-secure.sender.bin",
-        ping: true,
-        tag: "test.v1.secure",
-        mode: Mode::PackedForward,
-        events: 4,
-        chunk: Some(b"\xb9ZhKA1GWsD9rXEKcHA9QN1g==\n"),
-        shape: Shape::Event,
-    },
-    Expect {
-        file: "fluent-bit-5.1.1-out_forward-plain.sender.bin",
-        ping: false,
-        tag: "fb.plain",
-        mode: Mode::Forward,
-        events: 4,
-        chunk: None,
-        shape: Shape::MetaEvent,
-    },
-    Expect {
-        file: "fluent-bit-5.1.1-out_forward-ack.sender.bin",
-        ping: false,
-        tag: "fb.ack",
-        mode: Mode::Forward,
-        events: 4,
-        chunk: Some(b"\xb8TZTow28OC3ayZyVmI0O7bg=="),
-        shape: Shape::MetaEvent,
-    },
-    Expect {
-        file: "fluent-bit-5.1.1-out_forward-gzip.sender.bin",
-        ping: false,
-        tag: "fb.gzip",
-        mode: GZIP,
-        events: 4,
-        chunk: None,
-        shape: Shape::MetaEvent,
-    },
-    Expect {
-        file: "fluent-bit-5.1.1-out_forward-send_options.sender.bin",
-        ping: false,
-        tag: "fb.options",
-        mode: Mode::Forward,
-        events: 4,
-        chunk: None,
-        shape: Shape::MetaEvent,
-    },
-    Expect {
-        file: "fluent-bit-5.1.1-out_forward-no_metadata.sender.bin",
-        ping: false,
-        tag: "fb.compat",
-        mode: Mode::Forward,
-        events: 4,
-        chunk: None,
-        shape: Shape::Array32Event,
-    },
-    Expect {
-        file: "fluent-bit-5.1.1-out_forward-secure.sender.bin",
-        ping: true,
-        tag: "fb.secure.fluentbit",
-        mode: Mode::Forward,
-        events: 4,
-        chunk: Some(b"\xb8AmuBT8c0+ERPo1CSti7R/w=="),
-        shape: Shape::MetaEvent,
-    },
-    Expect {
-        file: "fluent-bit-5.1.1-out_forward-secure-to-fluentd.sender.bin",
-        ping: true,
-        tag: "fb.secure.fluentd",
-        mode: Mode::Forward,
-        events: 4,
-        chunk: Some(b"\xb8UAYrFlrKap7q6QkpnDFLgw=="),
-        shape: Shape::MetaEvent,
-    },
-    Expect {
-        file: "fluent-bit-5.1.1-out_forward-secure-no_metadata-to-fluentd.sender.bin",
-        ping: true,
-        tag: "fb.secure.fluentd.compat",
-        mode: Mode::Forward,
-        events: 4,
-        chunk: Some(b"\xb8G1FrSyWbmEwl4epraZov2A=="),
-        shape: Shape::Array32Event,
-    },
-    Expect {
-        file: "client-packed-str-chunk.request.bin",
-        ping: false,
-        tag: "probe.packed",
-        mode: Mode::PackedForward,
-        events: 2,
-        chunk: Some(b"\xb8QUNLR0FURS1QUk9CRS0wMQ=="),
-        shape: Shape::Event,
-    },
-    Expect {
-        file: "client-packed-bin-chunk.request.bin",
-        ping: false,
-        tag: "probe.packed",
-        mode: Mode::PackedForward,
-        events: 2,
-        chunk: Some(b"\xc4\x18QUNLR0FURS1QUk9CRS0wMQ=="),
-        shape: Shape::Event,
-    },
-    Expect {
-        file: "client-message-str-chunk.request.bin",
-        ping: false,
-        tag: "probe.message",
-        mode: Mode::Message,
-        events: 1,
-        chunk: Some(b"\xb4bWVzc2FnZS1tb2RlLTAx"),
-        shape: Shape::Event,
-    },
-    Expect {
-        file: "client-forward-str-chunk.request.bin",
-        ping: false,
-        tag: "probe.forward",
-        mode: Mode::Forward,
-        events: 2,
-        chunk: Some(b"\xb4Zm9yd2FyZC1tb2RlLTAx"),
-        shape: Shape::Event,
-    },
-];
-
-fn expect(file: &str) -> &'static Expect {
-    REQUESTS
-        .iter()
-        .find(|e| e.file == file)
-        .unwrap_or_else(|| panic!("{file} is not in REQUESTS"))
-}
-
-/// Receiver replies carrying an ack, and the request file whose chunk they acknowledge.
-const ACK_REPLIES: &[(&str, &str)] = &[
-    (
-        "fluentd-1.18-in_forward-ack.reply.bin",
-        "client-packed-str-chunk.request.bin",
-    ),
-    (
-        "fluent-bit-5.1.1-in_forward-ack.reply.bin",
-        "client-packed-str-chunk.request.bin",
-    ),
-    (
-        "fluentd-1.18-in_forward-ack-bin-chunk.reply.bin",
-        "client-packed-bin-chunk.request.bin",
-    ),
-    (
-        "fluentd-1.18-in_forward-ack-message.reply.bin",
-        "client-message-str-chunk.request.bin",
-    ),
-    (
-        "fluent-bit-5.1.1-in_forward-ack-message.reply.bin",
-        "client-message-str-chunk.request.bin",
-    ),
-    (
-        "fluentd-1.18-in_forward-ack-forward.reply.bin",
-        "client-forward-str-chunk.request.bin",
-    ),
-    (
-        "fluent-bit-5.1.1-in_forward-ack-forward.reply.bin",
-        "client-forward-str-chunk.request.bin",
-    ),
-];
-
-/// Handshake replies ending in an ack (HELO, PONG, ack) and the sender file of that connection.
-const SECURE_ACK_REPLIES: &[(&str, &str)] = &[
-    (
-        "fluentd-1.18-in_forward-secure.reply.bin",
-        "fluentd-1.18-out_forward-secure.sender.bin",
-    ),
-    (
-        "fluent-bit-5.1.1-in_forward-secure.reply.bin",
-        "fluent-bit-5.1.1-out_forward-secure.sender.bin",
-    ),
-    (
-        "fluentd-1.18-in_forward-secure-from-fluent-bit-no_metadata.reply.bin",
-        "fluent-bit-5.1.1-out_forward-secure-no_metadata-to-fluentd.sender.bin",
-    ),
-];
-
-/// Handshake replies with no ack: HELO and PONG only.
-const SECURE_NO_ACK_REPLIES: &[&str] = &[
-    "fluentd-1.18-in_forward-secure-from-fluent-bit.reply.bin",
-    "fluentd-1.18-in_forward-secure-heartbeat.reply.bin",
-];
-
-/// Sender files that hold a PING and nothing else (a transport heartbeat).
-const PING_ONLY: &[&str] = &["fluentd-1.18-out_forward-secure-heartbeat.sender.bin"];
-
-const HELO_FILE: &str = "fluentd-1.18-in_forward-helo.bin";
-const PONG_FILE: &str = "fluentd-1.18-in_forward-pong.bin";
-const JSON_REQUEST: &str = "client-json.request.bin";
-const JSON_REPLY: &str = "fluentd-1.18-in_forward-json.reply.bin";
 
 // ------------------------------------------------------------------------------------------------
 // Feeding bytes to the decoder.
@@ -374,7 +92,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Check that `frame` is the request occupying `request` (its exact wire bytes), as the README
 /// describes it in `want`.
-fn check_frame(want: &Expect, frame: &Frame, request: &[u8], file: &[u8]) {
+fn check_frame(want: &CapturedRequest, frame: &Frame, request: &[u8], file: &[u8]) {
     let name = want.file;
     assert_eq!(frame.wire_len, request.len(), "{name}: wire_len");
     assert_eq!(frame.tag, want.tag.as_bytes(), "{name}: tag");
@@ -457,16 +175,16 @@ fn check_frame(want: &Expect, frame: &Frame, request: &[u8], file: &[u8]) {
         let len = entry_len(rest, u32::from(seq) - 1, DEPTH).expect("entry");
         let entry = &rest[..len];
         let prefix: &[u8] = match want.shape {
-            Shape::Int => &[0x92, 0xce],
-            Shape::Event => &[0x92, 0xd7, 0x00],
-            Shape::MetaEvent => &[0x92, 0x92, 0xd7, 0x00],
-            Shape::Array32Event => &[0xdd, 0, 0, 0, 2, 0xd7, 0x00],
+            EntryShape::Int => &[0x92, 0xce],
+            EntryShape::Event => &[0x92, 0xd7, 0x00],
+            EntryShape::MetaEvent => &[0x92, 0x92, 0xd7, 0x00],
+            EntryShape::Array32Event => &[0xdd, 0, 0, 0, 2, 0xd7, 0x00],
         };
         assert!(
             entry.starts_with(prefix),
             "{name}: entry {seq} {entry:02x?}"
         );
-        if want.shape == Shape::MetaEvent {
+        if want.shape == EntryShape::MetaEvent {
             assert_eq!(
                 &entry[12..17],
                 &[0xdf, 0, 0, 0, 0],
@@ -484,7 +202,7 @@ fn check_frame(want: &Expect, frame: &Frame, request: &[u8], file: &[u8]) {
 }
 
 /// Decode one request file (after its PING, if any) every way, and check it.
-fn check_request_file(want: &Expect) -> Frame {
+fn check_request_file(want: &CapturedRequest) -> Frame {
     let file = read_capture(want.file);
     let start = if want.ping {
         let ping = value_len(&file, DEPTH).unwrap().expect("complete PING");
@@ -553,7 +271,7 @@ fn chunk_content(chunk: &[u8]) -> &[u8] {
 #[test]
 fn every_capture_file_is_covered() {
     let dir = captures_dir();
-    let mut known: BTreeSet<&str> = REQUESTS.iter().map(|e| e.file).collect();
+    let mut known: BTreeSet<&str> = CAPTURED_REQUESTS.iter().map(|e| e.file).collect();
     known.extend(ACK_REPLIES.iter().map(|(reply, _)| *reply));
     known.extend(SECURE_ACK_REPLIES.iter().map(|(reply, _)| *reply));
     known.extend(SECURE_NO_ACK_REPLIES);
@@ -583,7 +301,7 @@ fn every_capture_file_is_covered() {
 
 #[test]
 fn sender_and_client_requests_decode_as_the_readme_says() {
-    for want in REQUESTS {
+    for want in CAPTURED_REQUESTS {
         check_request_file(want);
     }
 }
@@ -594,7 +312,7 @@ fn requests_back_to_back_on_one_connection() {
     // out as the same frame, whatever the piece boundaries.
     let mut stream = Vec::new();
     let mut singles = Vec::new();
-    for (i, want) in REQUESTS.iter().filter(|e| !e.ping).enumerate() {
+    for (i, want) in CAPTURED_REQUESTS.iter().filter(|e| !e.ping).enumerate() {
         let file = read_capture(want.file);
         singles.push(whole(&file).decoded.remove(0));
         stream.extend_from_slice(&file);
@@ -611,7 +329,7 @@ fn requests_back_to_back_on_one_connection() {
 
 #[test]
 fn a_request_cut_short_is_pending_not_an_error() {
-    for want in REQUESTS.iter().filter(|e| !e.ping) {
+    for want in CAPTURED_REQUESTS.iter().filter(|e| !e.ping) {
         let file = read_capture(want.file);
         for cut in 0..file.len() {
             let outcome = whole(&file[..cut]);
@@ -630,7 +348,7 @@ fn handshake_messages_are_never_frames() {
         assert_ping_rejected(&file, name);
     }
     // A PING in front of a request stops the connection there: no frame slips through.
-    for want in REQUESTS.iter().filter(|e| e.ping) {
+    for want in CAPTURED_REQUESTS.iter().filter(|e| e.ping) {
         let outcome = decode_every_way(&read_capture(want.file));
         assert!(outcome.decoded.is_empty(), "{}", want.file);
         assert_eq!(outcome.error, Some(FrameError::BadArity { count: 6 }));
@@ -660,7 +378,7 @@ fn handshake_messages_are_never_frames() {
 fn acks_equal_the_real_receivers_bytes() {
     for (reply_name, request_name) in ACK_REPLIES {
         let reply = read_capture(reply_name);
-        let frame = check_request_file(expect(request_name));
+        let frame = check_request_file(captured_request(request_name));
         let chunk = frame.chunk.as_deref().expect("request has a chunk");
         let ack = ack_for_value(chunk);
         assert_eq!(ack, reply, "{reply_name} vs ack of {request_name}");
@@ -678,7 +396,7 @@ fn acks_after_a_handshake_equal_the_real_receivers_bytes() {
         assert_eq!(values.len(), 3, "{reply_name}: HELO, PONG, ack");
         assert!(values[0].starts_with(b"\x92\xa4HELO"), "{reply_name}");
         assert!(values[1].starts_with(b"\x95\xa4PONG\xc3"), "{reply_name}");
-        let frame = check_request_file(expect(sender_name));
+        let frame = check_request_file(captured_request(sender_name));
         let ack = ack_for_value(frame.chunk.as_deref().expect("chunk"));
         assert_eq!(&ack[..], values[2], "{reply_name} vs ack of {sender_name}");
         assert_v012_strict(&ack);
@@ -695,7 +413,7 @@ fn acks_after_a_handshake_equal_the_real_receivers_bytes() {
 #[test]
 fn acks_the_capture_receiver_sent_to_each_sender() {
     // The capture receiver echoed each chunk unchanged; every sender accepted that (README).
-    for want in REQUESTS.iter().filter(|e| e.chunk.is_some()) {
+    for want in CAPTURED_REQUESTS.iter().filter(|e| e.chunk.is_some()) {
         let frame = check_request_file(want);
         let chunk = frame.chunk.as_deref().unwrap();
         let ack = ack_for_value(chunk);
@@ -704,7 +422,9 @@ fn acks_the_capture_receiver_sent_to_each_sender() {
         assert_v012_strict(&ack);
     }
     // fluentd's ids are a 25-byte fixstr ending in "\n" and must keep it (PROTOCOL.md §13.1).
-    let v012 = check_request_file(expect("fluentd-0.12.43-out_forward-ack.sender.bin"));
+    let v012 = check_request_file(captured_request(
+        "fluentd-0.12.43-out_forward-ack.sender.bin",
+    ));
     let ack = ack_for_value(v012.chunk.as_deref().unwrap());
     assert_eq!(ack.len(), 31);
     assert_eq!(ack[5], 0xb9);
@@ -714,12 +434,17 @@ fn acks_the_capture_receiver_sent_to_each_sender() {
 #[test]
 fn fluent_bit_metadata_entries_are_accepted() {
     // `[[EventTime, {}], record]` (v1.5; fluent-bit ≥5.0.5 default), inline and inside gzip.
-    for want in REQUESTS.iter().filter(|e| e.shape == Shape::MetaEvent) {
+    for want in CAPTURED_REQUESTS
+        .iter()
+        .filter(|e| e.shape == EntryShape::MetaEvent)
+    {
         let frame = check_request_file(want);
         assert_eq!(frame.events, 4, "{}", want.file);
     }
-    let gz = check_request_file(expect("fluent-bit-5.1.1-out_forward-gzip.sender.bin"));
-    assert_eq!(gz.mode, GZIP);
+    let gz = check_request_file(captured_request(
+        "fluent-bit-5.1.1-out_forward-gzip.sender.bin",
+    ));
+    assert_eq!(gz.mode, GZIP_MODE);
     assert_eq!(gz.entries.len(), 168, "README: ISIZE 168");
 }
 
@@ -740,7 +465,7 @@ fn fluentd_gzip_is_four_members_in_a_str32() {
         .read_to_end(&mut first)
         .unwrap();
     assert_eq!(count_entries(&first, DEPTH), Ok(1));
-    let frame = check_request_file(expect("fluentd-1.18-out_forward-gzip.sender.bin"));
+    let frame = check_request_file(captured_request("fluentd-1.18-out_forward-gzip.sender.bin"));
     assert_eq!(frame.events, 4);
 }
 

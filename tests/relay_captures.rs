@@ -3,8 +3,8 @@
 //! `client-*.request.bin` is written to ackgate on its own connection. The aggregator must
 //! receive the very entries `FrameDecoder` finds in the file (DESIGN.md invariant 6), and a
 //! request carrying `chunk` must be answered with exactly `81 a3 "ack"` + the raw chunk value;
-//! where a real fluentd 1.18 (or fluent-bit) reply was captured for that request, ackgate's
-//! ack must equal it byte for byte (PROTOCOL.md §13.1, §13.2).
+//! where real fluentd 1.18 or fluent-bit replies were captured for that request, ackgate's
+//! ack must equal each of them byte for byte (PROTOCOL.md §13.1, §13.2).
 //!
 //! Two exceptions: the JSON request (fluentd's JSON variant, PROTOCOL.md §2.1, §13.13) is
 //! either accepted and answered exactly like fluentd 1.18 (`{"ack":"j1"}`), with its event
@@ -24,40 +24,16 @@ use ackgate::forward::{Decoded, FrameDecoder, Limits};
 use bytes::BytesMut;
 use support::*;
 
-/// Real receiver replies captured for a request file: (request or sender file, reply file).
-/// For the `-secure` pairs the reply starts with HELO and PONG; the ack is its last value.
-const REAL_REPLIES: &[(&str, &str)] = &[
-    (
-        "client-packed-str-chunk.request.bin",
-        "fluentd-1.18-in_forward-ack.reply.bin",
-    ),
-    (
-        "client-packed-bin-chunk.request.bin",
-        "fluentd-1.18-in_forward-ack-bin-chunk.reply.bin",
-    ),
-    (
-        "client-message-str-chunk.request.bin",
-        "fluentd-1.18-in_forward-ack-message.reply.bin",
-    ),
-    (
-        "client-forward-str-chunk.request.bin",
-        "fluentd-1.18-in_forward-ack-forward.reply.bin",
-    ),
-    (
-        "fluentd-1.18-out_forward-secure.sender.bin",
-        "fluentd-1.18-in_forward-secure.reply.bin",
-    ),
-    (
-        "fluent-bit-5.1.1-out_forward-secure.sender.bin",
-        "fluent-bit-5.1.1-in_forward-secure.reply.bin",
-    ),
-    (
-        "fluent-bit-5.1.1-out_forward-secure-no_metadata-to-fluentd.sender.bin",
-        "fluentd-1.18-in_forward-secure-from-fluent-bit-no_metadata.reply.bin",
-    ),
-];
+/// Real receiver replies captured for a request file (the captures catalogue: [`ACK_REPLIES`]
+/// and [`SECURE_ACK_REPLIES`]). For the `-secure` pairs the reply starts with HELO and PONG;
+/// the ack is its last value.
+fn real_replies(request: &str) -> Vec<&'static str> {
+    let plain = ACK_REPLIES.iter().filter(|(_, req)| *req == request);
+    let secure = SECURE_ACK_REPLIES.iter().filter(|(_, req)| *req == request);
+    plain.chain(secure).map(|(reply, _)| *reply).collect()
+}
 
-/// The four hand-built chunk requests, whose fluentd 1.18 reply must match exactly.
+/// The four hand-built chunk requests, whose real replies must match exactly.
 const CLIENT_CHUNK_REQUESTS: usize = 4;
 
 /// Whether ingress speaks fluentd's JSON variant (src/forward/json.rs) or refuses it. Flip to
@@ -180,7 +156,7 @@ fn send_capture(gate: &Ackgate, name: &str, bytes: &[u8]) -> (Vec<Vec<u8>>, usiz
             ack, want,
             "{name}: ack is not 81 a3 'ack' + the raw chunk value"
         );
-        if let Some((_, reply)) = REAL_REPLIES.iter().find(|(req, _)| *req == name) {
+        for reply in real_replies(name) {
             let real = whole_values(&read_capture(reply)).pop().expect("a reply");
             assert_eq!(
                 hex(&ack),

@@ -3,8 +3,6 @@
 //! depend on where the pieces end; the captures and the property tests check that. Also the
 //! deterministic generator ([`Rng`]) the tests use for piece sizes and fuzz inputs.
 
-use std::path::{Path, PathBuf};
-
 use ackgate::forward::{Decoded, FrameDecoder, FrameError, Limits};
 use bytes::BytesMut;
 
@@ -93,19 +91,4 @@ impl Rng {
     pub fn byte(&mut self) -> u8 {
         self.next() as u8
     }
-}
-
-/// The wire captures: `$ACKGATE_CAPTURES`, else `<crate>/../shared/captures` (its README lists
-/// every file).
-pub fn captures_dir() -> PathBuf {
-    match std::env::var_os("ACKGATE_CAPTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/captures"),
-    }
-}
-
-/// The bytes of capture file `name`.
-pub fn read_capture(name: &str) -> Vec<u8> {
-    let path = captures_dir().join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }

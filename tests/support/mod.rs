@@ -17,7 +17,8 @@
 //!   in [`aggregator_conn`]; [`receiver`]: `ackgate receive` as an aggregator process that can
 //!   be killed.
 //! - [`msgpack`], [`requests`]: bytes senders write; [`wire`]: a sender's socket;
-//!   [`decode`]: ackgate's decoder fed in pieces, and the wire captures.
+//!   [`decode`]: ackgate's decoder fed in pieces; [`captures`]: the wire captures and what
+//!   each holds.
 //! - [`ledger`]: what was handed over against what arrived; [`load`]: sender threads for the
 //!   fault tests; [`report`]: FAULTS.md rows; [`spool`]: a spool file read with ackgate's code.
 //! - [`metrics`]: the admin listener and Prometheus text; [`pki`]: TLS certificates.
@@ -30,6 +31,7 @@
 
 mod aggregator;
 mod aggregator_conn;
+mod captures;
 mod decode;
 mod eio;
 mod handshake_oracle;
@@ -51,6 +53,7 @@ mod tmpfs;
 mod wire;
 
 pub use aggregator::*;
+pub use captures::*;
 pub use decode::*;
 pub use eio::*;
 pub use handshake_oracle::*;
