@@ -105,7 +105,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "2s", value_parser = crate::tools::parse_duration)]
     pub ceiling_time: Duration,
     /// ackgate's upstream.window (chunks in flight per upstream connection).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub upstream_window: u32,
     /// ackgate's spool.max_bytes, e.g. "1GiB" (backlog mode sizes it from the fill).
     #[arg(long, default_value = "1GiB", value_parser = crate::config::ByteSize::parse)]

@@ -429,7 +429,7 @@ fn default_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(5))
 }
 fn default_window() -> u32 {
-    32
+    64
 }
 fn default_window_bytes() -> ByteSize {
     ByteSize(32 << 20)
@@ -548,7 +548,7 @@ address = "127.0.0.1:24225"
         let config = parse(MINIMAL).unwrap();
         assert_eq!(config.spool.max_bytes, ByteSize(1 << 30));
         assert_eq!(config.upstream.ack_timeout.0, Duration::from_secs(30));
-        assert_eq!(config.upstream.window, 32);
+        assert_eq!(config.upstream.window, 64);
         assert_eq!(config.ingress.max_frame_bytes, ByteSize(16 << 20));
         // The effective config parses back to the same values.
         let again = parse(&config.to_toml()).unwrap();
