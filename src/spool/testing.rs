@@ -51,6 +51,16 @@ pub async fn append(
         .expect("writer gone")
 }
 
+/// Every record key once everything pending is committed.
+pub async fn keys_after_flush(spool: &Spool) -> Vec<u64> {
+    spool.flush().await.unwrap();
+    let spool = spool.clone();
+    tokio::task::spawn_blocking(move || spool.keys())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 /// Stop the writer from async code (its shutdown blocks).
 pub async fn stop(writer: SpoolWriter) {
     tokio::task::spawn_blocking(move || writer.shutdown())

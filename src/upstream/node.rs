@@ -540,7 +540,7 @@ mod tests {
 
     use super::*;
     use crate::forward::{Decoded, Frame, FrameDecoder, Limits};
-    use crate::spool::testing::{append, config, entry, stop, WAIT};
+    use crate::spool::testing::{append, config, entry, keys_after_flush, stop, WAIT};
     use crate::spool::{Spool, SpoolWriter};
     use crate::upstream::dispatcher::PoisonPolicy;
     use crate::upstream::health::{HealthSettings, HeartbeatKind};
@@ -651,12 +651,7 @@ mod tests {
         }
 
         async fn keys_after_flush(&self) -> Vec<u64> {
-            self.spool.flush().await.unwrap();
-            let spool = self.spool.clone();
-            tokio::task::spawn_blocking(move || spool.keys())
-                .await
-                .unwrap()
-                .unwrap()
+            keys_after_flush(&self.spool).await
         }
 
         async fn stop(self) {

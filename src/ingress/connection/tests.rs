@@ -16,7 +16,7 @@ use super::serve;
 use crate::config::Config;
 use crate::forward::ack::encode_ack;
 use crate::ingress::IngressContext;
-use crate::spool::testing::{stop, WAIT};
+use crate::spool::testing::{keys_after_flush, stop, WAIT};
 use crate::spool::{Spool, SpoolWriter};
 
 const PEER: ([u8; 4], u16) = ([127, 0, 0, 1], 40000);
@@ -67,12 +67,7 @@ impl Harness {
     }
 
     async fn keys_after_flush(&self) -> Vec<u64> {
-        self.spool.flush().await.unwrap();
-        let spool = self.spool.clone();
-        tokio::task::spawn_blocking(move || spool.keys())
-            .await
-            .unwrap()
-            .unwrap()
+        keys_after_flush(&self.spool).await
     }
 
     async fn stop(self) {
