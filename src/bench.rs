@@ -219,7 +219,7 @@ fn config_text(spool: &Path, node: &str, max_bytes: u64, window: u32) -> String 
          [upstream]\nwindow = {window}\nheartbeat_type = \"none\"\n\
          retry_initial = \"100ms\"\nretry_max = \"1s\"\n\n\
          [[upstream.nodes]]\naddress = \"{node}\"\n\n\
-         [metrics]\nlisten = \"127.0.0.1:0\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [log]\nlevel = \"info\"\n",
         spool = spool.display().to_string(),
     )
