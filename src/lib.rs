@@ -25,6 +25,8 @@
 //! - [`supervise`]: core tasks that must not end while ackgate runs (9).
 //! - [`config`]: the TOML file, strict, every error naming its key.
 //! - [`metrics`]: metric names and their text; reads nothing, owns no socket.
+//! - [`middlebox`]: transparent mode's socket options (original destination, `SO_MARK`) and
+//!   the registry of ackgate's own upstream sources by which ingress refuses a loop.
 //! - [`inspect`], [`view`], [`console`]: `ackgate spool`, `ackgate status`, `ackgate top`.
 //! - [`tools`] (`send`, `receive`) and [`bench`]: the Forward tools and the load benchmark
 //!   that come with the relay; the relay itself never calls them.
@@ -39,6 +41,7 @@ pub mod forward;
 pub mod ingress;
 pub mod inspect;
 pub mod metrics;
+pub mod middlebox;
 pub mod spool;
 pub mod supervise;
 pub mod tls;

@@ -73,6 +73,9 @@ fn main() -> ExitCode {
         Command::Check { config } => match load_config(&config) {
             Ok(config) => {
                 print!("{}", config.to_toml());
+                for finding in ackgate::middlebox::check::findings(&config) {
+                    eprintln!("warning: {finding}");
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -282,6 +285,12 @@ impl Relay {
         let stats = spool.stats();
         info!(path = %config.spool.path.display(), records = stats.records, bytes = stats.bytes,
             max_bytes = stats.max_bytes, "spool opened");
+        if let (Some(mark), Some(false)) = (
+            config.upstream.socket_mark,
+            ackgate::middlebox::has_net_admin(),
+        ) {
+            anyhow::bail!("upstream.socket_mark = {mark} needs CAP_NET_ADMIN, which this process does not have (systemd: AmbientCapabilities=CAP_NET_ADMIN)");
+        }
         let shutdown = CancellationToken::new();
         let (listener, udp) = ingress::bind(&config.ingress)
             .await

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub connections_open: Gauge,
     pub connections_total: Counter,
     pub rejected: Family<Labels, Counter>,
+    /// Transparent mode: redirected connections and their committed events, by original
+    /// destination (at most [`crate::middlebox::MAX_DESTINATION_LABELS`] labels).
+    pub destination_connections: Family<Labels, Counter>,
+    pub destination_events_in: Family<Labels, Counter>,
     pub events_out: Family<Labels, Counter>,
     pub bytes_out: Family<Labels, Counter>,
     pub chunks_acked: Family<Labels, Counter>,
@@ -86,6 +90,8 @@ impl Metrics {
             connections_open: Gauge::default(),
             connections_total: Counter::default(),
             rejected: Family::default(),
+            destination_connections: Family::default(),
+            destination_events_in: Family::default(),
             events_out: Family::default(),
             bytes_out: Family::default(),
             chunks_acked: Family::default(),
@@ -156,6 +162,16 @@ impl Metrics {
             "rejected_connections",
             "Sender connections closed for invalid input, by reason",
             self.rejected.clone(),
+        );
+        r.register(
+            "destination_connections",
+            "Redirected sender connections accepted (ingress.transparent), by original destination",
+            self.destination_connections.clone(),
+        );
+        r.register(
+            "destination_events_in",
+            "Events committed from redirected connections, by original destination",
+            self.destination_events_in.clone(),
         );
     }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 mod validate;
 mod values;
 
-pub use values::{split_host_port, ByteSize, Cidr, HumanDuration, Secret};
+pub use values::{split_host_port, ByteSize, Cidr, DestinationRule, HumanDuration, Secret};
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +142,25 @@ pub struct IngressConfig {
     /// TLS on the listen port (fluentd's `<transport tls>`).
     #[serde(default)]
     pub tls: Option<IngressTls>,
+    /// "redirect": connections that iptables/nftables `REDIRECT` sent here are accepted, and
+    /// each one's original destination is read (`SO_ORIGINAL_DST`) for the allow-list, the
+    /// logs and the metrics. "off" (the default): it is not read.
+    #[serde(default)]
+    pub transparent: Transparent,
+    /// Original destinations a redirected connection may have ("10.0.0.0/8",
+    /// "10.1.2.3:24224", "[2001:db8::/32]:24224"). Empty (the default): any. The rest are
+    /// refused and logged with the peer and the destination. Needs `transparent = "redirect"`.
+    #[serde(default)]
+    pub allow_destinations: Vec<DestinationRule>,
+}
+
+/// `ingress.transparent`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transparent {
+    #[default]
+    Off,
+    Redirect,
 }
 
 /// `[ingress.security]`: fluentd's in_forward `<security>` section.
@@ -260,6 +279,11 @@ pub struct UpstreamConfig {
     /// Handshake defaults for every node.
     #[serde(default)]
     pub security: Option<UpstreamSecurity>,
+    /// `SO_MARK` set on every socket towards a node (connections and UDP heartbeats), so a
+    /// transparent-mode `REDIRECT` rule that skips this mark does not send ackgate's own
+    /// traffic back into it. Needs CAP_NET_ADMIN. Unset (the default): no mark.
+    #[serde(default)]
+    pub socket_mark: Option<u32>,
     /// Aggregators; at least one.
     pub nodes: Vec<NodeConfig>,
 }
@@ -582,6 +606,58 @@ address = "127.0.0.1:24225"
             .unwrap_err()
             .to_string();
         assert!(err.contains("spool.max_bytes"), "{err}");
+    }
+
+    #[test]
+    fn transparent_mode_keys_parse_and_name_their_problems() {
+        let config = parse(&MINIMAL.replace(
+            "[spool]",
+            "transparent = \"redirect\"\nallow_destinations = [\"10.0.0.0/8:24224\", \"[2001:db8::/32]:24224\", \"192.0.2.7\"]\n[spool]",
+        ))
+        .unwrap();
+        assert_eq!(config.ingress.transparent, Transparent::Redirect);
+        let rules = &config.ingress.allow_destinations;
+        assert!(rules[0].contains("10.1.2.3:24224".parse().unwrap()));
+        assert!(!rules[0].contains("10.1.2.3:24225".parse().unwrap()));
+        assert!(rules[1].contains("[2001:db8::5]:24224".parse().unwrap()));
+        assert!(rules[2].contains("192.0.2.7:1".parse().unwrap()));
+        // What `check` prints parses back to the same rules.
+        let again = parse(&config.to_toml()).unwrap();
+        assert_eq!(again.ingress.allow_destinations, *rules);
+
+        let err =
+            parse(&MINIMAL.replace("[spool]", "allow_destinations = [\"10.0.0.0/8\"]\n[spool]"))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("ingress.allow_destinations") && err.contains("redirect"),
+            "{err}"
+        );
+        let err = parse(&MINIMAL.replace(
+            "[spool]",
+            "transparent = \"redirect\"\nallow_destinations = [\"10.0.0.0/8:http\"]\n[spool]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("allow_destinations") && err.contains("port"),
+            "{err}"
+        );
+        let err = parse(&MINIMAL.replace("[spool]", "transparent = \"tproxy\"\n[spool]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("transparent"), "{err}");
+        let err =
+            parse(&MINIMAL.replace("[[upstream.nodes]]", "socket_mark = 0\n[[upstream.nodes]]"))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("upstream.socket_mark"), "{err}");
+        let config = parse(&MINIMAL.replace(
+            "[[upstream.nodes]]",
+            "socket_mark = 0x2a\n[[upstream.nodes]]",
+        ))
+        .unwrap();
+        assert_eq!(config.upstream.socket_mark, Some(42));
     }
 
     #[test]

@@ -105,6 +105,12 @@ impl Config {
                 "must not be greater than upstream.retry_max",
             ));
         }
+        if self.upstream.socket_mark == Some(0) {
+            return Err(invalid(
+                "upstream.socket_mark",
+                "0 is every unmarked packet's mark: use a non-zero mark, or leave the key out",
+            ));
+        }
         Ok(())
     }
 
@@ -130,6 +136,14 @@ impl Config {
                     return Err(invalid(key, &format!("{} does not exist", path.display())));
                 }
             }
+        }
+        if !self.ingress.allow_destinations.is_empty()
+            && self.ingress.transparent != super::Transparent::Redirect
+        {
+            return Err(invalid(
+                "ingress.allow_destinations",
+                "needs ingress.transparent = \"redirect\" (only redirected connections have an original destination)",
+            ));
         }
         if self.ingress.max_connections == 0 {
             return Err(invalid("ingress.max_connections", "must be at least 1"));

@@ -104,6 +104,78 @@ impl Serialize for Cidr {
     }
 }
 
+/// An original destination a redirected connection may have: a CIDR with an optional port,
+/// "10.0.0.0/8", "10.1.2.3:24224", "[2001:db8::/32]:24224" (`ingress.allow_destinations`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DestinationRule {
+    pub network: Cidr,
+    /// `None`: any port.
+    pub port: Option<u16>,
+}
+
+impl DestinationRule {
+    pub fn parse(text: &str) -> Result<DestinationRule, String> {
+        let text = text.trim();
+        let (network, port) = if let Some(rest) = text.strip_prefix('[') {
+            let (network, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("{text:?}: `[` without `]`"))?;
+            let port = match after {
+                "" => None,
+                _ => Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or_else(|| format!("{text:?}: expected `:port` after `]`"))?,
+                ),
+            };
+            (network, port)
+        } else if text.matches(':').count() == 1 {
+            let (network, port) = text.split_once(':').unwrap_or((text, ""));
+            (network, Some(port))
+        } else {
+            (text, None)
+        };
+        let port = port
+            .map(|p| {
+                p.parse::<u16>()
+                    .map_err(|_| format!("{text:?}: {p:?} is not a port number"))
+            })
+            .transpose()?;
+        Ok(DestinationRule {
+            network: Cidr::parse(network)?,
+            port,
+        })
+    }
+
+    pub fn contains(&self, destination: std::net::SocketAddr) -> bool {
+        self.port.is_none_or(|port| port == destination.port())
+            && self.network.contains(destination.ip())
+    }
+}
+
+impl fmt::Display for DestinationRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.port, self.network.network) {
+            (None, _) => write!(f, "{}", self.network),
+            (Some(port), std::net::IpAddr::V4(_)) => write!(f, "{}:{port}", self.network),
+            (Some(port), std::net::IpAddr::V6(_)) => write!(f, "[{}]:{port}", self.network),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DestinationRule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        DestinationRule::parse(&text).map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for DestinationRule {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
 /// Split "host:port" (or "[v6]:port"); `None` if there is no valid port.
 pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
     let (host, port) = address.rsplit_once(':')?;

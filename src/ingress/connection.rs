@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -112,6 +113,7 @@ struct ReadPlan {
 pub(super) async fn serve<S>(
     stream: S,
     peer: SocketAddr,
+    destination_events: Option<Counter>,
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
 ) where
@@ -130,9 +132,9 @@ pub(super) async fn serve<S>(
         }
         debug!(%peer, "shared-key handshake accepted");
     }
-    Connection::new(reader, writer, buf, peer, ctx, shutdown)
-        .run()
-        .await;
+    let mut connection = Connection::new(reader, writer, buf, peer, ctx, shutdown);
+    connection.destination_events = destination_events;
+    connection.run().await;
 }
 
 /// One connection's state between two events.
@@ -161,6 +163,8 @@ struct Connection<S> {
     large_requests: bool,
     /// The "partial budget in use" warning was logged for this connection.
     told_budget: bool,
+    /// Transparent mode: the original destination's `destination_events_in`.
+    destination_events: Option<Counter>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -193,6 +197,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             requests: 0,
             large_requests: false,
             told_budget: false,
+            destination_events: None,
         }
     }
 
@@ -414,6 +419,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     .observe(now.duration_since(done.submitted).as_secs_f64());
                 m.requests_in.inc();
                 m.events_in.inc_by(u64::from(done.events));
+                if let Some(counter) = &self.destination_events {
+                    counter.inc_by(u64::from(done.events));
+                }
                 m.bytes_in.inc_by(done.bytes);
             }
         }

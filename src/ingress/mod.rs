@@ -1,5 +1,5 @@
-//! The side facing senders: the accept loop (allow-list, connection limit, TLS) and the UDP
-//! heartbeat responder. Each connection is served by [`connection`] (its wire format picked by
+//! The side facing senders: the accept loop (connection limit, TLS; who may connect is
+//! [`admission`]'s call) and the UDP heartbeat responder ([`udp`]). Each connection is served by [`connection`] (its wire format picked by
 //! [`decoder`], its acks settled by [`acks`]); the shared-key handshake
 //! is in [`handshake`]; [`partial`] is the memory budget of unfinished requests; [`recent`]
 //! remembers committed chunk ids to absorb sender retransmits.
@@ -8,11 +8,13 @@
 //! ack anything the spool has not reported committed (invariant 1).
 
 mod acks;
+mod admission;
 pub mod connection;
 mod decoder;
 pub mod handshake;
 pub mod partial;
 pub mod recent;
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::config::IngressConfig;
 use crate::forward::handshake::ServerAuth;
@@ -32,7 +34,9 @@ use crate::forward::Limits;
 use crate::metrics::metrics;
 use crate::spool::Spool;
 use crate::tls::{server_config, ServerTlsSettings, TlsError};
+use admission::Admitted;
 use recent::RecentChunks;
+pub use udp::run_udp_heartbeat;
 
 /// What the accept loop and every connection share.
 pub struct IngressContext {
@@ -135,19 +139,20 @@ pub async fn run_tcp(
                 continue;
             }
         };
-        if !ctx.allowed(&peer) {
-            warn!(%peer, reason = "source address not in ingress.allow", "connection refused");
-            metrics().reject("not_allowed");
+        let Some(admitted) = admission::admit(&ctx, &stream, peer) else {
             let _ = stream.set_zero_linger();
             continue;
-        }
+        };
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
-        let span = tracing::info_span!("conn", %peer);
+        let span = match admitted.destination {
+            Some(destination) => tracing::info_span!("conn", %peer, %destination),
+            None => tracing::info_span!("conn", %peer),
+        };
         tracker.spawn(
             async move {
                 let _permit = permit;
-                handle(stream, peer, ctx, shutdown).await;
+                handle(stream, peer, admitted, ctx, shutdown).await;
             }
             .instrument(span),
         );
@@ -158,19 +163,21 @@ pub async fn run_tcp(
 async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
+    admitted: Admitted,
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
 ) {
+    let counted = admitted.destination_events;
     let _ = stream.set_nodelay(true);
     let m = metrics();
     m.connections_total.inc();
     m.connections_open.inc();
     let _open = OnDrop(|| metrics().connections_open.dec());
     match &ctx.tls {
-        None => connection::serve(stream, peer, ctx.clone(), shutdown).await,
+        None => connection::serve(stream, peer, counted, ctx.clone(), shutdown).await,
         Some(acceptor) => {
             match timeout(ctx.config.handshake_timeout.0, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => connection::serve(tls, peer, ctx.clone(), shutdown).await,
+                Ok(Ok(tls)) => connection::serve(tls, peer, counted, ctx.clone(), shutdown).await,
                 Ok(Err(e)) => {
                     warn!(%peer, reason = %e, "closing connection: TLS handshake failed");
                     m.reject("tls");
@@ -191,50 +198,6 @@ struct OnDrop<F: FnMut() -> i64>(F);
 impl<F: FnMut() -> i64> Drop for OnDrop<F> {
     fn drop(&mut self) {
         (self.0)();
-    }
-}
-
-/// Answer every datagram with one `\0` from the socket it arrived on, so the reply's source
-/// is the address and port the sender targeted (PROTOCOL.md §8.1) — but only while ackgate can
-/// take data: with the spool full (or its disk full) heartbeats go unanswered, so senders with
-/// a standby fail over instead of piling onto this box (§13.7). After shutdown, none at all.
-pub async fn run_udp_heartbeat(socket: UdpSocket, spool: Spool, shutdown: CancellationToken) {
-    let mut silent = false;
-    let mut buf = [0u8; 128];
-    loop {
-        let received = tokio::select! {
-            r = socket.recv_from(&mut buf) => r,
-            _ = shutdown.cancelled() => return,
-        };
-        match received {
-            Ok((_, from)) => {
-                let stats = spool.stats();
-                let full = stats.full;
-                if full != silent {
-                    silent = full;
-                    if full {
-                        warn!(
-                            bytes = stats.bytes,
-                            max_bytes = stats.max_bytes,
-                            disk_full = stats.disk_full,
-                            "spool full: UDP heartbeats go unanswered so senders fail over"
-                        );
-                    } else {
-                        info!("spool has room again: answering UDP heartbeats");
-                    }
-                }
-                if full {
-                    continue;
-                }
-                if let Err(e) = socket.send_to(b"\0", from).await {
-                    debug!(%from, error = %e, "heartbeat reply failed");
-                }
-            }
-            Err(e) => {
-                // ICMP port unreachable from an earlier reply shows up here on Linux; harmless.
-                debug!(error = %e, "heartbeat receive error");
-            }
-        }
     }
 }
 

@@ -220,6 +220,7 @@ impl Target {
     async fn connect(&self) -> Result<UpstreamStream, ToolError> {
         open(
             &self.addr,
+            None,
             self.tls.as_ref(),
             self.auth.as_ref(),
             self.connect_timeout,

@@ -4,6 +4,7 @@
 //! queued bytes late (DESIGN.md, dispatcher).
 
 use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,12 +12,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{lookup_host, TcpSocket, TcpStream};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::forward::handshake::{check_pong, encode_ping, message_len, parse_helo, parse_pong};
+use crate::middlebox::{own_sources, set_mark, OwnSource};
 
 /// Shared-key handshake settings of one node.
 #[derive(Clone)]
@@ -45,10 +47,18 @@ pub enum ConnectError {
     Tls(io::Error),
     #[error("shared-key handshake failed: {0}")]
     Handshake(String),
+    #[error("cannot set SO_MARK {0} (upstream.socket_mark; needs CAP_NET_ADMIN): {1}")]
+    Mark(u32, io::Error),
 }
 
-/// A node connection, plain or TLS.
-pub enum UpstreamStream {
+/// A node connection, plain or TLS, registered as one of ackgate's own sources while open
+/// (so ingress refuses it as a loop if a REDIRECT rule sends it back in).
+pub struct UpstreamStream {
+    transport: Transport,
+    _source: OwnSource,
+}
+
+enum Transport {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
@@ -62,9 +72,9 @@ pub trait Link: AsyncRead + AsyncWrite + Unpin + Send {
 
 impl UpstreamStream {
     fn tcp(&self) -> &TcpStream {
-        match self {
-            UpstreamStream::Plain(s) => s,
-            UpstreamStream::Tls(s) => s.get_ref().0,
+        match &self.transport {
+            Transport::Plain(s) => s,
+            Transport::Tls(s) => s.get_ref().0,
         }
     }
 }
@@ -79,28 +89,28 @@ impl Link for UpstreamStream {
     }
 }
 
-impl AsyncRead for UpstreamStream {
+impl AsyncRead for Transport {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for UpstreamStream {
+impl AsyncWrite for Transport {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -110,55 +120,99 @@ impl AsyncWrite for UpstreamStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Transport::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            UpstreamStream::Plain(s) => s.is_write_vectored(),
-            UpstreamStream::Tls(s) => s.is_write_vectored(),
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
 
-/// Connect to `address` within `deadline`: TCP, TLS, handshake.
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().transport).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().transport).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().transport).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.transport.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().transport).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().transport).poll_shutdown(cx)
+    }
+}
+
+/// Connect to `address` within `deadline`: TCP (with `mark` as its SO_MARK), TLS, handshake.
 pub async fn open(
     address: &str,
+    mark: Option<u32>,
     tls: Option<&ClientTls>,
     auth: Option<&ClientAuth>,
     deadline: Duration,
 ) -> Result<UpstreamStream, ConnectError> {
     let until = Instant::now() + deadline;
-    let tcp = timeout_at(until, TcpStream::connect(address))
+    let (tcp, source) = timeout_at(until, connect_tcp(address, mark))
         .await
-        .map_err(|_| ConnectError::Timeout(deadline))?
-        .map_err(ConnectError::Tcp)?;
+        .map_err(|_| ConnectError::Timeout(deadline))??;
     let _ = tcp.set_nodelay(true);
-    let mut stream = match tls {
-        None => UpstreamStream::Plain(tcp),
+    let transport = match tls {
+        None => Transport::Plain(tcp),
         Some(tls) => {
             let stream = timeout_at(until, tls.connector.connect(tls.server_name.clone(), tcp))
                 .await
                 .map_err(|_| ConnectError::Timeout(deadline))?
                 .map_err(ConnectError::Tls)?;
-            UpstreamStream::Tls(Box::new(stream))
+            Transport::Tls(Box::new(stream))
         }
+    };
+    let mut stream = UpstreamStream {
+        transport,
+        _source: source,
     };
     if let Some(auth) = auth {
         handshake(&mut stream, auth, until)
@@ -169,6 +223,41 @@ pub async fn open(
             })?;
     }
     Ok(stream)
+}
+
+/// TCP to the first of `address`'s resolved addresses that accepts, as `TcpStream::connect`
+/// does, with SO_MARK set before the SYN. The socket is bound first so its port is registered
+/// as ackgate's own before a REDIRECT rule could bring the SYN back to ingress.
+async fn connect_tcp(
+    address: &str,
+    mark: Option<u32>,
+) -> Result<(TcpStream, OwnSource), ConnectError> {
+    let mut last_error = None;
+    for target in lookup_host(address).await.map_err(ConnectError::Tcp)? {
+        let (socket, any) = match target {
+            SocketAddr::V4(_) => (TcpSocket::new_v4(), Ipv4Addr::UNSPECIFIED.into()),
+            SocketAddr::V6(_) => (TcpSocket::new_v6(), Ipv6Addr::UNSPECIFIED.into()),
+        };
+        let socket = socket.map_err(ConnectError::Tcp)?;
+        if let Some(mark) = mark {
+            set_mark(&socket, mark).map_err(|e| ConnectError::Mark(mark, e))?;
+        }
+        socket
+            .bind(SocketAddr::new(any, 0))
+            .map_err(ConnectError::Tcp)?;
+        let port = socket.local_addr().map_err(ConnectError::Tcp)?.port();
+        let source = own_sources().register_tcp_port(port);
+        match socket.connect(target).await {
+            Ok(stream) => return Ok((stream, source)),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(ConnectError::Tcp(last_error.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{address} resolved to no address"),
+        )
+    })))
 }
 
 enum HandshakeIo {

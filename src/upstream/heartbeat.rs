@@ -11,11 +11,13 @@ use tracing::{debug, warn};
 
 use super::health::Balancer;
 use super::node::{connect, NodeSettings};
+use crate::middlebox::{own_sources, set_mark};
 
 /// Probe every node each `interval` as `upstream.heartbeat_type` says, feed the replies to the
 /// balancer's failure detectors, and let them detach silent nodes (PROTOCOL.md §8).
 pub async fn run_heartbeats(
     nodes: Vec<NodeSettings>,
+    socket_mark: Option<u32>,
     balancer: Arc<Balancer>,
     shutdown: CancellationToken,
 ) {
@@ -25,7 +27,7 @@ pub async fn run_heartbeats(
         return;
     }
     let udp = if settings.heartbeat == HeartbeatKind::Udp {
-        match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
+        match heartbeat_socket(socket_mark).await {
             Ok(socket) => Some(Arc::new(socket)),
             Err(e) => {
                 warn!(error = %e, "cannot open the UDP heartbeat socket; nodes are judged by their connections only");
@@ -96,4 +98,22 @@ pub async fn run_heartbeats(
             balancer.check(index);
         }
     }
+}
+
+/// The UDP socket heartbeats leave from, with `upstream.socket_mark`, its port registered as
+/// one of ackgate's own (ingress does not answer it if a REDIRECT rule sends it back in).
+async fn heartbeat_socket(mark: Option<u32>) -> std::io::Result<tokio::net::UdpSocket> {
+    let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    if let Some(mark) = mark {
+        set_mark(&socket, mark).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot set SO_MARK {mark} (upstream.socket_mark; needs CAP_NET_ADMIN): {e}"
+                ),
+            )
+        })?;
+    }
+    own_sources().register_udp_port(socket.local_addr()?.port());
+    Ok(socket)
 }

@@ -121,6 +121,7 @@ pub fn start(
                         .unwrap_or_default(),
                 })
             }),
+            socket_mark: config.socket_mark,
         };
         all.push(settings.clone());
         let guard = watchdog.guard(format!("upstream node {}", settings.name));
@@ -140,6 +141,7 @@ pub fn start(
     }
     tracker.spawn(heartbeat::run_heartbeats(
         all,
+        config.socket_mark,
         balancer.clone(),
         shutdown.clone(),
     ));

@@ -60,6 +60,8 @@ pub struct NodeSettings {
     pub tls: Option<ClientTls>,
     /// Shared-key handshake, when the node has a key.
     pub auth: Option<ClientAuth>,
+    /// `upstream.socket_mark`, set on the node's connections and heartbeats.
+    pub socket_mark: Option<u32>,
 }
 
 /// Why a node connection failed.
@@ -263,6 +265,7 @@ async fn requeue_all(
 pub(super) async fn connect(settings: &NodeSettings) -> Result<UpstreamStream, NodeError> {
     open(
         &settings.address,
+        settings.socket_mark,
         settings.tls.as_ref(),
         settings.auth.as_ref(),
         settings.connect_timeout,
@@ -585,6 +588,7 @@ mod tests {
             strip_empty_metadata: false,
             tls: None,
             auth: None,
+            socket_mark: None,
         }
     }
 

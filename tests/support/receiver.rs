@@ -146,6 +146,14 @@ impl ReceiveProc {
     }
 }
 
+impl ReceiveProc {
+    /// Start again on the same address after [`ReceiveProc::kill9`].
+    pub fn restart(&mut self) {
+        let mark = self.log.len();
+        self.spawn(mark);
+    }
+}
+
 impl Drop for ReceiveProc {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -60,6 +60,7 @@ impl Harness {
         let task = tokio::spawn(serve(
             server,
             SocketAddr::from(PEER),
+            None,
             ctx.clone(),
             self.shutdown.clone(),
         ));

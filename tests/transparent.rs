@@ -1,0 +1,313 @@
+//! Transparent mode (README "Transparent mode"): senders keep their config, pointing at the
+//! aggregator's address; an iptables nat `REDIRECT` rule on their host sends their Forward
+//! connections and UDP heartbeats to ackgate instead, and ackgate forwards to the aggregator.
+//!
+//! The real binary, a real aggregator (`ackgate receive`) in a network namespace the test
+//! creates and deletes, real iptables rules in this host's nat OUTPUT chain that match only
+//! that namespace's address (and are deleted on drop). Each test checks:
+//! - `same_host_…`: a legacy v0.10 sender (no ack) and an acking sender, both addressing the
+//!   aggregator, reach it through ackgate exactly once; the acking sender's ack comes from
+//!   ackgate after the commit (the aggregator is down when it is asked); UDP heartbeats to the
+//!   aggregator's address are answered from that address by ackgate listening on 0.0.0.0
+//!   (IP_PKTINFO); a destination outside `ingress.allow_destinations` is refused with the peer
+//!   and the destination logged; the per-destination metrics count it all; `ackgate check`
+//!   finds nothing to say about the rules;
+//! - `without_the_mark_…`: with a rule that does not exclude ackgate's own traffic, ackgate's
+//!   upstream connection and UDP heartbeat come back into it and are refused as a loop, loudly;
+//!   nothing is lost, and once the rule is gone everything arrives once; `ackgate check` names
+//!   the rule.
+//!
+//! Needs root, `ip` and `iptables`; elsewhere it skips with the reason on stderr.
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+/// The aggregator's port inside its namespace, and what the senders address.
+const AGG_PORT: u16 = 24224;
+/// A port of the aggregator's address that the rules also redirect but that
+/// `ingress.allow_destinations` does not allow.
+const OTHER_PORT: u16 = 24225;
+const MARK: u32 = 0x2a;
+const EVENTS_PER_REQUEST: usize = 100;
+
+/// One iptables nat OUTPUT rule in this host's namespace, deleted on drop.
+struct NatRule(Vec<String>);
+
+impl NatRule {
+    /// `-t nat -A OUTPUT -p PROTO -d ADDR --dport PORT [mark exclusion] -j REDIRECT --to-ports TO`.
+    fn redirect(
+        proto: &str,
+        to: SocketAddr,
+        from_port: u16,
+        redirect_port: u16,
+        exclude_mark: bool,
+    ) -> NatRule {
+        let mut spec: Vec<String> = ["-p", proto, "-d"].iter().map(|s| s.to_string()).collect();
+        spec.push(format!("{}/32", to.ip()));
+        spec.extend(["--dport".to_string(), from_port.to_string()]);
+        if exclude_mark {
+            spec.extend(["-m", "mark", "!", "--mark"].iter().map(|s| s.to_string()));
+            spec.push(format!("0x{MARK:x}"));
+        }
+        spec.extend(
+            ["-j", "REDIRECT", "--to-ports"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        spec.push(redirect_port.to_string());
+        let rule = NatRule(spec);
+        rule.run("-A")
+            .unwrap_or_else(|e| panic!("iptables -A: {e}"));
+        rule
+    }
+
+    fn run(&self, action: &str) -> Result<(), String> {
+        let mut cmd = vec!["iptables", "-t", "nat", action, "OUTPUT"];
+        cmd.extend(self.0.iter().map(String::as_str));
+        run_command(&cmd)
+    }
+}
+
+impl Drop for NatRule {
+    fn drop(&mut self) {
+        let _ = self.run("-D");
+    }
+}
+
+/// The aggregator in its namespace, ackgate on 0.0.0.0 in transparent mode, and the rules.
+struct Setup {
+    _ns: Netns,
+    agg: SocketAddr,
+    receiver: ReceiveProc,
+    seen: Arc<Seen>,
+    gate: Ackgate,
+    admin: SocketAddr,
+    rules: Vec<NatRule>,
+}
+
+fn setup(exclude_mark: bool, upstream_keys: &str) -> Setup {
+    let ns = Netns::create().unwrap_or_else(|e| panic!("cannot create the namespace: {e}"));
+    let agg = SocketAddr::new(ns.ns_addr.into(), AGG_PORT);
+    let seen = Seen::new();
+    let receiver = ReceiveProc::start(agg, Some(&ns.name), &[], seen.clone());
+    let (gate, admin) = start_with_admin(
+        Ackgate::builder()
+            .node("agg", agg)
+            .section(
+                "ingress",
+                &format!(
+                    "listen = \"0.0.0.0:0\"\ntransparent = \"redirect\"\nallow_destinations = [\"{}/32:{AGG_PORT}\"]",
+                    ns.ns_addr
+                ),
+            )
+            .section("upstream", upstream_keys),
+    );
+    let port = gate.addr().port();
+    // `ackgate check` reads the port from the config, as an operator's would name it.
+    gate.edit_config(
+        "listen = \"0.0.0.0:0\"",
+        &format!("listen = \"0.0.0.0:{port}\""),
+    );
+    let rules = vec![
+        NatRule::redirect("tcp", agg, AGG_PORT, port, exclude_mark),
+        NatRule::redirect("udp", agg, AGG_PORT, port, exclude_mark),
+        NatRule::redirect("tcp", agg, OTHER_PORT, port, exclude_mark),
+    ];
+    Setup {
+        _ns: ns,
+        agg,
+        receiver,
+        seen,
+        gate,
+        admin,
+        rules,
+    }
+}
+
+fn entries_of(ids: &[u64]) -> Vec<u8> {
+    ids.iter().flat_map(|&id| event(id, 60)).collect()
+}
+
+/// fluentd v0.10: one connection per request, written and closed, no ack.
+fn legacy_send(to: SocketAddr, ids: &[u64]) {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
+    stream
+        .write_all(&legacy_request("legacy.app", &entries_of(ids)))
+        .expect("write");
+}
+
+/// One acked request; the ack bytes as read.
+fn acked_send(to: SocketAddr, ids: &[u64]) -> (Vec<u8>, Vec<u8>) {
+    let chunk = random_chunk_id();
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
+    stream
+        .write_all(&ack_request("acking.app", &entries_of(ids), &chunk))
+        .expect("write");
+    (
+        read_one_ack(&mut stream, Duration::from_secs(10)),
+        expected_ack(&chunk),
+    )
+}
+
+/// One UDP heartbeat to `to` from a socket connected to it (it takes replies only from
+/// there, as fluentd's does); whether a reply came within 2 s.
+fn heartbeat_answered(to: SocketAddr) -> bool {
+    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    socket.connect(to).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    socket.send(b"\0").expect("send");
+    let mut buf = [0u8; 16];
+    matches!(socket.recv(&mut buf), Ok(1) if buf[0] == 0)
+}
+
+#[test]
+fn same_host_redirect_delivers_legacy_and_acking_senders_and_answers_heartbeats() {
+    if let Some(reason) = netns_unavailable() {
+        eprintln!("SKIPPED transparent: {reason}");
+        return;
+    }
+    let mut s = setup(true, &format!("socket_mark = {MARK}"));
+    let ids = Ids::default();
+
+    // A legacy sender that thinks it talks to the aggregator.
+    let legacy: Vec<u64> = ids.take(EVENTS_PER_REQUEST * 5);
+    for chunk in legacy.chunks(EVENTS_PER_REQUEST) {
+        legacy_send(s.agg, chunk);
+    }
+    // An acking sender, with the aggregator down: the ack can only be ackgate's, after its
+    // commit.
+    s.receiver.kill9();
+    let acked = ids.take(EVENTS_PER_REQUEST);
+    let (ack, want) = acked_send(s.agg, &acked);
+    assert_eq!(
+        ack, want,
+        "the acking sender got no ack (or a wrong one) while the aggregator was down"
+    );
+    assert!(
+        heartbeat_answered(s.agg),
+        "a UDP heartbeat to the aggregator's address got no reply from that address"
+    );
+    s.receiver.restart();
+
+    let all: HashSet<u64> = legacy.iter().chain(&acked).copied().collect();
+    assert!(
+        s.seen
+            .wait(Duration::from_secs(30), |seen| seen.has_all(&all)),
+        "not every event reached the aggregator: missing {}; log:\n{}",
+        s.seen.with(|seen| first(&seen.missing(&all), 10)),
+        s.gate.log().dump()
+    );
+
+    // A destination the allow-list does not name is refused, with peer and destination logged.
+    let other = SocketAddr::new(s.agg.ip(), OTHER_PORT);
+    // The reset may reach the connect itself.
+    if let Ok(mut refused) = TcpStream::connect_timeout(&other, Duration::from_secs(5)) {
+        let _ = refused.write_all(&legacy_request("other", &entries_of(&ids.take(1))));
+        expect_closed(&mut refused, Duration::from_secs(5));
+    }
+    let line = s.gate.wait_for_log(
+        "original destination not in ingress.allow_destinations",
+        Duration::from_secs(5),
+    );
+    assert!(
+        line.contains(&format!("destination={other}")) && line.contains("peer="),
+        "{line}"
+    );
+
+    let key = format!(
+        "ackgate_destination_events_in_total{{destination=\"{}\"}}",
+        s.agg
+    );
+    let text = wait_metric(s.admin, &key, Duration::from_secs(5), |v| {
+        v.is_some_and(|v| v >= all.len() as f64)
+    });
+    assert_eq!(metric_exact(&text, &key), Some(all.len() as f64), "{key}");
+    let connections_key = format!(
+        "ackgate_destination_connections_total{{destination=\"{}\"}}",
+        s.agg
+    );
+    assert_eq!(
+        metric_exact(&text, &connections_key),
+        Some(6.0),
+        "{connections_key}"
+    );
+    assert!(
+        s.gate.log_lines_with(&["loop"]).is_empty(),
+        "a loop was reported although the rule excludes ackgate's mark"
+    );
+
+    let check = config_cmd("check", s.gate.config_path(), &[]);
+    let warnings = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        check.status.success() && !warnings.contains("REDIRECT"),
+        "{warnings}"
+    );
+
+    // Exactly once: settle on the spool being empty, then count.
+    s.gate.terminate_cleanly();
+    s.seen.with(|seen| {
+        assert_eq!(seen.duplicated_of(&all), 0, "events delivered twice");
+    });
+    drop(s.rules);
+}
+
+#[test]
+fn without_the_mark_exclusion_ackgates_own_traffic_is_refused_as_a_loop_and_nothing_is_lost() {
+    if let Some(reason) = netns_unavailable() {
+        eprintln!("SKIPPED transparent: {reason}");
+        return;
+    }
+    let mut s = setup(
+        false,
+        "heartbeat_type = \"udp\"\nheartbeat_interval = \"200ms\"",
+    );
+    let ids = Ids::default();
+    let sent = ids.take(EVENTS_PER_REQUEST * 3);
+    for chunk in sent.chunks(EVENTS_PER_REQUEST) {
+        legacy_send(s.agg, chunk);
+    }
+    let tcp_loop = s
+        .gate
+        .wait_for_log("connection refused: loop", Duration::from_secs(20));
+    assert!(tcp_loop.contains("ERROR"), "{tcp_loop}");
+    s.gate
+        .wait_for_log("came back into its ingress: loop", Duration::from_secs(10));
+    let check = config_cmd("check", s.gate.config_path(), &[]);
+    let warnings = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        warnings.contains("does not exclude ackgate's own traffic"),
+        "{warnings}"
+    );
+    s.seen.with(|seen| {
+        assert_eq!(
+            seen.unique(),
+            0,
+            "events reached the aggregator through a loop"
+        )
+    });
+    let loops = scrape_sum(s.admin, "ackgate_rejected_connections_total").unwrap_or(0.0);
+    assert!(loops >= 1.0, "no rejected connection counted");
+
+    // The rules go: ackgate reaches the aggregator, and every event arrives once.
+    s.rules.clear();
+    let all: HashSet<u64> = sent.iter().copied().collect();
+    assert!(
+        s.seen
+            .wait(Duration::from_secs(40), |seen| seen.has_all(&all)),
+        "events lost after the loop: missing {}",
+        s.seen.with(|seen| first(&seen.missing(&all), 10))
+    );
+    s.gate.terminate_cleanly();
+    s.seen
+        .with(|seen| assert_eq!(seen.duplicated_of(&all), 0, "events delivered twice"));
+    let _ = &mut s.receiver;
+}
