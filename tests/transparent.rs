@@ -15,7 +15,12 @@
 //! - `without_the_mark_…`: with a rule that does not exclude ackgate's own traffic, ackgate's
 //!   upstream connection and UDP heartbeat come back into it and are refused as a loop, loudly;
 //!   nothing is lost, and once the rule is gone everything arrives once; `ackgate check` names
-//!   the rule.
+//!   the rule;
+//! - `gateway_…`: sender host → gateway (ackgate, PREROUTING REDIRECT) → aggregator host, three
+//!   namespaces: a legacy sender's heartbeat is answered from the aggregator's address, ackgate
+//!   sees each connection's original destination, and with the seed's blackhole in front of the
+//!   aggregator (SYN passes, data dropped) until a random moment 3–6 s in, at the product's
+//!   timing, every event arrives exactly once.
 //!
 //! Needs root, `ip` and `iptables`; elsewhere it skips with the reason on stderr.
 
@@ -310,4 +315,110 @@ fn without_the_mark_exclusion_ackgates_own_traffic_is_refused_as_a_loop_and_noth
     s.seen
         .with(|seen| assert_eq!(seen.duplicated_of(&all), 0, "events delivered twice"));
     let _ = &mut s.receiver;
+}
+
+#[test]
+fn gateway_redirect_carries_a_legacy_sender_through_the_seed_blackhole() {
+    if let Some(reason) = netns_unavailable() {
+        eprintln!("SKIPPED transparent: {reason}");
+        return;
+    }
+    let gw = Gateway::create().unwrap_or_else(|e| panic!("cannot create the namespaces: {e}"));
+    let agg = SocketAddr::new(gw.aggregator_addr.into(), AGG_PORT);
+    let seen = Seen::new();
+    let _receiver = ReceiveProc::start(agg, Some(&gw.aggregator), &[], seen.clone());
+    // The product's upstream timing, with the seed scenario's ack timeout.
+    let mut gate = Ackgate::builder()
+        .netns(&gw.router)
+        .node("agg", agg)
+        .product_upstream_timing()
+        .section(
+            "ingress",
+            &format!(
+                "listen = \"0.0.0.0:0\"\ntransparent = \"redirect\"\nallow_destinations = [\"{agg}\"]"
+            ),
+        )
+        .section("upstream", "ack_timeout = \"2s\"")
+        .section("log", "level = \"info,ackgate::ingress::connection=debug\"")
+        .start();
+    let port = gate.addr().port().to_string();
+    let agg_ip = format!("{}/32", agg.ip());
+    let agg_port = AGG_PORT.to_string();
+    for proto in ["tcp", "udp"] {
+        gw.exec(
+            &gw.router,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-i",
+                gw.router_sender_if,
+                "-p",
+                proto,
+                "-d",
+                &agg_ip,
+                "--dport",
+                &agg_port,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &port,
+            ],
+        )
+        .expect("PREROUTING rule");
+    }
+    assert!(
+        in_netns(&gw.sender, move || heartbeat_answered(agg)),
+        "a UDP heartbeat from the sender's host got no reply from the aggregator's address"
+    );
+
+    // The seed's blackhole in front of the aggregator: SYN passes, data is dropped.
+    let drop_data = [
+        "iptables", "-A", "INPUT", "-p", "tcp", "--dport", &agg_port, "-j", "DROP",
+    ];
+    gw.exec(
+        &gw.aggregator,
+        &[
+            "iptables", "-A", "INPUT", "-p", "tcp", "--syn", "--dport", &agg_port, "-j", "ACCEPT",
+        ],
+    )
+    .expect("accept rule");
+    gw.exec(&gw.aggregator, &drop_data).expect("drop rule");
+    let started = std::time::Instant::now();
+    let ids = Ids::default();
+    let sent = ids.take(EVENTS_PER_REQUEST * 10);
+    let chunks: Vec<Vec<u64>> = sent
+        .chunks(EVENTS_PER_REQUEST)
+        .map(<[u64]>::to_vec)
+        .collect();
+    in_netns(&gw.sender, move || {
+        for chunk in &chunks {
+            legacy_send(agg, chunk);
+        }
+    });
+    let line = gate.wait_for_log("connection closed", Duration::from_secs(10));
+    assert!(
+        line.contains(&format!("destination={agg}"))
+            && line.contains(&format!("peer={}", gw.sender_addr)),
+        "the gateway's ackgate did not see the original destination: {line}"
+    );
+    // The network heals at a random moment 3–6 s after the traffic started, whatever the
+    // retry backoff is doing then.
+    let heal_at = random_between(Duration::from_secs(3), Duration::from_secs(6));
+    std::thread::sleep(heal_at.saturating_sub(started.elapsed()));
+    let mut lift = drop_data.to_vec();
+    lift[1] = "-D";
+    gw.exec(&gw.aggregator, &lift).expect("lift the drop rule");
+
+    let all: HashSet<u64> = sent.iter().copied().collect();
+    assert!(
+        seen.wait(Duration::from_secs(60), |s| s.has_all(&all)),
+        "events lost behind the gateway: missing {}; log:\n{}",
+        seen.with(|s| first(&s.missing(&all), 10)),
+        gate.log().dump()
+    );
+    gate.terminate_cleanly();
+    seen.with(|s| assert_eq!(s.duplicated_of(&all), 0, "events delivered twice"));
 }

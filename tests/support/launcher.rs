@@ -27,9 +27,16 @@ pub struct AckgateBuilder {
     /// shutdown_grace) before the overrides; off with [`AckgateBuilder::product_upstream_timing`].
     harness_timing: bool,
     envs: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 impl AckgateBuilder {
+    /// Run ackgate inside this network namespace (`ip netns exec`, which keeps the pid).
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_string());
+        self
+    }
+
     /// Add an upstream node.
     pub fn node(mut self, name: &str, address: SocketAddr) -> Self {
         self.nodes.push((name.to_string(), address.to_string()));
@@ -81,6 +88,7 @@ impl AckgateBuilder {
             start_mark: 0,
             generation: 0,
             envs: self.envs.clone(),
+            netns: self.netns.clone(),
         };
         gate.spawn();
         gate
@@ -152,6 +160,8 @@ pub struct Ackgate {
     generation: u32,
     /// Extra environment of the child, from [`AckgateBuilder::env`].
     envs: Vec<(String, String)>,
+    /// The network namespace it runs in, from [`AckgateBuilder::netns`].
+    netns: Option<String>,
 }
 
 impl Ackgate {
@@ -161,6 +171,7 @@ impl Ackgate {
             overrides: Vec::new(),
             harness_timing: true,
             envs: Vec::new(),
+            netns: None,
         }
     }
 
@@ -172,7 +183,16 @@ impl Ackgate {
     fn spawn(&mut self) {
         self.generation += 1;
         self.start_mark = self.log.len();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ackgate"))
+        let bin = env!("CARGO_BIN_EXE_ackgate");
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)

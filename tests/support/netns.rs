@@ -138,3 +138,98 @@ pub fn unacked_towards(peer: std::net::SocketAddrV4) -> Option<(usize, u64)> {
     }
     Some((sockets, unacked))
 }
+
+/// Run `f` on a thread that joined network namespace `name`: the sockets it opens live there
+/// (a sender on another host, for the test's purposes).
+pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{name}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        f()
+    })
+    .join()
+    .expect("thread in the namespace panicked")
+}
+
+/// Three network namespaces in a line, none joined to the host: a sender host, a router (the
+/// gateway the sender routes through), an aggregator host. Addresses are fixed, as each
+/// namespace has its own stack; names carry the pid and a counter. Drop deletes them.
+pub struct Gateway {
+    pub sender: String,
+    pub router: String,
+    pub aggregator: String,
+    pub sender_addr: Ipv4Addr,
+    pub aggregator_addr: Ipv4Addr,
+    /// The router's interface on the sender's side (where PREROUTING rules match).
+    pub router_sender_if: &'static str,
+}
+
+impl Gateway {
+    pub fn create() -> Result<Gateway, String> {
+        let n = NETNS_CREATED.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{:x}x{n:x}", std::process::id());
+        let gateway = Gateway {
+            sender: format!("ags-{tag}"),
+            router: format!("agr-{tag}"),
+            aggregator: format!("aga-{tag}"),
+            sender_addr: Ipv4Addr::new(10, 232, 0, 1),
+            aggregator_addr: Ipv4Addr::new(10, 232, 0, 6),
+            router_sender_if: "rs0",
+        };
+        for ns in gateway.namespaces() {
+            let _ = run_command(&["ip", "netns", "del", ns]);
+            run_command(&["ip", "netns", "add", ns])?;
+        }
+        // From here on, Drop cleans up.
+        let (s, r, a) = (&gateway.sender, &gateway.router, &gateway.aggregator);
+        run_command(&[
+            "ip", "link", "add", "sr0", "netns", s, "type", "veth", "peer", "name", "rs0", "netns",
+            r,
+        ])?;
+        run_command(&[
+            "ip", "link", "add", "ra0", "netns", r, "type", "veth", "peer", "name", "ar0", "netns",
+            a,
+        ])?;
+        let exec = |ns: &str, cmd: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", ns];
+            full.extend_from_slice(cmd);
+            run_command(&full)
+        };
+        exec(s, &["ip", "addr", "add", "10.232.0.1/30", "dev", "sr0"])?;
+        exec(r, &["ip", "addr", "add", "10.232.0.2/30", "dev", "rs0"])?;
+        exec(r, &["ip", "addr", "add", "10.232.0.5/30", "dev", "ra0"])?;
+        exec(a, &["ip", "addr", "add", "10.232.0.6/30", "dev", "ar0"])?;
+        for (ns, dev) in [(s, "sr0"), (r, "rs0"), (r, "ra0"), (a, "ar0")] {
+            exec(ns, &["ip", "link", "set", dev, "up"])?;
+        }
+        for ns in [s, r, a] {
+            exec(ns, &["ip", "link", "set", "lo", "up"])?;
+        }
+        exec(s, &["ip", "route", "add", "default", "via", "10.232.0.2"])?;
+        exec(a, &["ip", "route", "add", "default", "via", "10.232.0.5"])?;
+        exec(r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        Ok(gateway)
+    }
+
+    fn namespaces(&self) -> [&str; 3] {
+        [&self.sender, &self.router, &self.aggregator]
+    }
+
+    /// Run a command inside namespace `ns` (one of this gateway's).
+    pub fn exec(&self, ns: &str, cmd: &[&str]) -> Result<(), String> {
+        let mut full = vec!["ip", "netns", "exec", ns];
+        full.extend_from_slice(cmd);
+        run_command(&full)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of each veth pair, and so the pair.
+        for ns in self.namespaces() {
+            let _ = run_command(&["ip", "netns", "del", ns]);
+        }
+    }
+}
