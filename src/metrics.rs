@@ -60,6 +60,8 @@ pub struct Metrics {
     spool_commits: Counter,
     /// Every `reason` label `rejected` has been counted with, for the admin API.
     rejected_reasons: Mutex<BTreeSet<String>>,
+    /// Every `destination` label of the per-destination families, for the admin API.
+    destinations: Mutex<BTreeSet<String>>,
 }
 
 /// Factor √2 from 100 µs to ~4.6 min: fine enough to say where an ack's time goes.
@@ -114,6 +116,7 @@ impl Metrics {
             spool_dead_letter_bytes: Gauge::default(),
             spool_commits: Counter::default(),
             rejected_reasons: Mutex::new(BTreeSet::new()),
+            destinations: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
         };
         m.register_ingress(&mut registry);
@@ -303,6 +306,36 @@ impl Metrics {
         if !reasons.contains(reason) {
             reasons.insert(reason.to_string());
         }
+    }
+
+    /// Count a redirected connection to `destination` (a label from
+    /// [`crate::middlebox::destination_label`]); the counter its committed events go to.
+    pub fn destination_connection(&self, destination: &str) -> Counter {
+        let name = label("destination", destination);
+        self.destination_connections.get_or_create(&name).inc();
+        self.destinations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(destination.to_string());
+        self.destination_events_in.get_or_create(&name).clone()
+    }
+
+    /// Every original destination seen so far: (label, connections, events committed).
+    pub fn destination_counts(&self) -> Vec<(String, u64, u64)> {
+        let destinations = self
+            .destinations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        destinations
+            .into_iter()
+            .map(|d| {
+                let name = label("destination", &d);
+                let connections = self.destination_connections.get_or_create(&name).get();
+                let events = self.destination_events_in.get_or_create(&name).get();
+                (d, connections, events)
+            })
+            .collect()
     }
 
     /// Every rejection reason seen so far, with its count.

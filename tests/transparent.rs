@@ -256,6 +256,17 @@ fn same_host_redirect_delivers_legacy_and_acking_senders_and_answers_heartbeats(
         check.status.success() && !warnings.contains("REDIRECT"),
         "{warnings}"
     );
+    let status = config_cmd("status", s.gate.config_path(), &[]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    let line = format!(
+        "redirected to {}: 6 connection(s), {} events",
+        s.agg,
+        all.len()
+    );
+    assert!(
+        status.contains(&line),
+        "`ackgate status` lacks {line:?}:\n{status}"
+    );
 
     // Exactly once: settle on the spool being empty, then count.
     s.gate.terminate_cleanly();
@@ -275,6 +286,11 @@ fn without_the_mark_exclusion_ackgates_own_traffic_is_refused_as_a_loop_and_noth
         false,
         "heartbeat_type = \"udp\"\nheartbeat_interval = \"200ms\"",
     );
+    // conntrack redirects only new flows: heartbeats sent before the rules existed made a flow
+    // straight to the aggregator, which every later heartbeat from that socket keeps alive.
+    // A restart (same port, pinned in the config by `setup`) sends from a new socket.
+    s.gate.terminate_cleanly();
+    s.gate.restart();
     let ids = Ids::default();
     let sent = ids.take(EVENTS_PER_REQUEST * 3);
     for chunk in sent.chunks(EVENTS_PER_REQUEST) {

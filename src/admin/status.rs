@@ -76,6 +76,17 @@ pub struct IngressStatus {
     pub events_per_second: Rate,
     /// Events committed in each of the last seconds, oldest first (at most 60).
     pub events_history: Vec<u64>,
+    /// Transparent mode: redirected connections and their committed events by original
+    /// destination (empty otherwise).
+    #[serde(default)]
+    pub destinations: Vec<DestinationStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationStatus {
+    pub destination: String,
+    pub connections: u64,
+    pub events_accepted: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,6 +231,17 @@ fn ingress_status(state: &AdminState) -> IngressStatus {
             .collect(),
         events_per_second: rate,
         events_history: history,
+        destinations: m
+            .destination_counts()
+            .into_iter()
+            .map(
+                |(destination, connections, events_accepted)| DestinationStatus {
+                    destination,
+                    connections,
+                    events_accepted,
+                },
+            )
+            .collect(),
     }
 }
 

@@ -135,6 +135,15 @@ fn render_ingress(status: &Status, out: &mut String) {
             format!(" ({})", reasons.join(", "))
         }
     );
+    for d in &i.destinations {
+        let _ = writeln!(
+            out,
+            "         redirected to {}: {} connection(s), {} events",
+            d.destination,
+            count(d.connections),
+            count(d.events_accepted)
+        );
+    }
 }
 
 fn render_nodes(nodes: &[NodeStatus], out: &mut String) {

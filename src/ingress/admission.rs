@@ -11,7 +11,7 @@ use tracing::{error, warn};
 
 use super::IngressContext;
 use crate::config::Transparent;
-use crate::metrics::{label, metrics};
+use crate::metrics::metrics;
 use crate::middlebox::{destination_label, original_destination, own_sources};
 
 /// A connection that may be served.
@@ -65,12 +65,8 @@ pub(super) fn admit(
             return None;
         }
     }
-    let destination_events = destination.map(|destination| {
-        let name = label("destination", &destination_label(destination));
-        let m = metrics();
-        m.destination_connections.get_or_create(&name).inc();
-        m.destination_events_in.get_or_create(&name).clone()
-    });
+    let destination_events = destination
+        .map(|destination| metrics().destination_connection(&destination_label(destination)));
     Some(Admitted {
         destination,
         destination_events,

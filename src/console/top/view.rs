@@ -418,6 +418,7 @@ mod tests {
                     sampled_seconds: 60,
                 },
                 events_history: vec![5, 10, 400],
+                destinations: Vec::new(),
             },
             nodes: vec![
                 node("a", "127.0.0.1:24225", true),
