@@ -233,3 +233,73 @@ impl Drop for Gateway {
         }
     }
 }
+
+/// Namespaces in a star, none joined to the host: a router in the middle (`core`), each leaf
+/// on its own link 10.233.I.0/24 (the router .1, the leaf .2, its default route via the router).
+/// Names carry the pid and a counter. Drop deletes them all.
+pub struct Star {
+    core: String,
+    pub leaves: Vec<String>,
+}
+
+impl Star {
+    pub fn create(leaves: usize) -> Result<Star, String> {
+        let n = NETNS_CREATED.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{:x}x{n:x}", std::process::id());
+        let star = Star {
+            core: format!("agc-{tag}"),
+            leaves: (0..leaves).map(|i| format!("agl{i}-{tag}")).collect(),
+        };
+        for ns in std::iter::once(&star.core).chain(&star.leaves) {
+            let _ = run_command(&["ip", "netns", "del", ns]);
+            run_command(&["ip", "netns", "add", ns])?;
+        }
+        // From here on, Drop cleans up.
+        let exec = |ns: &str, cmd: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", ns];
+            full.extend_from_slice(cmd);
+            run_command(&full)
+        };
+        for (i, leaf) in star.leaves.iter().enumerate() {
+            let core_if = format!("l{i}");
+            run_command(&[
+                "ip", "link", "add", &core_if, "netns", &star.core, "type", "veth", "peer", "name",
+                "c0", "netns", leaf,
+            ])?;
+            let core_cidr = format!("10.233.{i}.1/24");
+            let leaf_cidr = format!("10.233.{i}.2/24");
+            let gateway = format!("10.233.{i}.1");
+            exec(
+                &star.core,
+                &["ip", "addr", "add", &core_cidr, "dev", &core_if],
+            )?;
+            exec(&star.core, &["ip", "link", "set", &core_if, "up"])?;
+            exec(leaf, &["ip", "addr", "add", &leaf_cidr, "dev", "c0"])?;
+            exec(leaf, &["ip", "link", "set", "c0", "up"])?;
+            exec(leaf, &["ip", "link", "set", "lo", "up"])?;
+            exec(leaf, &["ip", "route", "add", "default", "via", &gateway])?;
+        }
+        exec(&star.core, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        Ok(star)
+    }
+
+    /// Leaf `i`'s address.
+    pub fn addr(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 233, i as u8, 2)
+    }
+
+    /// Run a command inside leaf `i`.
+    pub fn exec(&self, i: usize, cmd: &[&str]) -> Result<(), String> {
+        let mut full = vec!["ip", "netns", "exec", &self.leaves[i]];
+        full.extend_from_slice(cmd);
+        run_command(&full)
+    }
+}
+
+impl Drop for Star {
+    fn drop(&mut self) {
+        for ns in std::iter::once(&self.core).chain(&self.leaves) {
+            let _ = run_command(&["ip", "netns", "del", ns]);
+        }
+    }
+}
