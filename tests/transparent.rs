@@ -17,8 +17,8 @@
 //!   upstream connection and UDP heartbeat come back into it and are refused as a loop, loudly;
 //!   nothing is lost, and once the rule is gone everything arrives once; `ackgate check` names
 //!   the rule;
-//! - `gateway_…`: sender host → gateway (ackgate, PREROUTING REDIRECT) → aggregator host, three
-//!   namespaces: a legacy sender's heartbeat is answered from the aggregator's address, ackgate
+//! - `gateway_…`: sender host → gateway (ackgate on a dual-stack `[::]` listener, PREROUTING
+//!   REDIRECT) → aggregator host, three namespaces: a legacy sender's heartbeat is answered from the aggregator's address, ackgate
 //!   sees each connection's original destination, and with the seed's blackhole in front of the
 //!   aggregator (SYN passes, data dropped) until a random moment 3–6 s in, at the product's
 //!   timing, every event arrives exactly once;
@@ -371,7 +371,7 @@ fn gateway_redirect_carries_a_legacy_sender_through_the_seed_blackhole() {
         .section(
             "ingress",
             &format!(
-                "listen = \"0.0.0.0:0\"\ntransparent = \"redirect\"\nallow_destinations = [\"{agg}\"]"
+                "listen = \"[::]:0\"\ntransparent = \"redirect\"\nallow_destinations = [\"{agg}\"]"
             ),
         )
         .section("upstream", "ack_timeout = \"2s\"")

@@ -32,6 +32,7 @@ use crate::config::IngressConfig;
 use crate::forward::handshake::ServerAuth;
 use crate::forward::Limits;
 use crate::metrics::metrics;
+use crate::middlebox::canonical_addr;
 use crate::spool::Spool;
 use crate::tls::{server_config, ServerTlsSettings, TlsError};
 use admission::Admitted;
@@ -127,9 +128,10 @@ pub async fn run_tcp(
             _ = shutdown.cancelled() => return,
         };
         let (stream, peer) = match accepted {
-            Ok(pair) => {
+            Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                pair
+                // An IPv4 sender on a dual-stack listener is logged and remembered as IPv4.
+                (stream, canonical_addr(peer))
             }
             Err(e) => {
                 // EMFILE and friends: wait a little instead of spinning.

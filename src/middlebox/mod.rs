@@ -25,9 +25,11 @@ pub fn original_destination<'a>(
     local: SocketAddr,
 ) -> io::Result<Option<SocketAddr>> {
     let socket = socket.into();
-    let original = match local {
-        SocketAddr::V4(_) => socket.original_dst_v4(),
-        SocketAddr::V6(_) => socket.original_dst_v6(),
+    // An IPv4 connection on a dual-stack listener has a v4-mapped local address and an IPv4
+    // conntrack entry.
+    let original = match canonical(local.ip()) {
+        IpAddr::V4(_) => socket.original_dst_v4(),
+        IpAddr::V6(_) => socket.original_dst_v6(),
     };
     let original = match original {
         Ok(address) => address.as_socket(),
@@ -125,7 +127,8 @@ fn is_local(ip: IpAddr) -> bool {
     ip.is_loopback() || UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
-fn canonical_addr(address: SocketAddr) -> SocketAddr {
+/// `address` with a v4-mapped IPv6 address as the IPv4 address it maps.
+pub fn canonical_addr(address: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical(address.ip()), address.port())
 }
 
