@@ -48,8 +48,12 @@ const OTHER_PORT: u16 = 24225;
 const MARK: u32 = 0x2a;
 const EVENTS_PER_REQUEST: usize = 100;
 
-/// One iptables nat OUTPUT rule in this host's namespace, deleted on drop.
-struct NatRule(Vec<String>);
+/// One iptables (or, for IPv6, ip6tables) nat OUTPUT rule in this host's namespace, deleted on
+/// drop.
+struct NatRule {
+    tool: &'static str,
+    spec: Vec<String>,
+}
 
 impl NatRule {
     /// `-t nat -A OUTPUT -p PROTO -d ADDR --dport PORT [mark exclusion] -j REDIRECT --to-ports TO`.
@@ -61,7 +65,12 @@ impl NatRule {
         exclude_mark: bool,
     ) -> NatRule {
         let mut spec: Vec<String> = ["-p", proto, "-d"].iter().map(|s| s.to_string()).collect();
-        spec.push(format!("{}/32", to.ip()));
+        let (tool, host_prefix) = if to.is_ipv6() {
+            ("ip6tables", 128)
+        } else {
+            ("iptables", 32)
+        };
+        spec.push(format!("{}/{host_prefix}", to.ip()));
         spec.extend(["--dport".to_string(), from_port.to_string()]);
         if exclude_mark {
             spec.extend(["-m", "mark", "!", "--mark"].iter().map(|s| s.to_string()));
@@ -73,15 +82,14 @@ impl NatRule {
                 .map(|s| s.to_string()),
         );
         spec.push(redirect_port.to_string());
-        let rule = NatRule(spec);
-        rule.run("-A")
-            .unwrap_or_else(|e| panic!("iptables -A: {e}"));
+        let rule = NatRule { tool, spec };
+        rule.run("-A").unwrap_or_else(|e| panic!("{tool} -A: {e}"));
         rule
     }
 
     fn run(&self, action: &str) -> Result<(), String> {
-        let mut cmd = vec!["iptables", "-t", "nat", action, "OUTPUT"];
-        cmd.extend(self.0.iter().map(String::as_str));
+        let mut cmd = vec![self.tool, "-t", "nat", action, "OUTPUT"];
+        cmd.extend(self.spec.iter().map(String::as_str));
         run_command(&cmd)
     }
 }
@@ -170,7 +178,12 @@ fn acked_send(to: SocketAddr, ids: &[u64]) -> (Vec<u8>, Vec<u8>) {
 /// One UDP heartbeat to `to` from a socket connected to it (it takes replies only from
 /// there, as fluentd's does); whether a reply came within 2 s.
 fn heartbeat_answered(to: SocketAddr) -> bool {
-    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    let any: SocketAddr = if to.is_ipv6() {
+        "[::]:0".parse().expect("addr")
+    } else {
+        "0.0.0.0:0".parse().expect("addr")
+    };
+    let socket = UdpSocket::bind(any).expect("bind");
     socket.connect(to).expect("connect");
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
@@ -598,4 +611,57 @@ fn three_sender_hosts_with_their_own_ackgate_lose_nothing_when_an_aggregator_is_
         a.unique(),
         b.unique()
     );
+}
+
+/// IPv6, same host: the original destination is read in its IPv6 form (ip6tables REDIRECT to
+/// ackgate on `[::]`), the events arrive once, and a heartbeat is answered from the
+/// aggregator's IPv6 address.
+#[test]
+fn same_host_ipv6_redirect_reads_the_ipv6_original_destination() {
+    if let Some(reason) = netns_unavailable() {
+        eprintln!("SKIPPED transparent: {reason}");
+        return;
+    }
+    let ns = Netns::create().unwrap_or_else(|e| panic!("cannot create the namespace: {e}"));
+    let (_, ns_v6) = ns
+        .add_ipv6()
+        .unwrap_or_else(|e| panic!("cannot add IPv6 addresses: {e}"));
+    let agg = SocketAddr::new(ns_v6.into(), AGG_PORT);
+    let seen = Seen::new();
+    let _receiver = ReceiveProc::start(agg, Some(&ns.name), &[], seen.clone());
+    let (gate, admin) = start_with_admin(
+        Ackgate::builder()
+            .node("agg", agg)
+            .section(
+                "ingress",
+                &format!("listen = \"[::]:0\"\ntransparent = \"redirect\"\nallow_destinations = [\"{agg}\"]"),
+            )
+            .section("upstream", &format!("socket_mark = {MARK}")),
+    );
+    let port = gate.addr().port();
+    let _rules = [
+        NatRule::redirect("tcp", agg, AGG_PORT, port, true),
+        NatRule::redirect("udp", agg, AGG_PORT, port, true),
+    ];
+    let ids = Ids::default();
+    let sent = ids.take(EVENTS_PER_REQUEST * 3);
+    for chunk in sent.chunks(EVENTS_PER_REQUEST) {
+        legacy_send(agg, chunk);
+    }
+    assert!(
+        heartbeat_answered(agg),
+        "an IPv6 heartbeat to the aggregator's address got no reply from that address"
+    );
+    let all: HashSet<u64> = sent.iter().copied().collect();
+    assert!(
+        seen.wait(Duration::from_secs(30), |s| s.has_all(&all)),
+        "not every event reached the aggregator; log:\n{}",
+        gate.log().dump()
+    );
+    let key = format!("ackgate_destination_events_in_total{{destination=\"{agg}\"}}");
+    let text = wait_metric(admin, &key, Duration::from_secs(5), |v| {
+        v.is_some_and(|v| v >= all.len() as f64)
+    });
+    assert_eq!(metric_exact(&text, &key), Some(all.len() as f64), "{key}");
+    seen.with(|s| assert_eq!(s.duplicated_of(&all), 0, "events delivered twice"));
 }

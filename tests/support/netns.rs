@@ -2,7 +2,7 @@
 //! seed scenario's aggregator behind an iptables rule; and what the host's TCP table says about
 //! the bytes still unacknowledged towards an address.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -84,6 +84,30 @@ impl Netns {
         ns.exec(&["ip", "link", "set", &peer, "up"])?;
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Give the veth pair IPv6 addresses too (a /64 of fd00:231::/32 made of the IPv4 /30),
+    /// usable at once (no duplicate address detection); (host side, namespace side).
+    pub fn add_ipv6(&self) -> Result<(Ipv6Addr, Ipv6Addr), String> {
+        let [_, _, third, fourth] = self.host_addr.octets();
+        let prefix = format!("fd00:231:{third:x}:{fourth:x}");
+        let host: Ipv6Addr = format!("{prefix}::1").parse().map_err(|e| format!("{e}"))?;
+        let ns: Ipv6Addr = format!("{prefix}::2").parse().map_err(|e| format!("{e}"))?;
+        let host_cidr = format!("{host}/64");
+        let ns_cidr = format!("{ns}/64");
+        run_command(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &host_cidr,
+            "dev",
+            &self.host_if,
+            "nodad",
+        ])?;
+        let peer = self.host_if.replacen("agh", "agn", 1);
+        self.exec(&["ip", "-6", "addr", "add", &ns_cidr, "dev", &peer, "nodad"])?;
+        Ok((host, ns))
     }
 
     /// Run a command inside the namespace.
