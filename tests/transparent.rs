@@ -111,9 +111,25 @@ struct Setup {
     rules: Vec<NatRule>,
 }
 
-fn setup(exclude_mark: bool, upstream_keys: &str) -> Setup {
+/// IPv4 (ackgate on 0.0.0.0) or IPv6 (the veth pair also gets IPv6 addresses; ackgate on [::]).
+#[derive(Clone, Copy, PartialEq)]
+enum Family {
+    V4,
+    V6,
+}
+
+fn setup(family: Family, exclude_mark: bool, upstream_keys: &str) -> Setup {
     let ns = Netns::create().unwrap_or_else(|e| panic!("cannot create the namespace: {e}"));
-    let agg = SocketAddr::new(ns.ns_addr.into(), AGG_PORT);
+    let (agg_ip, any): (std::net::IpAddr, &str) = match family {
+        Family::V4 => (ns.ns_addr.into(), "0.0.0.0"),
+        Family::V6 => {
+            let (_, ns_v6) = ns
+                .add_ipv6()
+                .unwrap_or_else(|e| panic!("cannot add IPv6 addresses: {e}"));
+            (ns_v6.into(), "[::]")
+        }
+    };
+    let agg = SocketAddr::new(agg_ip, AGG_PORT);
     let seen = Seen::new();
     let receiver = ReceiveProc::start(agg, Some(&ns.name), &[], seen.clone());
     let (gate, admin) = start_with_admin(
@@ -122,8 +138,7 @@ fn setup(exclude_mark: bool, upstream_keys: &str) -> Setup {
             .section(
                 "ingress",
                 &format!(
-                    "listen = \"0.0.0.0:0\"\ntransparent = \"redirect\"\nallow_destinations = [\"{}/32:{AGG_PORT}\"]",
-                    ns.ns_addr
+                    "listen = \"{any}:0\"\ntransparent = \"redirect\"\nallow_destinations = [\"{agg}\"]"
                 ),
             )
             .section("upstream", upstream_keys),
@@ -131,8 +146,8 @@ fn setup(exclude_mark: bool, upstream_keys: &str) -> Setup {
     let port = gate.addr().port();
     // `ackgate check` reads the port from the config, as an operator's would name it.
     gate.edit_config(
-        "listen = \"0.0.0.0:0\"",
-        &format!("listen = \"0.0.0.0:{port}\""),
+        &format!("listen = \"{any}:0\""),
+        &format!("listen = \"{any}:{port}\""),
     );
     let rules = vec![
         NatRule::redirect("tcp", agg, AGG_PORT, port, exclude_mark),
@@ -199,7 +214,7 @@ fn same_host_redirect_delivers_legacy_and_acking_senders_and_answers_heartbeats(
         eprintln!("SKIPPED transparent: {reason}");
         return;
     }
-    let mut s = setup(true, &format!("socket_mark = {MARK}"));
+    let mut s = setup(Family::V4, true, &format!("socket_mark = {MARK}"));
     let ids = Ids::default();
 
     // A legacy sender that thinks it talks to the aggregator.
@@ -316,6 +331,7 @@ fn without_the_mark_exclusion_ackgates_own_traffic_is_refused_as_a_loop_and_noth
         return;
     }
     let mut s = setup(
+        Family::V4,
         false,
         "heartbeat_type = \"udp\"\nheartbeat_interval = \"200ms\"",
     );
@@ -503,65 +519,10 @@ fn three_sender_hosts_with_their_own_ackgate_lose_nothing_when_an_aggregator_is_
         "socket_mark = {MARK}\nnodes = [{{ address = \"{agg_a}\", name = \"a\", weight = 60 }}, {{ address = \"{agg_b}\", name = \"b\", weight = 40 }}]"
     );
     let mut gates: Vec<Ackgate> = (0..SENDER_HOSTS)
-        .map(|i| {
-            let gate = Ackgate::builder()
-                .netns(&star.leaves[i])
-                .product_upstream_timing()
-                .section("ingress", "transparent = \"redirect\"")
-                .section("upstream", &nodes)
-                .start();
-            let port = gate.addr().port().to_string();
-            let agg_ip = format!("{}/32", agg_a.ip());
-            let mark = format!("0x{MARK:x}");
-            let agg_port = AGG_PORT.to_string();
-            star.exec(
-                i,
-                &[
-                    "iptables",
-                    "-t",
-                    "nat",
-                    "-A",
-                    "OUTPUT",
-                    "-p",
-                    "tcp",
-                    "-d",
-                    &agg_ip,
-                    "--dport",
-                    &agg_port,
-                    "-m",
-                    "mark",
-                    "!",
-                    "--mark",
-                    &mark,
-                    "-j",
-                    "REDIRECT",
-                    "--to-ports",
-                    &port,
-                ],
-            )
-            .expect("OUTPUT rule");
-            gate
-        })
+        .map(|i| gate_on_sender_host(&star, i, &nodes, agg_a))
         .collect();
 
-    let ids = Arc::new(Ids::default());
-    let senders: Vec<_> = (0..SENDER_HOSTS)
-        .map(|i| {
-            let (ns, ids) = (star.leaves[i].clone(), ids.clone());
-            std::thread::spawn(move || {
-                in_netns(&ns, move || {
-                    let mut sent = Vec::new();
-                    for _ in 0..REQUESTS_PER_HOST {
-                        let chunk = ids.take(EVENTS_PER_REQUEST);
-                        legacy_send(agg_a, &chunk);
-                        sent.extend(chunk);
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    sent
-                })
-            })
-        })
-        .collect();
+    let senders = legacy_load(&star, agg_a);
     std::thread::sleep(random_between(
         Duration::from_millis(500),
         Duration::from_millis(2500),
@@ -576,17 +537,7 @@ fn three_sender_hosts_with_their_own_ackgate_lose_nothing_when_an_aggregator_is_
         SENDER_HOSTS * REQUESTS_PER_HOST * EVENTS_PER_REQUEST
     );
 
-    let missing = || {
-        let (a, b) = (seen_a.snapshot(), seen_b.snapshot());
-        all.iter()
-            .filter(|id| !a.counts.contains_key(id) && !b.counts.contains_key(id))
-            .count()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while missing() > 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let lost = missing();
+    let lost = wait_for_all(&all, &[&seen_a, &seen_b], Duration::from_secs(60));
     let logs: String = gates.iter().map(|g| g.log().dump()).collect();
     assert_eq!(lost, 0, "events lost; logs:\n{logs}");
     let (a, b) = (seen_a.snapshot(), seen_b.snapshot());
@@ -613,6 +564,82 @@ fn three_sender_hosts_with_their_own_ackgate_lose_nothing_when_an_aggregator_is_
     );
 }
 
+/// ackgate on sender host `i` of the deployment, with the same-host rule for `agg`.
+fn gate_on_sender_host(star: &Star, i: usize, upstream_keys: &str, agg: SocketAddr) -> Ackgate {
+    let gate = Ackgate::builder()
+        .netns(&star.leaves[i])
+        .product_upstream_timing()
+        .section("ingress", "transparent = \"redirect\"")
+        .section("upstream", upstream_keys)
+        .start();
+    let port = gate.addr().port().to_string();
+    let agg_ip = format!("{}/32", agg.ip());
+    let mark = format!("0x{MARK:x}");
+    let agg_port = AGG_PORT.to_string();
+    let rule = [
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        &agg_ip,
+        "--dport",
+        &agg_port,
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        &mark,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &port,
+    ];
+    star.exec(i, &rule).expect("OUTPUT rule");
+    gate
+}
+
+/// On each sender host, a legacy sender writing `REQUESTS_PER_HOST` requests to `agg`, one
+/// every 100 ms; each thread returns the ids it sent.
+fn legacy_load(star: &Star, agg: SocketAddr) -> Vec<std::thread::JoinHandle<Vec<u64>>> {
+    let ids = Arc::new(Ids::default());
+    (0..SENDER_HOSTS)
+        .map(|i| {
+            let (ns, ids) = (star.leaves[i].clone(), ids.clone());
+            std::thread::spawn(move || {
+                in_netns(&ns, move || {
+                    let mut sent = Vec::new();
+                    for _ in 0..REQUESTS_PER_HOST {
+                        let chunk = ids.take(EVENTS_PER_REQUEST);
+                        legacy_send(agg, &chunk);
+                        sent.extend(chunk);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    sent
+                })
+            })
+        })
+        .collect()
+}
+
+/// Wait (bounded) until every id of `all` arrived at one of the aggregators; how many did not.
+fn wait_for_all(all: &HashSet<u64>, seen: &[&Arc<Seen>], timeout: Duration) -> usize {
+    let missing = || {
+        let states: Vec<SeenState> = seen.iter().map(|s| s.snapshot()).collect();
+        all.iter()
+            .filter(|id| !states.iter().any(|s| s.counts.contains_key(id)))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    while missing() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    missing()
+}
+
 /// IPv6, same host: the original destination is read in its IPv6 form (ip6tables REDIRECT to
 /// ackgate on `[::]`), the events arrive once, and a heartbeat is answered from the
 /// aggregator's IPv6 address.
@@ -622,27 +649,8 @@ fn same_host_ipv6_redirect_reads_the_ipv6_original_destination() {
         eprintln!("SKIPPED transparent: {reason}");
         return;
     }
-    let ns = Netns::create().unwrap_or_else(|e| panic!("cannot create the namespace: {e}"));
-    let (_, ns_v6) = ns
-        .add_ipv6()
-        .unwrap_or_else(|e| panic!("cannot add IPv6 addresses: {e}"));
-    let agg = SocketAddr::new(ns_v6.into(), AGG_PORT);
-    let seen = Seen::new();
-    let _receiver = ReceiveProc::start(agg, Some(&ns.name), &[], seen.clone());
-    let (gate, admin) = start_with_admin(
-        Ackgate::builder()
-            .node("agg", agg)
-            .section(
-                "ingress",
-                &format!("listen = \"[::]:0\"\ntransparent = \"redirect\"\nallow_destinations = [\"{agg}\"]"),
-            )
-            .section("upstream", &format!("socket_mark = {MARK}")),
-    );
-    let port = gate.addr().port();
-    let _rules = [
-        NatRule::redirect("tcp", agg, AGG_PORT, port, true),
-        NatRule::redirect("udp", agg, AGG_PORT, port, true),
-    ];
+    let s = setup(Family::V6, true, &format!("socket_mark = {MARK}"));
+    let (agg, seen, gate, admin) = (s.agg, &s.seen, &s.gate, s.admin);
     let ids = Ids::default();
     let sent = ids.take(EVENTS_PER_REQUEST * 3);
     for chunk in sent.chunks(EVENTS_PER_REQUEST) {

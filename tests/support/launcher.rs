@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::process::{ackgate_command, collect_lines, send_signal, wait_child, LogLines};
+use super::process::{
+    ackgate_command, ackgate_in_netns, collect_lines, send_signal, wait_child, LogLines,
+};
 
 /// How long ackgate may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -183,16 +185,7 @@ impl Ackgate {
     fn spawn(&mut self) {
         self.generation += 1;
         self.start_mark = self.log.len();
-        let bin = env!("CARGO_BIN_EXE_ackgate");
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, bin]);
-                c
-            }
-            None => Command::new(bin),
-        };
-        let mut child = command
+        let mut child = ackgate_in_netns(self.netns.as_deref())
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)

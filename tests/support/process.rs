@@ -204,6 +204,20 @@ fn which(program: &std::ffi::OsStr) -> Option<PathBuf> {
 
 /// `ackgate` with these arguments; hermetic: no log filter or secret from the developer's
 /// shell.
+/// The ackgate binary as a command, run inside network namespace `netns` when given
+/// (`ip netns exec`, which execs it: the child's pid is ackgate's).
+pub fn ackgate_in_netns(netns: Option<&str>) -> Command {
+    let bin = env!("CARGO_BIN_EXE_ackgate");
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, bin]);
+            command
+        }
+        None => Command::new(bin),
+    }
+}
+
 pub fn ackgate_command<I, S>(args: I) -> Command
 where
     I: IntoIterator<Item = S>,

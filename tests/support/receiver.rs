@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::launcher::parse_addr_after;
 use super::ledger::Seen;
 use super::ports::ReservedPort;
-use super::process::{collect_lines, LogLines};
+use super::process::{ackgate_in_netns, collect_lines, LogLines};
 
 /// `ackgate receive --listen ADDR --output -`: acks after writing each request's events as JSON
 /// lines to its stdout, which a thread here reads into a [`Seen`] (so an acked event has always
@@ -56,15 +56,7 @@ impl ReceiveProc {
     }
 
     fn command(&self) -> Command {
-        let bin = env!("CARGO_BIN_EXE_ackgate");
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, bin]);
-                c
-            }
-            None => Command::new(bin),
-        };
+        let mut cmd = ackgate_in_netns(self.netns.as_deref());
         cmd.arg("receive")
             .arg("--listen")
             .arg(self.listen.to_string())
