@@ -91,7 +91,8 @@ fn check_and_run_refuse_bad_configs_naming_the_key() {
         (
             "empty node list",
             {
-                let start = example.find("[[upstream.nodes]]").expect("nodes table");
+                // The table header, not a mention of it in a comment.
+                let start = example.find("\n[[upstream.nodes]]").expect("nodes table") + 1;
                 let end = example[start..].find("[log]").expect("[log]") + start;
                 format!("{}nodes = []\n{}", &example[..start], &example[end..])
             },
@@ -100,7 +101,8 @@ fn check_and_run_refuse_bad_configs_naming_the_key() {
         (
             "no node table at all",
             {
-                let start = example.find("[[upstream.nodes]]").expect("nodes table");
+                // The table header, not a mention of it in a comment.
+                let start = example.find("\n[[upstream.nodes]]").expect("nodes table") + 1;
                 let end = example[start..].find("[log]").expect("[log]") + start;
                 format!("{}{}", &example[..start], &example[end..])
             },

@@ -425,6 +425,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 m.bytes_in.inc_by(done.bytes);
             }
         }
+        // Remembered before the acks are written: a sender that got its ack may resend on a
+        // new connection at once, and must find the chunk already known.
+        for key in settled.stored.iter().filter_map(|done| done.key.clone()) {
+            self.ctx.recent.remember(self.peer.ip(), key);
+        }
         if !settled.acks.is_empty() {
             match write_acks(&mut self.writer, &settled.acks).await {
                 Ok(()) => {
@@ -440,9 +445,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.acks.clear();
                 }
             }
-        }
-        for key in settled.stored.into_iter().filter_map(|done| done.key) {
-            self.ctx.recent.remember(self.peer.ip(), key);
         }
         if let Some(error) = settled.failed {
             warn!(peer = %self.peer, %error, "spool could not store a request: closing without ack so the sender resends");
