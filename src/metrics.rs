@@ -19,6 +19,9 @@ use prometheus_client::registry::Registry;
 /// Label set with one label, e.g. `node="agg-1"` or `reason="malformed_msgpack"`.
 type Labels = Vec<(&'static str, String)>;
 
+/// Original destinations with a metric label of their own (transparent mode).
+pub const MAX_DESTINATION_LABELS: usize = 256;
+
 /// Every metric ackgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -31,7 +34,7 @@ pub struct Metrics {
     pub connections_total: Counter,
     pub rejected: Family<Labels, Counter>,
     /// Transparent mode: redirected connections and their committed events, by original
-    /// destination (at most [`crate::middlebox::MAX_DESTINATION_LABELS`] labels).
+    /// destination (at most [`MAX_DESTINATION_LABELS`] labels, then "other").
     pub destination_connections: Family<Labels, Counter>,
     pub destination_events_in: Family<Labels, Counter>,
     pub events_out: Family<Labels, Counter>,
@@ -308,15 +311,22 @@ impl Metrics {
         }
     }
 
-    /// Count a redirected connection to `destination` (a label from
-    /// [`crate::middlebox::destination_label`]); the counter its committed events go to.
-    pub fn destination_connection(&self, destination: &str) -> Counter {
-        let name = label("destination", destination);
+    /// Count a redirected connection to `destination`; the counter its committed events go
+    /// to. The first [`MAX_DESTINATION_LABELS`] destinations get a label of their own, the
+    /// rest share "other", so a sender scanning addresses cannot grow the metrics without bound.
+    pub fn destination_connection(&self, destination: std::net::SocketAddr) -> Counter {
+        let destination = crate::middlebox::canonical_addr(destination).to_string();
+        let mut seen = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
+        let shown = if seen.contains(&destination) || seen.len() < MAX_DESTINATION_LABELS {
+            seen.insert(destination.clone());
+            destination
+        } else {
+            seen.insert("other".to_string());
+            "other".to_string()
+        };
+        drop(seen);
+        let name = label("destination", &shown);
         self.destination_connections.get_or_create(&name).inc();
-        self.destinations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(destination.to_string());
         self.destination_events_in.get_or_create(&name).clone()
     }
 
@@ -379,4 +389,34 @@ pub fn label(name: &'static str, value: &str) -> Labels {
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destination_labels_are_bounded_and_ipv4_mapped_addresses_are_shown_as_ipv4() {
+        let m = Metrics::new();
+        let first: std::net::SocketAddr = "[::ffff:192.0.2.1]:24224".parse().unwrap();
+        m.destination_connection(first).inc_by(3);
+        for port in 0..(MAX_DESTINATION_LABELS as u16 + 10) {
+            m.destination_connection(std::net::SocketAddr::new(
+                "198.51.100.1".parse().unwrap(),
+                port,
+            ));
+        }
+        m.destination_connection("203.0.113.9:24224".parse().unwrap());
+        // One already labelled keeps its label.
+        m.destination_connection("192.0.2.1:24224".parse().unwrap());
+        let counts = m.destination_counts();
+        assert_eq!(counts.len(), MAX_DESTINATION_LABELS + 1);
+        assert!(
+            counts.contains(&("192.0.2.1:24224".to_string(), 2, 3)),
+            "{counts:?}"
+        );
+        let other = counts.iter().find(|(d, _, _)| d == "other").unwrap();
+        // 266 ports: 255 fit beside the first destination, 11 do not; plus 203.0.113.9.
+        assert_eq!(other.1, 12, "{counts:?}");
+    }
 }

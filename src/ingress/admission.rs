@@ -12,7 +12,7 @@ use tracing::{error, warn};
 use super::IngressContext;
 use crate::config::Transparent;
 use crate::metrics::metrics;
-use crate::middlebox::{destination_label, original_destination, own_sources};
+use crate::middlebox::{original_destination, own_sources};
 
 /// A connection that may be served.
 pub(super) struct Admitted {
@@ -65,8 +65,8 @@ pub(super) fn admit(
             return None;
         }
     }
-    let destination_events = destination
-        .map(|destination| metrics().destination_connection(&destination_label(destination)));
+    let destination_events =
+        destination.map(|destination| metrics().destination_connection(destination));
     Some(Admitted {
         destination,
         destination_events,

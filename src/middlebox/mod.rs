@@ -27,7 +27,7 @@ pub fn original_destination<'a>(
     let socket = socket.into();
     // An IPv4 connection on a dual-stack listener has a v4-mapped local address and an IPv4
     // conntrack entry.
-    let original = match canonical(local.ip()) {
+    let original = match local.ip().to_canonical() {
         IpAddr::V4(_) => socket.original_dst_v4(),
         IpAddr::V6(_) => socket.original_dst_v6(),
     };
@@ -40,14 +40,7 @@ pub fn original_destination<'a>(
 }
 
 fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && canonical(a.ip()) == canonical(b.ip())
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
+    canonical_addr(a) == canonical_addr(b)
 }
 
 /// Set `SO_MARK` (`upstream.socket_mark`) on a socket ackgate opens towards an aggregator, so
@@ -123,30 +116,13 @@ impl OwnSources {
 
 /// Whether `ip` is an address of this host (only a local address can be bound).
 fn is_local(ip: IpAddr) -> bool {
-    let ip = canonical(ip);
+    let ip = ip.to_canonical();
     ip.is_loopback() || UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// `address` with a v4-mapped IPv6 address as the IPv4 address it maps.
 pub fn canonical_addr(address: SocketAddr) -> SocketAddr {
-    SocketAddr::new(canonical(address.ip()), address.port())
-}
-
-/// Distinct original destinations that get their own metric label; the rest share "other", so
-/// a sender scanning addresses cannot grow the metrics without bound.
-pub const MAX_DESTINATION_LABELS: usize = 256;
-
-/// The metric label of an original destination.
-pub fn destination_label(destination: SocketAddr) -> String {
-    static SEEN: OnceLock<Mutex<HashSet<SocketAddr>>> = OnceLock::new();
-    let destination = canonical_addr(destination);
-    let mut seen = lock(SEEN.get_or_init(Default::default));
-    if seen.contains(&destination) || seen.len() < MAX_DESTINATION_LABELS {
-        seen.insert(destination);
-        destination.to_string()
-    } else {
-        "other".to_string()
-    }
+    SocketAddr::new(address.ip().to_canonical(), address.port())
 }
 
 /// Whether this process may set `SO_MARK` (CAP_NET_ADMIN in its effective set), from
@@ -198,21 +174,6 @@ mod tests {
         assert!(!own.is_own_udp("127.0.0.1:40005".parse().unwrap()));
         // 192.0.2.0/24 (TEST-NET-1) is never an address of this host.
         assert!(!own.is_own_udp("192.0.2.7:40004".parse().unwrap()));
-    }
-
-    #[test]
-    fn destination_labels_are_bounded() {
-        let first: SocketAddr = "192.0.2.1:24224".parse().unwrap();
-        assert_eq!(destination_label(first), "192.0.2.1:24224");
-        for port in 0..(MAX_DESTINATION_LABELS as u16 + 10) {
-            destination_label(SocketAddr::new("198.51.100.1".parse().unwrap(), port));
-        }
-        assert_eq!(
-            destination_label("203.0.113.9:24224".parse().unwrap()),
-            "other"
-        );
-        // One already labelled keeps its label.
-        assert_eq!(destination_label(first), "192.0.2.1:24224");
     }
 
     #[test]
