@@ -99,13 +99,6 @@ fn tcp_connection_without_bytes_is_not_a_warning() {
     agg.wait_for_all(&[entry], Duration::from_secs(10));
 }
 
-/// One heartbeat with a short wait: `true` if `\0` came back from `target`.
-fn answered(socket: &UdpSocket, target: std::net::SocketAddr) -> bool {
-    socket.send_to(b"\0", target).expect("send heartbeat");
-    let mut buf = [0u8; 8];
-    matches!(socket.recv_from(&mut buf), Ok((1, from)) if from == target && buf[0] == 0)
-}
-
 /// A full spool cannot take data: heartbeats go unanswered so senders with a standby fail
 /// over (PROTOCOL.md §13.7), and are answered again once upstream has drained it.
 #[test]
@@ -125,7 +118,7 @@ fn heartbeats_stop_while_the_spool_is_full_and_resume_after_it_drains() {
         .set_read_timeout(Some(Duration::from_millis(300)))
         .expect("timeout");
     assert!(
-        answered(&socket, gate.addr()),
+        heartbeat_answered(&socket, gate.addr()),
         "answered while there is room"
     );
 
@@ -141,7 +134,7 @@ fn heartbeats_stop_while_the_spool_is_full_and_resume_after_it_drains() {
     }
     let mut silent = false;
     for _ in 0..40 {
-        if !answered(&socket, gate.addr()) {
+        if !heartbeat_answered(&socket, gate.addr()) {
             silent = true;
             break;
         }
@@ -155,7 +148,7 @@ fn heartbeats_stop_while_the_spool_is_full_and_resume_after_it_drains() {
     agg.set_behaviour(Behaviour::Ack);
     let mut back = false;
     for _ in 0..100 {
-        if answered(&socket, gate.addr()) {
+        if heartbeat_answered(&socket, gate.addr()) {
             back = true;
             break;
         }

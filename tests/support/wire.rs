@@ -163,3 +163,11 @@ pub fn send_acked_requests(
     }
     all
 }
+
+/// One UDP heartbeat from `socket` (its read timeout is the wait): `true` if `\0` came back
+/// from `target` itself, as a legacy sender requires.
+pub fn heartbeat_answered(socket: &std::net::UdpSocket, target: SocketAddr) -> bool {
+    socket.send_to(b"\0", target).expect("send heartbeat");
+    let mut buf = [0u8; 8];
+    matches!(socket.recv_from(&mut buf), Ok((1, from)) if from == target && buf[0] == 0)
+}
