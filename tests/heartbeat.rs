@@ -132,12 +132,17 @@ fn heartbeats_stop_while_the_spool_is_full_and_resume_after_it_drains() {
         let request = legacy_request("hb.fill", &entry_int(1_700_000_000, &body));
         std::io::Write::write_all(&mut stream, &request).expect("write");
     }
+    // An answered heartbeat returns at once, so a count of tries is no wait: the requests may
+    // not be committed yet (40 quick tries passed before the spool filled, 1 run in 20 beside
+    // a CI run). Wait for the spool to fill, bounded in time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut silent = false;
-    for _ in 0..40 {
+    while std::time::Instant::now() < deadline {
         if !heartbeat_answered(&socket, gate.addr()) {
             silent = true;
             break;
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
         silent,
