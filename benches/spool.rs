@@ -62,7 +62,7 @@ fn spool_rounds(n: u64, iters: u64, entries: &Bytes) -> (Duration, u64) {
     let dir = tempfile::tempdir_in(bench_dir()).expect("temp dir");
     let (spool, writer) = Spool::open(&spool_config(&dir.path().join("spool.redb"))).expect("open");
     let tag = Bytes::from_static(b"bench.spool");
-    let cost = Spool::cost(Signal::Logs, &tag, entries);
+    let cost = Spool::cost(Signal::Logs, None, &tag, entries);
     let before = spool.stats().commits;
     let mut replies = Vec::with_capacity(n as usize);
     let start = Instant::now();
@@ -71,6 +71,7 @@ fn spool_rounds(n: u64, iters: u64, entries: &Bytes) -> (Duration, u64) {
             assert!(spool.try_reserve(cost), "budget is 64 GiB");
             replies.push(spool.append(
                 Signal::Logs,
+                None,
                 tag.clone(),
                 entries.clone(),
                 EVENTS_PER_REQUEST,

@@ -113,7 +113,7 @@ struct ReadPlan {
 pub(super) async fn serve<S>(
     stream: S,
     peer: SocketAddr,
-    destination_events: Option<Counter>,
+    destination: Option<(SocketAddr, Counter)>,
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
 ) where
@@ -133,7 +133,10 @@ pub(super) async fn serve<S>(
         debug!(%peer, "shared-key handshake accepted");
     }
     let mut connection = Connection::new(reader, writer, buf, peer, ctx, shutdown);
-    connection.destination_events = destination_events;
+    if let Some((destination, events)) = destination {
+        connection.destination = Some(destination);
+        connection.destination_events = Some(events);
+    }
     connection.run().await;
 }
 
@@ -163,6 +166,8 @@ struct Connection<S> {
     large_requests: bool,
     /// The "partial budget in use" warning was logged for this connection.
     told_budget: bool,
+    /// Transparent mode: where the sender was connecting, kept with its records.
+    destination: Option<SocketAddr>,
     /// Transparent mode: the original destination's `destination_events_in`.
     destination_events: Option<Counter>,
 }
@@ -197,6 +202,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             requests: 0,
             large_requests: false,
             told_budget: false,
+            destination: None,
             destination_events: None,
         }
     }
@@ -262,7 +268,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.acks.push(Pending::stored_already(frame.chunk));
             return;
         }
-        let cost = Spool::cost(frame.signal, &frame.tag, &frame.entries);
+        let cost = Spool::cost(frame.signal, self.destination, &frame.tag, &frame.entries);
         let staged = Staged {
             key,
             frame,
@@ -270,7 +276,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             arrived: Instant::now(),
         };
         if self.ctx.spool.try_reserve(cost) {
-            submit(&self.ctx.spool, staged, &mut self.acks);
+            submit(&self.ctx.spool, self.destination, staged, &mut self.acks);
         } else {
             self.staged = Some(staged);
         }
@@ -392,7 +398,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             Event::Room => {
                 if let Some(staged) = self.staged.take() {
-                    submit(&self.ctx.spool, staged, &mut self.acks);
+                    submit(&self.ctx.spool, self.destination, staged, &mut self.acks);
                 }
             }
             Event::PartialGranted => {}
@@ -519,7 +525,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 }
 
 /// Hand a staged request (its budget already taken) to the spool writer.
-fn submit(spool: &Spool, staged: Staged, acks: &mut AckQueue) {
+fn submit(spool: &Spool, destination: Option<SocketAddr>, staged: Staged, acks: &mut AckQueue) {
     let Staged {
         key,
         frame,
@@ -528,7 +534,14 @@ fn submit(spool: &Spool, staged: Staged, acks: &mut AckQueue) {
     } = staged;
     let bytes = frame.entries.len() as u64;
     let signal: Signal = frame.signal;
-    let commit = spool.append(signal, frame.tag, frame.entries, frame.events, cost);
+    let commit = spool.append(
+        signal,
+        destination,
+        frame.tag,
+        frame.entries,
+        frame.events,
+        cost,
+    );
     acks.push(Pending::new(
         commit,
         frame.chunk,

@@ -169,7 +169,7 @@ async fn handle(
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
 ) {
-    let counted = admitted.destination_events;
+    let counted = admitted.destination.zip(admitted.destination_events);
     let _ = stream.set_nodelay(true);
     let m = metrics();
     m.connections_total.inc();

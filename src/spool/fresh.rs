@@ -127,6 +127,7 @@ mod tests {
             received_ms: 0,
             events: 1,
             signal: Signal::Logs,
+            destination: None,
             tag: Bytes::from_static(b"t"),
             entries: Bytes::from(vec![0x90; len]).into(),
             attempts: 0,

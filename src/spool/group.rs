@@ -2,7 +2,8 @@
 //! that rides with it (deletes, retry notes, dead letters, splits), and the counters, written
 //! in one redb write transaction. Only the writer thread calls [`write`].
 //!
-//! Requests with the same tag are merged into one record, in arrival order, up to
+//! Requests with the same tag (and original destination) are merged into one record, in arrival
+//! order, up to
 //! [`MERGE_LIMIT`]; metrics and traces payloads never are (fluent-bit decodes one context
 //! stream per request, so a concatenation would lose data). Every record gets its chunk id
 //! here, once (invariant 3).
@@ -26,6 +27,7 @@ pub const MERGE_LIMIT: usize = 1 << 20;
 struct Merged {
     tag: Bytes,
     signal: Signal,
+    destination: Option<std::net::SocketAddr>,
     /// Indexes into the group's appends, in arrival order.
     members: Vec<usize>,
     len: usize,
@@ -38,6 +40,7 @@ fn merge(appends: &[Append]) -> Vec<Merged> {
             Signal::Logs => merged.iter_mut().rev().find(|m| {
                 m.signal == Signal::Logs
                     && m.tag == append.tag
+                    && m.destination == append.destination
                     && m.len + append.entries.len() <= MERGE_LIMIT
             }),
             Signal::Metrics | Signal::Traces => None,
@@ -50,6 +53,7 @@ fn merge(appends: &[Append]) -> Vec<Merged> {
             None => merged.push(Merged {
                 tag: append.tag.clone(),
                 signal: append.signal,
+                destination: append.destination,
                 members: vec![i],
                 len: append.entries.len(),
             }),
@@ -238,6 +242,7 @@ impl Tables<'_> {
                 received_ms,
                 events,
                 signal: merged.signal,
+                destination: merged.destination,
                 tag: merged.tag.clone(),
                 entries: record::Entries::new(parts),
                 attempts: 0,
@@ -259,15 +264,7 @@ impl Tables<'_> {
         let len = record.stored_len() as usize;
         let parts: Vec<&[u8]> = record.entries.parts().iter().map(|p| &p[..]).collect();
         let mut slot = self.records.insert_reserve(key, len)?;
-        record::write_record(
-            slot.as_mut(),
-            &record.chunk_id,
-            record.received_ms,
-            record.events,
-            record.signal,
-            &record.tag,
-            &parts,
-        );
+        record::write_record(slot.as_mut(), &record.head(), &parts);
         drop(slot);
         self.counters.next_key += 1;
         self.counters.records += 1;
@@ -339,14 +336,12 @@ impl Tables<'_> {
         let mut keys = Vec::with_capacity(parts.len());
         for (events, entries) in parts {
             let chunk_id = *uuid::Uuid::new_v4().as_bytes();
-            let value = record::encode_record(
-                &chunk_id,
-                old.received_ms,
-                *events,
-                old.signal,
-                &old.tag,
-                &[entries],
-            );
+            let head = record::RecordHead {
+                chunk_id: &chunk_id,
+                events: *events,
+                ..old.head()
+            };
+            let value = record::encode_record(&head, &[entries]);
             keys.push(self.insert_record(&value)?);
             self.applied.maintenance_added += value.len() as u64;
         }
@@ -366,11 +361,10 @@ impl Tables<'_> {
                 // it straight back to the dead letters.
                 let value = match record::decode_record(0, &letter.payload) {
                     Ok(r) => record::encode_record(
-                        &r.chunk_id,
-                        self.now_ms,
-                        r.events,
-                        r.signal,
-                        &r.tag,
+                        &record::RecordHead {
+                            received_ms: self.now_ms,
+                            ..r.head()
+                        },
                         &[&r.entries.to_bytes()],
                     ),
                     Err(_) => letter.payload.to_vec(),

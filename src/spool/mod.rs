@@ -33,6 +33,7 @@ pub(crate) mod testing;
 mod writer;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -266,8 +267,13 @@ impl Spool {
     }
 
     /// Bytes a request will take in the spool (what [`Spool::reserve`] must be given).
-    pub fn cost(signal: Signal, tag: &[u8], entries: &[u8]) -> u64 {
-        (record::header_len(signal) + tag.len() + entries.len()) as u64
+    pub fn cost(
+        signal: Signal,
+        destination: Option<SocketAddr>,
+        tag: &[u8],
+        entries: &[u8],
+    ) -> u64 {
+        record::record_len(signal, destination, tag, entries.len()) as u64
     }
 
     /// Wait until `bytes` fit under `max_bytes`, then take them. While a connection waits
@@ -293,6 +299,7 @@ impl Spool {
     pub fn append(
         &self,
         signal: Signal,
+        destination: Option<SocketAddr>,
         tag: Bytes,
         entries: Bytes,
         events: u32,
@@ -301,6 +308,7 @@ impl Spool {
         let (reply, rx) = oneshot::channel();
         let append = Append {
             signal,
+            destination,
             tag,
             entries,
             events,

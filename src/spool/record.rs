@@ -5,6 +5,8 @@
 //! (invariant 3); attempts and the last error live in a separate small value so that counting
 //! a retry never rewrites a multi-MiB record.
 
+use std::net::{IpAddr, SocketAddr};
+
 use bytes::Bytes;
 
 use crate::forward::frame::Signal;
@@ -15,17 +17,58 @@ pub const RECORD_VERSION: u8 = 1;
 /// version. Logs are still written as version 1, so a spool holding only logs stays readable
 /// by builds that predate signals.
 pub const SIGNAL_RECORD_VERSION: u8 = 2;
+/// Layout version of records that carry the original destination of their sender's
+/// connection (transparent mode): version 2's signal byte, then the destination (family byte 4
+/// or 6, the address, the port little-endian), then version 1's fields. Records without one
+/// are still written as version 1 or 2.
+pub const DESTINATION_RECORD_VERSION: u8 = 3;
 /// Layout version of retry-state values.
 pub const RETRY_VERSION: u8 = 1;
 /// version + chunk id + received_ms + events + tag length (version 1; version 2 adds a byte).
 pub const HEADER_LEN: usize = 1 + 16 + 8 + 4 + 4;
 
-/// Header bytes of a record of this signal.
-pub fn header_len(signal: Signal) -> usize {
-    match signal {
-        Signal::Logs => HEADER_LEN,
-        _ => HEADER_LEN + 1,
+/// Header bytes of a record of this signal and destination.
+pub fn header_len(signal: Signal, destination: Option<SocketAddr>) -> usize {
+    match (signal, destination) {
+        (Signal::Logs, None) => HEADER_LEN,
+        (_, None) => HEADER_LEN + 1,
+        (_, Some(destination)) => HEADER_LEN + 1 + destination_len(destination),
     }
+}
+
+/// Bytes of an encoded destination: family, address, port.
+fn destination_len(destination: SocketAddr) -> usize {
+    match destination {
+        SocketAddr::V4(_) => 1 + 4 + 2,
+        SocketAddr::V6(_) => 1 + 16 + 2,
+    }
+}
+
+fn encode_destination(destination: SocketAddr) -> Vec<u8> {
+    let mut out = Vec::with_capacity(destination_len(destination));
+    match destination.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&destination.port().to_le_bytes());
+    out
+}
+
+/// The destination at the start of `bytes`, and its length.
+fn decode_destination(bytes: &[u8]) -> Option<(SocketAddr, usize)> {
+    let (ip, at): (IpAddr, usize) = match bytes.first()? {
+        4 => (<[u8; 4]>::try_from(bytes.get(1..5)?).ok()?.into(), 5),
+        6 => (<[u8; 16]>::try_from(bytes.get(1..17)?).ok()?.into(), 17),
+        _ => return None,
+    };
+    let port = u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?);
+    Some((SocketAddr::new(ip, port), at + 2))
 }
 
 /// Why stored bytes could not be read back.
@@ -39,6 +82,8 @@ pub enum RecordError {
     TagLength { tag_len: u32, len: usize },
     #[error("record signal {0} is not known to this build")]
     Signal(u8),
+    #[error("record destination is damaged")]
+    Destination,
 }
 
 /// One spooled batch, as read back from disk.
@@ -54,6 +99,8 @@ pub struct StoredRecord {
     pub events: u32,
     /// Logs, or a metrics/traces payload relayed as it came.
     pub signal: Signal,
+    /// Transparent mode: where the sender's connection was going (`SO_ORIGINAL_DST`).
+    pub destination: Option<SocketAddr>,
     pub tag: Bytes,
     /// Concatenated raw entries (or the metrics/traces payload), exactly as senders wrote them
     /// (invariant 6).
@@ -67,7 +114,7 @@ pub struct StoredRecord {
 impl StoredRecord {
     /// Bytes this record takes in the spool budget.
     pub fn stored_len(&self) -> u64 {
-        record_len(self.signal, &self.tag, self.entries.len()) as u64
+        record_len(self.signal, self.destination, &self.tag, self.entries.len()) as u64
     }
 }
 
@@ -124,44 +171,58 @@ impl PartialEq for Entries {
 impl Eq for Entries {}
 
 /// Bytes of a record value.
-pub fn record_len(signal: Signal, tag: &[u8], entries_len: usize) -> usize {
-    header_len(signal) + tag.len() + entries_len
+pub fn record_len(
+    signal: Signal,
+    destination: Option<SocketAddr>,
+    tag: &[u8],
+    entries_len: usize,
+) -> usize {
+    header_len(signal, destination) + tag.len() + entries_len
+}
+
+/// What a record value holds besides its entries.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordHead<'a> {
+    pub chunk_id: &'a [u8; 16],
+    pub received_ms: u64,
+    pub events: u32,
+    pub signal: Signal,
+    pub destination: Option<SocketAddr>,
+    pub tag: &'a [u8],
+}
+
+impl RecordHead<'_> {
+    /// Bytes of the value with `entries_len` bytes of entries.
+    pub fn value_len(&self, entries_len: usize) -> usize {
+        record_len(self.signal, self.destination, self.tag, entries_len)
+    }
+}
+
+impl StoredRecord {
+    /// The head this record is stored with.
+    pub fn head(&self) -> RecordHead<'_> {
+        RecordHead {
+            chunk_id: &self.chunk_id,
+            received_ms: self.received_ms,
+            events: self.events,
+            signal: self.signal,
+            destination: self.destination,
+            tag: &self.tag,
+        }
+    }
 }
 
 /// Encode a record value.
-pub fn encode_record(
-    chunk_id: &[u8; 16],
-    received_ms: u64,
-    events: u32,
-    signal: Signal,
-    tag: &[u8],
-    entries: &[&[u8]],
-) -> Vec<u8> {
+pub fn encode_record(head: &RecordHead, entries: &[&[u8]]) -> Vec<u8> {
     let entries_len: usize = entries.iter().map(|e| e.len()).sum();
-    let mut out = vec![0; record_len(signal, tag, entries_len)];
-    write_record(
-        &mut out,
-        chunk_id,
-        received_ms,
-        events,
-        signal,
-        tag,
-        entries,
-    );
+    let mut out = vec![0; head.value_len(entries_len)];
+    write_record(&mut out, head, entries);
     out
 }
 
-/// Write a record value into `out`, which must be exactly [`record_len`] bytes: the spool
-/// writes records straight into redb's page this way, without building them first.
-pub fn write_record(
-    out: &mut [u8],
-    chunk_id: &[u8; 16],
-    received_ms: u64,
-    events: u32,
-    signal: Signal,
-    tag: &[u8],
-    entries: &[&[u8]],
-) {
+/// Write a record value into `out`, which must be exactly [`RecordHead::value_len`] bytes: the
+/// spool writes records straight into redb's page this way, without building them first.
+pub fn write_record(out: &mut [u8], head: &RecordHead, entries: &[&[u8]]) {
     let mut at = 0;
     let mut put = |bytes: &[u8]| {
         if let Some(dest) = out.get_mut(at..at + bytes.len()) {
@@ -169,16 +230,19 @@ pub fn write_record(
         }
         at += bytes.len();
     };
-    if signal == Signal::Logs {
-        put(&[RECORD_VERSION]);
-    } else {
-        put(&[SIGNAL_RECORD_VERSION, signal.code()]);
+    match (head.signal, head.destination) {
+        (Signal::Logs, None) => put(&[RECORD_VERSION]),
+        (signal, None) => put(&[SIGNAL_RECORD_VERSION, signal.code()]),
+        (signal, Some(destination)) => {
+            put(&[DESTINATION_RECORD_VERSION, signal.code()]);
+            put(&encode_destination(destination));
+        }
     }
-    put(chunk_id);
-    put(&received_ms.to_le_bytes());
-    put(&events.to_le_bytes());
-    put(&(tag.len() as u32).to_le_bytes());
-    put(tag);
+    put(head.chunk_id);
+    put(&head.received_ms.to_le_bytes());
+    put(&head.events.to_le_bytes());
+    put(&(head.tag.len() as u32).to_le_bytes());
+    put(head.tag);
     for part in entries {
         put(part);
     }
@@ -191,16 +255,24 @@ pub fn decode_record(key: u64, whole: &[u8]) -> Result<StoredRecord, RecordError
 
 /// [`decode_record`] of a value already in memory: tag and entries are slices of it, no copy.
 pub fn decode_shared(key: u64, whole: Bytes) -> Result<StoredRecord, RecordError> {
-    let (signal, skip) = match whole.first() {
+    let (signal, destination, skip) = match whole.first() {
         None => return Err(RecordError::Short(0)),
-        Some(&RECORD_VERSION) => (Signal::Logs, 0),
+        Some(&RECORD_VERSION) => (Signal::Logs, None, 0),
         Some(&SIGNAL_RECORD_VERSION) => {
-            let code = *whole.get(1).ok_or(RecordError::Short(whole.len()))?;
-            let signal = Signal::from_code(code as i64)
-                .filter(|s| *s != Signal::Logs)
-                .ok_or(RecordError::Signal(code))?;
+            let signal = signal_at(&whole)?;
+            if signal == Signal::Logs {
+                return Err(RecordError::Signal(0));
+            }
             // From here on the layout is version 1's, one byte further on.
-            (signal, 1)
+            (signal, None, 1)
+        }
+        Some(&DESTINATION_RECORD_VERSION) => {
+            let signal = signal_at(&whole)?;
+            let (destination, len) = whole
+                .get(2..)
+                .and_then(decode_destination)
+                .ok_or(RecordError::Destination)?;
+            (signal, Some(destination), 1 + len)
         }
         Some(&other) => return Err(RecordError::Version(other)),
     };
@@ -236,11 +308,18 @@ pub fn decode_shared(key: u64, whole: Bytes) -> Result<StoredRecord, RecordError
         received_ms,
         events,
         signal,
+        destination,
         tag: value.slice(HEADER_LEN..tag_end),
         entries: Entries::from(value.slice(tag_end..)),
         attempts: 0,
         last_error: None,
     })
+}
+
+/// The signal byte of a version 2 or 3 value.
+fn signal_at(whole: &[u8]) -> Result<Signal, RecordError> {
+    let code = *whole.get(1).ok_or(RecordError::Short(whole.len()))?;
+    Signal::from_code(code as i64).ok_or(RecordError::Signal(code))
 }
 
 /// Retry state: attempts, time of the last attempt, last error text (truncated to 1 KiB).
@@ -282,16 +361,36 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 mod tests {
     use super::*;
 
+    /// `encode_record` of the fields in the order the old signature took them.
+    fn encode(
+        chunk_id: &[u8; 16],
+        received_ms: u64,
+        events: u32,
+        signal: Signal,
+        tag: &[u8],
+        entries: &[&[u8]],
+    ) -> Vec<u8> {
+        let head = RecordHead {
+            chunk_id,
+            received_ms,
+            events,
+            signal,
+            destination: None,
+            tag,
+        };
+        encode_record(&head, entries)
+    }
+
     #[test]
     fn record_round_trips_byte_exact() {
         let id = [7u8; 16];
-        let value = encode_record(
+        let value = encode(
             &id,
             1_700_000_000_123,
             3,
             Signal::Logs,
             b"app.log",
-            &[b"\x92\x01\x80", b"\xff"],
+            &[&b"\x92\x01\x80"[..], &b"\xff"[..]],
         );
         assert_eq!(value.len(), HEADER_LEN + 7 + 4);
         let record = decode_record(42, &value).unwrap();
@@ -310,10 +409,10 @@ mod tests {
     #[test]
     fn damaged_values_are_errors() {
         assert_eq!(decode_record(1, &[1, 2, 3]), Err(RecordError::Short(3)));
-        let mut value = encode_record(&[0; 16], 0, 1, Signal::Logs, b"t", &[b"x"]);
+        let mut value = encode(&[0; 16], 0, 1, Signal::Logs, b"t", &[&b"x"[..]]);
         value[0] = 9;
         assert_eq!(decode_record(1, &value), Err(RecordError::Version(9)));
-        let mut value = encode_record(&[0; 16], 0, 1, Signal::Logs, b"t", &[b"x"]);
+        let mut value = encode(&[0; 16], 0, 1, Signal::Logs, b"t", &[&b"x"[..]]);
         value[29] = 200;
         assert!(matches!(
             decode_record(1, &value),
@@ -324,10 +423,13 @@ mod tests {
     #[test]
     fn signal_records_carry_their_signal_and_logs_keep_version_1() {
         let payload: &[u8] = b"\x81\xa4meta\xc0";
-        let value = encode_record(&[3; 16], 9, 1, Signal::Metrics, b"m", &[payload]);
+        let value = encode(&[3; 16], 9, 1, Signal::Metrics, b"m", &[payload]);
         // Pinned layout: version 2, the signal code, then version 1's fields.
         assert_eq!(&value[..2], &[2, 1]);
-        assert_eq!(value.len(), header_len(Signal::Metrics) + 1 + payload.len());
+        assert_eq!(
+            value.len(),
+            header_len(Signal::Metrics, None) + 1 + payload.len()
+        );
         let record = decode_record(5, &value).unwrap();
         assert_eq!(record.signal, Signal::Metrics);
         assert_eq!(record.chunk_id, [3; 16]);
@@ -336,9 +438,9 @@ mod tests {
         assert_eq!(&record.entries.to_bytes()[..], payload);
         assert_eq!(record.stored_len(), value.len() as u64);
 
-        let traces = encode_record(&[0; 16], 0, 1, Signal::Traces, b"t", &[payload]);
+        let traces = encode(&[0; 16], 0, 1, Signal::Traces, b"t", &[payload]);
         assert_eq!(decode_record(1, &traces).unwrap().signal, Signal::Traces);
-        let logs = encode_record(&[0; 16], 0, 1, Signal::Logs, b"t", &[b"x"]);
+        let logs = encode(&[0; 16], 0, 1, Signal::Logs, b"t", &[&b"x"[..]]);
         assert_eq!(logs[0], RECORD_VERSION);
         assert_eq!(decode_record(1, &logs).unwrap().signal, Signal::Logs);
 
@@ -352,6 +454,49 @@ mod tests {
             Err(RecordError::Short(20))
         ));
         assert_eq!(decode_record(1, &[2]), Err(RecordError::Short(1)));
+    }
+
+    #[test]
+    fn destination_records_carry_it_and_the_rest_of_the_layout_is_unchanged() {
+        for destination in ["10.0.0.5:24224", "[2001:db8::7]:24225"] {
+            let destination: SocketAddr = destination.parse().unwrap();
+            for signal in [Signal::Logs, Signal::Metrics] {
+                let head = RecordHead {
+                    chunk_id: &[4; 16],
+                    received_ms: 77,
+                    events: 2,
+                    signal,
+                    destination: Some(destination),
+                    tag: b"app",
+                };
+                let value = encode_record(&head, &[b"\x92\x01\x80", b"\x92\x02\x80"]);
+                assert_eq!(value[0], DESTINATION_RECORD_VERSION);
+                assert_eq!(value.len(), head.value_len(6));
+                let record = decode_record(9, &value).unwrap();
+                assert_eq!(record.destination, Some(destination));
+                assert_eq!(record.signal, signal);
+                assert_eq!((record.received_ms, record.events), (77, 2));
+                assert_eq!(&record.tag[..], b"app");
+                assert_eq!(&record.entries.to_bytes()[..], b"\x92\x01\x80\x92\x02\x80");
+                assert_eq!(record.stored_len(), value.len() as u64);
+                // Every byte cut off the destination is an error, never a panic.
+                for cut in 2..(2 + destination_len(destination)) {
+                    assert!(decode_record(1, &value[..cut]).is_err());
+                }
+            }
+        }
+        // A damaged family byte.
+        let head = RecordHead {
+            chunk_id: &[0; 16],
+            received_ms: 0,
+            events: 1,
+            signal: Signal::Logs,
+            destination: Some("10.0.0.5:24224".parse().unwrap()),
+            tag: b"t",
+        };
+        let mut value = encode_record(&head, &[b"x"]);
+        value[2] = 5;
+        assert_eq!(decode_record(1, &value), Err(RecordError::Destination));
     }
 
     #[test]

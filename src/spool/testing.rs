@@ -36,10 +36,11 @@ pub async fn append(
     entries: &[u8],
     events: u32,
 ) -> Result<u64, SpoolError> {
-    let cost = Spool::cost(Signal::Logs, tag.as_bytes(), entries);
+    let cost = Spool::cost(Signal::Logs, None, tag.as_bytes(), entries);
     assert!(spool.try_reserve(cost), "budget refused {cost} bytes");
     let rx = spool.append(
         Signal::Logs,
+        None,
         Bytes::copy_from_slice(tag.as_bytes()),
         Bytes::copy_from_slice(entries),
         events,

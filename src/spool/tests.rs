@@ -29,9 +29,16 @@ async fn group_commit_merges_same_tag_requests_and_answers_after_the_commit() {
     let mut answers = Vec::new();
     for (tag, i) in [("a", 1), ("b", 2), ("a", 3)] {
         let e = entry(i);
-        let cost = Spool::cost(Signal::Logs, tag.as_bytes(), &e);
+        let cost = Spool::cost(Signal::Logs, None, tag.as_bytes(), &e);
         assert!(spool.try_reserve(cost));
-        answers.push(spool.append(Signal::Logs, Bytes::from(tag), Bytes::from(e), 1, cost));
+        answers.push(spool.append(
+            Signal::Logs,
+            None,
+            Bytes::from(tag),
+            Bytes::from(e),
+            1,
+            cost,
+        ));
     }
     let mut keys = Vec::new();
     for rx in answers {
@@ -94,10 +101,11 @@ async fn a_full_disk_holds_requests_unacked_and_releases_them_when_space_returns
     assert!(reserve.exists(), "the disk reserve is taken at open");
     faults.fail_writes(libc::ENOSPC);
     let e = entry(7);
-    let cost = Spool::cost(Signal::Logs, b"t", &e);
+    let cost = Spool::cost(Signal::Logs, None, b"t", &e);
     assert!(spool.try_reserve(cost));
     let mut rx = spool.append(
         Signal::Logs,
+        None,
         Bytes::from("t"),
         Bytes::from(e.clone()),
         1,
@@ -304,7 +312,14 @@ async fn a_writer_that_dies_is_reported_with_the_reason() {
     assert!(reason.contains("panicked"), "{reason}");
     assert!(reason.contains("unit test"), "{reason}");
     // And it does not stay silent for requests either.
-    let answer = spool.append(Signal::Logs, Bytes::from("t"), Bytes::from(entry(1)), 1, 0);
+    let answer = spool.append(
+        Signal::Logs,
+        None,
+        Bytes::from("t"),
+        Bytes::from(entry(1)),
+        1,
+        0,
+    );
     assert!(timeout(WAIT, answer)
         .await
         .unwrap()

@@ -67,6 +67,8 @@ pub(super) enum Command {
 /// A request handed over by a connection, answered with its record key once committed.
 pub(super) struct Append {
     pub signal: Signal,
+    /// Transparent mode: where the sender's connection was going.
+    pub destination: Option<std::net::SocketAddr>,
     pub tag: Bytes,
     pub entries: Bytes,
     pub events: u32,

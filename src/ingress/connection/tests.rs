@@ -175,7 +175,7 @@ async fn a_connection_waiting_for_spool_room_does_not_read_its_socket() {
         ack("first")
     );
     let first_key = h.keys_after_flush().await[0];
-    let first_len = Spool::cost(crate::forward::Signal::Logs, b"t", &[0u8; 1008]);
+    let first_len = Spool::cost(crate::forward::Signal::Logs, None, b"t", &[0u8; 1008]);
 
     wr.write_all(&request("t", 1, 1000, Some("second")))
         .await
