@@ -36,11 +36,22 @@ pub async fn append(
     entries: &[u8],
     events: u32,
 ) -> Result<u64, SpoolError> {
-    let cost = Spool::cost(Signal::Logs, None, tag.as_bytes(), entries);
+    append_to(spool, None, tag, entries, events).await
+}
+
+/// [`append`] of a request from a connection redirected on its way to `destination`.
+pub async fn append_to(
+    spool: &Spool,
+    destination: Option<std::net::SocketAddr>,
+    tag: &str,
+    entries: &[u8],
+    events: u32,
+) -> Result<u64, SpoolError> {
+    let cost = Spool::cost(Signal::Logs, destination, tag.as_bytes(), entries);
     assert!(spool.try_reserve(cost), "budget refused {cost} bytes");
     let rx = spool.append(
         Signal::Logs,
-        None,
+        destination,
         Bytes::copy_from_slice(tag.as_bytes()),
         Bytes::copy_from_slice(entries),
         events,

@@ -22,6 +22,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex as SyncMutex, MutexGuard};
 use std::time::Duration;
@@ -61,6 +62,27 @@ impl Backoff {
         let half = full / 2;
         let jitter = rand::rng().random_range(0.0..=1.0);
         half + half.mul_f64(jitter)
+    }
+}
+
+/// Which records a dispatcher hands out (`upstream.route`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Every record (`route = "configured"`).
+    All,
+    /// Records whose sender was redirected here on its way to this address.
+    To(SocketAddr),
+    /// Records without an original destination (direct connections, older spools).
+    Undirected,
+}
+
+impl Route {
+    pub fn takes(&self, destination: Option<SocketAddr>) -> bool {
+        match self {
+            Route::All => true,
+            Route::To(to) => destination == Some(*to),
+            Route::Undirected => destination.is_none(),
+        }
     }
 }
 
@@ -130,6 +152,10 @@ impl Audit {
 /// The shared queue.
 pub struct Dispatcher {
     spool: Spool,
+    route: Route,
+    /// Dead-letters the values that do not decode. Exactly one dispatcher of a spool does:
+    /// each would otherwise release their bytes from the budget again.
+    owns_damaged: bool,
     state: Mutex<State>,
     tracking: SyncMutex<Tracking>,
     /// Wakes idle connections when a retry is queued.
@@ -141,9 +167,24 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// The one dispatcher of a spool: every record.
     pub fn new(spool: Spool, backoff: Backoff, policy: PoisonPolicy) -> Self {
+        Dispatcher::routed(spool, backoff, policy, Route::All, true)
+    }
+
+    /// One of several dispatchers of a spool, each with its own cursor, handing out the
+    /// records `route` takes and skipping the others (they are another dispatcher's).
+    pub fn routed(
+        spool: Spool,
+        backoff: Backoff,
+        policy: PoisonPolicy,
+        route: Route,
+        owns_damaged: bool,
+    ) -> Self {
         Dispatcher {
             spool,
+            route,
+            owns_damaged,
             state: Mutex::new(State {
                 // Keys start at 1; the committed watch says 0 while the spool is empty.
                 cursor: 1,
@@ -299,7 +340,10 @@ impl Dispatcher {
             .take_fresh(state.cursor, READ_AHEAD_RECORDS, READ_AHEAD_BYTES);
         if let Some(last) = fresh.last() {
             state.cursor = last.key + 1;
-            state.buffered.extend(fresh);
+            let route = self.route;
+            state
+                .buffered
+                .extend(fresh.into_iter().filter(|r| route.takes(r.destination)));
             return Ok(());
         }
         let batch = self.read_batch(state.cursor).await?;
@@ -308,10 +352,18 @@ impl Dispatcher {
             // Everything up to `committed` was deleted meanwhile.
             None => state.cursor.max(committed + 1),
         };
-        for damaged in batch.damaged {
-            self.dead_letter_damaged(damaged);
+        if self.owns_damaged {
+            for damaged in batch.damaged {
+                self.dead_letter_damaged(damaged);
+            }
         }
-        state.buffered.extend(batch.records);
+        let route = self.route;
+        state.buffered.extend(
+            batch
+                .records
+                .into_iter()
+                .filter(|r| route.takes(r.destination)),
+        );
         Ok(())
     }
 
@@ -529,7 +581,7 @@ fn split_in_two(entries: &Bytes, events: u32, signal: Signal) -> Option<Vec<(u32
 mod tests {
     use super::*;
     use crate::spool::fault::Faults;
-    use crate::spool::testing::{append, config, entry, overwrite_record, stop, WAIT};
+    use crate::spool::testing::{append, append_to, config, entry, overwrite_record, stop, WAIT};
     use crate::spool::SpoolWriter;
     use tokio::time::timeout;
 
@@ -871,5 +923,81 @@ mod tests {
             let late = backoff.delay(40);
             assert!(late >= Duration::from_secs(30) && late <= Duration::from_secs(60));
         }
+    }
+
+    fn routed(spool: &Spool, route: Route, owns_damaged: bool) -> Dispatcher {
+        let policy = PoisonPolicy {
+            split_after_attempts: 4,
+            max_age: None,
+        };
+        Dispatcher::routed(spool.clone(), QUICK, policy, route, owns_damaged)
+    }
+
+    /// Take until nothing more comes within a few cursor steps; the keys taken.
+    async fn take_all(dispatcher: &Dispatcher) -> Vec<u64> {
+        let mut keys = Vec::new();
+        let mut empty_takes = 0;
+        while empty_takes < 8 {
+            match timeout(WAIT, dispatcher.take()).await.unwrap().unwrap() {
+                Some(taken) => keys.push(taken.record.key),
+                None => empty_takes += 1,
+            }
+        }
+        keys
+    }
+
+    #[tokio::test]
+    async fn routed_dispatchers_take_only_their_records_and_a_stalled_one_holds_back_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, writer) = Spool::open(&config(&dir)).unwrap();
+        let a: SocketAddr = "10.0.0.1:24224".parse().unwrap();
+        let b: SocketAddr = "[2001:db8::2]:24224".parse().unwrap();
+        // More of A's records than one read-ahead batch, then B's and undirected ones among
+        // them: B must not wait for A, whose dispatcher never takes anything.
+        let mut want_a = Vec::new();
+        let mut want_b = Vec::new();
+        let mut want_none = Vec::new();
+        for i in 0..(READ_AHEAD_RECORDS as u8 * 2 + 5) {
+            let tag = format!("t{i}");
+            let (destination, list) = match i % 10 {
+                3 => (Some(b), &mut want_b),
+                7 => (None, &mut want_none),
+                _ => (Some(a), &mut want_a),
+            };
+            list.push(
+                append_to(&spool, destination, &tag, &entry(i), 1)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let to_b = routed(&spool, Route::To(b), false);
+        let undirected = routed(&spool, Route::Undirected, true);
+        assert_eq!(take_all(&to_b).await, want_b);
+        assert_eq!(take_all(&undirected).await, want_none);
+        let to_a = routed(&spool, Route::To(a), false);
+        let taken_a = take_all(&to_a).await;
+        assert_eq!(taken_a, want_a);
+        // Every key is placed with the dispatcher of its route.
+        for (dispatcher, keys) in [
+            (&to_a, &want_a),
+            (&to_b, &want_b),
+            (&undirected, &want_none),
+        ] {
+            let audit = dispatcher.audit().await;
+            assert_eq!(audit.stranded(keys), Vec::<u64>::new(), "{audit:?}");
+        }
+        // The records kept their destination through the spool.
+        let stored = tokio::task::spawn_blocking({
+            let spool = spool.clone();
+            let key = want_b[0];
+            move || spool.read(key)
+        })
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(stored.destination, Some(b));
+        stop(writer).await;
     }
 }
