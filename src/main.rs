@@ -296,10 +296,22 @@ impl Relay {
             .await
             .with_context(|| format!("cannot listen on {}", config.ingress.listen))?;
         let local = listener.local_addr()?;
-        let ctx = Arc::new(
-            IngressContext::new(config.ingress.clone(), spool.clone())
-                .context("cannot set up ingress TLS")?,
-        );
+        let upstream = upstream::start(
+            &config.upstream,
+            config.spool.max_age.map(|d| d.0),
+            spool.clone(),
+            shutdown.clone(),
+            watchdog,
+        )
+        .context("cannot set up upstream TLS")?;
+        if let Some(router) = &upstream.router {
+            router.discover();
+        }
+        let mut ingress_ctx = IngressContext::new(config.ingress.clone(), spool.clone())
+            .context("cannot set up ingress TLS")?;
+        ingress_ctx.router = upstream.router.clone();
+        ingress_ctx.default_nodes = !config.upstream.nodes.is_empty();
+        let ctx = Arc::new(ingress_ctx);
         let connections = TaskTracker::new();
         let accept = spawn_core(
             watchdog,
@@ -315,14 +327,6 @@ impl Relay {
                 ingress::run_udp_heartbeat(socket, spool.clone(), shutdown.clone()),
             )
         });
-        let (dispatcher, balancer, nodes) = upstream::start(
-            &config.upstream,
-            config.spool.max_age.map(|d| d.0),
-            spool.clone(),
-            shutdown.clone(),
-            watchdog,
-        )
-        .context("cannot set up upstream TLS")?;
         let mut relay = Relay {
             spool,
             writer,
@@ -332,11 +336,11 @@ impl Relay {
             accept,
             heartbeat,
             connections,
-            nodes,
+            nodes: upstream.tracker,
             admin: None,
         };
         relay.admin = relay
-            .start_admin(config, dispatcher, balancer, local)
+            .start_admin(config, upstream.dispatcher, upstream.balancer, local)
             .await?;
         info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
         Ok(relay)

@@ -669,3 +669,137 @@ fn same_host_ipv6_redirect_reads_the_ipv6_original_destination() {
     assert_eq!(metric_exact(&text, &key), Some(all.len() as f64), "{key}");
     seen.with(|s| assert_eq!(s.duplicated_of(&all), 0, "events delivered twice"));
 }
+
+/// Route "original" on a gateway: two sender hosts address two different aggregators through
+/// the router where ackgate runs (PREROUTING REDIRECT, no `[[upstream.nodes]]`); each event
+/// reaches the aggregator its sender addressed, and the seed's blackhole in front of one
+/// aggregator holds back only that one's events, which all arrive once it lifts.
+#[test]
+fn route_original_sends_each_sender_to_its_aggregator_and_a_blackhole_holds_back_only_its_own() {
+    if let Some(reason) = netns_unavailable() {
+        eprintln!("SKIPPED transparent: {reason}");
+        return;
+    }
+    // Leaves 0 and 1: sender hosts; 2 and 3: aggregators A and B. ackgate runs on the router.
+    let star = Star::create(4).unwrap_or_else(|e| panic!("cannot create the namespaces: {e}"));
+    let agg_a = SocketAddr::new(star.addr(2).into(), AGG_PORT);
+    let agg_b = SocketAddr::new(star.addr(3).into(), AGG_PORT);
+    let (seen_a, seen_b) = (Seen::new(), Seen::new());
+    let _receiver_a = ReceiveProc::start(agg_a, Some(&star.leaves[2]), &[], seen_a.clone());
+    let _receiver_b = ReceiveProc::start(agg_b, Some(&star.leaves[3]), &[], seen_b.clone());
+    let mut gate = Ackgate::builder()
+        .netns(&star.core)
+        .product_upstream_timing()
+        .section(
+            "ingress",
+            "listen = \"0.0.0.0:0\"\ntransparent = \"redirect\"",
+        )
+        .section(
+            "upstream",
+            "route = \"original\"\nnodes = []\nack_timeout = \"2s\"",
+        )
+        .start();
+    let port = gate.addr().port().to_string();
+    let agg_port = AGG_PORT.to_string();
+    for sender_if in ["l0", "l1"] {
+        let rule = [
+            "ip",
+            "netns",
+            "exec",
+            &star.core,
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-i",
+            sender_if,
+            "-p",
+            "tcp",
+            "--dport",
+            &agg_port,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ];
+        run_command(&rule).expect("PREROUTING rule");
+    }
+    // The seed's blackhole in front of A: SYN passes, data is dropped.
+    let drop_data = [
+        "iptables", "-A", "INPUT", "-p", "tcp", "--dport", &agg_port, "-j", "DROP",
+    ];
+    star.exec(
+        2,
+        &[
+            "iptables", "-A", "INPUT", "-p", "tcp", "--syn", "--dport", &agg_port, "-j", "ACCEPT",
+        ],
+    )
+    .expect("accept rule");
+    star.exec(2, &drop_data).expect("drop rule");
+
+    let ids = Arc::new(Ids::default());
+    let send = |leaf: usize, agg: SocketAddr| {
+        let (ns, ids) = (star.leaves[leaf].clone(), ids.clone());
+        std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                let sent = ids.take(EVENTS_PER_REQUEST * 10);
+                for chunk in sent.chunks(EVENTS_PER_REQUEST) {
+                    legacy_send(agg, chunk);
+                }
+                sent
+            })
+        })
+    };
+    let started = std::time::Instant::now();
+    let (to_a, to_b) = (send(0, agg_a), send(1, agg_b));
+    let ids_a: HashSet<u64> = to_a.join().expect("sender A").into_iter().collect();
+    let mut ids_b: HashSet<u64> = to_b.join().expect("sender B").into_iter().collect();
+    // B flows while A is blackholed, also once A's node has timed out (2 s) and
+    // is in its retry backoff.
+    assert!(
+        seen_b.wait(Duration::from_secs(20), |s| s.has_all(&ids_b)),
+        "B's events are held back by A's blackhole; log:\n{}",
+        gate.log().dump()
+    );
+    gate.wait_for_log("upstream connection failed; aborted it", Duration::from_secs(10));
+    ids_b.extend(send(1, agg_b).join().expect("sender B"));
+    assert!(
+        seen_b.wait(Duration::from_secs(20), |s| s.has_all(&ids_b)),
+        "B's later events are held back by A's blackhole"
+    );
+    seen_a.with(|s| {
+        assert!(
+            s.missing(&ids_a).len() == ids_a.len(),
+            "data passed the DROP rule"
+        )
+    });
+    // The network heals at a random moment 3–6 s after the traffic started.
+    let heal_at = random_between(Duration::from_secs(3), Duration::from_secs(6));
+    std::thread::sleep(heal_at.saturating_sub(started.elapsed()));
+    let mut lift = drop_data.to_vec();
+    lift[1] = "-D";
+    star.exec(2, &lift).expect("lift the drop rule");
+    assert!(
+        seen_a.wait(Duration::from_secs(60), |s| s.has_all(&ids_a)),
+        "A's events lost behind its blackhole; log:\n{}",
+        gate.log().dump()
+    );
+    gate.terminate_cleanly();
+    seen_a.with(|s| {
+        assert_eq!(s.duplicated_of(&ids_a), 0, "A's events delivered twice");
+        assert_eq!(
+            s.unique(),
+            ids_a.len(),
+            "A got events its senders did not address"
+        );
+    });
+    seen_b.with(|s| {
+        assert_eq!(s.duplicated_of(&ids_b), 0, "B's events delivered twice");
+        assert_eq!(
+            s.unique(),
+            ids_b.len(),
+            "B got events its senders did not address"
+        );
+    });
+}

@@ -284,8 +284,38 @@ pub struct UpstreamConfig {
     /// traffic back into it. Needs CAP_NET_ADMIN. Unset (the default): no mark.
     #[serde(default)]
     pub socket_mark: Option<u32>,
-    /// Aggregators; at least one.
+    /// "configured" (the default): every record goes to `[[upstream.nodes]]`. "original": a
+    /// record from a redirected connection goes to the aggregator its sender addressed (a node
+    /// per original destination, created on first use with this section's settings); records
+    /// without one go to `[[upstream.nodes]]`, which may then be empty. Needs
+    /// `ingress.transparent = "redirect"`.
+    #[serde(default)]
+    pub route: RouteMode,
+    /// Route "original": the most original destinations with a node of their own; connections
+    /// to further ones are refused, logged.
+    #[serde(default = "default_max_destinations")]
+    pub max_destinations: u32,
+    /// Aggregators; at least one, unless `route = "original"`.
+    #[serde(default)]
     pub nodes: Vec<NodeConfig>,
+}
+
+impl NodeConfig {
+    /// A node at `address` with every other key at its default (route "original").
+    pub fn at(address: &str) -> Result<NodeConfig, String> {
+        let mut table = toml::Table::new();
+        table.insert("address".into(), address.into());
+        NodeConfig::deserialize(toml::Value::Table(table)).map_err(|e| e.to_string())
+    }
+}
+
+/// `upstream.route`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteMode {
+    #[default]
+    Configured,
+    Original,
 }
 
 /// `upstream.heartbeat_type`.
@@ -451,6 +481,9 @@ fn default_ack_timeout() -> HumanDuration {
 }
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(5))
+}
+fn default_max_destinations() -> u32 {
+    64
 }
 fn default_window() -> u32 {
     64

@@ -27,11 +27,21 @@ impl Config {
 
     /// `[[upstream.nodes]]`: addresses, handshake and TLS settings that go together, weights.
     fn validate_nodes(&self, invalid: Invalid) -> Result<(), ConfigError> {
-        if self.upstream.nodes.is_empty() {
+        let original = self.upstream.route == super::RouteMode::Original;
+        if self.upstream.nodes.is_empty() && !original {
             return Err(invalid(
                 "upstream.nodes",
-                "at least one [[upstream.nodes]] entry is required",
+                "at least one [[upstream.nodes]] entry is required (unless upstream.route = \"original\")",
             ));
+        }
+        if original && self.ingress.transparent != super::Transparent::Redirect {
+            return Err(invalid(
+                "upstream.route",
+                "\"original\" needs ingress.transparent = \"redirect\" (only redirected connections have an original destination)",
+            ));
+        }
+        if original && self.upstream.max_destinations == 0 {
+            return Err(invalid("upstream.max_destinations", "must be at least 1"));
         }
         for (i, node) in self.upstream.nodes.iter().enumerate() {
             if split_host_port(&node.address).is_none() {
@@ -67,7 +77,7 @@ impl Config {
                 ));
             }
         }
-        if self.upstream.nodes.iter().all(|n| n.weight == 0) {
+        if !self.upstream.nodes.is_empty() && self.upstream.nodes.iter().all(|n| n.weight == 0) {
             return Err(invalid(
                 "upstream.nodes[].weight",
                 "at least one node needs a weight above 0",

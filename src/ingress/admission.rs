@@ -65,8 +65,26 @@ pub(super) fn admit(
             return None;
         }
     }
-    let destination_events =
-        destination.map(|destination| metrics().destination_connection(destination));
+    if let Some(router) = &ctx.router {
+        match destination {
+            Some(destination) => {
+                if let Err(e) = router.ensure(destination) {
+                    warn!(%peer, %destination, reason = %e, "connection refused");
+                    metrics().reject("no_route");
+                    return None;
+                }
+            }
+            None if !ctx.default_nodes => {
+                warn!(%peer, reason = "not redirected (no original destination) and no [[upstream.nodes]] to send it to",
+                    "connection refused");
+                metrics().reject("no_route");
+                return None;
+            }
+            None => {}
+        }
+    }
+    let destination_events = destination
+        .map(|destination| metrics().destination_connection(destination));
     Some(Admitted {
         destination,
         destination_events,

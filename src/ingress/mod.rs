@@ -52,6 +52,11 @@ pub struct IngressContext {
     pub recent: RecentChunks,
     /// Bytes of unfinished requests all connections may still hold ([`partial`]).
     pub partial: Arc<Semaphore>,
+    /// Route "original": every redirected connection's destination gets its node here.
+    pub router: Option<Arc<crate::upstream::router::Router>>,
+    /// `[[upstream.nodes]]` is not empty: records without an original destination have
+    /// somewhere to go.
+    pub default_nodes: bool,
 }
 
 impl IngressContext {
@@ -92,6 +97,8 @@ impl IngressContext {
             tls,
             recent,
             partial,
+            router: None,
+            default_nodes: true,
         })
     }
 

@@ -518,6 +518,12 @@ impl Spool {
         self.with_read(read::keys)
     }
 
+    /// The distinct original destinations of queued records (a scan of every record's header;
+    /// route "original" at start-up).
+    pub fn destinations(&self) -> Result<Vec<SocketAddr>, SpoolError> {
+        self.with_read(read::destinations)
+    }
+
     /// Commit every pending delete, note and dead letter durably, and wait for it.
     pub async fn flush(&self) -> Result<(), SpoolError> {
         let (reply, rx) = oneshot::channel();

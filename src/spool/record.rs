@@ -316,6 +316,15 @@ pub fn decode_shared(key: u64, whole: Bytes) -> Result<StoredRecord, RecordError
     })
 }
 
+/// The original destination of a stored value, read from its header alone; `None` for
+/// versions 1 and 2 and for damaged values.
+pub fn destination_of(whole: &[u8]) -> Option<SocketAddr> {
+    if whole.first() != Some(&DESTINATION_RECORD_VERSION) {
+        return None;
+    }
+    decode_destination(whole.get(2..)?).map(|(destination, _)| destination)
+}
+
 /// The signal byte of a version 2 or 3 value.
 fn signal_at(whole: &[u8]) -> Result<Signal, RecordError> {
     let code = *whole.get(1).ok_or(RecordError::Short(whole.len()))?;

@@ -262,7 +262,7 @@ impl Drop for Gateway {
 /// on its own link 10.233.I.0/24 (the router .1, the leaf .2, its default route via the router).
 /// Names carry the pid and a counter. Drop deletes them all.
 pub struct Star {
-    core: String,
+    pub core: String,
     pub leaves: Vec<String>,
 }
 
