@@ -762,7 +762,10 @@ fn route_original_sends_each_sender_to_its_aggregator_and_a_blackhole_holds_back
         "B's events are held back by A's blackhole; log:\n{}",
         gate.log().dump()
     );
-    gate.wait_for_log("upstream connection failed; aborted it", Duration::from_secs(10));
+    gate.wait_for_log(
+        "upstream connection failed; aborted it",
+        Duration::from_secs(10),
+    );
     ids_b.extend(send(1, agg_b).join().expect("sender B"));
     assert!(
         seen_b.wait(Duration::from_secs(20), |s| s.has_all(&ids_b)),
@@ -802,4 +805,79 @@ fn route_original_sends_each_sender_to_its_aggregator_and_a_blackhole_holds_back
             "B got events its senders did not address"
         );
     });
+}
+
+/// Route "original" after a crash: records for an aggregator that was down stay in the spool
+/// across a kill -9; the restarted ackgate finds their destination in the spool (no sender
+/// connects again) and delivers them once the aggregator is up.
+#[test]
+fn route_original_finds_the_destinations_of_queued_records_after_a_restart() {
+    if let Some(reason) = netns_unavailable() {
+        eprintln!("SKIPPED transparent: {reason}");
+        return;
+    }
+    // Leaf 0: the sender host; leaf 1: the aggregator, down at first. ackgate on the router.
+    let star = Star::create(2).unwrap_or_else(|e| panic!("cannot create the namespaces: {e}"));
+    let agg = SocketAddr::new(star.addr(1).into(), AGG_PORT);
+    let mut gate = Ackgate::builder()
+        .netns(&star.core)
+        .section(
+            "ingress",
+            "listen = \"0.0.0.0:0\"\ntransparent = \"redirect\"",
+        )
+        .section("upstream", "route = \"original\"\nnodes = []")
+        .start();
+    let port = gate.addr().port();
+    gate.edit_config(
+        "listen = \"0.0.0.0:0\"",
+        &format!("listen = \"0.0.0.0:{port}\""),
+    );
+    let (port, agg_port) = (port.to_string(), AGG_PORT.to_string());
+    let rule = [
+        "ip",
+        "netns",
+        "exec",
+        &star.core,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-i",
+        "l0",
+        "-p",
+        "tcp",
+        "--dport",
+        &agg_port,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &port,
+    ];
+    run_command(&rule).expect("PREROUTING rule");
+    let ids = Ids::default();
+    let sent = ids.take(EVENTS_PER_REQUEST * 5);
+    let chunks: Vec<Vec<u64>> = sent
+        .chunks(EVENTS_PER_REQUEST)
+        .map(<[u64]>::to_vec)
+        .collect();
+    in_netns(&star.leaves[0], move || {
+        for chunk in &chunks {
+            legacy_send(agg, chunk);
+        }
+    });
+    // Committed (a legacy sender gets no ack: the log line is the only sign), then a crash.
+    gate.wait_for_log("upstream node unreachable", Duration::from_secs(10));
+    gate.kill9();
+    gate.restart();
+    let seen = Seen::new();
+    let _receiver = ReceiveProc::start(agg, Some(&star.leaves[1]), &[], seen.clone());
+    let all: HashSet<u64> = sent.iter().copied().collect();
+    assert!(
+        seen.wait(Duration::from_secs(60), |s| s.has_all(&all)),
+        "queued records did not reach their aggregator after the restart; log:\n{}",
+        gate.log().dump()
+    );
+    gate.terminate_cleanly();
+    seen.with(|s| assert_eq!(s.duplicated_of(&all), 0, "events delivered twice"));
 }
