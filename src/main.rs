@@ -336,12 +336,10 @@ impl Relay {
             accept,
             heartbeat,
             connections,
-            nodes: upstream.tracker,
+            nodes: upstream.tracker.clone(),
             admin: None,
         };
-        relay.admin = relay
-            .start_admin(config, upstream.dispatcher, upstream.balancer, local)
-            .await?;
+        relay.admin = relay.start_admin(config, &upstream, local).await?;
         info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
         Ok(relay)
     }
@@ -350,8 +348,7 @@ impl Relay {
     async fn start_admin(
         &self,
         config: &Config,
-        dispatcher: Arc<upstream::dispatcher::Dispatcher>,
-        balancer: Arc<upstream::health::Balancer>,
+        upstream: &upstream::Upstream,
         ingress_listen: std::net::SocketAddr,
     ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
         let Some(admin) = config.admin() else {
@@ -375,8 +372,9 @@ impl Relay {
             .collect();
         let state = Arc::new(AdminState {
             spool: self.spool.clone(),
-            dispatcher,
-            balancer,
+            dispatcher: upstream.dispatcher.clone(),
+            balancer: upstream.balancer.clone(),
+            router: upstream.router.clone(),
             rates: Rates::new(nodes.iter().map(|n| n.name.clone()).collect()),
             accepting: self.accepting.clone(),
             started: std::time::Instant::now(),

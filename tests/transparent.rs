@@ -687,18 +687,19 @@ fn route_original_sends_each_sender_to_its_aggregator_and_a_blackhole_holds_back
     let (seen_a, seen_b) = (Seen::new(), Seen::new());
     let _receiver_a = ReceiveProc::start(agg_a, Some(&star.leaves[2]), &[], seen_a.clone());
     let _receiver_b = ReceiveProc::start(agg_b, Some(&star.leaves[3]), &[], seen_b.clone());
-    let mut gate = Ackgate::builder()
-        .netns(&star.core)
-        .product_upstream_timing()
-        .section(
-            "ingress",
-            "listen = \"0.0.0.0:0\"\ntransparent = \"redirect\"",
-        )
-        .section(
-            "upstream",
-            "route = \"original\"\nnodes = []\nack_timeout = \"2s\"",
-        )
-        .start();
+    let (mut gate, _) = start_with_admin(
+        Ackgate::builder()
+            .netns(&star.core)
+            .product_upstream_timing()
+            .section(
+                "ingress",
+                "listen = \"0.0.0.0:0\"\ntransparent = \"redirect\"",
+            )
+            .section(
+                "upstream",
+                "route = \"original\"\nnodes = []\nack_timeout = \"2s\"",
+            ),
+    );
     let port = gate.addr().port().to_string();
     let agg_port = AGG_PORT.to_string();
     for sender_if in ["l0", "l1"] {
@@ -788,6 +789,19 @@ fn route_original_sends_each_sender_to_its_aggregator_and_a_blackhole_holds_back
         "A's events lost behind its blackhole; log:\n{}",
         gate.log().dump()
     );
+    // `ackgate status` (run where ackgate runs) lists a node per original destination.
+    let status = ackgate_in_netns(Some(&star.core))
+        .args(["status", "--config"])
+        .arg(gate.config_path())
+        .output()
+        .expect("ackgate status");
+    let status = String::from_utf8_lossy(&status.stdout);
+    for agg in [agg_a, agg_b] {
+        assert!(
+            status.contains(&agg.to_string()),
+            "no node for {agg}:\n{status}"
+        );
+    }
     gate.terminate_cleanly();
     seen_a.with(|s| {
         assert_eq!(s.duplicated_of(&ids_a), 0, "A's events delivered twice");

@@ -48,6 +48,8 @@ pub struct AdminState {
     pub spool: Spool,
     pub dispatcher: Arc<Dispatcher>,
     pub balancer: Arc<Balancer>,
+    /// Route "original": the pipelines per original destination.
+    pub router: Option<Arc<crate::upstream::router::Router>>,
     pub rates: Rates,
     /// False once shutdown began (`/ready` answers 503).
     pub accepting: Arc<AtomicBool>,

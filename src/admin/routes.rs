@@ -215,7 +215,10 @@ async fn ready(State(state): Shared) -> Response {
 }
 
 async fn retry(State(state): Shared) -> Response {
-    let count = state.dispatcher.retry_now().await;
+    let mut count = state.dispatcher.retry_now().await;
+    for (_, pipeline) in state.router.iter().flat_map(|r| r.all()) {
+        count += pipeline.dispatcher.retry_now().await;
+    }
     text(
         StatusCode::OK,
         format!("{count} record(s) waiting for a retry are sent now\n"),
@@ -223,12 +226,20 @@ async fn retry(State(state): Shared) -> Response {
 }
 
 async fn status(State(state): Shared) -> Response {
-    let audit = state.dispatcher.audit().await;
-    let queue = QueueStatus {
-        in_flight: audit.in_flight.len() as u64,
-        waiting_retry: audit.retrying.len() as u64,
-        buffered: audit.buffered.len() as u64,
+    let mut queue = QueueStatus {
+        in_flight: 0,
+        waiting_retry: 0,
+        buffered: 0,
     };
+    let routed = state.router.iter().flat_map(|r| r.all());
+    let dispatchers =
+        std::iter::once(state.dispatcher.clone()).chain(routed.map(|(_, p)| p.dispatcher));
+    for dispatcher in dispatchers {
+        let audit = dispatcher.audit().await;
+        queue.in_flight += audit.in_flight.len() as u64;
+        queue.waiting_retry += audit.retrying.len() as u64;
+        queue.buffered += audit.buffered.len() as u64;
+    }
     let reader = state.clone();
     match tokio::task::spawn_blocking(move || Status::read(&reader, queue)).await {
         Ok(status) => Json(status).into_response(),

@@ -131,9 +131,12 @@ impl Status {
         let now = now_ms();
         let spool = spool_status(state, now);
         let ingress = ingress_status(state);
-        let nodes = (0..state.nodes.len())
+        let mut nodes: Vec<NodeStatus> = (0..state.nodes.len())
             .map(|i| node_status(state, i, now))
             .collect();
+        for (destination, pipeline) in state.router.iter().flat_map(|r| r.all()) {
+            nodes.push(routed_node_status(&pipeline.balancer, destination, now));
+        }
         let mut status = Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             now_ms: now,
@@ -246,14 +249,36 @@ fn ingress_status(state: &AdminState) -> IngressStatus {
 }
 
 fn node_status(state: &AdminState, index: usize, now: u64) -> NodeStatus {
-    let m = metrics();
-    let config = &state.nodes[index];
-    let health = state.balancer.node(index);
-    let snapshot = health.snapshot();
     let (rate, history) = state.rates.events_out(index);
+    let address = state.nodes[index].address.clone();
+    NodeStatus {
+        events_per_second: rate,
+        events_history: history,
+        ..health_status(&state.balancer, index, address, now)
+    }
+}
+
+/// Route "original": an original destination's node (its rates are not sampled).
+fn routed_node_status(
+    balancer: &crate::upstream::health::Balancer,
+    destination: std::net::SocketAddr,
+    now: u64,
+) -> NodeStatus {
+    health_status(balancer, 0, destination.to_string(), now)
+}
+
+fn health_status(
+    balancer: &crate::upstream::health::Balancer,
+    index: usize,
+    address: String,
+    now: u64,
+) -> NodeStatus {
+    let m = metrics();
+    let health = balancer.node(index);
+    let snapshot = health.snapshot();
     let name = health.name.clone();
     NodeStatus {
-        address: config.address.clone(),
+        address,
         weight: health.weight,
         standby: health.standby,
         available: snapshot.available,
@@ -272,8 +297,8 @@ fn node_status(state: &AdminState, index: usize, now: u64) -> NodeStatus {
         acked_events: Metrics::node_count(&m.events_out, &name),
         retries: Metrics::node_count(&m.retries, &name),
         ack_timeouts: Metrics::node_count(&m.ack_timeouts, &name),
-        events_per_second: rate,
-        events_history: history,
+        events_per_second: Rate::default(),
+        events_history: Vec::new(),
         last_ack_ms: snapshot.last_ack_ms,
         last_ack_age_seconds: snapshot.last_ack_ms.map(|ms| age_seconds(now, ms)),
         name,

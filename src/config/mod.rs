@@ -144,7 +144,8 @@ pub struct IngressConfig {
     pub tls: Option<IngressTls>,
     /// "redirect": connections that iptables/nftables `REDIRECT` sent here are accepted, and
     /// each one's original destination is read (`SO_ORIGINAL_DST`) for the allow-list, the
-    /// logs and the metrics. "off" (the default): it is not read.
+    /// logs, the metrics and `upstream.route = "original"`. "off" (the default): it is not
+    /// read.
     #[serde(default)]
     pub transparent: Transparent,
     /// Original destinations a redirected connection may have ("10.0.0.0/8",

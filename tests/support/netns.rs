@@ -303,6 +303,7 @@ impl Star {
             exec(leaf, &["ip", "link", "set", "lo", "up"])?;
             exec(leaf, &["ip", "route", "add", "default", "via", &gateway])?;
         }
+        exec(&star.core, &["ip", "link", "set", "lo", "up"])?;
         exec(&star.core, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         Ok(star)
     }
