@@ -245,6 +245,13 @@ fn same_host_redirect_delivers_legacy_and_acking_senders_and_answers_heartbeats(
         heartbeat_answered_by(s.agg),
         "a UDP heartbeat to the aggregator's address got no reply from that address"
     );
+    // Committed, not deliverable: queued for its destination.
+    let queued_key = format!(
+        "ackgate_destination_queued_records{{destination=\"{}\"}}",
+        s.agg
+    );
+    let text = http(s.admin, "GET", "/metrics").1;
+    assert_eq!(metric_exact(&text, &queued_key), Some(1.0), "{queued_key}");
     s.receiver.restart();
 
     let all: HashSet<u64> = legacy.iter().chain(&acked).copied().collect();
@@ -289,6 +296,18 @@ fn same_host_redirect_delivers_legacy_and_acking_senders_and_answers_heartbeats(
         Some(6.0),
         "{connections_key}"
     );
+    let delivered_key = format!(
+        "ackgate_destination_events_out_total{{destination=\"{}\"}}",
+        s.agg
+    );
+    let text = wait_metric(s.admin, &queued_key, Duration::from_secs(10), |v| {
+        v == Some(0.0)
+    });
+    assert_eq!(
+        metric_exact(&text, &delivered_key),
+        Some(all.len() as f64),
+        "{delivered_key}"
+    );
     assert!(
         s.gate.log_lines_with(&["loop"]).is_empty(),
         "a loop was reported although the rule excludes ackgate's mark"
@@ -303,9 +322,9 @@ fn same_host_redirect_delivers_legacy_and_acking_senders_and_answers_heartbeats(
     let status = config_cmd("status", s.gate.config_path(), &[]);
     let status = String::from_utf8_lossy(&status.stdout);
     let line = format!(
-        "redirected to {}: 6 connection(s), {} events",
+        "redirected to {}: 6 connection(s), {n} events in, {n} delivered, 0 B queued (0 records)",
         s.agg,
-        all.len()
+        n = all.len()
     );
     assert!(
         status.contains(&line),
@@ -833,14 +852,15 @@ fn route_original_finds_the_destinations_of_queued_records_after_a_restart() {
     // Leaf 0: the sender host; leaf 1: the aggregator, down at first. ackgate on the router.
     let star = Star::create(2).unwrap_or_else(|e| panic!("cannot create the namespaces: {e}"));
     let agg = SocketAddr::new(star.addr(1).into(), AGG_PORT);
-    let mut gate = Ackgate::builder()
-        .netns(&star.core)
-        .section(
-            "ingress",
-            "listen = \"0.0.0.0:0\"\ntransparent = \"redirect\"",
-        )
-        .section("upstream", "route = \"original\"\nnodes = []")
-        .start();
+    let (mut gate, admin) = start_with_admin(
+        Ackgate::builder()
+            .netns(&star.core)
+            .section(
+                "ingress",
+                "listen = \"0.0.0.0:0\"\ntransparent = \"redirect\"",
+            )
+            .section("upstream", "route = \"original\"\nnodes = []"),
+    );
     let port = gate.addr().port();
     gate.edit_config(
         "listen = \"0.0.0.0:0\"",
@@ -883,15 +903,51 @@ fn route_original_finds_the_destinations_of_queued_records_after_a_restart() {
         }
     });
     gate.kill9();
+    // A damaged record among them: with no [[upstream.nodes]], a destination's pipeline must
+    // still move it to the dead letters, and the others must not wait for it.
+    let damaged = damage_middle_record(gate.spool_path(), Damage::FutureVersion);
     gate.restart();
     let seen = Seen::new();
     let _receiver = ReceiveProc::start(agg, Some(&star.leaves[1]), &[], seen.clone());
-    let all: HashSet<u64> = sent.iter().copied().collect();
+    let all: HashSet<u64> = sent
+        .iter()
+        .copied()
+        .filter(|id| !damaged.events.contains(id))
+        .collect();
     assert!(
         seen.wait(Duration::from_secs(60), |s| s.has_all(&all)),
         "queued records did not reach their aggregator after the restart; log:\n{}",
         gate.log().dump()
     );
+    // The admin endpoint is on the router's loopback.
+    let (dead_letters, queued) = in_netns(&star.core, move || {
+        wait_metric(
+            admin,
+            "ackgate_spool_records",
+            Duration::from_secs(10),
+            |v| v == Some(0.0),
+        );
+        let text = http(admin, "GET", "/metrics").1;
+        let queued = format!("ackgate_destination_queued_records{{destination=\"{agg}\"}}");
+        (
+            metric_sum(&text, "ackgate_dead_letters_total"),
+            metric_exact(&text, &queued),
+        )
+    });
+    assert_eq!(
+        dead_letters,
+        Some(1.0),
+        "the damaged record is not a dead letter; log:\n{}",
+        gate.log().dump()
+    );
+    // Nothing is reported queued once the spool is empty (the damaged value's count too).
+    assert_eq!(queued, Some(0.0), "destination_queued_records for {agg}");
     gate.terminate_cleanly();
-    seen.with(|s| assert_eq!(s.duplicated_of(&all), 0, "events delivered twice"));
+    seen.with(|s| {
+        assert_eq!(s.duplicated_of(&all), 0, "events delivered twice");
+        assert!(
+            !damaged.events.iter().any(|id| s.counts.contains_key(id)),
+            "damaged events delivered"
+        );
+    });
 }

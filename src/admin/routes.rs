@@ -157,6 +157,9 @@ async fn metrics_text(State(state): Shared) -> Response {
     let rendered = tokio::task::spawn_blocking(move || {
         let stats = spool.stats();
         let oldest = spool.oldest_received_ms();
+        metrics()
+            .destinations
+            .set_queued(&spool.queued_by_destination());
         metrics().set_spool(SpoolGauges {
             records: stats.records,
             bytes: stats.bytes,

@@ -86,7 +86,16 @@ pub struct IngressStatus {
 pub struct DestinationStatus {
     pub destination: String,
     pub connections: u64,
+    /// Events committed from connections redirected to it.
     pub events_accepted: u64,
+    /// Events of its records acked upstream.
+    #[serde(default)]
+    pub events_delivered: u64,
+    /// Records (and their stored bytes) waiting for an upstream ack.
+    #[serde(default)]
+    pub queued_records: u64,
+    #[serde(default)]
+    pub queued_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +139,9 @@ impl Status {
     pub fn read(state: &AdminState, queue: QueueStatus) -> Status {
         let now = now_ms();
         let spool = spool_status(state, now);
+        metrics()
+            .destinations
+            .set_queued(&state.spool.queued_by_destination());
         let ingress = ingress_status(state);
         let mut nodes: Vec<NodeStatus> = (0..state.nodes.len())
             .map(|i| node_status(state, i, now))
@@ -235,15 +247,17 @@ fn ingress_status(state: &AdminState) -> IngressStatus {
         events_per_second: rate,
         events_history: history,
         destinations: m
-            .destination_counts()
+            .destinations
+            .counts()
             .into_iter()
-            .map(
-                |(destination, connections, events_accepted)| DestinationStatus {
-                    destination,
-                    connections,
-                    events_accepted,
-                },
-            )
+            .map(|c| DestinationStatus {
+                destination: c.destination,
+                connections: c.connections,
+                events_accepted: c.events_in,
+                events_delivered: c.events_out,
+                queued_records: c.queued_records,
+                queued_bytes: c.queued_bytes,
+            })
             .collect(),
     }
 }

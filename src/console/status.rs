@@ -138,10 +138,13 @@ fn render_ingress(status: &Status, out: &mut String) {
     for d in &i.destinations {
         let _ = writeln!(
             out,
-            "         redirected to {}: {} connection(s), {} events",
+            "         redirected to {}: {} connection(s), {} events in, {} delivered, {} queued ({} records)",
             d.destination,
             count(d.connections),
-            count(d.events_accepted)
+            count(d.events_accepted),
+            count(d.events_delivered),
+            bytes(d.queued_bytes),
+            count(d.queued_records)
         );
     }
 }

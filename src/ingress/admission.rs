@@ -83,8 +83,8 @@ pub(super) fn admit(
             None => {}
         }
     }
-    let destination_events = destination
-        .map(|destination| metrics().destination_connection(destination));
+    let destination_events =
+        destination.map(|destination| metrics().destinations.connection(destination));
     Some(Admitted {
         destination,
         destination_events,

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, Table};
 
 use super::error::SpoolError;
+use super::queued::{Deltas, Queued};
 use super::record::{self, DeadKind, RecordError, StoredRecord};
 use super::store::{
     Counters, DEAD, META, META_BYTES, META_DEAD_BYTES, META_NEXT_DEAD, META_NEXT_KEY, META_RECORDS,
@@ -91,6 +92,8 @@ pub(super) struct Applied {
     /// One per maintenance request, in order.
     pub outcomes: Vec<Outcome>,
     pub evicted: u64,
+    /// What each destination whose records changed holds now.
+    pub queued: Vec<(std::net::SocketAddr, Queued)>,
 }
 
 /// Where a failed transaction stopped.
@@ -118,6 +121,8 @@ pub(super) struct Group<'a> {
     pub counters: Counters,
     pub dead_max_bytes: u64,
     pub now_ms: u64,
+    /// The `queued_by_destination` table has rows (as last committed).
+    pub destinations_queued: bool,
 }
 
 /// The tables of one write transaction, and what was done to them so far.
@@ -127,6 +132,8 @@ struct Tables<'t> {
     dead: Table<'t, u64, &'static [u8]>,
     counters: Counters,
     applied: Applied,
+    /// Records and bytes added and removed per original destination.
+    queued: Deltas,
     now_ms: u64,
 }
 
@@ -142,13 +149,14 @@ pub(super) fn write(db: &Database, group: &Group) -> Result<Applied, Failed> {
         // Explicit though it is the default: senders are acked on this commit (invariant 1),
         // and deletes ride in it, so a crash repeats at most one group's deliveries.
         txn.set_durability(Durability::Immediate)?;
-        let applied = {
+        let (mut applied, queued) = {
             let mut tables = Tables {
                 records: txn.open_table(RECORDS)?,
                 retries: txn.open_table(RETRIES)?,
                 dead: txn.open_table(DEAD)?,
                 counters: group.counters,
                 applied: Applied::default(),
+                queued: Deltas::default(),
                 now_ms: group.now_ms,
             };
             tables.add_appends(group.appends)?;
@@ -158,7 +166,15 @@ pub(super) fn write(db: &Database, group: &Group) -> Result<Applied, Failed> {
             }
             tables.evict_dead_letters(group.dead_max_bytes)?;
             tables.applied.counters = Some(tables.counters);
-            tables.applied
+            (tables.applied, tables.queued)
+        };
+        // Once no record is left, nothing is queued for any destination: the table is
+        // cleared, which also heals a count a damaged value's removal could not take back.
+        let spool_empty = applied.counters.is_some_and(|c| c.records == 0);
+        applied.queued = if spool_empty && group.destinations_queued {
+            Deltas::clear(&txn)?
+        } else {
+            queued.write(&txn)?
         };
         if let Some(counters) = applied.counters {
             let mut meta = txn.open_table(META)?;
@@ -185,6 +201,7 @@ impl Tables<'_> {
     fn insert_record(&mut self, value: &[u8]) -> TxResult<u64> {
         let key = self.counters.next_key;
         self.records.insert(key, value)?;
+        self.queued.count_value(value, true);
         self.counters.next_key += 1;
         self.counters.records += 1;
         self.counters.bytes += value.len() as u64;
@@ -197,6 +214,7 @@ impl Tables<'_> {
             Some(guard) => guard.value().to_vec(),
             None => return Ok(None),
         };
+        self.queued.count_value(&old, false);
         self.forget_record(key, old.len() as u64)?;
         Ok(Some(old))
     }
@@ -204,7 +222,11 @@ impl Tables<'_> {
     /// Delete a record after its ack: only its length is needed, not a copy of its bytes.
     fn delete_record(&mut self, key: u64) -> TxResult<()> {
         let len = match self.records.remove(key)? {
-            Some(guard) => guard.value().len() as u64,
+            Some(guard) => {
+                // Header bytes only: the destination sits right after the version and signal.
+                self.queued.count_value(guard.value(), false);
+                guard.value().len() as u64
+            }
             None => return Ok(()),
         };
         self.forget_record(key, len)
@@ -266,6 +288,9 @@ impl Tables<'_> {
         let mut slot = self.records.insert_reserve(key, len)?;
         record::write_record(slot.as_mut(), &record.head(), &parts);
         drop(slot);
+        if let Some(destination) = record.destination {
+            self.queued.count(destination, len as u64, true);
+        }
         self.counters.next_key += 1;
         self.counters.records += 1;
         self.counters.bytes += len as u64;

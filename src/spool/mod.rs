@@ -23,6 +23,7 @@ mod error;
 pub(crate) mod fault;
 mod fresh;
 mod group;
+mod queued;
 mod read;
 mod reader;
 pub mod record;
@@ -46,6 +47,7 @@ use tokio::sync::{oneshot, watch};
 
 pub use error::{is_disk_full, needs_reopen, SpoolError};
 pub use group::MERGE_LIMIT;
+pub use queued::Queued;
 pub use reader::SpoolReader;
 pub use record::{DeadKind, DeadLetter, Entries, RecordError, StoredRecord};
 pub use writer::LAZY_FLUSH;
@@ -120,6 +122,8 @@ pub(crate) struct Shared {
     committed: watch::Sender<u64>,
     /// Records just committed, for the dispatcher to send without reading them back.
     fresh: Fresh,
+    /// Records and bytes queued per original destination, as last committed.
+    queued: queued::QueuedByDestination,
 }
 
 /// Handle to the spool: cheap to clone, usable from any task or thread.
@@ -199,8 +203,11 @@ impl Spool {
     fn open_with(config: &SpoolConfig, opener: Opener) -> Result<(Spool, SpoolWriter), SpoolError> {
         let cache_bytes = usize::try_from(config.cache_bytes.0).unwrap_or(usize::MAX);
         let store = Store::open(&config.path, cache_bytes, opener)?;
-        let counters = match store.current() {
-            Some((db, _)) => Counters::read(db.as_ref())?,
+        let (counters, queued_now) = match store.current() {
+            Some((db, _)) => {
+                let counters = Counters::read(db.as_ref())?;
+                (counters, queued::load(db.as_ref(), counters.records)?)
+            }
             None => return Err(SpoolError::Unavailable),
         };
         let reserve = DiskReserve::for_spool(&config.path, config.group_commit_bytes.0);
@@ -220,7 +227,9 @@ impl Spool {
             last_commit_micros: AtomicU64::new(0),
             committed,
             fresh: Fresh::default(),
+            queued: queued::QueuedByDestination::default(),
         });
+        shared.queued.replace(queued_now);
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             shared: shared.clone(),
@@ -518,10 +527,19 @@ impl Spool {
         self.with_read(read::keys)
     }
 
-    /// The distinct original destinations of queued records (a scan of every record's header;
-    /// route "original" at start-up).
-    pub fn destinations(&self) -> Result<Vec<SocketAddr>, SpoolError> {
-        self.with_read(read::destinations)
+    /// The original destinations that queued records carry (route "original" starts their
+    /// pipelines at start-up).
+    pub fn destinations(&self) -> Vec<SocketAddr> {
+        self.queued_by_destination()
+            .into_iter()
+            .map(|(destination, _)| destination)
+            .collect()
+    }
+
+    /// Records and stored bytes queued per original destination, as last committed (records
+    /// without one are not in it).
+    pub fn queued_by_destination(&self) -> Vec<(SocketAddr, Queued)> {
+        self.shared.queued.snapshot()
     }
 
     /// Commit every pending delete, note and dead letter durably, and wait for it.

@@ -95,16 +95,3 @@ pub(super) fn keys(txn: &ReadTransaction) -> Result<Vec<u64>, SpoolError> {
     }
     Ok(keys)
 }
-
-/// The distinct original destinations that queued records carry (headers only).
-pub(super) fn destinations(txn: &ReadTransaction) -> Result<Vec<std::net::SocketAddr>, SpoolError> {
-    let records = txn.open_table(RECORDS).map_err(SpoolError::read)?;
-    let mut found = std::collections::BTreeSet::new();
-    for item in records.iter().map_err(SpoolError::read)? {
-        let (_, value) = item.map_err(SpoolError::read)?;
-        if let Some(destination) = record::destination_of(value.value()) {
-            found.insert(destination);
-        }
-    }
-    Ok(found.into_iter().collect())
-}

@@ -179,6 +179,8 @@ impl Store {
             txn.open_table(RETRIES).map_err(|e| open_err(e.into()))?;
             txn.open_table(META).map_err(|e| open_err(e.into()))?;
             txn.open_table(DEAD).map_err(|e| open_err(e.into()))?;
+            txn.open_table(super::queued::QUEUED)
+                .map_err(|e| open_err(e.into()))?;
         }
         txn.commit().map_err(|e| open_err(e.into()))?;
         Ok(db)

@@ -3,6 +3,7 @@
 //! a failed commit, damaged records, and a dying writer. Disk errors come from
 //! [`super::fault`], which fails the real backend's calls with a real errno.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -360,5 +361,94 @@ async fn a_delete_with_no_ingest_is_durable_after_the_lazy_flush_commit() {
         "the acked record is gone from the file, the other stays"
     );
     drop(reader);
+    stop(writer).await;
+}
+
+/// What is queued per destination follows every way a record comes and goes, and is read back
+/// from the file after a restart (route "original" starts its pipelines from it).
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_by_destination_follows_appends_splits_deletes_and_dead_letters_across_restarts() {
+    use super::testing::append_to;
+    let dir = tempfile::tempdir().unwrap();
+    let a: SocketAddr = "192.0.2.1:24224".parse().unwrap();
+    let b: SocketAddr = "[2001:db8::2]:24224".parse().unwrap();
+    let (spool, writer) = Spool::open(&config(&dir)).unwrap();
+    let three = [entry(1), entry(2), entry(3)].concat();
+    let split_me = append_to(&spool, Some(a), "t", &three, 3).await.unwrap();
+    let delete_me = append_to(&spool, Some(a), "u", &entry(4), 1).await.unwrap();
+    let dead = append_to(&spool, Some(b), "t", &entry(5), 1).await.unwrap();
+    append(&spool, "direct", &entry(6), 1).await.unwrap();
+    let stored = |key: u64| read_all(&spool).records.into_iter().find(|r| r.key == key);
+    let len_of = |key: u64| stored(key).unwrap().stored_len();
+    let (delete_len, dead_len) = (len_of(delete_me), len_of(dead));
+    let records_of = |spool: &Spool| {
+        spool
+            .queued_by_destination()
+            .into_iter()
+            .map(|(d, q)| (d, q.records))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(records_of(&spool), vec![(a, 2), (b, 1)]);
+
+    let parts = vec![
+        (1, Bytes::from(entry(1))),
+        (2, Bytes::from([entry(2), entry(3)].concat())),
+    ];
+    let keys = timeout(WAIT, spool.split(split_me, parts))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    spool.delete(delete_me, delete_len);
+    spool.dead_letter(dead, dead_len, "test".into(), "unit".into());
+    spool.flush().await.unwrap();
+    // The split's parts kept the destination; the deleted and dead-lettered records are gone.
+    assert_eq!(records_of(&spool), vec![(a, 2)]);
+    let bytes: u64 = keys.iter().map(|&k| len_of(k)).sum();
+    assert_eq!(spool.queued_by_destination()[0].1.bytes, bytes);
+    stop(writer).await;
+
+    let (spool, writer) = Spool::open(&config(&dir)).unwrap();
+    assert_eq!(records_of(&spool), vec![(a, 2)]);
+    assert_eq!(spool.destinations(), vec![a]);
+    // A dead letter put back is queued for its destination again.
+    let letter = spool.dead_letters(1, 10).unwrap().remove(0);
+    let requeued = timeout(WAIT, spool.requeue_dead(letter.id))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(requeued.is_some());
+    assert_eq!(records_of(&spool), vec![(a, 2), (b, 1)]);
+    stop(writer).await;
+}
+
+/// A damaged value's destination cannot be read when it is removed, so its count stays; once
+/// the spool is empty the table is cleared, and nothing is reported queued any more.
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_by_destination_is_cleared_when_the_spool_empties_after_a_damaged_value() {
+    use super::testing::append_to;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&dir);
+    let a: SocketAddr = "192.0.2.1:24224".parse().unwrap();
+    let (spool, writer) = Spool::open(&config).unwrap();
+    let damaged = append_to(&spool, Some(a), "t", &entry(1), 1).await.unwrap();
+    let kept = append_to(&spool, Some(a), "t", &entry(2), 1).await.unwrap();
+    stop(writer).await;
+    overwrite_record(&config.path, damaged, b"\x7f\x00garbage");
+
+    let (spool, writer) = Spool::open(&config).unwrap();
+    assert_eq!(spool.queued_by_destination()[0].1.records, 2);
+    spool.dead_letter(damaged, 9, "damaged".into(), "unit".into());
+    spool.flush().await.unwrap();
+    // Still counted: the removal could not tell whose it was.
+    assert_eq!(spool.queued_by_destination()[0].1.records, 2);
+    let kept_len = read_all(&spool).records[0].stored_len();
+    spool.delete(kept, kept_len);
+    spool.flush().await.unwrap();
+    assert_eq!(spool.queued_by_destination(), vec![]);
+    stop(writer).await;
+    let (spool, writer) = Spool::open(&config).unwrap();
+    assert_eq!(spool.queued_by_destination(), vec![]);
     stop(writer).await;
 }

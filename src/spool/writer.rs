@@ -403,6 +403,7 @@ impl Writer {
                 counters: self.counters,
                 dead_max_bytes: self.dead_max_bytes,
                 now_ms: now_ms(),
+                destinations_queued: !self.shared.queued.is_empty(),
             },
         );
         // The handle must be gone before a reopen: redb locks the file per handle.
@@ -451,6 +452,7 @@ impl Writer {
         shared.budget.committed(reserved, applied.append_bytes);
         // Before the dispatcher hears of the commit: it takes these instead of reading redb.
         shared.fresh.publish(applied.fresh);
+        shared.queued.update(applied.queued);
         if self.counters.next_key > 1 {
             shared.committed.send_replace(self.counters.next_key - 1);
         }
@@ -573,16 +575,17 @@ impl Writer {
         drop(self.shared.store.close());
         let mut delay = REOPEN_FIRST_DELAY;
         for attempt in 1..=REOPEN_TRIES {
-            let opened = self
-                .shared
-                .store
-                .open_database()
-                .and_then(|db| Counters::read(&db).map(|counters| (db, counters)));
+            let opened = self.shared.store.open_database().and_then(|db| {
+                let counters = Counters::read(&db)?;
+                let queued = super::queued::load(&db, counters.records)?;
+                Ok((db, counters, queued))
+            });
             match opened {
-                Ok((mut db, counters)) => {
+                Ok((mut db, counters, queued)) => {
                     if compact {
                         self.compact(&mut db);
                     }
+                    self.shared.queued.replace(queued);
                     self.adopt(db, counters);
                     tracing::warn!(path = %self.shared.store.path().display(), why, attempt, "spool reopened");
                     return;

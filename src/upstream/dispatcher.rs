@@ -542,6 +542,8 @@ pub struct Sent {
     pub stored_len: u64,
     /// Entry bytes sent, for the window's byte bound.
     pub entries_len: usize,
+    /// Where its sender was going (transparent mode), for the per-destination counts.
+    pub destination: Option<SocketAddr>,
 }
 
 impl Sent {
@@ -552,6 +554,7 @@ impl Sent {
             attempts: record.attempts,
             stored_len: record.stored_len(),
             entries_len: record.entries.len(),
+            destination: record.destination,
         }
     }
 }

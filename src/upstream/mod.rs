@@ -78,7 +78,10 @@ pub fn start(
     } else {
         Route::All
     };
-    let (dispatcher, balancer) = start_pipeline(&ctx, &config.nodes, route, true)?;
+    // Damaged values are dead-lettered by a dispatcher that nodes take from: the router's
+    // first pipeline when there are no configured nodes.
+    let owns_damaged = !original || !config.nodes.is_empty();
+    let (dispatcher, balancer) = start_pipeline(&ctx, &config.nodes, route, owns_damaged)?;
     let router = original.then(|| Arc::new(router::Router::new(ctx.clone())));
     // Nodes a router starts later are tracked too: `wait` ends once those are done as well.
     ctx.tracker.close();

@@ -515,6 +515,10 @@ impl<'a, L: Link> Session<'a, L> {
                 m.events_out
                     .get_or_create(&node)
                     .inc_by(done.record.events as u64);
+                if let Some(destination) = done.record.destination {
+                    m.destinations
+                        .delivered(destination, done.record.events as u64);
+                }
                 m.in_flight
                     .get_or_create(&node)
                     .set(self.in_flight.len() as i64);

@@ -5,7 +5,8 @@
 //! settings, and the node's tasks: a blackholed aggregator holds back only its own records.
 //!
 //! Must not: create more than `upstream.max_destinations` pipelines, or a second owner of
-//! damaged values (the configured pipeline owns them).
+//! damaged values (the configured pipeline owns them; with no `[[upstream.nodes]]`, the first
+//! pipeline created here does).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -69,11 +70,14 @@ impl Router {
             reason,
         };
         let node = NodeConfig::at(&destination.to_string()).map_err(setup)?;
+        // With no [[upstream.nodes]], the configured pipeline has no node to read the spool,
+        // so the first destination's pipeline dead-letters damaged values in its place.
+        let owns_damaged = self.ctx.config.nodes.is_empty() && pipelines.is_empty();
         let (dispatcher, balancer) = start_pipeline(
             &self.ctx,
             std::slice::from_ref(&node),
             Route::To(destination),
-            false,
+            owns_damaged,
         )
         .map_err(|e| setup(e.to_string()))?;
         info!(%destination, pipelines = pipelines.len() + 1, "route original: new upstream node for an original destination");
@@ -87,27 +91,19 @@ impl Router {
         Ok(())
     }
 
-    /// Start the pipelines of destinations that records in the spool carry (after a restart),
-    /// reading the spool in the background.
-    pub fn discover(self: &Arc<Self>) {
-        let router = self.clone();
-        let spool = self.ctx.spool.clone();
-        self.ctx.tracker.spawn(async move {
-            let found = tokio::task::spawn_blocking(move || spool.destinations()).await;
-            match found {
-                Ok(Ok(destinations)) => {
-                    for destination in destinations {
-                        if let Err(e) = router.ensure(destination) {
-                            warn!(%destination, error = %e, "records in the spool for an original destination that gets no node");
-                        }
-                    }
-                }
-                Ok(Err(e)) => {
-                    warn!(error = %e, "cannot read the spool's original destinations; they get their nodes when senders connect")
-                }
-                Err(e) => warn!(error = %e, "spool scan task failed"),
+    /// Start the pipelines of destinations that records in the spool carry (after a restart).
+    pub fn discover(&self) {
+        let queued = self.ctx.spool.queued_by_destination();
+        for (destination, _) in &queued {
+            if let Err(e) = self.ensure(*destination) {
+                warn!(%destination, error = %e, "records in the spool for an original destination that gets no node: they stay queued");
             }
-        });
+        }
+        let directed: u64 = queued.iter().map(|(_, q)| q.records).sum();
+        let undirected = self.ctx.spool.stats().records.saturating_sub(directed);
+        if undirected > 0 && self.ctx.config.nodes.is_empty() {
+            warn!(records = undirected, "records in the spool have no original destination (direct connections, or written before route = \"original\") and [[upstream.nodes]] is empty: they stay queued until a node is configured");
+        }
     }
 
     /// Every pipeline, by destination.

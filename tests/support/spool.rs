@@ -2,7 +2,7 @@
 //! as a crash left it, for the restart): its records, the chunk id of every harness event in
 //! them, its dead letters, and whether it opens cleanly at all.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::ledger::ids_of_entries;
@@ -66,4 +66,85 @@ fn read_snapshot(spool: &ackgate::spool::Spool, file_bytes: u64) -> Result<Spool
         }
     }
     Ok(snap)
+}
+
+/// How the middle record is damaged.
+#[derive(Debug, Clone, Copy)]
+pub enum Damage {
+    /// Its first byte says a layout version no build knows yet (the rest is intact).
+    FutureVersion,
+    /// Replaced by 9 bytes of garbage: shorter than any record header.
+    GarbageCutShort,
+}
+
+impl Damage {
+    pub fn apply(self, original: &[u8]) -> Vec<u8> {
+        match self {
+            Damage::FutureVersion => {
+                let mut value = original.to_vec();
+                value[0] = 0x7f;
+                value
+            }
+            Damage::GarbageCutShort => b"\x01\xde\xad\xbe\xef\x00\xff\x13\x37".to_vec(),
+        }
+    }
+}
+
+/// The record the test damaged.
+pub struct Damaged {
+    pub key: u64,
+    pub records: usize,
+    /// Harness events it held.
+    pub events: HashSet<u64>,
+    /// The bytes now stored under its key.
+    pub value: Vec<u8>,
+}
+
+pub const RECORDS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("records");
+const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+
+/// Overwrite the value of the middle record of a stopped spool (layout: `src/spool.rs`,
+/// `src/spool/record.rs`). The `bytes` counter is kept in step, so that the damaged value is
+/// the only thing wrong with the file.
+pub fn damage_middle_record(spool: &Path, damage: Damage) -> Damaged {
+    use redb::ReadableTable;
+    let db = redb::Database::open(spool).expect("open the stopped spool");
+    let txn = db.begin_write().expect("write transaction");
+    let damaged = {
+        let mut records = txn.open_table(RECORDS).expect("records table");
+        let keys: Vec<u64> = records
+            .iter()
+            .expect("iterate records")
+            .map(|item| item.expect("record").0.value())
+            .collect();
+        let key = keys[keys.len() / 2];
+        let original = records
+            .get(key)
+            .expect("get")
+            .expect("middle record")
+            .value()
+            .to_vec();
+        let stored = ackgate::spool::record::decode_record(key, &original).expect("decodes before");
+        let value = damage.apply(&original);
+        records.insert(key, value.as_slice()).expect("overwrite");
+        let mut meta = txn.open_table(META).expect("meta table");
+        let bytes = meta
+            .get("bytes")
+            .expect("get")
+            .map(|g| g.value())
+            .unwrap_or(0);
+        let bytes = (bytes + value.len() as u64).saturating_sub(original.len() as u64);
+        meta.insert("bytes", bytes).expect("update bytes");
+        Damaged {
+            key,
+            records: keys.len(),
+            events: ids_of_entries(&stored.entries.to_bytes())
+                .0
+                .into_iter()
+                .collect(),
+            value,
+        }
+    };
+    txn.commit().expect("commit the damage");
+    damaged
 }

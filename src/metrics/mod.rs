@@ -17,10 +17,11 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// Label set with one label, e.g. `node="agg-1"` or `reason="malformed_msgpack"`.
-type Labels = Vec<(&'static str, String)>;
+mod destinations;
 
-/// Original destinations with a metric label of their own (transparent mode).
-pub const MAX_DESTINATION_LABELS: usize = 256;
+pub use destinations::{DestinationCounts, DestinationMetrics, MAX_DESTINATION_LABELS};
+
+type Labels = Vec<(&'static str, String)>;
 
 /// Every metric ackgate exports.
 pub struct Metrics {
@@ -33,10 +34,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     pub connections_total: Counter,
     pub rejected: Family<Labels, Counter>,
-    /// Transparent mode: redirected connections and their committed events, by original
-    /// destination (at most [`MAX_DESTINATION_LABELS`] labels, then "other").
-    pub destination_connections: Family<Labels, Counter>,
-    pub destination_events_in: Family<Labels, Counter>,
+    /// Transparent mode: per original destination.
+    pub destinations: DestinationMetrics,
     pub events_out: Family<Labels, Counter>,
     pub bytes_out: Family<Labels, Counter>,
     pub chunks_acked: Family<Labels, Counter>,
@@ -63,8 +62,6 @@ pub struct Metrics {
     spool_commits: Counter,
     /// Every `reason` label `rejected` has been counted with, for the admin API.
     rejected_reasons: Mutex<BTreeSet<String>>,
-    /// Every `destination` label of the per-destination families, for the admin API.
-    destinations: Mutex<BTreeSet<String>>,
 }
 
 /// Factor √2 from 100 µs to ~4.6 min: fine enough to say where an ack's time goes.
@@ -95,8 +92,7 @@ impl Metrics {
             connections_open: Gauge::default(),
             connections_total: Counter::default(),
             rejected: Family::default(),
-            destination_connections: Family::default(),
-            destination_events_in: Family::default(),
+            destinations: DestinationMetrics::default(),
             events_out: Family::default(),
             bytes_out: Family::default(),
             chunks_acked: Family::default(),
@@ -119,7 +115,6 @@ impl Metrics {
             spool_dead_letter_bytes: Gauge::default(),
             spool_commits: Counter::default(),
             rejected_reasons: Mutex::new(BTreeSet::new()),
-            destinations: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
         };
         m.register_ingress(&mut registry);
@@ -169,16 +164,7 @@ impl Metrics {
             "Sender connections closed for invalid input, by reason",
             self.rejected.clone(),
         );
-        r.register(
-            "destination_connections",
-            "Redirected sender connections accepted (ingress.transparent), by original destination",
-            self.destination_connections.clone(),
-        );
-        r.register(
-            "destination_events_in",
-            "Events committed from redirected connections, by original destination",
-            self.destination_events_in.clone(),
-        );
+        self.destinations.register(r);
     }
 
     fn register_upstream(&self, r: &mut Registry) {
@@ -311,43 +297,6 @@ impl Metrics {
         }
     }
 
-    /// Count a redirected connection to `destination`; the counter its committed events go
-    /// to. The first [`MAX_DESTINATION_LABELS`] destinations get a label of their own, the
-    /// rest share "other", so a sender scanning addresses cannot grow the metrics without bound.
-    pub fn destination_connection(&self, destination: std::net::SocketAddr) -> Counter {
-        let destination = crate::middlebox::canonical_addr(destination).to_string();
-        let mut seen = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
-        let shown = if seen.contains(&destination) || seen.len() < MAX_DESTINATION_LABELS {
-            seen.insert(destination.clone());
-            destination
-        } else {
-            seen.insert("other".to_string());
-            "other".to_string()
-        };
-        drop(seen);
-        let name = label("destination", &shown);
-        self.destination_connections.get_or_create(&name).inc();
-        self.destination_events_in.get_or_create(&name).clone()
-    }
-
-    /// Every original destination seen so far: (label, connections, events committed).
-    pub fn destination_counts(&self) -> Vec<(String, u64, u64)> {
-        let destinations = self
-            .destinations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        destinations
-            .into_iter()
-            .map(|d| {
-                let name = label("destination", &d);
-                let connections = self.destination_connections.get_or_create(&name).get();
-                let events = self.destination_events_in.get_or_create(&name).get();
-                (d, connections, events)
-            })
-            .collect()
-    }
-
     /// Every rejection reason seen so far, with its count.
     pub fn rejections(&self) -> Vec<(String, u64)> {
         let reasons = self
@@ -389,34 +338,4 @@ pub fn label(name: &'static str, value: &str) -> Labels {
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn destination_labels_are_bounded_and_ipv4_mapped_addresses_are_shown_as_ipv4() {
-        let m = Metrics::new();
-        let first: std::net::SocketAddr = "[::ffff:192.0.2.1]:24224".parse().unwrap();
-        m.destination_connection(first).inc_by(3);
-        for port in 0..(MAX_DESTINATION_LABELS as u16 + 10) {
-            m.destination_connection(std::net::SocketAddr::new(
-                "198.51.100.1".parse().unwrap(),
-                port,
-            ));
-        }
-        m.destination_connection("203.0.113.9:24224".parse().unwrap());
-        // One already labelled keeps its label.
-        m.destination_connection("192.0.2.1:24224".parse().unwrap());
-        let counts = m.destination_counts();
-        assert_eq!(counts.len(), MAX_DESTINATION_LABELS + 1);
-        assert!(
-            counts.contains(&("192.0.2.1:24224".to_string(), 2, 3)),
-            "{counts:?}"
-        );
-        let other = counts.iter().find(|(d, _, _)| d == "other").unwrap();
-        // 266 ports: 255 fit beside the first destination, 11 do not; plus 203.0.113.9.
-        assert_eq!(other.1, 12, "{counts:?}");
-    }
 }
