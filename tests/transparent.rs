@@ -26,7 +26,13 @@
 //!   each with its own ackgate, spool and same-host rule, in front of two aggregators weighted
 //!   60/40; the one every sender addresses is SIGKILLed under load at a random moment and
 //!   comes back 2 s later: nothing is lost (a chunk it wrote out but did not ack may come
-//!   twice; the count is printed).
+//!   twice; the count is printed);
+//! - `route_original_sends_…`: `upstream.route = "original"`, no `[[upstream.nodes]]`: two
+//!   sender hosts each reach the aggregator they addressed, and the seed's blackhole on one
+//!   path holds back only that path's events;
+//! - `route_original_finds_…`: records queued for a dead aggregator, kill -9, a record damaged
+//!   in the file, restart: the records find their node from the spool alone, the damaged one
+//!   becomes a dead letter, and nothing is reported queued once the spool is empty.
 //!
 //! Needs root, `ip` and `iptables`; elsewhere it skips with the reason on stderr.
 
@@ -689,6 +695,34 @@ fn same_host_ipv6_redirect_reads_the_ipv6_original_destination() {
     seen.with(|s| assert_eq!(s.duplicated_of(&all), 0, "events delivered twice"));
 }
 
+/// On the star's router: connections arriving on `sender_if` for the aggregator port go to
+/// ackgate's `port` (PREROUTING REDIRECT; the namespaces go with the star).
+fn redirect_at_router(star: &Star, sender_if: &str, port: u16) {
+    let (port, agg_port) = (port.to_string(), AGG_PORT.to_string());
+    let rule = [
+        "ip",
+        "netns",
+        "exec",
+        &star.core,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-i",
+        sender_if,
+        "-p",
+        "tcp",
+        "--dport",
+        &agg_port,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &port,
+    ];
+    run_command(&rule).expect("PREROUTING rule");
+}
+
 /// Route "original" on a gateway: two sender hosts address two different aggregators through
 /// the router where ackgate runs (PREROUTING REDIRECT, no `[[upstream.nodes]]`); each event
 /// reaches the aggregator its sender addressed, and the seed's blackhole in front of one
@@ -719,31 +753,9 @@ fn route_original_sends_each_sender_to_its_aggregator_and_a_blackhole_holds_back
                 "route = \"original\"\nnodes = []\nack_timeout = \"2s\"",
             ),
     );
-    let port = gate.addr().port().to_string();
     let agg_port = AGG_PORT.to_string();
     for sender_if in ["l0", "l1"] {
-        let rule = [
-            "ip",
-            "netns",
-            "exec",
-            &star.core,
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-i",
-            sender_if,
-            "-p",
-            "tcp",
-            "--dport",
-            &agg_port,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port,
-        ];
-        run_command(&rule).expect("PREROUTING rule");
+        redirect_at_router(&star, sender_if, gate.addr().port());
     }
     // The seed's blackhole in front of A: SYN passes, data is dropped.
     let drop_data = [
@@ -866,29 +878,7 @@ fn route_original_finds_the_destinations_of_queued_records_after_a_restart() {
         "listen = \"0.0.0.0:0\"",
         &format!("listen = \"0.0.0.0:{port}\""),
     );
-    let (port, agg_port) = (port.to_string(), AGG_PORT.to_string());
-    let rule = [
-        "ip",
-        "netns",
-        "exec",
-        &star.core,
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-i",
-        "l0",
-        "-p",
-        "tcp",
-        "--dport",
-        &agg_port,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &port,
-    ];
-    run_command(&rule).expect("PREROUTING rule");
+    redirect_at_router(&star, "l0", port);
     let ids = Ids::default();
     let sent = ids.take(EVENTS_PER_REQUEST * 5);
     let chunks: Vec<Vec<u64>> = sent
