@@ -6,7 +6,8 @@
 //! creates and deletes, real iptables rules in this host's nat OUTPUT chain that match only
 //! that namespace's address (and are deleted on drop). Each test checks:
 //! - `same_host_…`: a legacy v0.10 sender (no ack) and an acking sender, both addressing the
-//!   aggregator, reach it through ackgate exactly once; the acking sender's ack comes from
+//!   aggregator, reach it through ackgate exactly once and intact (the receiver counts only
+//!   events whose time and fields are as built); the acking sender's ack comes from
 //!   ackgate after the commit (the aggregator is down when it is asked: killed once everything
 //!   before was acked, so no chunk of it can come twice); UDP heartbeats to the
 //!   aggregator's address are answered from that address by ackgate listening on 0.0.0.0

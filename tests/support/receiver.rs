@@ -155,6 +155,19 @@ impl Drop for ReceiveProc {
     }
 }
 
+/// Whether a line is an [`super::ledger::event`] as built: its time, and a record of exactly
+/// `id` and a `pad` of only "x". An event altered on the way (a byte changed, cut, merged with
+/// another) is counted as a bad line, so its id is missing, never seen.
+fn is_intact_event(line: &serde_json::Value) -> bool {
+    let record = &line["record"];
+    line["time"].as_u64() == Some(u64::from(super::requests::TS))
+        && record.as_object().is_some_and(|fields| fields.len() == 2)
+        && record["id"].is_u64()
+        && record["pad"]
+            .as_str()
+            .is_some_and(|pad| pad.bytes().all(|b| b == b'x'))
+}
+
 /// Count the receiver's JSON lines (one event per request: its output has no chunk ids).
 fn count_output(stdout: impl std::io::Read, seen: &Seen) {
     let mut reader = BufReader::new(stdout);
@@ -167,6 +180,7 @@ fn count_output(stdout: impl std::io::Read, seen: &Seen) {
         }
         let id = serde_json::from_str::<serde_json::Value>(line.trim_end())
             .ok()
+            .filter(is_intact_event)
             .and_then(|v| v["record"]["id"].as_u64());
         match id {
             Some(id) if line.ends_with('\n') => seen.add_request(None, &[id], 0),
