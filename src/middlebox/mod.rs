@@ -19,7 +19,9 @@ use socket2::SockRef;
 
 /// Where a redirected connection was going, or `None` when it came to ackgate directly: no
 /// conntrack NAT entry (`ENOENT`, also when conntrack is not loaded) or an original
-/// destination that is the listener's own address.
+/// destination that is the listener's own address. Canonical ([`canonical_addr`]: no IPv6
+/// flow info or scope, v4-mapped as IPv4), as the spool stores it, so that a destination read
+/// here and one read back from a record are equal.
 pub fn original_destination<'a>(
     socket: impl Into<SockRef<'a>>,
     local: SocketAddr,
@@ -36,7 +38,9 @@ pub fn original_destination<'a>(
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
         Err(e) => return Err(e),
     };
-    Ok(original.filter(|address| !same_endpoint(*address, local)))
+    Ok(original
+        .map(canonical_addr)
+        .filter(|address| !same_endpoint(*address, local)))
 }
 
 fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
@@ -120,7 +124,8 @@ fn is_local(ip: IpAddr) -> bool {
     ip.is_loopback() || UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
-/// `address` with a v4-mapped IPv6 address as the IPv4 address it maps.
+/// `address` with a v4-mapped IPv6 address as the IPv4 address it maps, and no IPv6 flow info
+/// or scope id (`SocketAddr::new` sets them to 0).
 pub fn canonical_addr(address: SocketAddr) -> SocketAddr {
     SocketAddr::new(address.ip().to_canonical(), address.port())
 }

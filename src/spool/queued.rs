@@ -42,8 +42,6 @@ impl Deltas {
 
     pub(super) fn count(&mut self, destination: SocketAddr, len: u64, added: bool) {
         let sign = if added { 1 } else { -1 };
-        // As the record layout stores it: no IPv6 flow info or scope.
-        let destination = SocketAddr::new(destination.ip(), destination.port());
         let entry = self.0.entry(destination).or_default();
         entry.0 += sign;
         entry.1 += sign * i64::try_from(len).unwrap_or(i64::MAX);
