@@ -527,15 +527,6 @@ impl Spool {
         self.with_read(read::keys)
     }
 
-    /// The original destinations that queued records carry (route "original" starts their
-    /// pipelines at start-up).
-    pub fn destinations(&self) -> Vec<SocketAddr> {
-        self.queued_by_destination()
-            .into_iter()
-            .map(|(destination, _)| destination)
-            .collect()
-    }
-
     /// Records and stored bytes queued per original destination, as last committed (records
     /// without one are not in it).
     pub fn queued_by_destination(&self) -> Vec<(SocketAddr, Queued)> {
