@@ -44,22 +44,6 @@ fn destination_len(destination: SocketAddr) -> usize {
     }
 }
 
-fn encode_destination(destination: SocketAddr) -> Vec<u8> {
-    let mut out = Vec::with_capacity(destination_len(destination));
-    match destination.ip() {
-        IpAddr::V4(ip) => {
-            out.push(4);
-            out.extend_from_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            out.push(6);
-            out.extend_from_slice(&ip.octets());
-        }
-    }
-    out.extend_from_slice(&destination.port().to_le_bytes());
-    out
-}
-
 /// The destination at the start of `bytes`, and its length.
 fn decode_destination(bytes: &[u8]) -> Option<(SocketAddr, usize)> {
     let (ip, at): (IpAddr, usize) = match bytes.first()? {
@@ -235,7 +219,17 @@ pub fn write_record(out: &mut [u8], head: &RecordHead, entries: &[&[u8]]) {
         (signal, None) => put(&[SIGNAL_RECORD_VERSION, signal.code()]),
         (signal, Some(destination)) => {
             put(&[DESTINATION_RECORD_VERSION, signal.code()]);
-            put(&encode_destination(destination));
+            match destination.ip() {
+                IpAddr::V4(ip) => {
+                    put(&[4]);
+                    put(&ip.octets());
+                }
+                IpAddr::V6(ip) => {
+                    put(&[6]);
+                    put(&ip.octets());
+                }
+            }
+            put(&destination.port().to_le_bytes());
         }
     }
     put(head.chunk_id);
