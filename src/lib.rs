@@ -22,7 +22,10 @@
 //!   once, resend with the same chunk id: 3, 7), weighted choice and health.
 //! - [`admin`]: the operator's HTTP listener (metrics, health, the JSON API); reads state, and
 //!   acts only through the spool's and dispatcher's own calls.
+//! - [`relay`]: one process's relay: everything above started together and stopped in order.
 //! - [`supervise`]: core tasks that must not end while ackgate runs (9).
+//! - [`lifecycle`]: sockets that outlive the process reading them; reload, upgrade and the
+//!   service manager's protocols (10).
 //! - [`config`]: the TOML file, strict, every error naming its key.
 //! - [`metrics`]: metric names and their text; reads nothing, owns no socket.
 //! - [`middlebox`]: transparent mode's socket options (original destination, `SO_MARK`) and
@@ -40,8 +43,10 @@ pub mod console;
 pub mod forward;
 pub mod ingress;
 pub mod inspect;
+pub mod lifecycle;
 pub mod metrics;
 pub mod middlebox;
+pub mod relay;
 pub mod spool;
 pub mod supervise;
 pub mod tls;
