@@ -23,11 +23,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the relay.
+    /// Run the relay: a supervisor that holds the sockets, and the worker that serves them
+    /// (SIGHUP reloads the config, SIGUSR2 upgrades to the executable at the same path,
+    /// SIGTERM/SIGINT stop).
     Run {
         /// Path of the TOML configuration.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// The process `ackgate run` starts to serve the sockets it holds (not run by hand).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Started for an upgrade: prepare, then wait to be activated.
+        #[arg(long)]
+        standby: bool,
     },
     /// Validate a configuration and print the effective one (every default filled in).
     Check {
@@ -74,13 +85,10 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Run { config } => {
-            let config = match load_config(&config) {
-                Ok(config) => config,
-                Err(code) => return code,
-            };
-            init_logging(&config.log.level, config.log.format);
-            exit_with(runtime().and_then(|rt| rt.block_on(ackgate::relay::run(config))))
+            init_logging("info", LogFormat::Text);
+            ackgate::lifecycle::supervisor::run(vec!["--config".into(), config.into_os_string()])
         }
+        Command::Worker { config, standby } => run_worker(&config, standby),
         Command::Status { config: path, json } => {
             let config = match load_config(&path) {
                 Ok(config) => config,
@@ -159,6 +167,41 @@ fn main() -> ExitCode {
             }))
         }
     }
+}
+
+/// `ackgate worker`: take what the supervisor handed over (before any thread exists), read the
+/// config, and relay. A config that does not load is also told to the supervisor (STATUS=), so
+/// that a failed upgrade can say why.
+fn run_worker(path: &std::path::Path, standby: bool) -> ExitCode {
+    let mut inherited = match ackgate::lifecycle::worker::prepare_process() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ackgate::lifecycle::notify::status(&format!("config error: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config.log.level, config.log.format);
+    let Some(control) = inherited.supervisor.take() else {
+        return ExitCode::FAILURE;
+    };
+    exit_with(runtime().and_then(|rt| {
+        rt.block_on(async move {
+            let link = ackgate::lifecycle::link::start(control)?;
+            let result = ackgate::relay::run(config, inherited, link, standby).await;
+            if let Err(e) = &result {
+                ackgate::lifecycle::notify::status(&format!("error: {e:#}"));
+            }
+            result
+        })
+    }))
 }
 
 /// Load and validate a config; on error say why (the key and the problem) and fail.

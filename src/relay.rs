@@ -3,24 +3,34 @@
 //! which waits for a signal or for a core task's death (invariant 9) in between.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::admin::rates::Rates;
 use crate::admin::{AdminState, NodeAddress};
 use crate::config::Config;
 use crate::ingress::{self, IngressContext};
-use crate::spool::{Spool, SpoolWriter};
+use crate::lifecycle::link::{self, Feed, Request};
+use crate::lifecycle::{notify, sockets};
+use crate::spool::{Spool, SpoolError, SpoolWriter};
 use crate::{supervise, upstream};
 
-/// SIGTERM/SIGINT handlers, installed before anything is announced, so a signal that arrives
-/// right after the ready line is a graceful stop and not the default (fatal) action.
+/// The signals a worker handles, installed before anything is announced, so that a signal
+/// that arrives right after the ready line is handled and not the default (fatal) action.
 struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+/// What a signal asks of the relay.
+enum Asked {
+    Stop,
+    Reload,
 }
 
 impl Signals {
@@ -28,13 +38,14 @@ impl Signals {
         use tokio::signal::unix::{signal, SignalKind};
         let term = signal(SignalKind::terminate()).ok();
         let int = signal(SignalKind::interrupt()).ok();
-        if term.is_none() || int.is_none() {
+        let hup = signal(SignalKind::hangup()).ok();
+        if term.is_none() || int.is_none() || hup.is_none() {
             warn!("cannot install signal handlers; stop with SIGKILL");
         }
-        Signals { term, int }
+        Signals { term, int, hup }
     }
 
-    async fn wait(&mut self) {
+    async fn wait(&mut self) -> Asked {
         async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
             match signal {
                 Some(s) => {
@@ -44,73 +55,168 @@ impl Signals {
             }
         }
         tokio::select! {
-            _ = next(&mut self.term) => info!(signal = "SIGTERM", "shutting down"),
-            _ = next(&mut self.int) => info!(signal = "SIGINT", "shutting down"),
+            _ = next(&mut self.term) => { info!(signal = "SIGTERM", "shutting down"); Asked::Stop }
+            _ = next(&mut self.int) => { info!(signal = "SIGINT", "shutting down"); Asked::Stop }
+            _ = next(&mut self.hup) => Asked::Reload,
         }
     }
 }
 
+/// Wait for SIGTERM or SIGINT (the Forward tools' stop).
 pub async fn wait_for_signal() {
-    Signals::install().wait().await
-}
-
-/// Start spool, ingress and upstream; on SIGTERM/SIGINT stop accepting, let connections finish
-/// their pending commits and acks, give in-flight chunks `shutdown_grace` to be acked, then
-/// commit what the spool still holds and exit. If a core component dies first, exit with an
-/// error at once (invariant 9): a supervisor restarts ackgate, and the spool keeps everything.
-pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut signals = Signals::install();
-    let (watchdog, mut deaths) = supervise::watchdog();
-    let relay = Relay::start(&config, &watchdog).await?;
-    tokio::select! {
-        _ = signals.wait() => {}
-        reason = relay.writer.died() => return Err(core_died(reason)),
-        reason = deaths.next() => return Err(core_died(reason)),
-    }
-    relay.stop(&config).await
+    while let Asked::Reload = signals.wait().await {}
 }
 
-/// Everything `ackgate run` started, for the orderly stop.
+/// How a worker's run ends.
+enum Ending {
+    Stop,
+    Handover,
+}
+
+/// The worker: start spool, ingress and upstream (for an upgrade, first prepare and wait to be
+/// activated), say READY, and serve until a stop (SIGTERM/SIGINT, or the supervisor gone) or a
+/// handover. A stop reads every connection the supervisor still hands over until it is quiet
+/// at a request boundary (or `shutdown_grace` ends), gives in-flight chunks `shutdown_grace`,
+/// and commits what the spool holds; a handover parks every connection with nothing owed and
+/// leaves them to the next worker. If a core component dies, exit with an error at once
+/// (invariant 9): the supervisor starts a new worker, and nothing was released that was not
+/// stored.
+pub async fn run(
+    config: Config,
+    sockets: sockets::Inherited,
+    link: link::Link,
+    standby: bool,
+) -> anyhow::Result<()> {
+    let mut signals = Signals::install();
+    let link::Link {
+        connections,
+        mut requests,
+    } = link;
+    if standby {
+        prepare(&config)?;
+        notify::prepared();
+        wait_for_activation(&mut requests, &mut signals).await?;
+    }
+    let (watchdog, mut deaths) = supervise::watchdog();
+    let relay = Relay::start(&config, &watchdog, sockets, connections).await?;
+    notify::ready("relaying");
+    let ending = loop {
+        tokio::select! {
+            asked = signals.wait() => match asked {
+                Asked::Stop => break Ending::Stop,
+                Asked::Reload => warn!("SIGHUP: reloading the configuration is not available in this build"),
+            },
+            request = requests.recv() => match request {
+                Some(Request::Handover) => break Ending::Handover,
+                Some(Request::Notice(text)) => relay.notice(text),
+                Some(Request::Gone) | None => {
+                    warn!("the supervisor is gone: stopping");
+                    break Ending::Stop;
+                }
+                Some(other) => debug!(request = ?other, "request ignored while serving"),
+            },
+            reason = relay.writer.died() => return Err(core_died(reason)),
+            reason = deaths.next() => return Err(core_died(reason)),
+        }
+    };
+    match ending {
+        Ending::Stop => relay.stop(&config, &mut requests).await,
+        Ending::Handover => relay.handover(&config).await,
+    }
+}
+
+/// Check, before anything is taken over, what a new worker can check without the spool: the
+/// config loaded already; the TLS settings must load too.
+fn prepare(config: &Config) -> anyhow::Result<()> {
+    if let Some(tls) = &config.ingress.tls {
+        crate::tls::server_config(&crate::tls::ServerTlsSettings {
+            cert: tls.cert.clone(),
+            key: tls.key.clone(),
+            client_ca: tls.client_ca.clone(),
+        })
+        .context("ingress TLS")?;
+    }
+    upstream::check_tls(&config.upstream).context("upstream TLS")?;
+    info!("prepared to take over: waiting for the running worker to hand over");
+    Ok(())
+}
+
+async fn wait_for_activation(
+    requests: &mut tokio::sync::mpsc::UnboundedReceiver<Request>,
+    signals: &mut Signals,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            request = requests.recv() => match request {
+                Some(Request::Activate) => return Ok(()),
+                Some(Request::Gone) | None => anyhow::bail!("the supervisor went away before the handover"),
+                Some(_) => {}
+            },
+            asked = signals.wait() => {
+                if let Asked::Stop = asked {
+                    anyhow::bail!("stopped before the handover");
+                }
+            }
+        }
+    }
+}
+
+/// Everything a worker started, for the orderly stop or the handover.
 struct Relay {
     spool: Spool,
     writer: SpoolWriter,
-    /// Cancelled first: stop accepting, nodes drain their windows.
-    shutdown: CancellationToken,
+    ingress: Arc<IngressContext>,
+    /// Stop: connections read on until quiet at a boundary, no more credit for new ones.
+    ingress_stop: CancellationToken,
+    /// No more connections will come (the supervisor closed its listeners, or a handover).
+    closed: CancellationToken,
+    /// Nodes drain their windows and stop.
+    upstream_stop: CancellationToken,
     /// Cancelled last: the admin listener stays up so a drain can be watched.
     admin_stop: CancellationToken,
     accepting: Arc<std::sync::atomic::AtomicBool>,
-    accept: tokio::task::JoinHandle<()>,
+    accept: Option<tokio::task::JoinHandle<()>>,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
     connections: TaskTracker,
     nodes: TaskTracker,
     admin: Option<tokio::task::JoinHandle<()>>,
+    /// What the supervisor last told operators (an upgrade that failed).
+    notices: Arc<std::sync::Mutex<Option<String>>>,
 }
 
+/// How long a stop waits for the supervisor to say its accept queue is empty.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// How long a new worker waits for the spool that the previous one still holds.
+const SPOOL_IN_USE_WAIT: Duration = Duration::from_secs(30);
+/// How long a handover waits for connections to park (each one waits for its commits and
+/// writes its acks, with a deadline of its own).
+const PARK_WAIT: Duration = Duration::from_secs(30);
+
 impl Relay {
-    async fn start(config: &Config, watchdog: &supervise::Watchdog) -> anyhow::Result<Relay> {
-        let spool_config = config.spool.clone();
-        let (spool, writer) = tokio::task::spawn_blocking(move || Spool::open(&spool_config))
-            .await
-            .context("spool open task failed")??;
-        let stats = spool.stats();
-        info!(path = %config.spool.path.display(), records = stats.records, bytes = stats.bytes,
-            max_bytes = stats.max_bytes, "spool opened");
+    async fn start(
+        config: &Config,
+        watchdog: &supervise::Watchdog,
+        sockets: sockets::Inherited,
+        connections_in: tokio::sync::mpsc::UnboundedReceiver<Feed>,
+    ) -> anyhow::Result<Relay> {
         if let (Some(mark), Some(false)) = (
             config.upstream.socket_mark,
             crate::middlebox::has_net_admin(),
         ) {
             anyhow::bail!("upstream.socket_mark = {mark} needs CAP_NET_ADMIN, which this process does not have (systemd: AmbientCapabilities=CAP_NET_ADMIN)");
         }
-        let shutdown = CancellationToken::new();
-        let (listener, udp) = ingress::bind(&config.ingress)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.ingress.listen))?;
-        let local = listener.local_addr()?;
+        let (spool, writer) = open_spool(config).await?;
+        let ingress_sockets = sockets::ingress(&config.ingress, sockets.tcp, sockets.udp).await?;
+        let local = ingress_sockets.local;
+        let ingress_stop = CancellationToken::new();
+        let closed = CancellationToken::new();
+        let upstream_stop = CancellationToken::new();
         let upstream = upstream::start(
             &config.upstream,
             config.spool.max_age.map(|d| d.0),
             spool.clone(),
-            shutdown.clone(),
+            upstream_stop.clone(),
             watchdog,
         )
         .context("cannot set up upstream TLS")?;
@@ -121,37 +227,60 @@ impl Relay {
             .context("cannot set up ingress TLS")?;
         ingress_ctx.router = upstream.router.clone();
         ingress_ctx.default_nodes = !config.upstream.nodes.is_empty();
+        ingress_ctx.shutdown_grace = config.upstream.shutdown_grace.0;
+        ingress_ctx.peek = crate::ingress::peek_supported();
         let ctx = Arc::new(ingress_ctx);
         let connections = TaskTracker::new();
         let accept = spawn_core(
             watchdog,
-            "the accept loop",
-            &shutdown,
-            ingress::run_tcp(listener, ctx, shutdown.clone(), connections.clone()),
+            "the connection feed",
+            &closed,
+            ingress::run_handed(
+                connections_in,
+                ctx.clone(),
+                ingress_stop.clone(),
+                closed.clone(),
+                connections.clone(),
+            ),
         );
-        let heartbeat = udp.map(|socket| {
+        let heartbeat = ingress_sockets.udp.map(|socket| {
             spawn_core(
                 watchdog,
                 "the UDP heartbeat responder",
-                &shutdown,
-                ingress::run_udp_heartbeat(socket, spool.clone(), shutdown.clone()),
+                &closed,
+                ingress::run_udp_heartbeat(socket, spool.clone(), closed.clone()),
             )
         });
         let mut relay = Relay {
             spool,
             writer,
-            shutdown,
+            ingress: ctx,
+            ingress_stop,
+            closed,
+            upstream_stop,
             admin_stop: CancellationToken::new(),
             accepting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            accept,
+            accept: Some(accept),
             heartbeat,
             connections,
             nodes: upstream.tracker.clone(),
             admin: None,
+            notices: Arc::new(std::sync::Mutex::new(None)),
         };
-        relay.admin = relay.start_admin(config, &upstream, local).await?;
-        info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
+        let admin_listener = sockets::admin(config, sockets.admin).await?;
+        relay.admin = relay
+            .start_admin(config, &upstream, local, admin_listener)
+            .await?;
+        info!(listen = %local, nodes = config.upstream.nodes.len(),
+            crash_safe_reading = relay.ingress.peek, "ackgate ready");
         Ok(relay)
+    }
+
+    fn notice(&self, text: String) {
+        warn!(notice = %text, "from the supervisor");
+        if let Ok(mut last) = self.notices.lock() {
+            *last = Some(text);
+        }
     }
 
     /// The admin listener, when `[admin]` (or the old `[metrics]`) is set.
@@ -160,13 +289,11 @@ impl Relay {
         config: &Config,
         upstream: &upstream::Upstream,
         ingress_listen: std::net::SocketAddr,
+        listener: Option<tokio::net::TcpListener>,
     ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-        let Some(admin) = config.admin() else {
+        let (Some(admin), Some(listener)) = (config.admin(), listener) else {
             return Ok(None);
         };
-        let listener = tokio::net::TcpListener::bind(admin.listen)
-            .await
-            .with_context(|| format!("cannot listen on admin.listen {}", admin.listen))?;
         info!(listen = %listener.local_addr()?, "admin and metrics listening");
         if config.metrics.is_some() {
             warn!("[metrics] is the old name of [admin]: rename the section");
@@ -198,23 +325,36 @@ impl Relay {
         })))
     }
 
-    async fn stop(self, config: &Config) -> anyhow::Result<()> {
+    /// A stop: no more credit for new connections, every connection reads on until quiet at a
+    /// request boundary; connections the supervisor still hands over (its accept queue) are
+    /// served the same way until it says it is drained.
+    async fn stop(
+        mut self,
+        config: &Config,
+        requests: &mut tokio::sync::mpsc::UnboundedReceiver<Request>,
+    ) -> anyhow::Result<()> {
+        notify::stopping();
         self.accepting
             .store(false, std::sync::atomic::Ordering::Release);
-        self.shutdown.cancel();
-        let _ = self.accept.await;
-        if let Some(heartbeat) = self.heartbeat {
-            let _ = heartbeat.await;
+        self.ingress_stop.cancel();
+        self.upstream_stop.cancel();
+        let drained = async {
+            loop {
+                match requests.recv().await {
+                    Some(Request::Drained) | Some(Request::Gone) | None => return,
+                    Some(_) => {}
+                }
+            }
+        };
+        if tokio::time::timeout(DRAIN_WAIT, drained).await.is_err() {
+            warn!(waited = ?DRAIN_WAIT, "the supervisor did not say its accept queue was drained; stopping anyway");
         }
+        self.close_ingress().await;
         self.connections.close();
-        // Connections finish their pending commits and acks. If the spool cannot commit (disk
-        // full), stop waiting after shutdown_grace: those requests were never acked, and their
-        // senders resend them.
-        let grace = config
-            .upstream
-            .shutdown_grace
-            .0
-            .max(std::time::Duration::from_secs(5));
+        // Connections read until quiet, then finish their pending commits and acks. If the
+        // spool cannot commit (disk full), stop waiting: those requests were never acked nor
+        // released, and their senders resend them.
+        let grace = config.upstream.shutdown_grace.0 + Duration::from_secs(5);
         if tokio::time::timeout(grace, self.connections.wait())
             .await
             .is_ok()
@@ -223,13 +363,51 @@ impl Relay {
         } else {
             warn!(waited = ?grace, "connections still wait for spool commits; stopping the spool without acking them");
         }
+        self.finish().await
+    }
+
+    /// A handover to a new worker (an upgrade): nothing new is taken, every held connection
+    /// parks once nothing is owed on it and goes back to the supervisor with its state, TLS
+    /// connections finish their request and close, nodes drain their windows, and the spool is
+    /// closed for the new worker to open.
+    async fn handover(mut self, config: &Config) -> anyhow::Result<()> {
+        info!("handing over to the new worker");
+        notify::status("handing over");
+        self.accepting
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.close_ingress().await;
+        self.ingress.park.cancel();
+        self.upstream_stop.cancel();
+        self.connections.close();
+        let wait = PARK_WAIT.max(config.upstream.shutdown_grace.0);
+        if tokio::time::timeout(wait, self.connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(waited = ?wait, "some connections did not park in time: they go to the new worker as they are (nothing unstored was released)");
+        }
+        self.finish().await
+    }
+
+    /// No more connections or heartbeats are taken.
+    async fn close_ingress(&mut self) {
+        self.closed.cancel();
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.await;
+        }
+        if let Some(heartbeat) = self.heartbeat.take() {
+            let _ = heartbeat.await;
+        }
+    }
+
+    /// What a stop and a handover end with: nodes drained, the spool committed and closed.
+    async fn finish(self) -> anyhow::Result<()> {
         self.nodes.wait().await;
         let writer = self.writer;
         tokio::task::spawn_blocking(move || writer.shutdown())
             .await
             .context("spool writer did not stop cleanly")?;
-        let _ =
-            tokio::time::timeout(std::time::Duration::from_secs(2), self.connections.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.connections.wait()).await;
         self.admin_stop.cancel();
         if let Some(task) = self.admin {
             let _ = task.await;
@@ -241,6 +419,35 @@ impl Relay {
             "stopped; records left in the spool are sent after the next start"
         );
         Ok(())
+    }
+}
+
+/// Open the spool; while another process still holds it (a worker that was killed or handed
+/// over releases it as it exits), wait for it, bounded.
+async fn open_spool(config: &Config) -> anyhow::Result<(Spool, SpoolWriter)> {
+    let deadline = tokio::time::Instant::now() + SPOOL_IN_USE_WAIT;
+    let mut told = false;
+    loop {
+        let spool_config = config.spool.clone();
+        let opened = tokio::task::spawn_blocking(move || Spool::open(&spool_config))
+            .await
+            .context("spool open task failed")?;
+        match opened {
+            Ok((spool, writer)) => {
+                let stats = spool.stats();
+                info!(path = %config.spool.path.display(), records = stats.records, bytes = stats.bytes,
+                    max_bytes = stats.max_bytes, "spool opened");
+                return Ok((spool, writer));
+            }
+            Err(SpoolError::InUse { .. }) if tokio::time::Instant::now() < deadline => {
+                if !told {
+                    info!(path = %config.spool.path.display(), "the spool is still held by the previous worker; waiting for it");
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -265,4 +472,3 @@ fn core_died(reason: String) -> anyhow::Error {
     tracing::error!(%reason, "a core component died: exiting so that a supervisor restarts ackgate; every spooled record is kept");
     anyhow::anyhow!("{reason}: exiting, every spooled record is kept")
 }
-

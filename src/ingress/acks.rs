@@ -33,6 +33,9 @@ pub(super) struct Pending {
     pub arrived: tokio::time::Instant,
     /// When it was handed to the spool.
     pub submitted: tokio::time::Instant,
+    /// Where it starts in the connection's byte stream: until it is settled, nothing from
+    /// here on may leave the socket.
+    pub start: u64,
 }
 
 impl Pending {
@@ -43,6 +46,7 @@ impl Pending {
         bytes: u64,
         key: Option<ChunkKey>,
         arrived: tokio::time::Instant,
+        start: u64,
     ) -> Pending {
         Pending {
             commit,
@@ -52,15 +56,24 @@ impl Pending {
             key,
             arrived,
             submitted: tokio::time::Instant::now(),
+            start,
         }
     }
 
     /// A request that needs no commit (a retransmit of a stored chunk, or an empty batch):
     /// acked in its turn, stores nothing.
-    pub(super) fn stored_already(chunk: Option<Bytes>) -> Pending {
+    pub(super) fn stored_already(chunk: Option<Bytes>, start: u64) -> Pending {
         let (done, commit) = oneshot::channel();
         let _ = done.send(Ok(0));
-        Pending::new(commit, chunk, 0, 0, None, tokio::time::Instant::now())
+        Pending::new(
+            commit,
+            chunk,
+            0,
+            0,
+            None,
+            tokio::time::Instant::now(),
+            start,
+        )
     }
 }
 
@@ -90,6 +103,11 @@ impl AckQueue {
 
     pub(super) fn is_empty(&self) -> bool {
         self.pending.is_empty()
+    }
+
+    /// Where the oldest request not yet settled starts in the stream.
+    pub(super) fn oldest_unsettled_start(&self) -> Option<u64> {
+        self.pending.front().map(|p| p.start)
     }
 
     pub(super) fn push(&mut self, pending: Pending) {
@@ -161,7 +179,7 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         let chunk = chunk.map(Bytes::copy_from_slice);
         (
-            Pending::new(rx, chunk, 1, 10, None, tokio::time::Instant::now()),
+            Pending::new(rx, chunk, 1, 10, None, tokio::time::Instant::now(), 0),
             tx,
         )
     }
@@ -245,9 +263,10 @@ mod tests {
         let mut queue = AckQueue::default();
         let (legacy, legacy_tx) = waiting(None);
         queue.push(legacy);
-        queue.push(Pending::stored_already(Some(Bytes::from(msgpack_chunk(
-            "r",
-        )))));
+        queue.push(Pending::stored_already(
+            Some(Bytes::from(msgpack_chunk("r"))),
+            0,
+        ));
         legacy_tx.send(Ok(5)).unwrap();
         let first = queue.front_commit().await;
         let settled = queue.settle(first, false);

@@ -12,14 +12,21 @@
 //! The connection is a small state machine: [`Connection::run`] decodes what is buffered
 //! ([`Connection::decode_buffered`]), decides whether to read ([`Connection::plan_read`]),
 //! waits for the next [`Event`] and applies it, until [`Connection::finished`].
+//!
+//! Bytes leave the socket only once stored (invariant 10): over [`Socket`] in peek mode, what
+//! is read stays in the kernel's receive queue and is released ([`ConnIo::release`]) only up
+//! to the end of the last request whose commit settled, so a worker that dies leaves every
+//! uncommitted byte for the next one. A stop reads on until the connection is quiet at a
+//! request boundary (or `shutdown_grace` ends) and closes it; a handover for an upgrade
+//! *parks* it instead: nothing more is read, every ack owed is written, and the socket goes
+//! back to the supervisor with its state ([`Parked`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -27,19 +34,23 @@ use tracing::{debug, warn};
 use super::acks::{AckQueue, Commit, Pending, Settled};
 use super::decoder::{DecodeError, Decoder, PickError};
 use super::handshake;
+use super::io::ConnIo;
 use super::partial::PartialBytes;
 use super::recent::ChunkKey;
 use super::IngressContext;
 use crate::clock::sleep_until_opt;
 use crate::forward::frame::Signal;
 use crate::forward::{Decoded, Frame};
+use crate::lifecycle::names::{ConnState, Handshake};
+use crate::lifecycle::notify;
 use crate::metrics::metrics;
 use crate::spool::Spool;
 
 /// Deadline for writing acks to a sender.
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a connection caught mid-request by shutdown may take to finish that request.
-const SHUTDOWN_READ_GRACE: Duration = Duration::from_secs(2);
+/// On a stop, a connection quiet this long at a request boundary is closed: a sender that
+/// writes in bursts is closed between them, not in the middle of one.
+const STOP_QUIET: Duration = Duration::from_millis(100);
 /// Bytes of a rejected request kept as a dead letter for inspection.
 const REJECTED_KEEP_BYTES: usize = 64 * 1024;
 /// Bytes read from a socket per read call.
@@ -58,6 +69,8 @@ struct Staged {
     cost: u64,
     /// When the request was complete on the socket.
     arrived: Instant,
+    /// Where it starts in the connection's byte stream.
+    start: u64,
 }
 
 /// Why a connection ended.
@@ -69,6 +82,8 @@ enum Close {
     Idle,
     /// ackgate is shutting down.
     Shutdown,
+    /// Handed back to the supervisor for the next worker (an upgrade).
+    Parked,
     /// Invalid input: reason already logged.
     Rejected,
     /// The spool could not commit a request; the sender gets no ack and will resend.
@@ -92,10 +107,20 @@ enum Event {
     },
     /// Nothing arrived (or a request did not complete) within idle_timeout.
     Idle,
-    /// Shutdown began: finish the request being read, within a grace period.
+    /// Shutdown began: read on until quiet at a request boundary, within `shutdown_grace`.
     ShutdownBegun,
     /// The grace period passed.
     GraceOver,
+    /// Quiet at a request boundary for [`STOP_QUIET`] while stopping.
+    QuietOver,
+    /// A handover began: park once nothing is owed.
+    ParkBegun,
+}
+
+/// A connection given back for the next worker: its transport and its state.
+pub(super) struct Parked<I> {
+    pub io: I,
+    pub state: ConnState,
 }
 
 /// Whether and how much to read this turn.
@@ -108,47 +133,72 @@ struct ReadPlan {
     room: usize,
 }
 
-/// Serve one connection (plain or TLS): optional shared-key handshake, then requests until the
-/// peer closes, idles out, sends something invalid, or shutdown.
-pub(super) async fn serve<S>(
-    stream: S,
+/// Serve one connection: the shared-key handshake (or its rest, for a connection an earlier
+/// worker started), then requests until the peer closes, idles out, sends something invalid,
+/// or ackgate stops. `held`: the connection's state, when the supervisor holds it (it may then
+/// be parked and given back: the return value).
+pub(super) async fn serve<I: ConnIo>(
+    mut io: I,
     peer: SocketAddr,
     destination: Option<(SocketAddr, Counter)>,
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    held: Option<ConnState>,
+) -> Option<Parked<I>> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut released = 0;
+    let mut held = held;
     if let Some(auth) = &ctx.security {
         let deadline = Instant::now() + ctx.config.handshake_timeout.0;
-        if let Err(e) = handshake::accept(&mut reader, &mut writer, &mut buf, auth, deadline).await
-        {
-            warn!(%peer, reason = %e, "closing connection: shared-key handshake failed");
-            metrics().reject(e.kind());
-            let _ = writer.shutdown().await;
-            return;
+        let resume = match held.as_ref().map(|s| &s.handshake) {
+            Some(Handshake::Done) => None,
+            Some(Handshake::Helo { nonce, auth }) => Some(Some((nonce.clone(), auth.clone()))),
+            Some(Handshake::None) | None => Some(None),
+        };
+        if let Some(resume) = resume {
+            let mut mark = |fd: Option<std::os::fd::BorrowedFd<'_>>, step: Handshake| {
+                if let Some(state) = held.as_mut() {
+                    state.handshake = step;
+                    if let Some(fd) = fd {
+                        notify::store(&state.name(), fd);
+                    }
+                }
+            };
+            let outcome =
+                handshake::accept(&mut io, &mut buf, auth, deadline, resume, &mut mark).await;
+            match outcome {
+                Ok(ping_len) => released = ping_len,
+                Err(e) => {
+                    warn!(%peer, reason = %e, "closing connection: shared-key handshake failed");
+                    metrics().reject(e.kind());
+                    let _ = io.shutdown().await;
+                    return None;
+                }
+            }
+            debug!(%peer, "shared-key handshake accepted");
         }
-        debug!(%peer, "shared-key handshake accepted");
     }
-    let mut connection = Connection::new(reader, writer, buf, peer, ctx, shutdown);
+    let mut connection = Connection::new(io, buf, released, peer, ctx, shutdown, held);
     if let Some((destination, events)) = destination {
         connection.destination = Some(destination);
         connection.destination_events = Some(events);
     }
-    connection.run().await;
+    connection.run().await
 }
 
 /// One connection's state between two events.
-struct Connection<S> {
-    reader: ReadHalf<S>,
-    writer: WriteHalf<S>,
+struct Connection<I> {
+    io: I,
     /// Bytes read and not yet decoded: at most one unfinished request once decoded.
     buf: BytesMut,
+    /// Bytes of the stream read so far, and released to the kernel (see [`ConnIo::release`]).
+    filled: u64,
+    released: u64,
     peer: SocketAddr,
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
+    /// The supervisor's name for this connection, when it holds it.
+    held: Option<ConnState>,
     decoder: Decoder,
     acks: AckQueue,
     staged: Option<Staged>,
@@ -156,8 +206,12 @@ struct Connection<S> {
     max_pending: usize,
     idle: Duration,
     idle_deadline: Instant,
-    /// Set once shutdown began: the request being read must be complete by then.
+    /// Set once shutdown began: by then the connection is closed, at a boundary or not.
     shutdown_deadline: Option<Instant>,
+    /// Stopping: when the connection last read bytes (it closes once quiet at a boundary).
+    last_read: Instant,
+    /// A handover began: read nothing more, and park once nothing is owed.
+    parking: bool,
     /// Nothing more will be read.
     eof: bool,
     end: Option<Close>,
@@ -172,31 +226,41 @@ struct Connection<S> {
     destination_events: Option<Counter>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+impl<I: ConnIo> Connection<I> {
     fn new(
-        reader: ReadHalf<S>,
-        writer: WriteHalf<S>,
+        io: I,
         buf: BytesMut,
+        released: u64,
         peer: SocketAddr,
         ctx: Arc<IngressContext>,
         shutdown: CancellationToken,
+        held: Option<ConnState>,
     ) -> Self {
         let idle = ctx.config.idle_timeout.0;
+        let decoder = if held.as_ref().is_some_and(|s| s.json) {
+            Decoder::json(ctx.limits)
+        } else {
+            Decoder::Unknown
+        };
         Connection {
-            reader,
-            writer,
+            io,
+            filled: released + buf.len() as u64,
+            released,
             buf,
             peer,
             partial: PartialBytes::new(ctx.partial.clone(), ctx.limits.max_frame_bytes),
             max_pending: ctx.config.max_pending_frames as usize,
             ctx,
             shutdown,
-            decoder: Decoder::Unknown,
+            held,
+            decoder,
             acks: AckQueue::default(),
             staged: None,
             idle,
             idle_deadline: Instant::now() + idle,
             shutdown_deadline: None,
+            last_read: Instant::now(),
+            parking: false,
             eof: false,
             end: None,
             requests: 0,
@@ -207,7 +271,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    async fn run(mut self) {
+    async fn run(mut self) -> Option<Parked<I>> {
         loop {
             let buffered_before = self.buf.len();
             self.decode_buffered();
@@ -215,20 +279,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 // Requests were taken off the buffer: what is left is one unfinished request.
                 self.partial.shrink_to(self.buf.len());
             }
+            self.release_stored();
             let plan = self.plan_read();
+            if self.park_ready() {
+                self.end = Some(Close::Parked);
+                break;
+            }
             if self.finished() {
                 break;
             }
             let event = self.next_event(plan).await;
             self.apply(event).await;
         }
-        self.close().await;
+        self.close().await
+    }
+
+    /// Where the stream's bytes stop being stored: the start of the oldest request not yet
+    /// committed (submitted or waiting for room), or everything decoded.
+    fn stored_end(&self) -> u64 {
+        self.acks
+            .oldest_unsettled_start()
+            .or(self.staged.as_ref().map(|s| s.start))
+            .unwrap_or(self.filled - self.buf.len() as u64)
+    }
+
+    /// Let the kernel drop what is stored. A failure closes the connection: what follows
+    /// cannot be told apart from what was stored.
+    fn release_stored(&mut self) {
+        let end = self.stored_end();
+        if end <= self.released {
+            return;
+        }
+        match self.io.release((end - self.released) as usize) {
+            Ok(()) => self.released = end,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "cannot release stored bytes from the socket; closing the connection");
+                self.end.get_or_insert(Close::Io);
+                self.eof = true;
+            }
+        }
     }
 
     /// Decode what is buffered, as long as there is room for more pending requests.
     fn decode_buffered(&mut self) {
-        while self.end.is_none() && self.staged.is_none() && self.acks.len() < self.max_pending {
+        // Parked in peek mode, what is not decoded yet stays in the kernel for the next worker.
+        let parked = self.parking && self.io.keeps_unreleased();
+        while !parked
+            && self.end.is_none()
+            && self.staged.is_none()
+            && self.acks.len() < self.max_pending
+        {
             let secured = self.ctx.security.is_some();
+            let was_json = self.decoder.is_json();
             if let Err(PickError::JsonOnSecuredPort) =
                 self.decoder.pick(&self.buf, self.ctx.limits, secured)
             {
@@ -238,18 +340,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.end = Some(Close::Rejected);
                 return;
             }
+            if self.decoder.is_json() && !was_json {
+                self.mark(|state| state.json = true);
+            }
+            let start = self.filled - self.buf.len() as u64;
             match self.decoder.decode(&mut self.buf) {
                 Ok(None) => return,
                 Ok(Some(Decoded::Nil)) => continue,
-                Ok(Some(Decoded::Frame(frame))) => self.accept(frame),
+                Ok(Some(Decoded::Frame(frame))) => self.accept(frame, start),
                 Err(e) => self.reject(e),
+            }
+        }
+    }
+
+    /// Change the state the supervisor keeps under this connection's name.
+    fn mark(&mut self, change: impl FnOnce(&mut ConnState)) {
+        if let Some(state) = self.held.as_mut() {
+            change(state);
+            if let Some(fd) = self.io.descriptor() {
+                notify::store(&state.name(), fd);
             }
         }
     }
 
     /// A complete request: acked in its turn without spooling (a retransmit of a stored chunk,
     /// or an empty batch), or staged for the spool and handed over if its bytes fit now.
-    fn accept(&mut self, frame: Frame) {
+    fn accept(&mut self, frame: Frame, start: u64) {
         self.requests += 1;
         self.large_requests = frame.wire_len > READ_CHUNK;
         self.idle_deadline = Instant::now() + self.idle;
@@ -265,7 +381,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 debug!(peer = %self.peer, events = frame.events, "retransmitted chunk acked again without spooling");
                 metrics().retransmits.inc();
             }
-            self.acks.push(Pending::stored_already(frame.chunk));
+            self.acks.push(Pending::stored_already(frame.chunk, start));
             return;
         }
         let cost = Spool::cost(frame.signal, self.destination, &frame.tag, &frame.entries);
@@ -274,6 +390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             frame,
             cost,
             arrived: Instant::now(),
+            start,
         };
         if self.ctx.spool.try_reserve(cost) {
             submit(&self.ctx.spool, self.destination, staged, &mut self.acks);
@@ -286,10 +403,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         warn!(peer = %self.peer, reason = %e, request = self.requests + 1,
             "closing connection: invalid request; nothing of it was spooled");
         metrics().reject(e.kind());
-        let mut bytes = self
-            .decoder
-            .take_rejected()
-            .unwrap_or_else(|| self.buf.split().freeze());
+        // A copy: the rejected bytes stay in `buf`, never counted as stored.
+        let mut bytes = self.decoder.take_rejected().unwrap_or_else(|| {
+            bytes::Bytes::copy_from_slice(&self.buf[..self.buf.len().min(REJECTED_KEEP_BYTES)])
+        });
         bytes.truncate(REJECTED_KEEP_BYTES);
         self.ctx
             .spool
@@ -300,11 +417,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Read only with room for more pending requests, none waiting for spool room, and the
     /// bytes of an unfinished request within this connection's share of the partial budget.
     fn plan_read(&mut self) -> ReadPlan {
+        // Parked in peek mode, nothing more is read; in read mode (no peek offset, or a socket
+        // that is not handed over) reading goes on to a request boundary.
         let allowed = self.end.is_none()
             && !self.eof
+            && !(self.parking && self.io.keeps_unreleased())
             && self.staged.is_none()
-            && self.acks.len() < self.max_pending
-            && (self.shutdown_deadline.is_none() || !self.buf.is_empty());
+            && self.acks.len() < self.max_pending;
         let buffered = self.buf.len();
         // The declared payload and the options map after it.
         let wanted = match self.decoder.wanted() {
@@ -352,10 +471,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Nothing more will be read and every ack that is owed was written.
     fn finished(&self) -> bool {
-        let reading_over = self.end.is_some()
-            || self.eof
-            || (self.shutdown_deadline.is_some() && self.buf.is_empty());
+        let reading_over = self.end.is_some() || self.eof;
         reading_over && self.acks.is_empty() && self.staged.is_none()
+    }
+
+    /// Parking, and nothing is owed: in peek mode at once (a request waiting for room and
+    /// whatever is not decoded stay unreleased in the kernel), in read mode at a request
+    /// boundary (what was read is all stored).
+    fn park_ready(&self) -> bool {
+        self.parking
+            && self.end.is_none()
+            && self.acks.is_empty()
+            && (self.io.keeps_unreleased() || (self.buf.is_empty() && self.staged.is_none()))
+    }
+
+    /// Stopping, at a request boundary with nothing owed: close once quiet for [`STOP_QUIET`].
+    fn quiet_deadline(&self) -> Option<Instant> {
+        let at_boundary = self.buf.is_empty() && self.acks.is_empty() && self.staged.is_none();
+        (self.shutdown_deadline.is_some() && at_boundary && self.end.is_none())
+            .then(|| self.last_read + STOP_QUIET)
     }
 
     async fn next_event(&mut self, plan: ReadPlan) -> Event {
@@ -365,11 +499,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let idle_armed = self.acks.is_empty()
             && self.staged.is_none()
             && self.shutdown_deadline.is_none()
+            && !self.parking
             && self.end.is_none();
         let staged_cost = self.staged.as_ref().map(|s| s.cost);
+        let quiet = self.quiet_deadline();
+        let park = &self.ctx.park;
         let spool = &self.ctx.spool;
         let buf = &mut self.buf;
-        let reader = &mut self.reader;
+        let io = &mut self.io;
         tokio::select! {
             biased;
             commit = self.acks.front_commit(), if !self.acks.is_empty() => Event::Committed(commit),
@@ -378,14 +515,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Event::PartialGranted
             }
             // At most `room` bytes: what this connection may hold of an unfinished request.
-            result = async { reader.read_buf(&mut buf.limit(plan.room)).await },
+            result = io.fill(buf, plan.room),
                 if plan.allowed && plan.missing == 0 => Event::Read { result, at_boundary },
             _ = tokio::time::sleep_until(self.idle_deadline), if idle_armed => Event::Idle,
-            _ = self.shutdown.cancelled(), if self.shutdown_deadline.is_none() => {
+            _ = self.shutdown.cancelled(), if self.shutdown_deadline.is_none() && !self.parking => {
                 Event::ShutdownBegun
             }
             _ = sleep_until_opt(self.shutdown_deadline),
                 if self.shutdown_deadline.is_some() && self.end.is_none() => Event::GraceOver,
+            _ = sleep_until_opt(quiet), if quiet.is_some() => Event::QuietOver,
+            _ = park.cancelled(), if !self.parking && self.end.is_none() => Event::ParkBegun,
         }
     }
 
@@ -408,9 +547,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             } => self.on_read(result, at_boundary),
             Event::Idle => self.on_idle(),
             Event::ShutdownBegun => {
-                self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_READ_GRACE);
+                self.shutdown_deadline = Some(Instant::now() + self.ctx.shutdown_grace);
             }
             Event::GraceOver => self.on_grace_over(),
+            Event::QuietOver => {
+                debug!(peer = %self.peer, "stopping: closing a connection quiet at a request boundary");
+                self.end = Some(Close::Shutdown);
+                self.eof = true;
+            }
+            Event::ParkBegun => self.on_park(),
         }
     }
 
@@ -437,7 +582,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.ctx.recent.remember(self.peer.ip(), key);
         }
         if !settled.acks.is_empty() {
-            match write_acks(&mut self.writer, &settled.acks).await {
+            match write_acks(&mut self.io, &settled.acks).await {
                 Ok(()) => {
                     m.acks_sent.inc_by(settled.ack_count);
                     for done in settled.stored.iter().filter(|d| d.chunk.is_some()) {
@@ -475,7 +620,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 self.end.get_or_insert(Close::Eof);
             }
-            Ok(_) => {
+            Ok(n) => {
+                self.filled += n as u64;
+                self.last_read = Instant::now();
                 if at_boundary {
                     self.idle_deadline = Instant::now() + self.idle;
                 }
@@ -504,13 +651,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             warn!(peer = %self.peer, partial_bytes = self.buf.len(), waiting_for_spool_room = self.staged.is_some(),
                 "shutting down with a request not yet stored; it is not spooled and not acked");
         }
+        // The unfinished request stays in `buf` (and, in peek mode, in the kernel): it is not
+        // stored, so it is never released.
         self.staged = None;
         self.end.get_or_insert(Close::Shutdown);
         self.eof = true;
-        self.buf.clear();
     }
 
-    async fn close(mut self) {
+    /// A handover began. A connection the supervisor holds parks; one it cannot hand on (TLS:
+    /// its session lives in this process) finishes the request being read, is answered, and
+    /// closes, as on a stop.
+    fn on_park(&mut self) {
+        if self.held.is_some() {
+            self.parking = true;
+        } else if self.shutdown_deadline.is_none() {
+            self.shutdown_deadline = Some(Instant::now() + self.ctx.shutdown_grace);
+        }
+    }
+
+    async fn close(mut self) -> Option<Parked<I>> {
         let reason = self
             .end
             .take()
@@ -519,8 +678,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             } else {
                 Close::Eof
             });
+        if let (Close::Parked, Some(state)) = (&reason, self.held.take()) {
+            debug!(peer = %self.peer, requests = self.requests, "connection parked for the next worker");
+            return Some(Parked { io: self.io, state });
+        }
         debug!(peer = %self.peer, requests = self.requests, ?reason, "connection closed");
-        let _ = timeout(ACK_WRITE_TIMEOUT, self.writer.shutdown()).await;
+        let _ = timeout(ACK_WRITE_TIMEOUT, self.io.shutdown()).await;
+        None
     }
 }
 
@@ -531,6 +695,7 @@ fn submit(spool: &Spool, destination: Option<SocketAddr>, staged: Staged, acks: 
         frame,
         cost,
         arrived,
+        start,
     } = staged;
     let bytes = frame.entries.len() as u64;
     let signal: Signal = frame.signal;
@@ -549,6 +714,7 @@ fn submit(spool: &Spool, destination: Option<SocketAddr>, staged: Staged, acks: 
         bytes,
         key,
         arrived,
+        start,
     ));
 }
 
@@ -561,8 +727,8 @@ async fn reserve(spool: &Spool, cost: Option<u64>) {
 }
 
 /// Every ack a commit settled, in one write, with a deadline (PROTOCOL.md §13.2).
-async fn write_acks<W: AsyncWrite + Unpin>(writer: &mut W, acks: &[u8]) -> std::io::Result<()> {
-    match timeout(ACK_WRITE_TIMEOUT, writer.write_all(acks)).await {
+async fn write_acks<I: ConnIo>(io: &mut I, acks: &[u8]) -> std::io::Result<()> {
+    match timeout(ACK_WRITE_TIMEOUT, io.write_all(acks)).await {
         Ok(result) => result,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,

@@ -21,6 +21,11 @@ pub(super) enum PickError {
 }
 
 impl Decoder {
+    /// A JSON connection's decoder (a connection an earlier worker found to speak JSON).
+    pub(super) fn json(limits: Limits) -> Decoder {
+        Decoder::Json(JsonDecoder::new(limits))
+    }
+
     /// Fix the wire format from the first buffered byte, once (fluentd's rule).
     pub(super) fn pick(
         &mut self,

@@ -4,13 +4,18 @@
 //! the PONG carries the verdict. A failed PING gets fluentd's failure PONG and the connection
 //! is closed. A legacy sender does not know the handshake: its first data request is read as a
 //! PING and rejected, and the log says so plainly. Every step has the handshake deadline.
+//! The PING leaves the socket only once accepted (invariant 10).
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
+use super::io::ConnIo;
 use crate::forward::handshake::{answer_ping, encode_helo, message_len, Helo, ServerAuth};
 use crate::forward::json::is_json_start;
+use crate::lifecycle::names::Handshake;
+
+/// Bytes read per turn while waiting for the PING.
+const FILL_BYTES: usize = 16 << 10;
 
 /// Why a handshake did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -39,22 +44,41 @@ impl HandshakeFailure {
     }
 }
 
-/// Run the handshake; bytes the client sent after its PING stay in `buf`.
-pub async fn accept<R, W>(
-    reader: &mut R,
-    writer: &mut W,
+/// Run the handshake: write a HELO (or, with `resume`, go on from one an earlier worker
+/// wrote: its nonce and salt), read the PING, answer the PONG. Bytes the client sent after its
+/// PING stay in `buf`. `mark` hears of each step before it is visible to the client (the
+/// supervisor keeps it in the connection's name, so that a worker that dies mid-handshake
+/// leaves a state the next one can go on from). Returns the PING's length: released from the
+/// socket once accepted.
+pub(crate) async fn accept<I: ConnIo>(
+    io: &mut I,
     buf: &mut BytesMut,
     auth: &ServerAuth,
     deadline: Instant,
-) -> Result<(), HandshakeFailure>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let helo = Helo::random(auth.user_auth, true);
-    timeout_at(deadline, writer.write_all(&encode_helo(&helo)))
-        .await
-        .map_err(|_| HandshakeFailure::Timeout)??;
+    resume: Option<(Vec<u8>, Vec<u8>)>,
+    mark: &mut impl FnMut(Option<std::os::fd::BorrowedFd<'_>>, Handshake),
+) -> Result<u64, HandshakeFailure> {
+    let helo = match resume {
+        Some((nonce, salt)) => Helo {
+            nonce,
+            auth: salt,
+            keepalive: true,
+        },
+        None => {
+            let helo = Helo::random(auth.user_auth, true);
+            mark(
+                io.descriptor(),
+                Handshake::Helo {
+                    nonce: helo.nonce.clone(),
+                    auth: helo.auth.clone(),
+                },
+            );
+            timeout_at(deadline, io.write_all(&encode_helo(&helo)))
+                .await
+                .map_err(|_| HandshakeFailure::Timeout)??;
+            helo
+        }
+    };
     let len = loop {
         // fluentd's rule: a first byte `{` or `[` makes the connection JSON, which has no
         // handshake. Name that instead of calling it a bad PING.
@@ -67,11 +91,11 @@ where
             Err(e) => {
                 // Not even one well-formed value of handshake size: still answer like fluentd.
                 let (pong, _) = answer_ping(auth, &helo, &buf[..]);
-                let _ = timeout_at(deadline, writer.write_all(&pong)).await;
+                let _ = timeout_at(deadline, io.write_all(&pong)).await;
                 return Err(HandshakeFailure::NotPing(e.to_string()));
             }
         }
-        let n = timeout_at(deadline, reader.read_buf(buf))
+        let n = timeout_at(deadline, io.fill(buf, FILL_BYTES))
             .await
             .map_err(|_| HandshakeFailure::Timeout)??;
         if n == 0 {
@@ -80,11 +104,15 @@ where
     };
     let message = buf.split_to(len);
     let (pong, verdict) = answer_ping(auth, &helo, &message);
-    timeout_at(deadline, writer.write_all(&pong))
+    if verdict.is_ok() {
+        mark(io.descriptor(), Handshake::Done);
+        io.release(len)?;
+    }
+    timeout_at(deadline, io.write_all(&pong))
         .await
         .map_err(|_| HandshakeFailure::Timeout)??;
     match verdict {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(len as u64),
         Err(crate::forward::handshake::PingRejection::InvalidPing(e)) => {
             Err(HandshakeFailure::NotPing(e.to_string()))
         }

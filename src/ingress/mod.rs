@@ -12,6 +12,7 @@ mod admission;
 pub mod connection;
 mod decoder;
 pub mod handshake;
+pub(crate) mod io;
 pub mod partial;
 pub mod recent;
 mod udp;
@@ -20,22 +21,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::AsFd;
+
+use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::IngressConfig;
 use crate::forward::handshake::ServerAuth;
 use crate::forward::Limits;
+use crate::lifecycle::link::{Feed, Handed};
+use crate::lifecycle::names::ConnState;
+use crate::lifecycle::notify;
 use crate::metrics::metrics;
 use crate::middlebox::canonical_addr;
 use crate::spool::Spool;
 use crate::tls::{server_config, ServerTlsSettings, TlsError};
 use admission::Admitted;
+use io::{Socket, Streamed};
 use recent::RecentChunks;
 pub use udp::run_udp_heartbeat;
 
@@ -57,6 +65,13 @@ pub struct IngressContext {
     /// `[[upstream.nodes]]` is not empty: records without an original destination have
     /// somewhere to go.
     pub default_nodes: bool,
+    /// Cancelled when a handover begins: connections park instead of being read.
+    pub park: CancellationToken,
+    /// How long a stop reads on (`upstream.shutdown_grace`).
+    pub shutdown_grace: Duration,
+    /// Plain TCP connections are read with `MSG_PEEK` and released once stored
+    /// ([`io::Socket`]): the kernel has TCP `SO_PEEK_OFF`.
+    pub peek: bool,
 }
 
 impl IngressContext {
@@ -99,6 +114,9 @@ impl IngressContext {
             partial,
             router: None,
             default_nodes: true,
+            park: CancellationToken::new(),
+            shutdown_grace: Duration::from_secs(5),
+            peek: false,
         })
     }
 
@@ -107,65 +125,124 @@ impl IngressContext {
     }
 }
 
-/// Accept connections until `shutdown`, then wait for every connection to finish its pending
-/// commits and acks (they are tracked by `tracker`).
-pub async fn run_tcp(
-    listener: TcpListener,
+/// New connections asked of the supervisor at a time: it accepts only as many as this
+/// worker gave credit for, so that the rest wait in the kernel's accept queue, as they did
+/// when the worker accepted them itself.
+const CREDIT: usize = 16;
+
+/// Serve the connections the supervisor hands over (it accepted them, or an earlier worker
+/// served them) until `closed`. Credit for new ones is given only while a connection slot
+/// (`max_connections`) is free and the spool has room, and not once `shutdown` began (a stop
+/// or a handover); what the supervisor still hands over is served until it says it is done.
+pub async fn run_handed(
+    mut feed: mpsc::UnboundedReceiver<Feed>,
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
+    closed: CancellationToken,
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(ctx.config.max_connections as usize));
-    let mut backoff = Duration::from_millis(10);
+    let mut reserved: Vec<OwnedSemaphorePermit> = Vec::new();
+    let mut granted: u64 = 0;
+    // Connections an earlier worker left come first, with no credit asked for them.
+    let mut adopting = true;
     loop {
-        // The permit is taken before accept: with none free, connections wait in the backlog.
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
+        let want_more = !adopting && reserved.len() < CREDIT && !shutdown.is_cancelled();
         tokio::select! {
-            _ = ctx.spool.wait_for_room() => {}
-            _ = shutdown.cancelled() => return,
+            biased;
+            _ = closed.cancelled() => return,
+            next = feed.recv() => match next {
+                Some(Feed::Conn(handed)) => {
+                    let permit = if adopting { None } else { reserved.pop() }
+                        .or_else(|| permits.clone().try_acquire_owned().ok());
+                    serve_handed(handed, permit, &ctx, &shutdown, &tracker);
+                }
+                Some(Feed::Adopted(count)) => {
+                    adopting = false;
+                    if count > 0 {
+                        info!(connections = count, "serving the connections an earlier worker left");
+                    }
+                }
+                None => return,
+            },
+            permit = reserve_slot(&permits, &ctx.spool), if want_more => {
+                reserved.push(permit);
+                granted += 1;
+                while reserved.len() < CREDIT {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+                    reserved.push(permit);
+                    granted += 1;
+                }
+                notify::accept(granted);
+            }
+            _ = shutdown.cancelled(), if want_more => {}
         }
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok((stream, peer)) => {
-                backoff = Duration::from_millis(10);
-                // An IPv4 sender on a dual-stack listener is logged and remembered as IPv4.
-                (stream, canonical_addr(peer))
-            }
-            Err(e) => {
-                // EMFILE and friends: wait a little instead of spinning.
-                warn!(error = %e, retry_in = ?backoff, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let Some(admitted) = admission::admit(&ctx, &stream, peer) else {
-            let _ = stream.set_zero_linger();
-            continue;
-        };
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
-        let span = match admitted.destination {
-            Some(destination) => tracing::info_span!("conn", %peer, %destination),
-            None => tracing::info_span!("conn", %peer),
-        };
-        tracker.spawn(
-            async move {
-                let _permit = permit;
-                handle(stream, peer, admitted, ctx, shutdown).await;
-            }
-            .instrument(span),
-        );
     }
+}
+
+/// A connection slot, once the spool has room (cancel-safe: nothing is held unless it returns).
+async fn reserve_slot(permits: &Arc<Semaphore>, spool: &Spool) -> OwnedSemaphorePermit {
+    spool.wait_for_room().await;
+    match permits.clone().acquire_owned().await {
+        Ok(permit) => permit,
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Admit one handed connection and serve it on its own task.
+fn serve_handed(
+    handed: Handed,
+    permit: Option<OwnedSemaphorePermit>,
+    ctx: &Arc<IngressContext>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let Handed { fd, state } = handed;
+    let stream = std::net::TcpStream::from(fd);
+    let peer = match stream.peer_addr() {
+        // An IPv4 sender on a dual-stack listener is logged and remembered as IPv4.
+        Ok(peer) => canonical_addr(peer),
+        Err(e) => {
+            // Reset before it was served: nothing can be read from it any more.
+            debug!(error = %e, "a handed connection is gone already");
+            let _ = SockRef::from(&stream).shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    };
+    let stream = match stream
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(stream))
+    {
+        Ok(stream) => stream,
+        Err(e) => {
+            warn!(%peer, error = %e, "cannot serve a handed connection");
+            return;
+        }
+    };
+    let Some(admitted) = admission::admit(ctx, &stream, peer) else {
+        refuse(&stream);
+        return;
+    };
+    let ctx = ctx.clone();
+    let shutdown = shutdown.clone();
+    let span = match admitted.destination {
+        Some(destination) => tracing::info_span!("conn", %peer, %destination),
+        None => tracing::info_span!("conn", %peer),
+    };
+    tracker.spawn(
+        async move {
+            let _permit = permit;
+            handle(stream, peer, admitted, ctx, shutdown, state).await;
+        }
+        .instrument(span),
+    );
+}
+
+/// Refuse a connection: a reset, on the socket itself (the supervisor holds a copy, which
+/// lets go once the socket hangs up).
+fn refuse(stream: &TcpStream) {
+    let _ = stream.set_zero_linger();
+    let _ = SockRef::from(stream).shutdown(std::net::Shutdown::Both);
 }
 
 /// Count the connection, do TLS if configured, and serve it.
@@ -175,6 +252,7 @@ async fn handle(
     admitted: Admitted,
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
+    state: ConnState,
 ) {
     let counted = admitted.destination.zip(admitted.destination_events);
     let _ = stream.set_nodelay(true);
@@ -182,23 +260,52 @@ async fn handle(
     m.connections_total.inc();
     m.connections_open.inc();
     let _open = OnDrop(|| metrics().connections_open.dec());
-    match &ctx.tls {
-        None => connection::serve(stream, peer, counted, ctx.clone(), shutdown).await,
-        Some(acceptor) => {
-            match timeout(ctx.config.handshake_timeout.0, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => connection::serve(tls, peer, counted, ctx.clone(), shutdown).await,
-                Ok(Err(e)) => {
-                    warn!(%peer, reason = %e, "closing connection: TLS handshake failed");
-                    m.reject("tls");
-                }
-                Err(_) => {
-                    warn!(%peer, reason = "TLS handshake not completed within handshake_timeout",
-                        "closing connection");
-                    m.reject("tls");
+    let Some(acceptor) = &ctx.tls else {
+        match Socket::new(stream, ctx.peek) {
+            Ok(io) => {
+                let parked =
+                    connection::serve(io, peer, counted, ctx.clone(), shutdown, Some(state)).await;
+                if let Some(parked) = parked {
+                    hand_back(parked);
                 }
             }
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot read a connection (SO_PEEK_OFF); closing it")
+            }
+        }
+        return;
+    };
+    // A TLS session lives in this process and cannot be handed on: the supervisor lets go of
+    // the connection before the handshake reads anything.
+    notify::unstore(&state.name());
+    match timeout(ctx.config.handshake_timeout.0, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            connection::serve(Streamed(tls), peer, counted, ctx.clone(), shutdown, None).await;
+        }
+        Ok(Err(e)) => {
+            warn!(%peer, reason = %e, "closing connection: TLS handshake failed");
+            m.reject("tls");
+        }
+        Err(_) => {
+            warn!(%peer, reason = "TLS handshake not completed within handshake_timeout",
+                "closing connection");
+            m.reject("tls");
         }
     }
+}
+
+/// A parked connection goes back to the supervisor with its state; closing this copy does not
+/// close the connection.
+fn hand_back(parked: connection::Parked<Socket>) {
+    let stream = parked.io.into_inner();
+    notify::store(&parked.state.name(), stream.as_fd());
+}
+
+/// Whether this kernel peeks TCP at an offset (checked once): plain connections are then read
+/// crash-safely ([`io::Socket`]).
+pub fn peek_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(io::tcp_peek_offset_supported)
 }
 
 /// Runs a closure when dropped (the open-connections gauge stays right on every exit path).

@@ -4,5 +4,15 @@
 //!
 //! - [`notify`]: READY / RELOADING / STOPPING (and stored descriptors) to the service manager,
 //!   systemd or `ackgate run`'s own supervisor, through `NOTIFY_SOCKET`.
+//! - [`supervisor`]: `ackgate run`, which holds the sockets, starts and restarts the worker,
+//!   and runs upgrades; it imports nothing of the relay, only [`names`], [`protocol`] and
+//!   [`socket`], which import nothing of it either.
 
+pub mod link;
+pub mod names;
 pub mod notify;
+pub mod protocol;
+pub mod socket;
+pub mod sockets;
+pub mod supervisor;
+pub mod worker;

@@ -335,15 +335,20 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     output: &Output,
     shutdown: &CancellationToken,
 ) -> Result<(), ToolError> {
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut stream = stream;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     if let Some(auth) = &ctx.auth {
+        let mut io = crate::ingress::io::Streamed(&mut stream);
+        let mut no_marks = |_: Option<std::os::fd::BorrowedFd<'_>>, _| {};
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            done = accept(&mut reader, &mut writer, &mut buf, auth, deadline) => done?,
+            done = accept(&mut io, &mut buf, auth, deadline, None, &mut no_marks) => {
+                done?;
+            }
         }
         tracing::debug!("shared-key handshake done");
     }
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let mut decoder = FrameDecoder::new(Limits::default());
     let max_depth = decoder.limits().max_depth;
     let mut ack = Vec::new();

@@ -156,6 +156,19 @@ pub(crate) fn start_pipeline(
     Ok((dispatcher, balancer))
 }
 
+/// Load every node's TLS settings without starting anything (a new worker checks them
+/// before it takes over from the running one).
+pub fn check_tls(config: &UpstreamConfig) -> Result<(), crate::tls::TlsError> {
+    let backoff = Backoff {
+        initial: config.retry_initial.0,
+        max: config.retry_max.0,
+    };
+    for (index, node) in config.nodes.iter().enumerate() {
+        node_settings(config, index, node, backoff)?;
+    }
+    Ok(())
+}
+
 fn health_settings(config: &UpstreamConfig) -> HealthSettings {
     HealthSettings {
         heartbeat: match config.heartbeat_type {

@@ -1,0 +1,240 @@
+//! How a connection's bytes come in and its acks go out: the one place that touches the
+//! sender's socket (invariant 10).
+//!
+//! - [`Socket`] in peek mode (plain TCP, on kernels with TCP `SO_PEEK_OFF`, Linux 6.10+):
+//!   bytes are read with `MSG_PEEK` from the socket's peek offset, so they stay in the
+//!   kernel's receive queue; [`ConnIo::release`] drops them (`MSG_TRUNC`, no copy) once they
+//!   are committed or staged durably. A worker that dies leaves every uncommitted byte in a
+//!   socket its supervisor still holds; the next worker sets the offset back to 0 and reads
+//!   them again. Without the peek offset, [`Socket`] reads plainly.
+//! - [`Streamed`] (TLS, tests' pipes): plain reads, which take the bytes out of the kernel at
+//!   once; `release` has nothing to do.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A connection's transport.
+pub(crate) trait ConnIo {
+    /// Append at most `room` bytes to `buf` (at least one when it returns `Ok(n > 0)`); 0 means
+    /// the peer closed.
+    async fn fill(&mut self, buf: &mut BytesMut, room: usize) -> io::Result<usize>;
+
+    /// The next `n` bytes of the stream (the oldest filled and not yet released) are stored:
+    /// the kernel may drop them.
+    fn release(&mut self, n: usize) -> io::Result<()>;
+
+    /// Whether filled bytes stay in the kernel until released (crash-safe reading).
+    fn keeps_unreleased(&self) -> bool;
+
+    /// The socket, when it is one the supervisor may hold (plain TCP).
+    fn descriptor(&self) -> Option<BorrowedFd<'_>>;
+
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
+
+    /// No more bytes either way (FIN).
+    async fn shutdown(&mut self) -> io::Result<()>;
+}
+
+/// Plain reads and writes over any stream.
+pub(crate) struct Streamed<S>(pub S);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ConnIo for Streamed<S> {
+    async fn fill(&mut self, buf: &mut BytesMut, room: usize) -> io::Result<usize> {
+        self.0.read_buf(&mut buf.limit(room)).await
+    }
+
+    fn release(&mut self, _n: usize) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn keeps_unreleased(&self) -> bool {
+        false
+    }
+
+    fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        AsyncWriteExt::write_all(&mut self.0, bytes).await
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        AsyncWriteExt::shutdown(&mut self.0).await
+    }
+}
+
+/// A plain TCP socket: peek-then-release reading when `peek`, plain reads otherwise.
+pub(crate) struct Socket {
+    stream: TcpStream,
+    peek: bool,
+}
+
+impl Socket {
+    /// With `peek`, read `stream` from the start of what the kernel holds: its peek offset
+    /// goes to 0 (a connection a dead worker was reading has its offset where that worker
+    /// left it).
+    pub fn new(stream: TcpStream, peek: bool) -> io::Result<Socket> {
+        if peek {
+            set_peek_offset(&stream, 0)?;
+        }
+        Ok(Socket { stream, peek })
+    }
+
+    /// The socket back, for a handover (dropping it closes only this copy).
+    pub fn into_inner(self) -> TcpStream {
+        self.stream
+    }
+}
+
+impl ConnIo for Socket {
+    async fn fill(&mut self, buf: &mut BytesMut, room: usize) -> io::Result<usize> {
+        if self.peek {
+            PeekReader(&self.stream)
+                .read_buf(&mut buf.limit(room))
+                .await
+        } else {
+            self.stream.read_buf(&mut buf.limit(room)).await
+        }
+    }
+
+    fn release(&mut self, n: usize) -> io::Result<()> {
+        if !self.peek {
+            return Ok(());
+        }
+        let mut left = n;
+        while left > 0 {
+            // MSG_TRUNC on TCP discards without copying: the buffer is never written. A
+            // zeroed allocation of this size is lazily mapped, so it costs no page either.
+            let mut sink = vec![0u8; left];
+            let (_, dropped) = rustix::net::recv(
+                &self.stream,
+                &mut sink[..],
+                rustix::net::RecvFlags::TRUNC | rustix::net::RecvFlags::DONTWAIT,
+            )?;
+            if dropped == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "released bytes were not in the socket",
+                ));
+            }
+            left = left.saturating_sub(dropped);
+        }
+        Ok(())
+    }
+
+    fn keeps_unreleased(&self) -> bool {
+        self.peek
+    }
+
+    fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.stream.as_fd())
+    }
+
+    async fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            self.stream.writable().await?;
+            match self.stream.try_write(bytes) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        // On the socket, not this descriptor: the supervisor's copy sees the hang-up and lets
+        // it go (a close would leave the connection open in its hands).
+        socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Both)
+    }
+}
+
+/// Reads that peek: with `SO_PEEK_OFF` set, each one starts where the last one ended.
+struct PeekReader<'a>(&'a TcpStream);
+
+impl AsyncRead for PeekReader<'_> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.0.poll_peek(cx, buf).map_ok(|_| ())
+    }
+}
+
+/// `SO_PEEK_OFF`: where the next `MSG_PEEK` read starts (and that it advances).
+fn set_peek_offset(stream: &impl AsRawFd, offset: i32) -> io::Result<()> {
+    // SAFETY: a plain setsockopt with a pointer to an i32 that outlives the call, on a
+    // descriptor the caller owns; nix and rustix have no wrapper for SO_PEEK_OFF.
+    let result = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            std::ptr::from_ref(&offset).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether this kernel peeks TCP at an offset (Linux 6.10 and later): without it, a worker
+/// that dies loses what it had read and not yet committed.
+pub fn tcp_peek_offset_supported() -> bool {
+    let Ok(socket) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+    else {
+        return false;
+    };
+    set_peek_offset(&socket, 0).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt as _;
+
+    #[tokio::test]
+    async fn peeked_bytes_stay_until_released_and_a_new_reader_starts_over() {
+        if !tcp_peek_offset_supported() {
+            eprintln!("skipped: this kernel has no TCP SO_PEEK_OFF");
+            return;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let kept = accepted.into_std().unwrap();
+        let copy = kept.try_clone().unwrap();
+        let mut io = Socket::new(TcpStream::from_std(copy).unwrap(), true).unwrap();
+        sender.write_all(b"hello world").await.unwrap();
+        let mut buf = BytesMut::new();
+        while buf.len() < 11 {
+            io.fill(&mut buf, 64).await.unwrap();
+        }
+        assert_eq!(&buf[..], b"hello world");
+        io.release(6).unwrap();
+        // The reader dies; a new one on the kept descriptor reads only what was not released.
+        drop(io);
+        let mut again = Socket::new(TcpStream::from_std(kept).unwrap(), true).unwrap();
+        let mut buf = BytesMut::new();
+        while buf.len() < 5 {
+            again.fill(&mut buf, 64).await.unwrap();
+        }
+        assert_eq!(&buf[..], b"world");
+        sender.write_all(b"!").await.unwrap();
+        let mut more = BytesMut::new();
+        again.fill(&mut more, 64).await.unwrap();
+        assert_eq!(&more[..], b"!", "the peek offset moved past what was read");
+    }
+}
