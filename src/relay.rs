@@ -229,6 +229,12 @@ impl Relay {
         ingress_ctx.default_nodes = !config.upstream.nodes.is_empty();
         ingress_ctx.shutdown_grace = config.upstream.shutdown_grace.0;
         ingress_ctx.peek = crate::ingress::peek_supported();
+        let staged_spool = spool.clone();
+        if let Ok(Ok(staged)) =
+            tokio::task::spawn_blocking(move || staged_spool.staged_connections()).await
+        {
+            ingress_ctx.staged = std::sync::Mutex::new(staged.into_iter().collect());
+        }
         let ctx = Arc::new(ingress_ctx);
         let connections = TaskTracker::new();
         let accept = spawn_core(

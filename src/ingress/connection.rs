@@ -61,6 +61,13 @@ const READ_CHUNK: usize = 64 * 1024;
 const PEEK_BYTES: usize = 512;
 /// Bytes read past a request's declared payload: its options map (chunk id, size).
 const TRAILER_SLACK: usize = 256;
+/// An unfinished request's unreleased bytes are kept in the spool (and released) once they
+/// reach half the socket's receive buffer, at least this much: a request larger than the
+/// buffer could never complete while all of it waits unread in the kernel.
+const KEEP_AT_LEAST: usize = 32 << 10;
+/// ...or once its sender pauses this long with some of it unreleased (the receive window may
+/// be closed by per-segment overhead before half the buffer is used).
+const KEEP_AFTER_PAUSE: Duration = Duration::from_millis(20);
 
 /// A decoded request waiting for room in the spool budget.
 struct Staged {
@@ -71,6 +78,8 @@ struct Staged {
     arrived: Instant,
     /// Where it starts in the connection's byte stream.
     start: u64,
+    /// Its prefix was kept in the spool under this connection id.
+    unstage: Option<u128>,
 }
 
 /// Why a connection ended.
@@ -115,6 +124,16 @@ enum Event {
     QuietOver,
     /// A handover began: park once nothing is owed.
     ParkBegun,
+    /// Keeping the unfinished request's prefix in the spool is done.
+    Kept(Result<(), crate::spool::SpoolError>),
+    /// The sender paused mid-request: keep what arrived.
+    Paused,
+}
+
+/// A prefix of the unfinished request on its way to the spool.
+struct Keeping {
+    commit: tokio::sync::oneshot::Receiver<Result<(), crate::spool::SpoolError>>,
+    len: u64,
 }
 
 /// A connection given back for the next worker: its transport and its state.
@@ -136,15 +155,20 @@ struct ReadPlan {
 /// Serve one connection: the shared-key handshake (or its rest, for a connection an earlier
 /// worker started), then requests until the peer closes, idles out, sends something invalid,
 /// or ackgate stops. `held`: the connection's state, when the supervisor holds it (it may then
-/// be parked and given back: the return value).
+/// be parked and given back: the return value), and whether an earlier worker kept part of
+/// its unfinished request in the spool.
 pub(super) async fn serve<I: ConnIo>(
     mut io: I,
     peer: SocketAddr,
     destination: Option<(SocketAddr, Counter)>,
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
-    held: Option<ConnState>,
+    held: Option<(ConnState, bool)>,
 ) -> Option<Parked<I>> {
+    let (held, has_kept) = match held {
+        Some((state, kept)) => (Some(state), kept),
+        None => (None, false),
+    };
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut released = 0;
     let mut held = held;
@@ -178,7 +202,28 @@ pub(super) async fn serve<I: ConnIo>(
             debug!(%peer, "shared-key handshake accepted");
         }
     }
-    let mut connection = Connection::new(io, buf, released, peer, ctx, shutdown, held);
+    let kept = match &held {
+        Some(state) if has_kept => {
+            let spool = ctx.spool.clone();
+            let id = state.id.0;
+            match tokio::task::spawn_blocking(move || spool.staged(id)).await {
+                Ok(Ok(prefix)) => {
+                    debug!(%peer, bytes = prefix.len(), "going on with a request an earlier worker kept in part");
+                    buf.extend_from_slice(&prefix);
+                    released += prefix.len() as u64;
+                    prefix.len() as u64
+                }
+                Ok(Err(e)) => {
+                    warn!(%peer, error = %e, "cannot read the kept part of an unfinished request: closing the connection");
+                    let _ = io.shutdown().await;
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+        _ => 0,
+    };
+    let mut connection = Connection::new(io, buf, released, kept, peer, ctx, shutdown, held);
     if let Some((destination, events)) = destination {
         connection.destination = Some(destination);
         connection.destination_events = Some(events);
@@ -212,6 +257,9 @@ struct Connection<I> {
     last_read: Instant,
     /// A handover began: read nothing more, and park once nothing is owed.
     parking: bool,
+    /// Bytes of the unfinished request kept in the spool and released from the socket.
+    kept: u64,
+    keeping: Option<Keeping>,
     /// Nothing more will be read.
     eof: bool,
     end: Option<Close>,
@@ -227,10 +275,12 @@ struct Connection<I> {
 }
 
 impl<I: ConnIo> Connection<I> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         io: I,
         buf: BytesMut,
         released: u64,
+        kept: u64,
         peer: SocketAddr,
         ctx: Arc<IngressContext>,
         shutdown: CancellationToken,
@@ -244,7 +294,7 @@ impl<I: ConnIo> Connection<I> {
         };
         Connection {
             io,
-            filled: released + buf.len() as u64,
+            filled: released + buf.len() as u64 - kept,
             released,
             buf,
             peer,
@@ -261,6 +311,8 @@ impl<I: ConnIo> Connection<I> {
             shutdown_deadline: None,
             last_read: Instant::now(),
             parking: false,
+            kept,
+            keeping: None,
             eof: false,
             end: None,
             requests: 0,
@@ -280,6 +332,7 @@ impl<I: ConnIo> Connection<I> {
                 self.partial.shrink_to(self.buf.len());
             }
             self.release_stored();
+            self.keep_unfinished(false);
             let plan = self.plan_read();
             if self.park_ready() {
                 self.end = Some(Close::Parked);
@@ -300,7 +353,56 @@ impl<I: ConnIo> Connection<I> {
         self.acks
             .oldest_unsettled_start()
             .or(self.staged.as_ref().map(|s| s.start))
-            .unwrap_or(self.filled - self.buf.len() as u64)
+            .unwrap_or(self.filled - self.buf.len() as u64 + self.kept)
+    }
+
+    /// Keep the unfinished request's unreleased bytes in the spool once there are enough of
+    /// them that the socket could stop taking more ([`KEEP_AT_LEAST`], half its buffer), or
+    /// `now` (the sender paused). Only for connections the supervisor holds (their id finds the
+    /// prefix again), read in peek mode, with nothing before the request unsettled.
+    fn keep_unfinished(&mut self, now: bool) {
+        let Some(state) = &self.held else { return };
+        let unreleased = (self.buf.len() as u64).saturating_sub(self.kept);
+        if !self.io.keeps_unreleased()
+            || self.keeping.is_some()
+            || self.parking
+            || self.end.is_some()
+            || !self.acks.is_empty()
+            || self.staged.is_some()
+            || unreleased == 0
+        {
+            return;
+        }
+        if !now {
+            let buffer = self
+                .io
+                .descriptor()
+                .and_then(|fd| socket2::SockRef::from(&fd).recv_buffer_size().ok())
+                .unwrap_or(0);
+            if unreleased < (buffer as u64 / 2).max(KEEP_AT_LEAST as u64) {
+                return;
+            }
+        }
+        let bytes = bytes::Bytes::copy_from_slice(&self.buf[self.kept as usize..]);
+        let commit = self.ctx.spool.stage(state.id.0, self.kept, bytes);
+        self.keeping = Some(Keeping {
+            commit,
+            len: unreleased,
+        });
+    }
+
+    fn on_kept(&mut self, result: Result<(), crate::spool::SpoolError>) {
+        let Some(keeping) = self.keeping.take() else {
+            return;
+        };
+        match result {
+            Ok(()) => self.kept += keeping.len,
+            Err(error) => {
+                warn!(peer = %self.peer, %error, "cannot keep an unfinished request in the spool: closing the connection; the sender resends what it did not finish");
+                self.end = Some(Close::CommitFailed);
+                self.eof = true;
+            }
+        }
     }
 
     /// Let the kernel drop what is stored. A failure closes the connection: what follows
@@ -326,6 +428,7 @@ impl<I: ConnIo> Connection<I> {
         let parked = self.parking && self.io.keeps_unreleased();
         while !parked
             && self.end.is_none()
+            && self.keeping.is_none()
             && self.staged.is_none()
             && self.acks.len() < self.max_pending
         {
@@ -385,12 +488,16 @@ impl<I: ConnIo> Connection<I> {
             return;
         }
         let cost = Spool::cost(frame.signal, self.destination, &frame.tag, &frame.entries);
+        // Its prefix was kept in the spool: removed with the commit that stores it whole.
+        let unstage = (self.kept > 0).then(|| self.held.as_ref().map(|s| s.id.0)).flatten();
+        self.kept = 0;
         let staged = Staged {
             key,
             frame,
             cost,
             arrived: Instant::now(),
             start,
+            unstage,
         };
         if self.ctx.spool.try_reserve(cost) {
             submit(&self.ctx.spool, self.destination, staged, &mut self.acks);
@@ -422,6 +529,10 @@ impl<I: ConnIo> Connection<I> {
         let allowed = self.end.is_none()
             && !self.eof
             && !(self.parking && self.io.keeps_unreleased())
+            // Not while a prefix is being kept: decoding waits for it, and an end of stream
+            // read meanwhile would be taken for one in the middle of a request. The socket
+            // takes the rest of the window meanwhile.
+            && self.keeping.is_none()
             && self.staged.is_none()
             && self.acks.len() < self.max_pending;
         let buffered = self.buf.len();
@@ -485,6 +596,20 @@ impl<I: ConnIo> Connection<I> {
             && (self.io.keeps_unreleased() || (self.buf.is_empty() && self.staged.is_none()))
     }
 
+    /// An unfinished request with unreleased bytes whose sender paused: keep what arrived
+    /// ([`KEEP_AFTER_PAUSE`]), in case the socket's window is what holds it back.
+    fn pause_deadline(&self) -> Option<Instant> {
+        let waiting = self.held.is_some()
+            && self.io.keeps_unreleased()
+            && self.keeping.is_none()
+            && !self.parking
+            && self.end.is_none()
+            && self.acks.is_empty()
+            && self.staged.is_none()
+            && self.buf.len() as u64 > self.kept;
+        waiting.then(|| self.last_read + KEEP_AFTER_PAUSE)
+    }
+
     /// Stopping, at a request boundary with nothing owed: close once quiet for [`STOP_QUIET`].
     fn quiet_deadline(&self) -> Option<Instant> {
         let at_boundary = self.buf.is_empty() && self.acks.is_empty() && self.staged.is_none();
@@ -503,6 +628,9 @@ impl<I: ConnIo> Connection<I> {
             && self.end.is_none();
         let staged_cost = self.staged.as_ref().map(|s| s.cost);
         let quiet = self.quiet_deadline();
+        let pause = self.pause_deadline();
+        let is_keeping = self.keeping.is_some();
+        let keeping = self.keeping.as_mut().map(|k| &mut k.commit);
         let park = &self.ctx.park;
         let spool = &self.ctx.spool;
         let buf = &mut self.buf;
@@ -525,6 +653,10 @@ impl<I: ConnIo> Connection<I> {
                 if self.shutdown_deadline.is_some() && self.end.is_none() => Event::GraceOver,
             _ = sleep_until_opt(quiet), if quiet.is_some() => Event::QuietOver,
             _ = park.cancelled(), if !self.parking && self.end.is_none() => Event::ParkBegun,
+            kept = async { keeping?.await.ok() }, if is_keeping => {
+                Event::Kept(kept.unwrap_or(Err(crate::spool::SpoolError::Closed)))
+            }
+            _ = sleep_until_opt(pause), if pause.is_some() => Event::Paused,
         }
     }
 
@@ -556,6 +688,8 @@ impl<I: ConnIo> Connection<I> {
                 self.eof = true;
             }
             Event::ParkBegun => self.on_park(),
+            Event::Kept(result) => self.on_kept(result),
+            Event::Paused => self.keep_unfinished(true),
         }
     }
 
@@ -678,6 +812,11 @@ impl<I: ConnIo> Connection<I> {
             } else {
                 Close::Eof
             });
+        if self.kept > 0 && !matches!(reason, Close::Parked) {
+            if let Some(state) = &self.held {
+                self.ctx.spool.unstage(state.id.0);
+            }
+        }
         if let (Close::Parked, Some(state)) = (&reason, self.held.take()) {
             debug!(peer = %self.peer, requests = self.requests, "connection parked for the next worker");
             return Some(Parked { io: self.io, state });
@@ -696,16 +835,18 @@ fn submit(spool: &Spool, destination: Option<SocketAddr>, staged: Staged, acks: 
         cost,
         arrived,
         start,
+        unstage,
     } = staged;
     let bytes = frame.entries.len() as u64;
     let signal: Signal = frame.signal;
-    let commit = spool.append(
+    let commit = spool.append_unstaging(
         signal,
         destination,
         frame.tag,
         frame.entries,
         frame.events,
         cost,
+        unstage,
     );
     acks.push(Pending::new(
         commit,

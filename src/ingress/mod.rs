@@ -72,6 +72,9 @@ pub struct IngressContext {
     /// Plain TCP connections are read with `MSG_PEEK` and released once stored
     /// ([`io::Socket`]): the kernel has TCP `SO_PEEK_OFF`.
     pub peek: bool,
+    /// Connections with a request prefix kept in the spool by an earlier worker, not yet
+    /// handed to this one.
+    pub staged: std::sync::Mutex<std::collections::HashSet<u128>>,
 }
 
 impl IngressContext {
@@ -117,7 +120,30 @@ impl IngressContext {
             park: CancellationToken::new(),
             shutdown_grace: Duration::from_secs(5),
             peek: false,
+            staged: Default::default(),
         })
+    }
+
+    /// Whether an earlier worker kept part of `conn`'s unfinished request (asked once per
+    /// connection).
+    pub fn take_staged(&self, conn: u128) -> bool {
+        self.staged
+            .lock()
+            .map(|mut staged| staged.remove(&conn))
+            .unwrap_or(false)
+    }
+
+    /// Every connection an earlier worker left has been handed over: what is kept for any
+    /// other one belongs to a connection that is gone.
+    fn forget_orphans(&self) {
+        let orphans: Vec<u128> = match self.staged.lock() {
+            Ok(mut staged) => staged.drain().collect(),
+            Err(_) => return,
+        };
+        for conn in orphans {
+            warn!(conn = %crate::lifecycle::names::ConnId(conn), "a connection with an unfinished request did not survive (its sender reset it): the kept part of that request is dropped");
+            self.spool.unstage(conn);
+        }
     }
 
     fn allowed(&self, peer: &SocketAddr) -> bool {
@@ -159,6 +185,7 @@ pub async fn run_handed(
                 }
                 Some(Feed::Adopted(count)) => {
                     adopting = false;
+                    ctx.forget_orphans();
                     if count > 0 {
                         info!(connections = count, "serving the connections an earlier worker left");
                     }
@@ -223,6 +250,9 @@ fn serve_handed(
         refuse(&stream);
         return;
     };
+    // Asked now, in hand-over order: the orphans are forgotten once every adopted connection
+    // has been seen here.
+    let has_kept = ctx.take_staged(state.id.0);
     let ctx = ctx.clone();
     let shutdown = shutdown.clone();
     let span = match admitted.destination {
@@ -232,7 +262,7 @@ fn serve_handed(
     tracker.spawn(
         async move {
             let _permit = permit;
-            handle(stream, peer, admitted, ctx, shutdown, state).await;
+            handle(stream, peer, admitted, ctx, shutdown, state, has_kept).await;
         }
         .instrument(span),
     );
@@ -253,6 +283,7 @@ async fn handle(
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
     state: ConnState,
+    has_kept: bool,
 ) {
     let counted = admitted.destination.zip(admitted.destination_events);
     let _ = stream.set_nodelay(true);
@@ -263,8 +294,8 @@ async fn handle(
     let Some(acceptor) = &ctx.tls else {
         match Socket::new(stream, ctx.peek) {
             Ok(io) => {
-                let parked =
-                    connection::serve(io, peer, counted, ctx.clone(), shutdown, Some(state)).await;
+                let held = Some((state, has_kept));
+                let parked = connection::serve(io, peer, counted, ctx.clone(), shutdown, held).await;
                 if let Some(parked) = parked {
                     hand_back(parked);
                 }

@@ -16,7 +16,7 @@ use super::queued::{Deltas, Queued};
 use super::record::{self, DeadKind, RecordError, StoredRecord};
 use super::store::{
     Counters, DEAD, META, META_BYTES, META_DEAD_BYTES, META_NEXT_DEAD, META_NEXT_KEY, META_RECORDS,
-    RECORDS, RETRIES,
+    RECORDS, RETRIES, STAGED,
 };
 use super::writer::{Append, Maintenance};
 use crate::forward::frame::Signal;
@@ -130,6 +130,7 @@ struct Tables<'t> {
     records: Table<'t, u64, &'static [u8]>,
     retries: Table<'t, u64, &'static [u8]>,
     dead: Table<'t, u64, &'static [u8]>,
+    staged: Table<'t, (u128, u64), &'static [u8]>,
     counters: Counters,
     applied: Applied,
     /// Records and bytes added and removed per original destination.
@@ -154,6 +155,7 @@ pub(super) fn write(db: &Database, group: &Group) -> Result<Applied, Failed> {
                 records: txn.open_table(RECORDS)?,
                 retries: txn.open_table(RETRIES)?,
                 dead: txn.open_table(DEAD)?,
+                staged: txn.open_table(STAGED)?,
                 counters: group.counters,
                 applied: Applied::default(),
                 queued: Deltas::default(),
@@ -250,6 +252,9 @@ impl Tables<'_> {
     /// (no copy built first) and kept, as the requests' own bytes, for sending from memory.
     fn add_appends(&mut self, appends: &[Append]) -> TxResult<()> {
         self.applied.keys = vec![0; appends.len()];
+        for conn in appends.iter().filter_map(|a| a.unstage) {
+            self.unstage(conn)?;
+        }
         for merged in merge(appends) {
             let members = || merged.members.iter().map(|&i| &appends[i]);
             let events = members().map(|a| a.events).fold(0u32, u32::saturating_add);
@@ -341,7 +346,27 @@ impl Tables<'_> {
             Maintenance::Requeue { id, .. } => self.requeue(*id),
             Maintenance::Purge { .. } => self.purge(),
             Maintenance::Flush { .. } => Ok(Outcome::Done),
+            Maintenance::Stage {
+                conn,
+                offset,
+                bytes,
+                ..
+            } => {
+                self.staged.insert((*conn, *offset), &bytes[..])?;
+                Ok(Outcome::Done)
+            }
+            Maintenance::Unstage(conn) => {
+                self.unstage(*conn)?;
+                Ok(Outcome::Done)
+            }
         }
+    }
+
+    /// Remove every staged part of `conn`'s request.
+    fn unstage(&mut self, conn: u128) -> TxResult<()> {
+        self.staged
+            .retain_in((conn, 0)..=(conn, u64::MAX), |_, _| false)?;
+        Ok(())
     }
 
     /// Replace a record by its parts: new keys and chunk ids, same tag, signal and received

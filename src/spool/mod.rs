@@ -314,6 +314,22 @@ impl Spool {
         events: u32,
         reserved: u64,
     ) -> oneshot::Receiver<Result<u64, SpoolError>> {
+        self.append_unstaging(signal, destination, tag, entries, events, reserved, None)
+    }
+
+    /// [`Spool::append`] a request whose prefix was staged under `unstage` ([`Spool::stage`]):
+    /// the staged parts are removed in the same transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_unstaging(
+        &self,
+        signal: Signal,
+        destination: Option<SocketAddr>,
+        tag: Bytes,
+        entries: Bytes,
+        events: u32,
+        reserved: u64,
+        unstage: Option<u128>,
+    ) -> oneshot::Receiver<Result<u64, SpoolError>> {
         let (reply, rx) = oneshot::channel();
         let append = Append {
             signal,
@@ -324,6 +340,7 @@ impl Spool {
             received_ms: now_ms(),
             queued_at: Instant::now(),
             reserved,
+            unstage,
             reply,
         };
         if let Err(mpsc::SendError(Command::Append(append))) =
@@ -333,6 +350,40 @@ impl Spool {
             let _ = append.reply.send(Err(SpoolError::Closed));
         }
         rx
+    }
+
+    /// Keep `bytes`, part of a request still arriving on connection `conn` at `offset` in it,
+    /// durably (invariant 10: it may then leave its socket). Resolves once committed.
+    pub fn stage(
+        &self,
+        conn: u128,
+        offset: u64,
+        bytes: Bytes,
+    ) -> oneshot::Receiver<Result<(), SpoolError>> {
+        let (reply, rx) = oneshot::channel();
+        self.maintain(Maintenance::Stage {
+            conn,
+            offset,
+            bytes,
+            reply,
+        });
+        rx
+    }
+
+    /// Forget what was staged for `conn` (it ended without completing its request).
+    pub fn unstage(&self, conn: u128) {
+        self.maintain(Maintenance::Unstage(conn));
+    }
+
+    /// What was staged for `conn`, in order (a worker going on with a connection an earlier
+    /// one left). Blocking.
+    pub fn staged(&self, conn: u128) -> Result<Vec<u8>, SpoolError> {
+        self.with_read(|txn| read::staged(txn, conn))
+    }
+
+    /// The connections with something staged. Blocking.
+    pub fn staged_connections(&self) -> Result<Vec<u128>, SpoolError> {
+        self.with_read(read::staged_connections)
     }
 
     /// Remove a record after its upstream ack (invariant 2). Its bytes are released at once;

@@ -8,8 +8,36 @@ use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 
 use super::error::SpoolError;
 use super::record::{self, DeadLetter};
-use super::store::{DEAD, RECORDS, RETRIES};
+use super::store::{DEAD, RECORDS, RETRIES, STAGED};
 use super::{DamagedRecord, ReadBatch};
+
+/// What was staged for `conn`'s request, its parts concatenated in order.
+pub(super) fn staged(txn: &ReadTransaction, conn: u128) -> Result<Vec<u8>, SpoolError> {
+    let table = txn.open_table(STAGED).map_err(SpoolError::read)?;
+    let mut prefix = Vec::new();
+    for item in table
+        .range((conn, 0)..=(conn, u64::MAX))
+        .map_err(SpoolError::read)?
+    {
+        let (_, value) = item.map_err(SpoolError::read)?;
+        prefix.extend_from_slice(value.value());
+    }
+    Ok(prefix)
+}
+
+/// The connections with staged parts.
+pub(super) fn staged_connections(txn: &ReadTransaction) -> Result<Vec<u128>, SpoolError> {
+    let table = txn.open_table(STAGED).map_err(SpoolError::read)?;
+    let mut conns: Vec<u128> = Vec::new();
+    for item in table.iter().map_err(SpoolError::read)? {
+        let (key, _) = item.map_err(SpoolError::read)?;
+        let (conn, _) = key.value();
+        if conns.last() != Some(&conn) {
+            conns.push(conn);
+        }
+    }
+    Ok(conns)
+}
 
 /// Up to `max_records` records (and about `max_bytes` of entries) with keys ≥ `from`, oldest
 /// first; records that do not decode are reported apart, never skipped silently.

@@ -26,6 +26,10 @@ pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 /// delivered and the bytes of rejected requests, kept for inspection, bounded by
 /// `dead_letter_max_bytes`.
 pub(super) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// Prefixes of requests too large to wait unread in their socket (invariant 10): (connection
+/// id, offset in the request) → bytes. Durable before they leave the socket, removed in the
+/// transaction that stores the whole request, or when its connection ends without it.
+pub(super) const STAGED: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("staged");
 pub(super) const META_NEXT_KEY: &str = "next_key";
 pub(super) const META_BYTES: &str = "bytes";
 pub(super) const META_RECORDS: &str = "records";
@@ -181,6 +185,7 @@ impl Store {
             txn.open_table(DEAD).map_err(|e| open_err(e.into()))?;
             txn.open_table(super::queued::QUEUED)
                 .map_err(|e| open_err(e.into()))?;
+            txn.open_table(STAGED).map_err(|e| open_err(e.into()))?;
         }
         txn.commit().map_err(|e| open_err(e.into()))?;
         Ok(db)

@@ -77,6 +77,9 @@ pub(super) struct Append {
     pub queued_at: Instant,
     /// Bytes reserved in the budget for this request (given back if it fails).
     pub reserved: u64,
+    /// The request's prefix was staged under this connection id: removed in the same
+    /// transaction.
+    pub unstage: Option<u128>,
     pub reply: oneshot::Sender<Result<u64, SpoolError>>,
 }
 
@@ -116,6 +119,15 @@ pub(super) enum Maintenance {
     Flush {
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
+    /// Keep part of a request that is still arriving, durably, so that it may leave its socket.
+    Stage {
+        conn: u128,
+        offset: u64,
+        bytes: Bytes,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    /// A connection ended without completing its staged request: its prefix goes.
+    Unstage(u128),
 }
 
 impl Maintenance {
@@ -127,6 +139,7 @@ impl Maintenance {
                 | Maintenance::Requeue { .. }
                 | Maintenance::Purge { .. }
                 | Maintenance::Flush { .. }
+                | Maintenance::Stage { .. }
         )
     }
 
@@ -149,7 +162,7 @@ impl Maintenance {
             (Maintenance::Purge { reply }, Outcome::Purged(count)) => {
                 let _ = reply.send(Ok(count));
             }
-            (Maintenance::Flush { reply }, _) => {
+            (Maintenance::Flush { reply }, _) | (Maintenance::Stage { reply, .. }, _) => {
                 let _ = reply.send(Ok(()));
             }
             _ => {}
@@ -171,7 +184,7 @@ impl Maintenance {
                 let _ = reply.send(Err(error.clone()));
                 None
             }
-            Maintenance::Flush { reply } => {
+            Maintenance::Flush { reply } | Maintenance::Stage { reply, .. } => {
                 let _ = reply.send(Err(error.clone()));
                 None
             }
