@@ -54,6 +54,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Upgrade a running relay to the executable now at the path it was started from (as SIGUSR2
+    /// to its main pid), and wait for the outcome. Exit 0 upgraded, 1 failed (the running
+    /// version keeps serving, and the reason is printed), 2 unreachable.
+    Upgrade {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How long to wait for the new worker.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        wait: std::time::Duration,
+    },
     /// A live terminal view of a running relay, refreshed every second (q quits).
     Top {
         #[arg(long, short)]
@@ -97,6 +107,17 @@ fn main() -> ExitCode {
             init_logging("warn", LogFormat::Text);
             match runtime() {
                 Ok(rt) => rt.block_on(ackgate::console::status::run(&config, &path, json)),
+                Err(e) => exit_with(Err(e)),
+            }
+        }
+        Command::Upgrade { config: path, wait } => {
+            let config = match load_config(&path) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            init_logging("warn", LogFormat::Text);
+            match runtime() {
+                Ok(rt) => rt.block_on(ackgate::console::upgrade::run(&config, &path, wait)),
                 Err(e) => exit_with(Err(e)),
             }
         }
@@ -202,6 +223,10 @@ fn run_worker(path: &std::path::Path, standby: bool) -> ExitCode {
             result
         })
     }))
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    ackgate::config::HumanDuration::parse(text)
 }
 
 /// Load and validate a config; on error say why (the key and the problem) and fail.

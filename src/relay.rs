@@ -15,6 +15,7 @@ use crate::admin::{AdminState, NodeAddress};
 use crate::config::Config;
 use crate::ingress::{self, IngressContext};
 use crate::lifecycle::link::{self, Feed, Request};
+use crate::lifecycle::state::WorkerState;
 use crate::lifecycle::{notify, sockets};
 use crate::spool::{Spool, SpoolError, SpoolWriter};
 use crate::{supervise, upstream};
@@ -101,6 +102,8 @@ pub async fn run(
     let (watchdog, mut deaths) = supervise::watchdog();
     let relay = Relay::start(&config, &watchdog, sockets, connections).await?;
     notify::ready("relaying");
+    // The supervisor may say its accept queue is drained before the stop signal is seen here.
+    let mut drained = false;
     let ending = loop {
         tokio::select! {
             asked = signals.wait() => match asked {
@@ -109,7 +112,11 @@ pub async fn run(
             },
             request = requests.recv() => match request {
                 Some(Request::Handover) => break Ending::Handover,
-                Some(Request::Notice(text)) => relay.notice(text),
+                Some(Request::Notice(text)) => {
+                    warn!(notice = %text, "from the supervisor");
+                    relay.lifecycle.record_notice(text);
+                }
+                Some(Request::Drained) => drained = true,
                 Some(Request::Gone) | None => {
                     warn!("the supervisor is gone: stopping");
                     break Ending::Stop;
@@ -121,7 +128,7 @@ pub async fn run(
         }
     };
     match ending {
-        Ending::Stop => relay.stop(&config, &mut requests).await,
+        Ending::Stop => relay.stop(&config, &mut requests, drained).await,
         Ending::Handover => relay.handover(&config).await,
     }
 }
@@ -181,8 +188,8 @@ struct Relay {
     connections: TaskTracker,
     nodes: TaskTracker,
     admin: Option<tokio::task::JoinHandle<()>>,
-    /// What the supervisor last told operators (an upgrade that failed).
-    notices: Arc<std::sync::Mutex<Option<String>>>,
+    /// This worker's lifecycle, as the admin API shows it.
+    lifecycle: Arc<WorkerState>,
 }
 
 /// How long a stop waits for the supervisor to say its accept queue is empty.
@@ -206,6 +213,7 @@ impl Relay {
         ) {
             anyhow::bail!("upstream.socket_mark = {mark} needs CAP_NET_ADMIN, which this process does not have (systemd: AmbientCapabilities=CAP_NET_ADMIN)");
         }
+        let supervisor_pid = sockets.supervisor_pid;
         let (spool, writer) = open_spool(config).await?;
         let ingress_sockets = sockets::ingress(&config.ingress, sockets.tcp, sockets.udp).await?;
         let local = ingress_sockets.local;
@@ -271,7 +279,10 @@ impl Relay {
             connections,
             nodes: upstream.tracker.clone(),
             admin: None,
-            notices: Arc::new(std::sync::Mutex::new(None)),
+            lifecycle: Arc::new(WorkerState::new(
+                supervisor_pid,
+                crate::ingress::peek_supported(),
+            )),
         };
         let admin_listener = sockets::admin(config, sockets.admin).await?;
         relay.admin = relay
@@ -280,13 +291,6 @@ impl Relay {
         info!(listen = %local, nodes = config.upstream.nodes.len(),
             crash_safe_reading = relay.ingress.peek, "ackgate ready");
         Ok(relay)
-    }
-
-    fn notice(&self, text: String) {
-        warn!(notice = %text, "from the supervisor");
-        if let Ok(mut last) = self.notices.lock() {
-            *last = Some(text);
-        }
     }
 
     /// The admin listener, when `[admin]` (or the old `[metrics]`) is set.
@@ -324,6 +328,7 @@ impl Relay {
             ingress_listen: ingress_listen.to_string(),
             nodes,
             token: admin.token.clone(),
+            lifecycle: self.lifecycle.clone(),
         });
         let stop = self.admin_stop.clone();
         Ok(Some(tokio::spawn(async move {
@@ -338,6 +343,7 @@ impl Relay {
         mut self,
         config: &Config,
         requests: &mut tokio::sync::mpsc::UnboundedReceiver<Request>,
+        drained: bool,
     ) -> anyhow::Result<()> {
         notify::stopping();
         self.accepting
@@ -345,6 +351,9 @@ impl Relay {
         self.ingress_stop.cancel();
         self.upstream_stop.cancel();
         let drained = async {
+            if drained {
+                return;
+            }
             loop {
                 match requests.recv().await {
                     Some(Request::Drained) | Some(Request::Gone) | None => return,

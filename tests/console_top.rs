@@ -381,9 +381,10 @@ fn q_quits_at_once_while_the_relay_does_not_answer() {
         return;
     };
     // Stopped, the relay's kernel still accepts connections: each poll hangs until the
-    // client's 10 s deadline, which `q` must not wait for.
-    send_signal(gate.pid(), libc::SIGSTOP);
-    let resume = Resume(gate.pid());
+    // client's 10 s deadline, which `q` must not wait for. The worker serves the admin API.
+    let worker = gate.worker_pid();
+    send_signal(worker, libc::SIGSTOP);
+    let resume = Resume(worker);
     tmux.wait_for_screen("a stale status", SCREEN_TIMEOUT, |s| {
         s.contains(&format!("no fresh status from {admin}"))
     });

@@ -6,7 +6,9 @@
 //!   sent now): as documented since the first release;
 //! - `/api/status`, `/api/records`, `/api/records/{key}`, `/api/dead-letters` (list, export,
 //!   requeue, purge): JSON for `ackgate status`, `ackgate top` and `ackgate spool` on a
-//!   running relay ([`routes`], [`status`]).
+//!   running relay ([`routes`], [`status`]);
+//! - `POST /api/upgrade`: ask the supervisor to upgrade to the executable at the path
+//!   ackgate was started from (`ackgate upgrade`).
 //!
 //! Limits, like the Forward port's: a connection cap taken before accept, a deadline on the
 //! request head and on every answer (`admin.request_timeout`), accept errors backed off.
@@ -57,6 +59,8 @@ pub struct AdminState {
     pub ingress_listen: String,
     pub nodes: Vec<NodeAddress>,
     pub token: Option<Secret>,
+    /// The worker's own lifecycle (and the supervisor's notices).
+    pub lifecycle: Arc<crate::lifecycle::state::WorkerState>,
 }
 
 /// Longest an idle keep-alive connection is kept.

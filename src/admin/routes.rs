@@ -43,6 +43,7 @@ pub fn router(state: Arc<AdminState>, timeout: Duration) -> Router {
         .route("/api/dead-letters/export", get(dead_letters_export))
         .route("/api/dead-letters/requeue", post(requeue))
         .route("/api/dead-letters/purge", post(purge))
+        .route("/api/upgrade", post(upgrade))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
@@ -248,6 +249,27 @@ async fn status(State(state): Shared) -> Response {
         Ok(status) => Json(status).into_response(),
         Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
+}
+
+/// Ask the supervisor for an upgrade; it answers in the worker it starts (or, if it fails, in
+/// this one's `lifecycle.last_notice`): `ackgate upgrade` watches `/api/status` for either.
+async fn upgrade(State(state): Shared) -> Response {
+    if state.lifecycle.supervisor_pid.is_none() {
+        return json_error(
+            StatusCode::CONFLICT,
+            "no supervisor: this relay was not started by `ackgate run`",
+        );
+    }
+    crate::lifecycle::notify::request_upgrade();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "requested": true,
+            "worker_pid": state.lifecycle.worker_pid,
+            "worker_started_ms": state.lifecycle.started_ms,
+        })),
+    )
+        .into_response()
 }
 
 #[derive(Debug, Deserialize)]

@@ -27,6 +27,24 @@ pub struct Status {
     pub queue: QueueStatus,
     pub ingress: IngressStatus,
     pub nodes: Vec<NodeStatus>,
+    /// Which processes serve, and what the supervisor last said (invariant 10).
+    #[serde(default)]
+    pub lifecycle: LifecycleStatus,
+}
+
+/// `lifecycle` in `/api/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleStatus {
+    /// `ackgate run`'s pid: the service's main pid, the same across reloads and upgrades.
+    pub supervisor_pid: Option<u32>,
+    /// The process reading the sockets now (a new one after a crash or an upgrade).
+    pub worker_pid: u32,
+    pub worker_started_ms: u64,
+    /// Plain TCP is read with `MSG_PEEK` and released once stored (TCP `SO_PEEK_OFF`, Linux
+    /// 6.10+): a worker that dies loses nothing it had read. False on older kernels.
+    pub crash_safe_reading: bool,
+    /// The supervisor's last message (an upgrade that failed, and why), with when it came.
+    pub last_notice: Option<crate::lifecycle::state::Notice>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,6 +177,13 @@ impl Status {
             queue,
             ingress,
             nodes,
+            lifecycle: LifecycleStatus {
+                supervisor_pid: state.lifecycle.supervisor_pid,
+                worker_pid: state.lifecycle.worker_pid,
+                worker_started_ms: state.lifecycle.started_ms,
+                crash_safe_reading: state.lifecycle.crash_safe_reading,
+                last_notice: state.lifecycle.last_notice(),
+            },
         };
         status.attention = status.needs_attention();
         status.healthy = status.attention.is_empty();

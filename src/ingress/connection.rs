@@ -489,7 +489,9 @@ impl<I: ConnIo> Connection<I> {
         }
         let cost = Spool::cost(frame.signal, self.destination, &frame.tag, &frame.entries);
         // Its prefix was kept in the spool: removed with the commit that stores it whole.
-        let unstage = (self.kept > 0).then(|| self.held.as_ref().map(|s| s.id.0)).flatten();
+        let unstage = (self.kept > 0)
+            .then(|| self.held.as_ref().map(|s| s.id.0))
+            .flatten();
         self.kept = 0;
         let staged = Staged {
             key,

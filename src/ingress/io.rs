@@ -201,7 +201,6 @@ pub fn tcp_peek_offset_supported() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt as _;
 
     #[tokio::test]
     async fn peeked_bytes_stay_until_released_and_a_new_reader_starts_over() {

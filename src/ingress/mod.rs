@@ -295,7 +295,8 @@ async fn handle(
         match Socket::new(stream, ctx.peek) {
             Ok(io) => {
                 let held = Some((state, has_kept));
-                let parked = connection::serve(io, peer, counted, ctx.clone(), shutdown, held).await;
+                let parked =
+                    connection::serve(io, peer, counted, ctx.clone(), shutdown, held).await;
                 if let Some(parked) = parked {
                     hand_back(parked);
                 }

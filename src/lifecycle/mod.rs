@@ -14,5 +14,6 @@ pub mod notify;
 pub mod protocol;
 pub mod socket;
 pub mod sockets;
+pub mod state;
 pub mod supervisor;
 pub mod worker;

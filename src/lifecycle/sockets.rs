@@ -19,6 +19,8 @@ use crate::config::{Config, IngressConfig};
 /// What a worker was handed at start (`LISTEN_FDS`), by name.
 #[derive(Default)]
 pub struct Inherited {
+    /// The supervisor's pid (the service's main pid).
+    pub supervisor_pid: Option<u32>,
     pub supervisor: Option<OwnedFd>,
     pub tcp: Vec<OwnedFd>,
     pub udp: Option<OwnedFd>,

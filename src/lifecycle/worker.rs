@@ -36,9 +36,12 @@ pub fn prepare_process() -> Result<Inherited, WorkerError> {
     }
     super::supervisor::raise_file_limit();
     super::notify::init();
-    let inherited = Inherited::take().map_err(WorkerError::Descriptors)?;
+    let mut inherited = Inherited::take().map_err(WorkerError::Descriptors)?;
     if inherited.supervisor.is_none() {
         return Err(WorkerError::NotSupervised);
     }
+    inherited.supervisor_pid = u32::try_from(supervisor).ok();
+    // `ps` and `pstree` show the worker as such (it was started from /proc/self/exe).
+    let _ = rustix::thread::set_name(c"ackgate-worker");
     Ok(inherited)
 }

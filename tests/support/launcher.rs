@@ -231,6 +231,21 @@ impl Ackgate {
             .expect("ackgate not running")
     }
 
+    /// The worker: the process `ackgate run` (the supervisor, [`Ackgate::pid`]) started to
+    /// read the sockets, which serves the admin API. It printed the ready line the start
+    /// waited for, so it exists.
+    pub fn worker_pid(&self) -> u32 {
+        let supervisor = self.pid();
+        let children =
+            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                .unwrap_or_default();
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("ackgate run (pid {supervisor}) has no worker process"))
+    }
+
     pub fn config_path(&self) -> &Path {
         &self.config_path
     }

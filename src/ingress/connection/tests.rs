@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::serve;
 use crate::config::Config;
 use crate::forward::ack::encode_ack;
+use crate::ingress::io::Streamed;
 use crate::ingress::IngressContext;
 use crate::spool::testing::{keys_after_flush, stop, WAIT};
 use crate::spool::{Spool, SpoolWriter};
@@ -57,13 +58,12 @@ impl Harness {
         capacity: usize,
     ) -> (DuplexStream, JoinHandle<()>) {
         let (client, server) = tokio::io::duplex(capacity);
-        let task = tokio::spawn(serve(
-            server,
-            SocketAddr::from(PEER),
-            None,
-            ctx.clone(),
-            self.shutdown.clone(),
-        ));
+        let ctx = ctx.clone();
+        let shutdown = self.shutdown.clone();
+        let task = tokio::spawn(async move {
+            let peer = SocketAddr::from(PEER);
+            serve(Streamed(server), peer, None, ctx, shutdown, None).await;
+        });
         (client, task)
     }
 

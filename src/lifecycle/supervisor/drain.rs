@@ -86,7 +86,7 @@ mod tests {
    0: 0100007F:5EA0 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n\
    1: 0100007F:5EA0 0100007F:D431 03 00000000:00000000 00:00000000 00000000     0        0 0 1 0 100 0 0 10 0\n";
         assert!(syn_recv_on(table, &HashSet::from([0x5EA0])));
-        assert!(!syn_recv_on(table, &HashSet::from([24224])));
+        assert!(!syn_recv_on(table, &HashSet::from([24225])));
     }
 
     #[test]

@@ -78,11 +78,11 @@ impl Holdings {
         self.listeners.len() != before
     }
 
-    /// Keep a connection under `name` (or rename it, when it is held already).
-    pub fn hold(&mut self, id: ConnId, name: String, fd: OwnedFd) -> io::Result<()> {
+    /// Keep a connection under `name` (or rename it, when it is held already: then its old
+    /// name is returned).
+    pub fn hold(&mut self, id: ConnId, name: String, fd: OwnedFd) -> io::Result<Option<String>> {
         if let Some(held) = self.connections.get_mut(&id) {
-            held.name = name;
-            return Ok(());
+            return Ok(Some(std::mem::replace(&mut held.name, name)));
         }
         let key = id.0 as u64;
         self.hangups
@@ -91,7 +91,7 @@ impl Holdings {
             .add(&fd, EpollEvent::new(EpollFlags::empty(), key))?;
         self.keys.insert(key, id);
         self.connections.insert(id, Held { name, fd });
-        Ok(())
+        Ok(None)
     }
 
     /// Let a connection go (closing this copy of it).

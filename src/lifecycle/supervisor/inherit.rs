@@ -75,13 +75,13 @@ pub fn take() -> io::Result<Inherited> {
     } else {
         for (fd, name) in sd_notify::listen_fds_with_names()? {
             let Some(fd) = own(fd) else { continue };
-            let Some(name) = classify(fd.as_fd(), &name) else {
+            let Some(classified) = classify(fd.as_fd(), &name) else {
                 tracing::warn!(%name, "ignoring an inherited descriptor that is not a socket ackgate uses");
                 continue;
             };
-            // A listener from systemd is the socket unit's; a stored connection is ours.
-            let activated = names::conn_id(&name).is_none();
-            inherited.add(name, fd, activated);
+            // A name of ours came back from systemd's fd store; any other is a socket unit's.
+            let activated = classified != name;
+            inherited.add(classified, fd, activated);
         }
     }
     for variable in [

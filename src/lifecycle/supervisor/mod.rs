@@ -163,6 +163,10 @@ struct Supervisor {
     /// Deaths of workers that did not live [`STABLE_AFTER`] in a row.
     quick_deaths: u32,
     ready_once: bool,
+    /// Told to the next worker started (an upgrade that failed after the handover).
+    pending_notice: Option<String>,
+    /// Keep what is held in systemd's fd store too.
+    fd_store: bool,
 }
 
 impl Supervisor {
@@ -192,12 +196,15 @@ impl Supervisor {
             phase: Phase::Starting,
             quick_deaths: 0,
             ready_once: false,
+            pending_notice: None,
+            fd_store: std::env::var("FDSTORE")
+                .ok()
+                .and_then(|max| max.parse::<u32>().ok())
+                .is_some_and(|max| max > 0),
         };
         for listener in inherited.listeners {
-            if listener.activated {
-                // A socket unit's listener may carry the filter of a stop that came before.
-                drain::accept_handshakes(listener.fd.as_fd());
-            }
+            // A listener kept by systemd may carry the filter of a stop that came before.
+            drain::accept_handshakes(listener.fd.as_fd());
             supervisor.hold_listener(listener)?;
         }
         let adopted = inherited.connections.len();
@@ -223,7 +230,6 @@ impl Supervisor {
                         "kept sender connections from before this start"
                     );
                 }
-                supervisor.start_worker(false)?;
             }
         }
         Ok(supervisor)
@@ -258,6 +264,9 @@ impl Supervisor {
         );
         self.worker = Some(worker);
         self.hand_over_held();
+        if let Some(text) = self.pending_notice.take() {
+            self.notice(text);
+        }
         Ok(())
     }
 
@@ -274,6 +283,7 @@ impl Supervisor {
     }
 
     async fn serve(mut self) -> ExitCode {
+        // Before the first worker starts: a SIGCHLD that came earlier would be lost.
         let mut signals = match Signals::install() {
             Ok(signals) => signals,
             Err(e) => {
@@ -281,6 +291,12 @@ impl Supervisor {
                 return ExitCode::FAILURE;
             }
         };
+        if self.worker.is_none() {
+            if let Err(e) = self.start_worker(false) {
+                error!(error = %e, "cannot start the worker");
+                return ExitCode::FAILURE;
+            }
+        }
         loop {
             let event = self.next_event(&mut signals).await;
             if let Some(code) = self.handle(event) {
@@ -358,7 +374,11 @@ impl Supervisor {
             }
         };
         let id = ConnId::random();
-        if let Err(e) = self.held.hold(id, ConnState::new(id).name(), fd) {
+        let name = ConnState::new(id).name();
+        if let Some(systemd) = self.systemd_store() {
+            systemd.store(&name, fd.as_fd());
+        }
+        if let Err(e) = self.held.hold(id, name, fd) {
             warn!(error = %e, "cannot watch an accepted connection; closing it");
             return;
         }
@@ -457,8 +477,15 @@ impl Supervisor {
     fn store(&mut self, note: &Notification, fds: Vec<OwnedFd>) {
         let name = note.fdname.clone().unwrap_or_else(|| "stored".to_string());
         for fd in fds {
+            if let Some(systemd) = self.systemd_store() {
+                systemd.store(&name, fd.as_fd());
+            }
             let result = match names::conn_id(&name) {
-                Some(id) => self.held.hold(id, name.clone(), fd),
+                Some(id) => self.held.hold(id, name.clone(), fd).map(|renamed| {
+                    if let (Some(old), Some(systemd)) = (renamed, self.systemd_store()) {
+                        systemd.unstore(&old);
+                    }
+                }),
                 None => match held::classify(fd.as_fd(), &name) {
                     Some(kind) => self.hold_listener(Listener {
                         name: kind,
@@ -478,6 +505,9 @@ impl Supervisor {
     /// listener.
     fn unstore(&mut self, note: &Notification) {
         let Some(name) = &note.fdname else { return };
+        if let Some(systemd) = self.systemd_store() {
+            systemd.unstore(name);
+        }
         match names::conn_id(name) {
             Some(id) => {
                 self.held.release(id);
@@ -774,7 +804,7 @@ impl Supervisor {
                     // The old worker was asked to hand over already: once it is gone, the
                     // previous version starts again (a restart, with everything held).
                     error!(%reason, "upgrade failed during the handover; the previous version starts again once the old worker has stopped");
-                    self.notice(format!("upgrade failed: {reason}"));
+                    self.pending_notice = Some(format!("upgrade failed: {reason}"));
                     self.phase = Phase::Running;
                 }
                 return None;
@@ -806,6 +836,7 @@ impl Supervisor {
             (Some(_), Phase::Upgrading(upgrade)) => {
                 let reason = upgrade.worker_ended(&how);
                 error!(%reason, "upgrade failed; the previous version starts again");
+                self.pending_notice = Some(format!("upgrade failed: {reason}"));
                 self.schedule_restart(&worker, &how);
             }
             _ => self.schedule_restart(&worker, &how),
@@ -825,6 +856,13 @@ impl Supervisor {
         error!(worker = worker.pid.as_raw(), %how, restart_in = ?delay, held_connections = self.held.connection_count(),
             "worker exited; restarting it (every held connection goes to the new one)");
         self.phase = Phase::Restarting(Instant::now() + delay);
+    }
+
+    /// systemd's fd store, when the service has one (`FileDescriptorStoreMax=`, told by
+    /// `$FDSTORE`, systemd 254+): what is held here is kept there too, so that it outlives
+    /// this process as well (a crash of the supervisor itself, `systemctl restart`).
+    fn systemd_store(&self) -> Option<&SystemdNotifier> {
+        self.systemd.as_ref().filter(|_| self.fd_store)
     }
 
     fn tell_systemd(&self, text: &str) {
@@ -869,14 +907,22 @@ impl SystemdNotifier {
     }
 
     fn send(&self, text: &str) {
-        if let Err(e) = socket::send(
-            self.socket.as_fd(),
-            text.as_bytes(),
-            &[],
-            Some(&self.address),
-        ) {
+        self.send_with(text, &[]);
+    }
+
+    fn send_with(&self, text: &str, fds: &[std::os::fd::BorrowedFd<'_>]) {
+        let to = Some(&self.address);
+        if let Err(e) = socket::send(self.socket.as_fd(), text.as_bytes(), fds, to) {
             tracing::debug!(error = %e, "cannot notify systemd");
         }
+    }
+
+    fn store(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
+        self.send_with(&format!("FDSTORE=1\nFDNAME={name}\n"), &[fd]);
+    }
+
+    fn unstore(&self, name: &str) {
+        self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}\n"));
     }
 }
 
