@@ -90,6 +90,7 @@ pub async fn run(
     standby: bool,
 ) -> anyhow::Result<()> {
     let mut signals = Signals::install();
+    crate::lifecycle::signals::unblock();
     let link::Link {
         connections,
         mut requests,

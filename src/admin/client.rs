@@ -108,7 +108,7 @@ impl AdminClient {
         })
     }
 
-    /// Like [`AdminClient::get`], but anything but 200 is an error.
+    /// Like [`AdminClient::get`], but anything but a 2xx is an error.
     pub async fn get_ok(&self, path: &str) -> Result<Reply, ClientError> {
         self.ok(self.get(path).await?)
     }
@@ -118,7 +118,7 @@ impl AdminClient {
     }
 
     fn ok(&self, reply: Reply) -> Result<Reply, ClientError> {
-        if reply.status == 200 {
+        if (200..300).contains(&reply.status) {
             return Ok(reply);
         }
         Err(ClientError::Refused {

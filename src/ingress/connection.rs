@@ -29,7 +29,7 @@ use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::acks::{AckQueue, Commit, Pending, Settled};
 use super::decoder::{DecodeError, Decoder, PickError};
@@ -208,7 +208,7 @@ pub(super) async fn serve<I: ConnIo>(
             let id = state.id.0;
             match tokio::task::spawn_blocking(move || spool.staged(id)).await {
                 Ok(Ok(prefix)) => {
-                    debug!(%peer, bytes = prefix.len(), "going on with a request an earlier worker kept in part");
+                    info!(%peer, bytes = prefix.len(), "going on with a request an earlier worker kept in part");
                     buf.extend_from_slice(&prefix);
                     released += prefix.len() as u64;
                     prefix.len() as u64
@@ -396,7 +396,10 @@ impl<I: ConnIo> Connection<I> {
             return;
         };
         match result {
-            Ok(()) => self.kept += keeping.len,
+            Ok(()) => {
+                self.kept += keeping.len;
+                metrics().kept_bytes.inc_by(keeping.len);
+            }
             Err(error) => {
                 warn!(peer = %self.peer, %error, "cannot keep an unfinished request in the spool: closing the connection; the sender resends what it did not finish");
                 self.end = Some(Close::CommitFailed);

@@ -179,6 +179,9 @@ pub async fn run_handed(
             _ = closed.cancelled() => return,
             next = feed.recv() => match next {
                 Some(Feed::Conn(handed)) => {
+                    if adopting {
+                        metrics().connections_adopted.inc();
+                    }
                     let permit = if adopting { None } else { reserved.pop() }
                         .or_else(|| permits.clone().try_acquire_owned().ok());
                     serve_handed(handed, permit, &ctx, &shutdown, &tracker);

@@ -12,6 +12,7 @@ pub mod link;
 pub mod names;
 pub mod notify;
 pub mod protocol;
+pub mod signals;
 pub mod socket;
 pub mod sockets;
 pub mod state;

@@ -24,6 +24,7 @@ pub enum WorkerError {
 
 /// Everything a worker does before its runtime starts. Must run before any thread exists.
 pub fn prepare_process() -> Result<Inherited, WorkerError> {
+    super::signals::block();
     let supervisor = std::env::var(SUPERVISOR_PID)
         .ok()
         .and_then(|pid| pid.parse::<i32>().ok())

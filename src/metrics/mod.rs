@@ -31,6 +31,10 @@ pub struct Metrics {
     pub requests_in: Counter,
     pub acks_sent: Counter,
     pub retransmits: Counter,
+    /// Bytes of unfinished requests kept in the spool to leave their socket (invariant 10).
+    pub kept_bytes: Counter,
+    /// Sender connections this worker was handed by an earlier one (a crash, an upgrade).
+    pub connections_adopted: Counter,
     pub connections_open: Gauge,
     pub connections_total: Counter,
     pub rejected: Family<Labels, Counter>,
@@ -89,6 +93,8 @@ impl Metrics {
             requests_in: Counter::default(),
             acks_sent: Counter::default(),
             retransmits: Counter::default(),
+            kept_bytes: Counter::default(),
+            connections_adopted: Counter::default(),
             connections_open: Gauge::default(),
             connections_total: Counter::default(),
             rejected: Family::default(),
@@ -148,6 +154,16 @@ impl Metrics {
             "retransmits",
             "Sender retransmits of committed chunks, acked again without spooling",
             self.retransmits.clone(),
+        );
+        r.register(
+            "kept_bytes",
+            "Bytes of unfinished requests too large to wait unread in their socket, kept in the spool",
+            self.kept_bytes.clone(),
+        );
+        r.register(
+            "connections_adopted",
+            "Sender connections this worker took over from an earlier one (a crash, an upgrade)",
+            self.connections_adopted.clone(),
         );
         r.register(
             "connections_open",

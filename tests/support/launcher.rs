@@ -30,9 +30,16 @@ pub struct AckgateBuilder {
     harness_timing: bool,
     envs: Vec<(String, String)>,
     netns: Option<String>,
+    executable: Option<PathBuf>,
 }
 
 impl AckgateBuilder {
+    /// Run this executable instead of the one cargo built (an upgrade test replaces it).
+    pub fn executable(mut self, path: &Path) -> Self {
+        self.executable = Some(path.to_path_buf());
+        self
+    }
+
     /// Run ackgate inside this network namespace (`ip netns exec`, which keeps the pid).
     pub fn netns(mut self, name: &str) -> Self {
         self.netns = Some(name.to_string());
@@ -91,6 +98,7 @@ impl AckgateBuilder {
             generation: 0,
             envs: self.envs.clone(),
             netns: self.netns.clone(),
+            executable: self.executable.clone(),
         };
         gate.spawn();
         gate
@@ -164,6 +172,8 @@ pub struct Ackgate {
     envs: Vec<(String, String)>,
     /// The network namespace it runs in, from [`AckgateBuilder::netns`].
     netns: Option<String>,
+    /// From [`AckgateBuilder::executable`].
+    executable: Option<PathBuf>,
 }
 
 impl Ackgate {
@@ -174,6 +184,7 @@ impl Ackgate {
             harness_timing: true,
             envs: Vec::new(),
             netns: None,
+            executable: None,
         }
     }
 
@@ -185,7 +196,11 @@ impl Ackgate {
     fn spawn(&mut self) {
         self.generation += 1;
         self.start_mark = self.log.len();
-        let mut child = ackgate_in_netns(self.netns.as_deref())
+        let mut command = match &self.executable {
+            Some(path) => Command::new(path),
+            None => ackgate_in_netns(self.netns.as_deref()),
+        };
+        let mut child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -344,6 +359,20 @@ impl Ackgate {
         status.unwrap_or_else(|| {
             panic!(
                 "ackgate did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                self.log.dump()
+            )
+        })
+    }
+
+    /// Wait up to `timeout` for an exit a signal sent by the test asked for.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("ackgate not running");
+        let status = wait_child(&mut child, timeout);
+        self.join_stderr();
+        status.unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!(
+                "ackgate did not exit within {timeout:?}; log:\n{}",
                 self.log.dump()
             )
         })

@@ -143,10 +143,10 @@ impl Holdings {
             let ready = self
                 .hangups
                 .try_io(Interest::READABLE, |set| {
+                    // An error clears the readiness like "nothing more" (it cannot spin).
                     match set.0.wait(&mut events, nix::sys::epoll::EpollTimeout::ZERO) {
-                        Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
+                        Ok(0) | Err(_) => Err(io::ErrorKind::WouldBlock.into()),
                         Ok(n) => Ok(n),
-                        Err(e) => Err(e.into()),
                     }
                 })
                 .unwrap_or(0);

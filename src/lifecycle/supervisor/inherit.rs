@@ -4,12 +4,11 @@
 //! re-execution itself: every held descriptor stays open across `execve`, named in the
 //! environment.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::process::Command;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
@@ -120,10 +119,15 @@ pub struct Reexec<'a> {
     /// `(name, fd, activated)` of everything held.
     pub fds: Vec<(String, BorrowedFd<'a>, bool)>,
     pub worker: (i32, u64, u64),
+    /// Variables to set in the new image (`NOTIFY_SOCKET`, which this process took out of its
+    /// own environment; the path to upgrade from).
+    pub env: Vec<(&'a str, OsString)>,
 }
 
-/// Replace this process by `exe`, keeping every held descriptor. Returns only on failure,
-/// with every descriptor close-on-exec again.
+/// Replace this process by `exe`, keeping every held descriptor and, blocked, every pending
+/// lifecycle signal (`execve` keeps the mask; std's `exec` would clear it, and a SIGTERM
+/// before the new image's handlers exist would kill it). Returns only on failure, with every
+/// descriptor close-on-exec again and the signals delivered again.
 pub fn reexec(plan: Reexec<'_>) -> io::Error {
     let mut list = Vec::new();
     for (name, fd, activated) in &plan.fds {
@@ -133,15 +137,46 @@ pub fn reexec(plan: Reexec<'_>) -> io::Error {
         }
     }
     let (pid, granted, sent) = plan.worker;
-    let error = Command::new(plan.exe)
-        .arg0("ackgate")
-        .arg("run")
-        .args(plan.args)
-        .env(FDS_VARIABLE, list.join(","))
-        .env(WORKER_VARIABLE, format!("{pid}:{granted}:{sent}"))
-        .exec();
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    let mut set = |key: &str, value: OsString| {
+        env.retain(|(k, _)| k != key);
+        env.push((key.into(), value));
+    };
+    set(FDS_VARIABLE, list.join(",").into());
+    set(WORKER_VARIABLE, format!("{pid}:{granted}:{sent}").into());
+    for (key, value) in &plan.env {
+        set(key, value.clone());
+    }
+    let error = match exec_args(&plan, &env) {
+        Ok((path, argv, envp)) => {
+            crate::lifecycle::signals::block();
+            let Err(errno) = nix::unistd::execve(&path, &argv, &envp);
+            crate::lifecycle::signals::unblock();
+            io::Error::from(errno)
+        }
+        Err(e) => e,
+    };
     for (_, fd, _) in &plan.fds {
         let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
     }
     error
+}
+
+type Exec = (CString, Vec<CString>, Vec<CString>);
+
+fn exec_args(plan: &Reexec<'_>, env: &[(OsString, OsString)]) -> io::Result<Exec> {
+    let c = |bytes: Vec<u8>| CString::new(bytes).map_err(|e| io::Error::other(e.to_string()));
+    let path = c(plan.exe.as_os_str().as_bytes().to_vec())?;
+    let mut argv = vec![path.clone(), c(b"run".to_vec())?];
+    for arg in plan.args {
+        argv.push(c(arg.as_bytes().to_vec())?);
+    }
+    let mut envp = Vec::with_capacity(env.len());
+    for (key, value) in env {
+        let mut pair = key.as_bytes().to_vec();
+        pair.push(b'=');
+        pair.extend_from_slice(value.as_bytes());
+        envp.push(c(pair)?);
+    }
+    Ok((path, argv, envp))
 }

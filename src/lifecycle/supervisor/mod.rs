@@ -76,11 +76,12 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Run the supervisor; `args` are `ackgate run`'s own (`--config FILE`), passed to every
 /// worker. Must be called before any thread exists.
 pub fn run(args: Vec<OsString>) -> ExitCode {
+    super::signals::block();
     raise_file_limit();
     let systemd = std::env::var_os("NOTIFY_SOCKET");
     let exe = std::env::var_os(EXE_VARIABLE)
         .map(PathBuf::from)
-        .or_else(|| std::env::current_exe().ok());
+        .or_else(started_from);
     let inherited = match inherit::take() {
         Ok(inherited) => inherited,
         Err(e) => {
@@ -220,8 +221,6 @@ impl Supervisor {
                     Some(Worker::adopt(Pid::from_raw(pid), control, granted, sent)?);
                 supervisor.phase = Phase::Running;
                 supervisor.ready_once = true;
-                info!(worker = pid, exe = %supervisor.exe.display(), "upgrade complete: the supervisor runs the new executable too");
-                supervisor.tell_systemd("READY=1\nSTATUS=upgraded\n");
             }
             _ => {
                 if adopted > 0 {
@@ -291,11 +290,16 @@ impl Supervisor {
                 return ExitCode::FAILURE;
             }
         };
+        super::signals::unblock();
         if self.worker.is_none() {
             if let Err(e) = self.start_worker(false) {
                 error!(error = %e, "cannot start the worker");
                 return ExitCode::FAILURE;
             }
+        } else {
+            // Re-executed for an upgrade: the new worker serves already.
+            info!(exe = %self.exe.display(), "upgrade complete: the supervisor runs the new executable too");
+            self.tell_systemd("READY=1\nSTATUS=upgraded\n");
         }
         loop {
             let event = self.next_event(&mut signals).await;
@@ -401,9 +405,16 @@ impl Supervisor {
 
     fn read_notifications(&mut self) {
         loop {
-            let packet = self
-                .notify
-                .try_io(Interest::READABLE, |fd| socket::receive(fd.as_fd()));
+            let packet = self.notify.try_io(Interest::READABLE, |fd| {
+                // Any error ends this round as "nothing more" (so the readiness is cleared
+                // and the loop does not spin on it); it is logged.
+                socket::receive(fd.as_fd()).map_err(|e| {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        warn!(error = %e, "cannot read a notification");
+                    }
+                    io::Error::from(io::ErrorKind::WouldBlock)
+                })
+            });
             match packet {
                 Ok(packet) => self.on_notification(packet),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -602,7 +613,7 @@ impl Supervisor {
         let Some(worker) = self.worker.as_ref() else {
             return;
         };
-        if upgrade.step != Step::Reexecuting || worker.has_outbox() {
+        if upgrade.step != Step::Reexecuting || worker.has_unsent() {
             return;
         }
         let mut fds: Vec<(String, std::os::fd::BorrowedFd<'_>, bool)> = self
@@ -626,11 +637,16 @@ impl Supervisor {
             worker.control_fd().as_fd(),
             false,
         ));
+        let mut env = vec![(EXE_VARIABLE, self.exe.clone().into_os_string())];
+        if let Some(systemd) = &self.systemd {
+            env.push(("NOTIFY_SOCKET", systemd.variable.clone()));
+        }
         let error = inherit::reexec(inherit::Reexec {
             exe: &self.exe,
             args: &self.args,
             fds,
             worker: (worker.pid.as_raw(), worker.granted, worker.sent_new),
+            env,
         });
         error!(exe = %self.exe.display(), %error, "the new worker serves, but the supervisor cannot re-execute itself: it keeps running the previous executable");
         self.tell_systemd("READY=1\nSTATUS=upgraded (supervisor not re-executed)\n");
@@ -652,6 +668,17 @@ impl Supervisor {
         if let Phase::Upgrading(upgrade) = &mut self.phase {
             upgrade.abort();
         }
+        // First of all: no new handshake completes on our own listeners (a socket unit's keep
+        // their queue across the stop).
+        let mut draining = false;
+        for listener in &self.held.listeners {
+            if listener.name == names::LISTEN_TCP && !listener.activated {
+                if let Err(e) = drain::drop_new_handshakes(listener.fd.as_fd()) {
+                    warn!(error = %e, "cannot filter new handshakes on a listener; it closes once its queue is empty");
+                }
+                draining = true;
+            }
+        }
         info!(
             signal,
             "stopping: new connections are refused, the accepted ones are read and committed"
@@ -662,15 +689,6 @@ impl Supervisor {
         };
         worker.freeze_credit();
         let _ = kill(worker.pid, Signal::SIGTERM);
-        let mut draining = false;
-        for listener in &self.held.listeners {
-            if listener.name == names::LISTEN_TCP && !listener.activated {
-                if let Err(e) = drain::drop_new_handshakes(listener.fd.as_fd()) {
-                    warn!(error = %e, "cannot filter new handshakes on a listener; it closes once its queue is empty");
-                }
-                draining = true;
-            }
-        }
         let now = Instant::now();
         self.phase = Phase::Stopping(Stop {
             signal,
@@ -897,13 +915,19 @@ impl Signals {
 struct SystemdNotifier {
     socket: OwnedFd,
     address: nix::sys::socket::UnixAddr,
+    /// `NOTIFY_SOCKET` as systemd set it (passed on to the re-executed supervisor).
+    variable: OsString,
 }
 
 impl SystemdNotifier {
-    fn new(address: &std::ffi::OsStr) -> Option<SystemdNotifier> {
-        let address = socket::notify_address(address).ok()?;
+    fn new(variable: &std::ffi::OsStr) -> Option<SystemdNotifier> {
+        let address = socket::notify_address(variable).ok()?;
         let socket = socket::datagram_sender().ok()?;
-        Some(SystemdNotifier { socket, address })
+        Some(SystemdNotifier {
+            socket,
+            address,
+            variable: variable.to_os_string(),
+        })
     }
 
     fn send(&self, text: &str) {
@@ -957,6 +981,28 @@ async fn accept_any(listeners: &[tokio::net::TcpListener]) -> io::Result<tokio::
         Poll::Pending
     })
     .await
+}
+
+/// The path this executable was started from (what an upgrade starts again): `argv[0]`,
+/// made absolute against the working directory or found on `PATH`, not resolved through a
+/// symlink (an upgrade that repoints `/usr/bin/ackgate` must be followed); else
+/// `/proc/self/exe`.
+fn started_from() -> Option<PathBuf> {
+    let arg0 = PathBuf::from(std::env::args_os().next()?);
+    let found = if arg0.is_absolute() {
+        Some(arg0)
+    } else if arg0.components().count() > 1 {
+        std::env::current_dir().ok().map(|dir| dir.join(&arg0))
+    } else {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(&arg0))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    found
+        .filter(|path| path.is_file())
+        .or_else(|| std::env::current_exe().ok())
 }
 
 /// Hold as many descriptors as the hard limit allows: every sender connection is open here

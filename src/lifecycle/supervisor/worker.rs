@@ -43,6 +43,9 @@ pub struct Worker {
     /// New connections sent to it, in all.
     pub sent_new: u64,
     pub started: Instant,
+    /// Its end of the control channel is gone (it exited): nothing more is sent until it is
+    /// reaped and replaced.
+    gone: bool,
 }
 
 /// How to start a worker.
@@ -105,6 +108,7 @@ impl Worker {
             granted: 0,
             sent_new: 0,
             started: Instant::now(),
+            gone: false,
         })
     }
 
@@ -118,6 +122,7 @@ impl Worker {
             granted,
             sent_new,
             started: Instant::now(),
+            gone: false,
         })
     }
 
@@ -150,7 +155,13 @@ impl Worker {
         self.outbox.push_back(Out::Message(message));
     }
 
+    /// Messages wait and the worker can take them.
     pub fn has_outbox(&self) -> bool {
+        !self.outbox.is_empty() && !self.gone
+    }
+
+    /// Messages wait (whether or not the worker can take them).
+    pub fn has_unsent(&self) -> bool {
         !self.outbox.is_empty()
     }
 
@@ -192,7 +203,10 @@ impl Worker {
                     self.outbox.pop_front();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.gone = true;
+                    return Err(e);
+                }
             }
         }
         Ok(())
