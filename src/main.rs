@@ -29,6 +29,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Make a running relay re-read its config file, as SIGHUP does: what can change in place
+    /// does, without dropping a connection. Exit 0 applied, 1 refused (the running config
+    /// stays; the key and why are printed), 2 the relay cannot be reached.
+    Reload {
+        /// The config the relay was started with (its `[admin]` says where to ask).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Validate a configuration and print the effective one (every default filled in).
     Check {
         #[arg(long, short)]
@@ -73,13 +81,20 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => {
-            let config = match load_config(&config) {
+        Command::Run { config: path } => {
+            let config = match load_config(&path) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
             init_logging(&config.log.level, config.log.format);
-            exit_with(runtime().and_then(|rt| rt.block_on(ackgate::relay::run(config))))
+            exit_with(runtime().and_then(|rt| rt.block_on(ackgate::relay::run(config, path))))
+        }
+        Command::Reload { config: path } => {
+            init_logging("warn", LogFormat::Text);
+            match runtime() {
+                Ok(rt) => rt.block_on(ackgate::console::reload::run(&path)),
+                Err(e) => exit_with(Err(e)),
+            }
         }
         Command::Status { config: path, json } => {
             let config = match load_config(&path) {
@@ -187,16 +202,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(false).init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    ackgate::logging::init(level, format);
 }
 
 /// One glibc malloc arena instead of one per thread that allocates (up to 8 × cores). Request

@@ -1,7 +1,9 @@
 //! The relay of one `ackgate` process: spool, ingress, upstream and the admin listener
 //! started together ([`Relay::start`]) and stopped in order ([`Relay::stop`]), and [`run`],
-//! which waits for a signal or for a core task's death (invariant 9) in between.
+//! which waits for a signal or for a core task's death (invariant 9) in between: SIGHUP
+//! reloads the config in place ([`crate::lifecycle::reload`]), SIGTERM/SIGINT stop.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -10,64 +12,110 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::rates::Rates;
-use crate::admin::{AdminState, NodeAddress};
+use crate::admin::settings::AdminSettings;
+use crate::admin::AdminState;
 use crate::config::Config;
-use crate::ingress::{self, IngressContext};
+use crate::ingress::{self, IngressContext, IngressSettings};
+use crate::lifecycle::reload::{Reloader, Targets, Trigger};
 use crate::spool::{Spool, SpoolWriter};
 use crate::{supervise, upstream};
 
-/// SIGTERM/SIGINT handlers, installed before anything is announced, so a signal that arrives
-/// right after the ready line is a graceful stop and not the default (fatal) action.
+/// SIGTERM/SIGINT/SIGHUP handlers, installed before anything is announced, so a signal that
+/// arrives right after the ready line is a graceful stop or a reload and not the default
+/// (fatal) action.
 struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+/// What a signal asks for.
+enum Asked {
+    Stop,
+    Reload,
 }
 
 impl Signals {
-    fn install() -> Signals {
+    /// `reload`: also catch SIGHUP (the relay); tools keep its default action.
+    fn install(reload: bool) -> Signals {
         use tokio::signal::unix::{signal, SignalKind};
         let term = signal(SignalKind::terminate()).ok();
         let int = signal(SignalKind::interrupt()).ok();
+        let hup = reload.then(|| signal(SignalKind::hangup()).ok()).flatten();
         if term.is_none() || int.is_none() {
             warn!("cannot install signal handlers; stop with SIGKILL");
         }
-        Signals { term, int }
+        if reload && hup.is_none() {
+            warn!("cannot install the SIGHUP handler; reload with `ackgate reload` or POST /api/reload");
+        }
+        Signals { term, int, hup }
     }
 
-    async fn wait(&mut self) {
-        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
-            match signal {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending::<()>().await,
+    /// The next stop or reload signal.
+    async fn next(&mut self) -> Asked {
+        tokio::select! {
+            _ = recv(&mut self.hup) => {
+                info!(signal = "SIGHUP", "reloading the config");
+                Asked::Reload
+            }
+            _ = recv(&mut self.term) => {
+                info!(signal = "SIGTERM", "shutting down");
+                Asked::Stop
+            }
+            _ = recv(&mut self.int) => {
+                info!(signal = "SIGINT", "shutting down");
+                Asked::Stop
             }
         }
+    }
+
+    /// The next stop signal (SIGHUP is not listened to: tools that only stop).
+    async fn wait(&mut self) {
         tokio::select! {
-            _ = next(&mut self.term) => info!(signal = "SIGTERM", "shutting down"),
-            _ = next(&mut self.int) => info!(signal = "SIGINT", "shutting down"),
+            _ = recv(&mut self.term) => info!(signal = "SIGTERM", "shutting down"),
+            _ = recv(&mut self.int) => info!(signal = "SIGINT", "shutting down"),
         }
+    }
+}
+
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 
 pub async fn wait_for_signal() {
-    Signals::install().wait().await
+    Signals::install(false).wait().await
 }
 
-/// Start spool, ingress and upstream; on SIGTERM/SIGINT stop accepting, let connections finish
-/// their pending commits and acks, give in-flight chunks `shutdown_grace` to be acked, then
-/// commit what the spool still holds and exit. If a core component dies first, exit with an
-/// error at once (invariant 9): a supervisor restarts ackgate, and the spool keeps everything.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let mut signals = Signals::install();
+/// Start spool, ingress and upstream; on SIGHUP re-read `path` and put it in force in place;
+/// on SIGTERM/SIGINT stop accepting, let connections finish their pending commits and acks,
+/// give in-flight chunks `shutdown_grace` to be acked, then commit what the spool still holds
+/// and exit. If a core component dies first, exit with an error at once (invariant 9): a
+/// supervisor restarts ackgate, and the spool keeps everything.
+pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    let mut signals = Signals::install(true);
     let (watchdog, mut deaths) = supervise::watchdog();
-    let relay = Relay::start(&config, &watchdog).await?;
-    tokio::select! {
-        _ = signals.wait() => {}
-        reason = relay.writer.died() => return Err(core_died(reason)),
-        reason = deaths.next() => return Err(core_died(reason)),
+    let relay = Relay::start(config, path, &watchdog).await?;
+    let died = relay.writer.died();
+    tokio::pin!(died);
+    loop {
+        tokio::select! {
+            asked = signals.next() => match asked {
+                Asked::Stop => break,
+                // The outcome is logged, counted and shown in /api/status by the reloader.
+                Asked::Reload => {
+                    let _ = relay.reloader.reload(Trigger::Signal).await;
+                }
+            },
+            reason = &mut died => return Err(core_died(reason)),
+            reason = deaths.next() => return Err(core_died(reason)),
+        }
     }
-    relay.stop(&config).await
+    relay.stop().await
 }
 
 /// Everything `ackgate run` started, for the orderly stop.
@@ -84,10 +132,16 @@ struct Relay {
     connections: TaskTracker,
     nodes: TaskTracker,
     admin: Option<tokio::task::JoinHandle<()>>,
+    /// The settings in force, and SIGHUP's reload.
+    reloader: Arc<Reloader>,
 }
 
 impl Relay {
-    async fn start(config: &Config, watchdog: &supervise::Watchdog) -> anyhow::Result<Relay> {
+    async fn start(
+        config: Config,
+        path: PathBuf,
+        watchdog: &supervise::Watchdog,
+    ) -> anyhow::Result<Relay> {
         let spool_config = config.spool.clone();
         let (spool, writer) = tokio::task::spawn_blocking(move || Spool::open(&spool_config))
             .await
@@ -117,17 +171,18 @@ impl Relay {
         if let Some(router) = &upstream.router {
             router.discover();
         }
-        let mut ingress_ctx = IngressContext::new(config.ingress.clone(), spool.clone())
-            .context("cannot set up ingress TLS")?;
+        let settings =
+            IngressSettings::build(config.ingress.clone(), !config.upstream.nodes.is_empty())
+                .context("cannot set up ingress TLS")?;
+        let mut ingress_ctx = IngressContext::with_settings(settings, spool.clone());
         ingress_ctx.router = upstream.router.clone();
-        ingress_ctx.default_nodes = !config.upstream.nodes.is_empty();
         let ctx = Arc::new(ingress_ctx);
         let connections = TaskTracker::new();
         let accept = spawn_core(
             watchdog,
             "the accept loop",
             &shutdown,
-            ingress::run_tcp(listener, ctx, shutdown.clone(), connections.clone()),
+            ingress::run_tcp(listener, ctx.clone(), shutdown.clone(), connections.clone()),
         );
         let heartbeat = udp.map(|socket| {
             spawn_core(
@@ -137,6 +192,19 @@ impl Relay {
                 ingress::run_udp_heartbeat(socket, spool.clone(), shutdown.clone()),
             )
         });
+        let upstream = Arc::new(upstream);
+        let admin_settings = config.admin().map(AdminSettings::new);
+        let nodes = config.upstream.nodes.len();
+        let reloader = Reloader::new(
+            path,
+            config,
+            Targets {
+                ingress: ctx,
+                spool: spool.clone(),
+                upstream: upstream.clone(),
+                admin: admin_settings.clone(),
+            },
+        );
         let mut relay = Relay {
             spool,
             writer,
@@ -148,57 +216,51 @@ impl Relay {
             connections,
             nodes: upstream.tracker.clone(),
             admin: None,
+            reloader,
         };
-        relay.admin = relay.start_admin(config, &upstream, local).await?;
-        info!(listen = %local, nodes = config.upstream.nodes.len(), "ackgate ready");
+        if let Some(settings) = admin_settings {
+            relay.admin = Some(relay.start_admin(settings, &upstream, local).await?);
+        }
+        info!(listen = %local, nodes, "ackgate ready");
         Ok(relay)
     }
 
-    /// The admin listener, when `[admin]` (or the old `[metrics]`) is set.
+    /// The admin listener (`[admin]`, or the old `[metrics]`).
     async fn start_admin(
         &self,
-        config: &Config,
+        settings: Arc<AdminSettings>,
         upstream: &upstream::Upstream,
         ingress_listen: std::net::SocketAddr,
-    ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-        let Some(admin) = config.admin() else {
-            return Ok(None);
-        };
-        let listener = tokio::net::TcpListener::bind(admin.listen)
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let listen = settings.current().listen;
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("cannot listen on admin.listen {}", admin.listen))?;
+            .with_context(|| format!("cannot listen on admin.listen {listen}"))?;
         info!(listen = %listener.local_addr()?, "admin and metrics listening");
-        if config.metrics.is_some() {
+        if self.reloader.config().metrics.is_some() {
             warn!("[metrics] is the old name of [admin]: rename the section");
         }
-        let nodes: Vec<NodeAddress> = config
-            .upstream
-            .nodes
-            .iter()
-            .map(|n| NodeAddress {
-                name: n.display_name().to_string(),
-                address: n.address.clone(),
-            })
-            .collect();
         let state = Arc::new(AdminState {
             spool: self.spool.clone(),
             dispatcher: upstream.dispatcher.clone(),
             balancer: upstream.balancer.clone(),
             router: upstream.router.clone(),
-            rates: Rates::new(nodes.iter().map(|n| n.name.clone()).collect()),
+            rates: Rates::new(),
             accepting: self.accepting.clone(),
             started: std::time::Instant::now(),
             ingress_listen: ingress_listen.to_string(),
-            nodes,
-            token: admin.token.clone(),
+            configured: upstream.configured.clone(),
+            settings,
+            reloader: self.reloader.clone(),
         });
         let stop = self.admin_stop.clone();
-        Ok(Some(tokio::spawn(async move {
-            crate::admin::serve(listener, state, &admin, stop).await
-        })))
+        Ok(tokio::spawn(async move {
+            crate::admin::serve(listener, state, stop).await
+        }))
     }
 
-    async fn stop(self, config: &Config) -> anyhow::Result<()> {
+    async fn stop(self) -> anyhow::Result<()> {
+        let config = self.reloader.config();
         self.accepting
             .store(false, std::sync::atomic::Ordering::Release);
         self.shutdown.cancel();
@@ -265,4 +327,3 @@ fn core_died(reason: String) -> anyhow::Error {
     tracing::error!(%reason, "a core component died: exiting so that a supervisor restarts ackgate; every spooled record is kept");
     anyhow::anyhow!("{reason}: exiting, every spooled record is kept")
 }
-

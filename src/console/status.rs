@@ -63,6 +63,7 @@ pub fn render(status: &Status) -> String {
     out.push('\n');
     render_spool(status, &mut out);
     render_ingress(status, &mut out);
+    render_reload(status, &mut out);
     out.push('\n');
     render_nodes(&status.nodes, &mut out);
     out
@@ -147,6 +148,24 @@ fn render_ingress(status: &Status, out: &mut String) {
             count(d.queued_records)
         );
     }
+}
+
+/// The last reload: when, how it was asked for, and what it changed or why it was refused.
+fn render_reload(status: &Status, out: &mut String) {
+    let Some(reload) = &status.reload else {
+        return;
+    };
+    let ago = duration(status.now_ms.saturating_sub(reload.at_ms) as f64 / 1000.0);
+    let outcome = match (&reload.error, reload.changed.is_empty()) {
+        (Some(error), _) => format!("REFUSED, the config before it runs: {error}"),
+        (None, true) => "ok, nothing changed".into(),
+        (None, false) => format!("ok, changed {}", reload.changed.join(", ")),
+    };
+    let _ = writeln!(
+        out,
+        "reload   last {ago} ago ({}): {outcome}",
+        reload.trigger
+    );
 }
 
 fn render_nodes(nodes: &[NodeStatus], out: &mut String) {

@@ -12,6 +12,11 @@
 //! The connection is a small state machine: [`Connection::run`] decodes what is buffered
 //! ([`Connection::decode_buffered`]), decides whether to read ([`Connection::plan_read`]),
 //! waits for the next [`Event`] and applies it, until [`Connection::finished`].
+//!
+//! A reload reaches an open connection between requests ([`Connection::follow_reload`]): with
+//! nothing buffered it takes the new request limits, pending-request bound and idle timeout
+//! (the idle clock restarts then, so a shorter timeout never closes a connection at once).
+//! Its TLS session and handshake stay those it was accepted with.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +25,7 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -29,7 +35,7 @@ use super::decoder::{DecodeError, Decoder, PickError};
 use super::handshake;
 use super::partial::PartialBytes;
 use super::recent::ChunkKey;
-use super::IngressContext;
+use super::{IngressContext, IngressSettings};
 use crate::clock::sleep_until_opt;
 use crate::forward::frame::Signal;
 use crate::forward::{Decoded, Frame};
@@ -121,8 +127,11 @@ pub(super) async fn serve<S>(
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    if let Some(auth) = &ctx.security {
-        let deadline = Instant::now() + ctx.config.handshake_timeout.0;
+    let live = ctx.subscribe();
+    // A clone, not the borrow: a watch borrow held across the handshake would block a reload.
+    let settings = live.borrow().clone();
+    if let Some(auth) = &settings.security {
+        let deadline = Instant::now() + settings.config.handshake_timeout.0;
         if let Err(e) = handshake::accept(&mut reader, &mut writer, &mut buf, auth, deadline).await
         {
             warn!(%peer, reason = %e, "closing connection: shared-key handshake failed");
@@ -132,7 +141,9 @@ pub(super) async fn serve<S>(
         }
         debug!(%peer, "shared-key handshake accepted");
     }
-    let mut connection = Connection::new(reader, writer, buf, peer, ctx, shutdown);
+    let mut connection = Connection::new(reader, writer, buf, peer, ctx, live, shutdown);
+    // As it was accepted, even if a reload came during the handshake.
+    connection.secured = settings.security.is_some();
     if let Some((destination, events)) = destination {
         connection.destination = Some(destination);
         connection.destination_events = Some(events);
@@ -148,6 +159,11 @@ struct Connection<S> {
     buf: BytesMut,
     peer: SocketAddr,
     ctx: Arc<IngressContext>,
+    /// The settings this connection reads now, and where a reload's arrive.
+    settings: Arc<IngressSettings>,
+    live: watch::Receiver<Arc<IngressSettings>>,
+    /// The shared-key handshake was required when it was accepted (JSON is refused then).
+    secured: bool,
     shutdown: CancellationToken,
     decoder: Decoder,
     acks: AckQueue,
@@ -179,16 +195,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         buf: BytesMut,
         peer: SocketAddr,
         ctx: Arc<IngressContext>,
+        mut live: watch::Receiver<Arc<IngressSettings>>,
         shutdown: CancellationToken,
     ) -> Self {
-        let idle = ctx.config.idle_timeout.0;
+        let settings = live.borrow_and_update().clone();
+        let idle = settings.config.idle_timeout.0;
         Connection {
             reader,
             writer,
             buf,
             peer,
-            partial: PartialBytes::new(ctx.partial.clone(), ctx.limits.max_frame_bytes),
-            max_pending: ctx.config.max_pending_frames as usize,
+            partial: PartialBytes::new(ctx.partial.clone(), settings.limits.max_frame_bytes),
+            max_pending: settings.config.max_pending_frames as usize,
+            secured: settings.security.is_some(),
+            settings,
+            live,
             ctx,
             shutdown,
             decoder: Decoder::Unknown,
@@ -209,6 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     async fn run(mut self) {
         loop {
+            self.follow_reload();
             let buffered_before = self.buf.len();
             self.decode_buffered();
             if self.buf.len() < buffered_before {
@@ -225,12 +247,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.close().await;
     }
 
+    /// Between requests (nothing buffered), take the settings a reload put in force.
+    fn follow_reload(&mut self) {
+        if !self.buf.is_empty() || !self.live.has_changed().unwrap_or(false) {
+            return;
+        }
+        let settings = self.live.borrow_and_update().clone();
+        self.decoder.renew(settings.limits);
+        self.partial.set_max_frame(settings.limits.max_frame_bytes);
+        self.max_pending = settings.config.max_pending_frames as usize;
+        let idle = settings.config.idle_timeout.0;
+        if idle != self.idle {
+            self.idle = idle;
+            self.idle_deadline = Instant::now() + idle;
+        }
+        self.settings = settings;
+    }
+
     /// Decode what is buffered, as long as there is room for more pending requests.
     fn decode_buffered(&mut self) {
         while self.end.is_none() && self.staged.is_none() && self.acks.len() < self.max_pending {
-            let secured = self.ctx.security.is_some();
             if let Err(PickError::JsonOnSecuredPort) =
-                self.decoder.pick(&self.buf, self.ctx.limits, secured)
+                self.decoder
+                    .pick(&self.buf, self.settings.limits, self.secured)
             {
                 warn!(peer = %self.peer, reason = "JSON request on a port that requires the shared-key handshake",
                     "closing connection: invalid request; nothing of it was spooled");

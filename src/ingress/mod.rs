@@ -14,6 +14,7 @@ mod decoder;
 pub mod handshake;
 pub mod partial;
 pub mod recent;
+pub mod settings;
 mod udp;
 
 use std::net::SocketAddr;
@@ -21,89 +22,83 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::watch;
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::config::IngressConfig;
-use crate::forward::handshake::ServerAuth;
-use crate::forward::Limits;
+use crate::limit::Resizable;
 use crate::metrics::metrics;
 use crate::middlebox::canonical_addr;
 use crate::spool::Spool;
-use crate::tls::{server_config, ServerTlsSettings, TlsError};
+use crate::tls::TlsError;
 use admission::Admitted;
 use recent::RecentChunks;
+pub use settings::IngressSettings;
 pub use udp::run_udp_heartbeat;
 
 /// What the accept loop and every connection share.
 pub struct IngressContext {
-    pub config: IngressConfig,
+    /// The settings in force: the one value a reload replaces ([`IngressContext::apply`]);
+    /// the accept loop and connections take snapshots of it.
+    settings: watch::Sender<Arc<IngressSettings>>,
     pub spool: Spool,
-    pub limits: Limits,
-    /// Shared-key handshake settings, when `[ingress.security]` is set.
-    pub security: Option<ServerAuth>,
-    /// TLS, when `[ingress.tls]` is set.
-    pub tls: Option<TlsAcceptor>,
     /// Recently committed chunk ids per sender.
     pub recent: RecentChunks,
     /// Bytes of unfinished requests all connections may still hold ([`partial`]).
-    pub partial: Arc<Semaphore>,
+    pub partial: Arc<Resizable>,
+    /// `ingress.max_connections`: a permit is taken before each accept.
+    pub connections: Arc<Resizable>,
     /// Route "original": every redirected connection's destination gets its node here.
     pub router: Option<Arc<crate::upstream::router::Router>>,
-    /// `[[upstream.nodes]]` is not empty: records without an original destination have
-    /// somewhere to go.
-    pub default_nodes: bool,
 }
 
 impl IngressContext {
     /// Build the shared state; fails only on unreadable TLS files.
     pub fn new(config: IngressConfig, spool: Spool) -> Result<Self, TlsError> {
-        let limits = Limits {
-            max_frame_bytes: config.max_frame_bytes.0 as usize,
-            max_decompressed_bytes: config.max_decompressed_bytes.0 as usize,
-            ..Limits::default()
-        };
-        let security = config.security.as_ref().map(|s| ServerAuth {
-            self_hostname: s.self_hostname.clone(),
-            shared_key: s.shared_key.expose().to_string(),
-            users: s
-                .users
-                .iter()
-                .map(|u| (u.username.clone(), u.password.expose().to_string()))
-                .collect(),
-            user_auth: s.user_auth,
-        });
-        let tls = match &config.tls {
-            Some(t) => Some(TlsAcceptor::from(server_config(&ServerTlsSettings {
-                cert: t.cert.clone(),
-                key: t.key.clone(),
-                client_ca: t.client_ca.clone(),
-            })?)),
-            None => None,
-        };
-        let recent = RecentChunks::new(config.recent_chunks_per_peer as usize);
-        let partial = Arc::new(Semaphore::new(
-            usize::try_from(config.max_partial_bytes.0).unwrap_or(usize::MAX >> 4),
-        ));
-        Ok(IngressContext {
-            config,
+        Ok(IngressContext::with_settings(
+            IngressSettings::build(config, true)?,
             spool,
-            limits,
-            security,
-            tls,
-            recent,
-            partial,
-            router: None,
-            default_nodes: true,
-        })
+        ))
     }
 
-    fn allowed(&self, peer: &SocketAddr) -> bool {
-        self.config.allow.is_empty() || self.config.allow.iter().any(|c| c.contains(peer.ip()))
+    /// The shared state around settings already built.
+    pub fn with_settings(settings: IngressSettings, spool: Spool) -> Self {
+        let recent = RecentChunks::new(settings.config.recent_chunks_per_peer as usize);
+        let partial = Resizable::new(settings.partial_budget());
+        let connections = Resizable::new(settings.config.max_connections as usize);
+        IngressContext {
+            settings: watch::Sender::new(Arc::new(settings)),
+            spool,
+            recent,
+            partial,
+            connections,
+            router: None,
+        }
+    }
+
+    /// The settings in force now.
+    pub fn settings(&self) -> Arc<IngressSettings> {
+        self.settings.borrow().clone()
+    }
+
+    /// The settings in force, and every later replacement.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<IngressSettings>> {
+        self.settings.subscribe()
+    }
+
+    /// Put `settings` in force (a reload): limits are resized (never closing a connection:
+    /// a smaller limit is reached as connections end or give bytes back), new connections
+    /// get the new TLS acceptor and handshake, open ones pick up the rest between requests.
+    pub fn apply(&self, settings: IngressSettings) {
+        self.connections
+            .resize(settings.config.max_connections as usize);
+        self.partial.resize(settings.partial_budget());
+        self.recent
+            .set_per_peer(settings.config.recent_chunks_per_peer as usize);
+        self.settings.send_replace(Arc::new(settings));
     }
 }
 
@@ -115,15 +110,12 @@ pub async fn run_tcp(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(ctx.config.max_connections as usize));
+    let permits = ctx.connections.clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         // The permit is taken before accept: with none free, connections wait in the backlog.
         let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
+            permit = permits.acquire() => permit,
             _ = shutdown.cancelled() => return,
         };
         tokio::select! {
@@ -182,10 +174,12 @@ async fn handle(
     m.connections_total.inc();
     m.connections_open.inc();
     let _open = OnDrop(|| metrics().connections_open.dec());
-    match &ctx.tls {
+    // The TLS acceptor in force when the connection came: its session lives with it.
+    let settings = ctx.settings();
+    match &settings.tls {
         None => connection::serve(stream, peer, counted, ctx.clone(), shutdown).await,
         Some(acceptor) => {
-            match timeout(ctx.config.handshake_timeout.0, acceptor.accept(stream)).await {
+            match timeout(settings.config.handshake_timeout.0, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => connection::serve(tls, peer, counted, ctx.clone(), shutdown).await,
                 Ok(Err(e)) => {
                     warn!(%peer, reason = %e, "closing connection: TLS handshake failed");

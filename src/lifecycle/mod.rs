@@ -4,5 +4,9 @@
 //!
 //! - [`notify`]: READY / RELOADING / STOPPING (and stored descriptors) to the service manager,
 //!   systemd or `ackgate run`'s own supervisor, through `NOTIFY_SOCKET`.
+//! - [`reload`]: the config file read again and put in force in place, all or nothing;
+//!   [`diff`]: what a new config changes, and what of it needs a restart.
 
+pub mod diff;
 pub mod notify;
+pub mod reload;

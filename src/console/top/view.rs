@@ -424,6 +424,7 @@ mod tests {
                 node("a", "127.0.0.1:24225", true),
                 node("b", "127.0.0.1:1", false),
             ],
+            reload: None,
         }
     }
 
