@@ -16,6 +16,7 @@ use crate::admin::settings::AdminSettings;
 use crate::admin::AdminState;
 use crate::config::Config;
 use crate::ingress::{self, IngressContext, IngressSettings};
+use crate::lifecycle::diff::Bound;
 use crate::lifecycle::reload::{Reloader, Targets, Trigger};
 use crate::spool::{Spool, SpoolWriter};
 use crate::{supervise, upstream};
@@ -160,6 +161,14 @@ impl Relay {
             .await
             .with_context(|| format!("cannot listen on {}", config.ingress.listen))?;
         let local = listener.local_addr()?;
+        let admin_listener = bind_admin(&config).await?;
+        let bound = Bound {
+            ingress: local,
+            admin: match &admin_listener {
+                Some(listener) => Some(listener.local_addr()?),
+                None => None,
+            },
+        };
         let upstream = upstream::start(
             &config.upstream,
             config.spool.max_age.map(|d| d.0),
@@ -198,6 +207,7 @@ impl Relay {
         let reloader = Reloader::new(
             path,
             config,
+            bound,
             Targets {
                 ingress: ctx,
                 spool: spool.clone(),
@@ -218,28 +228,21 @@ impl Relay {
             admin: None,
             reloader,
         };
-        if let Some(settings) = admin_settings {
-            relay.admin = Some(relay.start_admin(settings, &upstream, local).await?);
+        if let (Some(listener), Some(settings)) = (admin_listener, admin_settings) {
+            relay.admin = Some(relay.start_admin(listener, settings, &upstream, local));
         }
         info!(listen = %local, nodes, "ackgate ready");
         Ok(relay)
     }
 
-    /// The admin listener (`[admin]`, or the old `[metrics]`).
-    async fn start_admin(
+    /// Serve the admin listener (`[admin]`, or the old `[metrics]`).
+    fn start_admin(
         &self,
+        listener: tokio::net::TcpListener,
         settings: Arc<AdminSettings>,
         upstream: &upstream::Upstream,
         ingress_listen: std::net::SocketAddr,
-    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let listen = settings.current().listen;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on admin.listen {listen}"))?;
-        info!(listen = %listener.local_addr()?, "admin and metrics listening");
-        if self.reloader.config().metrics.is_some() {
-            warn!("[metrics] is the old name of [admin]: rename the section");
-        }
+    ) -> tokio::task::JoinHandle<()> {
         let state = Arc::new(AdminState {
             spool: self.spool.clone(),
             dispatcher: upstream.dispatcher.clone(),
@@ -254,9 +257,7 @@ impl Relay {
             reloader: self.reloader.clone(),
         });
         let stop = self.admin_stop.clone();
-        Ok(tokio::spawn(async move {
-            crate::admin::serve(listener, state, stop).await
-        }))
+        tokio::spawn(async move { crate::admin::serve(listener, state, stop).await })
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -304,6 +305,21 @@ impl Relay {
         );
         Ok(())
     }
+}
+
+/// Bind the admin listener, when `[admin]` (or the old `[metrics]`) is set.
+async fn bind_admin(config: &Config) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(admin) = config.admin() else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on admin.listen {}", admin.listen))?;
+    info!(listen = %listener.local_addr()?, "admin and metrics listening");
+    if config.metrics.is_some() {
+        warn!("[metrics] is the old name of [admin]: rename the section");
+    }
+    Ok(Some(listener))
 }
 
 /// Spawn a task that must run until shutdown; if it ends earlier, `deaths` hears of it.

@@ -12,8 +12,29 @@
 //!   start (each dispatcher has its own cursor over the spool);
 //! - `upstream.nodes` going from empty to non-empty or back under route "original": that
 //!   decides at start which pipeline dead-letters damaged records (exactly one may).
+//!
+//! A listen address is unchanged when the new file names the address the socket is bound to
+//! ([`Bound`]): a relay started on port 0 may be reloaded from a file that names its port.
+
+use std::net::SocketAddr;
 
 use crate::config::{Config, RouteMode};
+
+/// The addresses the relay's listeners are bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub ingress: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Whether `new` names the same listener as `old`, or the address `bound` to.
+fn same_listener(
+    old: Option<SocketAddr>,
+    new: Option<SocketAddr>,
+    bound: Option<SocketAddr>,
+) -> bool {
+    old == new || (new.is_some() && new == bound)
+}
 
 /// A change that needs a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,14 +44,18 @@ pub struct Restart {
 }
 
 /// The first change of `new` against `old` that only a restart can make, if any.
-pub fn restart_required(old: &Config, new: &Config) -> Option<Restart> {
+pub fn restart_required(old: &Config, new: &Config, bound: &Bound) -> Option<Restart> {
     let restart = |key: &str, reason: &'static str| {
         Some(Restart {
             key: key.to_string(),
             reason,
         })
     };
-    if old.ingress.listen != new.ingress.listen {
+    if !same_listener(
+        Some(old.ingress.listen),
+        Some(new.ingress.listen),
+        Some(bound.ingress),
+    ) {
         return restart(
             "ingress.listen",
             "the listening socket is bound at start, and senders are connected to it",
@@ -54,7 +79,11 @@ pub fn restart_required(old: &Config, new: &Config) -> Option<Restart> {
             "redb sizes its page cache when it opens the spool file",
         );
     }
-    if old.admin().map(|a| a.listen) != new.admin().map(|a| a.listen) {
+    if !same_listener(
+        old.admin().map(|a| a.listen),
+        new.admin().map(|a| a.listen),
+        bound.admin,
+    ) {
         return restart(
             "admin.listen",
             "the admin listener is bound (or not) at start",
@@ -79,14 +108,24 @@ pub fn restart_required(old: &Config, new: &Config) -> Option<Restart> {
 
 /// Every key whose value differs, as dotted TOML paths (`upstream.ack_timeout`,
 /// `ingress.allow`); arrays count as one value. `[[upstream.nodes]]` is left out: nodes are
-/// compared by name when they are applied. Secrets are compared too, though never printed.
+/// compared by name when they are applied; so are listen addresses, which a reload that got
+/// this far did not change ([`restart_required`]). Secrets are compared too, though never
+/// printed.
 pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
     let mut keys = Vec::new();
     let (Ok(a), Ok(b)) = (toml::Value::try_from(old), toml::Value::try_from(new)) else {
         return keys;
     };
     walk("", &a, &b, &mut keys);
-    keys.retain(|k| k != "upstream.nodes");
+    keys.retain(|k| {
+        ![
+            "upstream.nodes",
+            "ingress.listen",
+            "admin.listen",
+            "metrics.listen",
+        ]
+        .contains(&k.as_str())
+    });
     for (key, changed) in secret_changes(old, new) {
         if changed && !keys.iter().any(|k| k == key) {
             keys.push(key.to_string());
@@ -178,6 +217,18 @@ token = "one"
         Config::parse(text, Path::new("test.toml")).unwrap()
     }
 
+    const BOUND: Bound = Bound {
+        ingress: SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 24224),
+        admin: Some(SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            24231,
+        )),
+    };
+
+    fn restart_required(old: &Config, new: &Config) -> Option<Restart> {
+        super::restart_required(old, new, &BOUND)
+    }
+
     fn edited(from: &str, to: &str) -> Config {
         assert!(BASE.contains(from), "{from}");
         parse(&BASE.replacen(from, to, 1))
@@ -235,6 +286,28 @@ token = "one"
                 .as_deref(),
             Some("admin.listen"),
             "removing [admin] unbinds a listener"
+        );
+    }
+
+    #[test]
+    fn a_file_naming_the_port_a_listener_got_changes_no_listener() {
+        let on_port_0 = parse(
+            &BASE
+                .replace("127.0.0.1:24224", "127.0.0.1:0")
+                .replace("127.0.0.1:24231", "127.0.0.1:0"),
+        );
+        assert_eq!(
+            restart_required(&on_port_0, &parse(BASE)),
+            None,
+            "the bound ports"
+        );
+        assert!(changed_keys(&on_port_0, &parse(BASE)).is_empty());
+        let other = parse(&BASE.replace("127.0.0.1:24224", "127.0.0.1:24299"));
+        assert_eq!(
+            restart_required(&on_port_0, &other)
+                .map(|r| r.key)
+                .as_deref(),
+            Some("ingress.listen")
         );
     }
 

@@ -127,6 +127,8 @@ struct Prepared {
 /// The owner of the settings in force.
 pub struct Reloader {
     path: PathBuf,
+    /// Where the listeners are bound (a file naming those ports changes no listener).
+    bound: diff::Bound,
     current: Mutex<Arc<Config>>,
     targets: Targets,
     /// One reload at a time.
@@ -135,10 +137,17 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// `config` was read from `path` and is in force in `targets`.
-    pub fn new(path: PathBuf, config: Config, targets: Targets) -> Arc<Reloader> {
+    /// `config` was read from `path` and is in force in `targets`, its listeners bound to
+    /// `bound`.
+    pub fn new(
+        path: PathBuf,
+        config: Config,
+        bound: diff::Bound,
+        targets: Targets,
+    ) -> Arc<Reloader> {
         Arc::new(Reloader {
             path,
+            bound,
             current: Mutex::new(Arc::new(config)),
             targets,
             running: tokio::sync::Mutex::new(()),
@@ -179,7 +188,7 @@ impl Reloader {
     /// Steps 1–3: everything that can fail, nothing changed.
     fn prepare(&self, old: &Config) -> Result<Prepared, ReloadError> {
         let config = Config::load(&self.path).map_err(ReloadError::Invalid)?;
-        if let Some(restart) = diff::restart_required(old, &config) {
+        if let Some(restart) = diff::restart_required(old, &config, &self.bound) {
             return Err(ReloadError::RestartRequired {
                 path: self.path.clone(),
                 key: restart.key,
@@ -318,3 +327,6 @@ fn describe(nodes: &NodeChanges) -> Vec<String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

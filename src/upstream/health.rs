@@ -612,6 +612,48 @@ mod tests {
         assert!(balancer.node(0).is_available());
     }
 
+    #[test]
+    fn a_reload_adds_retires_and_reweights_nodes_in_their_slots() {
+        let balancer = Balancer::new(
+            vec![("a".into(), 60, false), ("b".into(), 60, false)],
+            settings(HeartbeatKind::None),
+            1,
+        );
+        let share = |balancer: &Balancer, rounds: usize| {
+            let mut taken = vec![0usize; balancer.len()];
+            for _ in 0..rounds {
+                let i = (0..balancer.len())
+                    .find(|&i| balancer.may_take(i))
+                    .expect("some node may take");
+                balancer.record_taken(i);
+                taken[i] += 1;
+            }
+            taken
+        };
+        // b removed, c added: b's slot stays where it was (index 1) and takes nothing more;
+        // c gets a new slot (2), never b's.
+        balancer.retire(1);
+        let c = balancer.add("c".into(), 20, false);
+        assert_eq!(c, 2);
+        balancer.reshare();
+        assert_eq!(balancer.node(1).name, "b");
+        assert!(!balancer.should_connect(1) && !balancer.may_take(1));
+        let taken = share(&balancer, 8000);
+        assert_eq!(taken[1], 0, "a retired node takes no record");
+        let ratio = taken[0] as f64 / 8000.0;
+        assert!((0.73..=0.77).contains(&ratio), "a:c = 60:20, a got {ratio}");
+        // Reweighted in place: c now weighs as much as a.
+        balancer.update(c, 60, false);
+        balancer.reshare();
+        let taken = share(&balancer, 8000);
+        let ratio = taken[0] as f64 / 8000.0;
+        assert!((0.47..=0.53).contains(&ratio), "a:c = 60:60, a got {ratio}");
+        // A node made a standby takes nothing while a primary is up.
+        balancer.update(c, 60, true);
+        balancer.reshare();
+        assert_eq!(share(&balancer, 100)[c], 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn weights_share_and_standby_takes_over() {
         let balancer = Balancer::new(

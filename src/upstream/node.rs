@@ -643,6 +643,7 @@ mod tests {
         dispatcher: Arc<Dispatcher>,
         links: mpsc::UnboundedSender<DuplexStream>,
         shutdown: CancellationToken,
+        retired: CancellationToken,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -668,6 +669,11 @@ mod tests {
     /// `records` spooled (on the real clock), then the clock paused and the node started with
     /// a connector that hands out the pipes the test pushes.
     async fn start(records: u8) -> Harness {
+        start_with(records, settings()).await
+    }
+
+    /// [`start`] with these node settings.
+    async fn start_with(records: u8, settings: NodeSettings) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let (spool, writer) = Spool::open(&config(&dir)).unwrap();
         for i in 0..records {
@@ -697,8 +703,10 @@ mod tests {
             async move { rx.lock().await.recv().await.ok_or(NodeError::Closed(0)) }
         };
         let shutdown = CancellationToken::new();
+        let control = NodeControl::fixed(settings);
+        let retired = control.retired.clone();
         let task = tokio::spawn(run_node_with(
-            NodeControl::fixed(settings()),
+            control,
             dispatcher.clone(),
             balancer,
             shutdown.clone(),
@@ -711,6 +719,7 @@ mod tests {
             dispatcher,
             links,
             shutdown,
+            retired,
             task,
         }
     }
@@ -857,5 +866,60 @@ mod tests {
         assert_eq!(again.request().await.chunk, request.chunk);
         again.ack(&request).await;
         harness.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_retired_node_drains_then_gives_its_unacked_chunks_back_at_once() {
+        // An ack timeout longer than the grace: what ends the drain is the removal's grace.
+        let settings = NodeSettings {
+            ack_timeout: Duration::from_secs(60),
+            ..settings()
+        };
+        let grace = settings.shutdown_grace;
+        let harness = start_with(2, settings).await;
+        let mut aggregator = harness.connect();
+        let first = aggregator.request().await;
+        let second = aggregator.request().await;
+        // One ack arrives; the node is removed with the other chunk in flight (no wait on
+        // the spool here: the paused clock would jump to the ack deadline meanwhile).
+        aggregator.ack(&first).await;
+        // Removed by a reload: retired, then stopped (as the pipeline does).
+        let retired_at = Instant::now();
+        harness.retired.cancel();
+        harness.shutdown.cancel();
+        let closed = aggregator.closed().await;
+        let waited = closed - retired_at;
+        assert!(
+            waited >= grace && waited <= grace + Duration::from_millis(5),
+            "the unacked chunk had shutdown_grace to be acked: closed after {waited:?}"
+        );
+        tokio::time::timeout(WAIT, &mut { harness.task })
+            .await
+            .unwrap()
+            .unwrap();
+        // Back at once (no backoff) and not counted as a failed attempt: the next node that
+        // takes finds it due now, with the same key (hence the same chunk id).
+        let taken = harness
+            .dispatcher
+            .take()
+            .await
+            .unwrap()
+            .expect("due at once");
+        assert_eq!(
+            taken.record.attempts, 0,
+            "the removal is not the record's failure"
+        );
+        let keys = keys_after_flush(&harness.spool).await;
+        assert_eq!(keys, vec![taken.record.key]);
+        let chunk_id = chunk_id_base64(&taken.record.chunk_id);
+        assert!(
+            second
+                .chunk
+                .as_ref()
+                .unwrap()
+                .ends_with(chunk_id.as_bytes()),
+            "the same chunk id as the chunk in flight"
+        );
+        stop(harness.writer).await;
     }
 }
