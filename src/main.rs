@@ -97,13 +97,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { config: path, json } => {
-            let config = match load_config(&path) {
-                Ok(config) => config,
-                Err(code) => return code,
-            };
             init_logging("warn", LogFormat::Text);
             match runtime() {
-                Ok(rt) => rt.block_on(ackgate::console::status::run(&config, &path, json)),
+                Ok(rt) => rt.block_on(ackgate::console::status::run(&path, json)),
                 Err(e) => exit_with(Err(e)),
             }
         }

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
-use crate::config::{AdminConfig, Config, MetricsConfig};
+use crate::config::{AdminConfig, Config, ConfigError, MetricsConfig};
 
 /// Deadline for one request, connect included.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
@@ -79,9 +79,21 @@ impl AdminClient {
         Ok(AdminClient::of(admin))
     }
 
+    /// The admin listener of the relay run with the config at `path`: from the whole file, or,
+    /// when it does not validate (an edit not yet reloaded), from its `[admin]` section alone,
+    /// with the file's error beside it. `ackgate reload` and `ackgate status` still reach the
+    /// relay then, and its answer says which key it refused.
+    pub fn for_file(
+        path: &std::path::Path,
+    ) -> (Result<AdminClient, ClientError>, Option<ConfigError>) {
+        match Config::load(path) {
+            Ok(config) => (AdminClient::from_config(&config, path), None),
+            Err(invalid) => (AdminClient::from_admin_section(path), Some(invalid)),
+        }
+    }
+
     /// The admin listener named by the `[admin]` (or `[metrics]`) section of a file that may
-    /// not validate as a whole: `ackgate reload` still asks the relay, whose answer names the
-    /// key at fault (and is what the relay logs and shows in its status).
+    /// not validate as a whole.
     pub fn from_admin_section(path: &std::path::Path) -> Result<AdminClient, ClientError> {
         let fail = |reason: String| ClientError::NoAdminSection {
             config: path.display().to_string(),

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::admin::client::AdminClient;
-use crate::config::Config;
 
 /// Exit code: the new config is in force.
 pub const APPLIED: u8 = 0;
@@ -20,19 +19,15 @@ pub const UNREACHABLE: u8 = 2;
 pub async fn run(path: &Path) -> ExitCode {
     // A file that does not validate still names the admin listener: the relay is asked, so
     // that its log, its status and this command all say the same thing.
-    let local = Config::load(path);
-    let client = match &local {
-        Ok(config) => AdminClient::from_config(config, path),
-        Err(_) => AdminClient::from_admin_section(path),
-    };
-    let client = match client {
-        Ok(client) => client,
-        Err(e) => {
-            if let Err(invalid) = &local {
-                eprintln!("error: {invalid}");
-                eprintln!("the relay was not asked: {e}");
-                return ExitCode::from(REFUSED);
-            }
+    let (client, invalid) = AdminClient::for_file(path);
+    let client = match (client, invalid) {
+        (Ok(client), _) => client,
+        (Err(e), Some(invalid)) => {
+            eprintln!("error: {invalid}");
+            eprintln!("the relay was not asked: {e}");
+            return ExitCode::from(REFUSED);
+        }
+        (Err(e), None) => {
             eprintln!("error: {e}");
             return ExitCode::from(UNREACHABLE);
         }
