@@ -55,10 +55,8 @@ impl Signals {
     /// The next stop or reload signal.
     async fn next(&mut self) -> Asked {
         tokio::select! {
-            _ = recv(&mut self.hup) => {
-                info!(signal = "SIGHUP", "reloading the config");
-                Asked::Reload
-            }
+            // The reload logs its own line (trigger="signal").
+            _ = recv(&mut self.hup) => Asked::Reload,
             _ = recv(&mut self.term) => {
                 info!(signal = "SIGTERM", "shutting down");
                 Asked::Stop

@@ -1,8 +1,9 @@
 //! `ackgate status`: one screen on a running relay, from `/api/status`.
 //!
 //! Exit code for scripts and monitors: 0 healthy, 1 up but something needs attention (a node
-//! down, dead letters, the spool over 80 % or its disk full), 2 not reachable (and then how to
-//! enable the admin listener).
+//! down, dead letters, the spool over 80 % or its disk full, the last reload refused), 2 not
+//! reachable (and then how to enable the admin listener). A config file that does not validate
+//! (an edit not reloaded yet) still names the listener through its `[admin]` section.
 
 use std::fmt::Write as _;
 use std::path::Path;

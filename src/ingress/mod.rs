@@ -2,7 +2,8 @@
 //! [`admission`]'s call) and the UDP heartbeat responder ([`udp`]). Each connection is served by [`connection`] (its wire format picked by
 //! [`decoder`], its acks settled by [`acks`]); the shared-key handshake
 //! is in [`handshake`]; [`partial`] is the memory budget of unfinished requests; [`recent`]
-//! remembers committed chunk ids to absorb sender retransmits.
+//! remembers committed chunk ids to absorb sender retransmits; [`settings`] is what a reload
+//! replaces ([`IngressContext::apply`]), read by the accept loop and every connection.
 //!
 //! Owns the sender sockets. Must not: touch redb (requests go to [`crate::spool::Spool`]), or
 //! ack anything the spool has not reported committed (invariant 1).

@@ -56,6 +56,11 @@ impl PhiDetector {
         self.last = Some(now);
     }
 
+    /// A reload changed `heartbeat_interval`: the samples stay, the shift follows.
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.interval = interval.as_secs_f64().max(0.001);
+    }
+
     pub fn sample_size(&self) -> usize {
         self.gaps.len()
     }
@@ -319,6 +324,10 @@ impl Balancer {
     pub fn tune(&self, settings: HealthSettings, slack: u64) {
         *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings;
         self.slack.store(slack.max(1), Ordering::Release);
+        let nodes: Vec<Arc<NodeHealth>> = self.slots().clone();
+        for node in nodes {
+            node.lock().detector.set_interval(settings.interval);
+        }
     }
 
     /// After a reload changed the node set or the weights: shares start again from zero (a

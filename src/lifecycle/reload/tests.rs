@@ -249,3 +249,38 @@ async fn a_valid_file_puts_every_change_in_force_and_keeps_unchanged_nodes() {
     assert!(again.changed.is_empty(), "{:?}", again.changed);
     fixture.stop().await;
 }
+
+#[tokio::test]
+async fn route_original_destinations_follow_a_reload_too() {
+    let original = |upstream: &str| {
+        text(
+            Path::new("SPOOL_DIR"),
+            "transparent = \"redirect\"",
+            SPOOL,
+            &format!("route = \"original\"\n{upstream}"),
+        )
+    };
+    let fixture = start(&original("max_destinations = 4"));
+    let router = fixture.upstream.router.clone().expect("route original");
+    let first: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    router.ensure(first).unwrap();
+    fixture.write(&original("max_destinations = 1\nretry_initial = \"3s\""));
+    fixture.reloader.reload(Trigger::Api).await.unwrap();
+    let pipelines = router.all();
+    assert_eq!(pipelines.len(), 1, "a destination keeps its node");
+    assert_eq!(
+        pipelines[0].1.dispatcher.backoff().initial,
+        std::time::Duration::from_secs(3),
+        "the destination's pipeline took [upstream]'s new retry settings"
+    );
+    assert_eq!(pipelines[0].1.nodes()[0].slot, 0, "and kept its node");
+    let refused = router.ensure("127.0.0.1:10".parse().unwrap());
+    assert!(
+        matches!(
+            refused,
+            Err(crate::upstream::router::RouteError::TooMany(1))
+        ),
+        "{refused:?}"
+    );
+    fixture.stop().await;
+}
