@@ -2,10 +2,10 @@
 //! `POST /api/reload` re-read the config file and put what changed in force without closing a
 //! sender connection or losing a record.
 //!
-//! - Under load (a persistent connection that never reads, an acking sender), a reload adds
-//!   a node and removes one that holds chunks in flight: no event is lost, both sender
-//!   connections stay open (ackgate counts the same two connections, none closed) and acks keep
-//!   coming, the removed node's chunks arrive through the other nodes with their chunk ids,
+//! - Under load (a persistent connection that never reads, an acking sender, a fluentd v0.10
+//!   sender opening a connection per request), a reload adds a node and removes one that holds
+//!   chunks in flight: no event is lost, both persistent connections stay open (ackgate counts
+//!   them open, and no connection beyond the per-request ones) and acks keep coming, the removed node's chunks arrive through the other nodes with their chunk ids,
 //!   and the node that stays keeps its one upstream connection (SIGHUP).
 //! - A file that does not validate changes nothing (not even its valid keys): `ackgate reload`
 //!   exits 1 naming the key, the relay keeps relaying, `ackgate status` says so; the fixed
@@ -70,8 +70,10 @@ fn set_nodes(root: &mut toml::Table, nodes: &[(&str, SocketAddr)]) {
 /// What the sender threads did, shared with the test.
 #[derive(Default)]
 struct Traffic {
-    /// Events the persistent no-ack sender wrote (every write returned).
+    /// Events the no-ack senders wrote (every write returned).
     written: HashSet<u64>,
+    /// Connections the per-request sender opened.
+    connections: u64,
     /// Events the acking sender got an ack for, and how many acks.
     acked: HashSet<u64>,
     acks: u64,
@@ -81,8 +83,9 @@ struct Traffic {
     stopped: usize,
 }
 
-/// Two senders on one connection each, until stopped: one writes fluentd v0.10 requests and
-/// never reads, one sends v0.12 requests and waits for every ack.
+/// Senders until stopped: on one connection each, one writes fluentd v0.10 requests and never
+/// reads, one sends v0.12 requests and waits for every ack; and a fluentd v0.10 sender that
+/// opens a connection per request.
 struct Load {
     traffic: Arc<(Mutex<Traffic>, Condvar)>,
     /// Stop sending (the sockets stay open).
@@ -99,15 +102,15 @@ impl Load {
         let close = Arc::new(AtomicBool::new(false));
         let ids = Arc::new(Ids::default());
         let mut threads = Vec::new();
-        for acking in [false, true] {
+        for kind in [Kind::Silent, Kind::Acking, Kind::PerRequest] {
             let (traffic, stop, close, ids) =
                 (traffic.clone(), stop.clone(), close.clone(), ids.clone());
-            let mut stream = connect(addr);
+            let mut stream = (kind != Kind::PerRequest).then(|| connect(addr));
             threads.push(std::thread::spawn(move || {
-                let result = if acking {
-                    acking_sender(&mut stream, &ids, &traffic, &stop)
-                } else {
-                    silent_sender(&mut stream, &ids, &traffic, &stop)
+                let result = match (kind, stream.as_mut()) {
+                    (Kind::Silent, Some(s)) => silent_sender(s, &ids, &traffic, &stop),
+                    (Kind::Acking, Some(s)) => acking_sender(s, &ids, &traffic, &stop),
+                    _ => per_request_sender(addr, &ids, &traffic, &stop),
                 };
                 let (state, changed) = &*traffic;
                 let mut t = lock(state);
@@ -121,7 +124,11 @@ impl Load {
                 while !close.load(Ordering::Acquire) {
                     std::thread::park();
                 }
-                drop(stream);
+                if let Some(stream) = stream {
+                    if let Err(e) = still_open(&stream) {
+                        lock(state).failure.get_or_insert(format!("{kind:?}: {e}"));
+                    }
+                }
             }));
         }
         Load {
@@ -146,11 +153,16 @@ impl Load {
         lock(&self.traffic.0).acks
     }
 
+    /// Connections the per-request sender opened.
+    fn connections(&self) -> u64 {
+        lock(&self.traffic.0).connections
+    }
+
     /// Stop sending (the sockets stay open until `close`); every event handed over.
     fn pause(&self) -> HashSet<u64> {
         self.stop.store(true, Ordering::Release);
         let (state, changed) = &*self.traffic;
-        let (t, held) = wait_for_condition(state, changed, WAIT, |t| t.stopped == 2);
+        let (t, held) = wait_for_condition(state, changed, WAIT, |t| t.stopped == 3);
         assert!(
             held,
             "the senders did not finish their request within {WAIT:?}"
@@ -159,6 +171,8 @@ impl Load {
         t.written.union(&t.acked).copied().collect()
     }
 
+    /// Close the sockets; each persistent one must still have been open (no FIN or RST from
+    /// ackgate waiting in it).
     fn close(self) {
         self.stop.store(true, Ordering::Release);
         self.close.store(true, Ordering::Release);
@@ -166,10 +180,46 @@ impl Load {
             thread.thread().unpark();
             thread.join().expect("sender thread");
         }
+        assert_eq!(lock(&self.traffic.0).failure, None, "a sender failed");
     }
 }
 
 const EVENTS_PER_REQUEST: usize = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// One connection, fluentd v0.10 requests, never reads.
+    Silent,
+    /// One connection, v0.12 requests with a chunk id, every ack awaited.
+    Acking,
+    /// fluentd v0.10: a connection per request, written and closed.
+    PerRequest,
+}
+
+fn per_request_sender(
+    addr: SocketAddr,
+    ids: &Ids,
+    traffic: &(Mutex<Traffic>, Condvar),
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    while !stop.load(Ordering::Acquire) {
+        let batch = ids.take(EVENTS_PER_REQUEST);
+        let entries: Vec<u8> = batch.iter().flat_map(|&id| event(id, 40)).collect();
+        let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        lock(&traffic.0).connections += 1;
+        for part in legacy_request_parts("reload.v010", &entries) {
+            stream
+                .write_all(&part)
+                .map_err(|e| format!("the per-request sender's write failed: {e}"))?;
+        }
+        drop(stream);
+        lock(&traffic.0).written.extend(batch);
+        traffic.1.notify_all();
+        // A load rate, not a synchronisation.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
 
 fn silent_sender(
     stream: &mut TcpStream,
@@ -217,6 +267,17 @@ fn acking_sender(
         traffic.1.notify_all();
     }
     Ok(())
+}
+
+/// Nothing from ackgate waits in `stream`: no FIN (a read of 0), no RST (an error), no bytes.
+fn still_open(stream: &TcpStream) -> Result<(), String> {
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    match (&*stream).read(&mut [0u8; 1]) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Ok(0) => Err("ackgate closed the connection".into()),
+        Ok(_) => Err("unexpected bytes from ackgate".into()),
+        Err(e) => Err(format!("the connection failed: {e}")),
+    }
 }
 
 /// One whole msgpack value from `stream`.
@@ -316,17 +377,13 @@ fn sighup_adds_and_removes_nodes_under_load_without_a_lost_event_or_a_closed_con
         stranded.is_empty(),
         "chunks sent to the removed node never acked elsewhere: {stranded:?}"
     );
-    // Both sender connections are the ones they opened, still open in ackgate.
-    let metrics = http(admin, "GET", "/metrics").1;
+    // The persistent senders' connections are the ones they opened, still open in ackgate
+    // (the per-request sender's are all done: their events arrived).
+    let metrics = wait_metric(admin, "ackgate_connections_open", WAIT, |v| v == Some(2.0));
     assert_eq!(
         metric_exact(&metrics, "ackgate_connections_total"),
-        Some(2.0),
-        "a sender reconnected"
-    );
-    assert_eq!(
-        metric_exact(&metrics, "ackgate_connections_open"),
-        Some(2.0),
-        "ackgate closed a sender connection"
+        Some(2.0 + load.connections() as f64),
+        "ackgate saw a connection no sender opened: a persistent one reconnected"
     );
     assert_eq!(
         keep.connections(),
