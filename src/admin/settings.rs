@@ -1,6 +1,7 @@
 //! `[admin]` as in force: the bearer token, the per-request deadline and the connection cap.
 //! A reload replaces them here, the one place the listener and its handlers read them from
-//! (for each request, and for each accept); the listen address needs a restart.
+//! (for each request, and for each accept); the listen address needs a restart. A smaller
+//! connection cap closes no open admin connection.
 
 use std::sync::Arc;
 

@@ -7,7 +7,7 @@
 //! connection sees: the TLS acceptor and handshake settings of the moment it was accepted
 //! (they are its session), and the request limits and idle timeout in force at each request
 //! boundary (`connection.rs`), so that a persistent sender follows a reload without
-//! reconnecting and is never closed by one.
+//! reconnecting and is never closed by one (invariant 10).
 
 use tokio_rustls::TlsAcceptor;
 

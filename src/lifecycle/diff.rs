@@ -1,6 +1,6 @@
 //! What a new config changes against the one in force, by key, and which of those changes
 //! only a restart can make. Pure: two validated [`Config`]s in, keys out; nothing is read or
-//! changed here, so a refused reload has touched nothing.
+//! changed here, so a refused reload has touched nothing (invariant 10).
 //!
 //! Keys that need a restart, and why (the README's "Reload" section says the same):
 //! - `ingress.listen`, `ingress.udp_heartbeat`, `admin.listen` (and adding or removing

@@ -1,7 +1,8 @@
 //! What a pipeline is to be, built from `[upstream]` and a node list before anything runs or
 //! changes: every node's settings with its TLS files read now, the retry and poison policy,
 //! the health settings. Building is the only step of a start or a reload that can fail (a
-//! certificate that cannot be read), so a reload that fails here has changed nothing.
+//! certificate that cannot be read), so a reload that fails here has changed nothing
+//! (invariant 10: a reload is all or nothing, and drops nothing).
 //!
 //! A node's identity across reloads is its [`LinkKey`]: name, address, and everything that
 //! shapes its connection (TLS, handshake credentials). A node whose key is unchanged keeps its
