@@ -24,8 +24,8 @@
 //!   acts only through the spool's and dispatcher's own calls.
 //! - [`relay`]: one process's relay: everything above started together and stopped in order.
 //! - [`supervise`]: core tasks that must not end while ackgate runs (9).
-//! - [`lifecycle`]: sockets that outlive the process reading them; reload, upgrade and the
-//!   service manager's protocols (10).
+//! - [`lifecycle`]: sockets that outlive the process reading them; reload (the one owner of
+//!   the settings in force), upgrade and the service manager's protocols (10).
 //! - [`config`]: the TOML file, strict, every error naming its key.
 //! - [`metrics`]: metric names and their text; reads nothing, owns no socket.
 //! - [`middlebox`]: transparent mode's socket options (original destination, `SO_MARK`) and
@@ -34,6 +34,8 @@
 //! - [`tools`] (`send`, `receive`) and [`bench`]: the Forward tools and the load benchmark
 //!   that come with the relay; the relay itself never calls them.
 //! - [`tls`], [`clock`]: rustls settings; wall-clock time in ms.
+//! - [`limit`]: permit counts a reload can resize; [`logging`]: the tracing subscriber, its
+//!   level reloadable.
 
 pub mod admin;
 pub mod bench;
@@ -44,6 +46,8 @@ pub mod forward;
 pub mod ingress;
 pub mod inspect;
 pub mod lifecycle;
+pub mod limit;
+pub mod logging;
 pub mod metrics;
 pub mod middlebox;
 pub mod relay;

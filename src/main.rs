@@ -31,6 +31,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Make a running relay re-read its config file, as SIGHUP does: what can change in place
+    /// does, without dropping a connection. Exit 0 applied, 1 refused (the running config
+    /// stays; the key and why are printed), 2 the relay cannot be reached.
+    Reload {
+        /// The config the relay was started with (its `[admin]` says where to ask).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// The process `ackgate run` starts to serve the sockets it holds (not run by hand).
     #[command(hide = true)]
     Worker {
@@ -99,14 +107,17 @@ fn main() -> ExitCode {
             ackgate::lifecycle::supervisor::run(vec!["--config".into(), config.into_os_string()])
         }
         Command::Worker { config, standby } => run_worker(&config, standby),
-        Command::Status { config: path, json } => {
-            let config = match load_config(&path) {
-                Ok(config) => config,
-                Err(code) => return code,
-            };
+        Command::Reload { config: path } => {
             init_logging("warn", LogFormat::Text);
             match runtime() {
-                Ok(rt) => rt.block_on(ackgate::console::status::run(&config, &path, json)),
+                Ok(rt) => rt.block_on(ackgate::console::reload::run(&path)),
+                Err(e) => exit_with(Err(e)),
+            }
+        }
+        Command::Status { config: path, json } => {
+            init_logging("warn", LogFormat::Text);
+            match runtime() {
+                Ok(rt) => rt.block_on(ackgate::console::status::run(&path, json)),
                 Err(e) => exit_with(Err(e)),
             }
         }
@@ -216,7 +227,8 @@ fn run_worker(path: &std::path::Path, standby: bool) -> ExitCode {
     exit_with(runtime().and_then(|rt| {
         rt.block_on(async move {
             let link = ackgate::lifecycle::link::start(control)?;
-            let result = ackgate::relay::run(config, inherited, link, standby).await;
+            let result =
+                ackgate::relay::run(config, path.to_path_buf(), inherited, link, standby).await;
             if let Err(e) = &result {
                 ackgate::lifecycle::notify::status(&format!("error: {e:#}"));
             }
@@ -255,16 +267,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(false).init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    ackgate::logging::init(level, format);
 }
 
 /// One glibc malloc arena instead of one per thread that allocates (up to 8 × cores). Request

@@ -1,7 +1,11 @@
-//! The relay of one `ackgate` process: spool, ingress, upstream and the admin listener
-//! started together ([`Relay::start`]) and stopped in order ([`Relay::stop`]), and [`run`],
-//! which waits for a signal or for a core task's death (invariant 9) in between.
+//! The relay of one worker process: spool, ingress, upstream and the admin listener started
+//! together ([`Relay::start`]), and [`run`], which serves until a stop, a handover or a core
+//! task's death (invariant 9). SIGHUP reloads the config in place
+//! ([`crate::lifecycle::reload`]); SIGTERM/SIGINT (or the supervisor gone) stop
+//! ([`Relay::stop`]); the supervisor's request for an upgrade hands over ([`Relay::handover`],
+//! invariant 10).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,62 +15,79 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::admin::rates::Rates;
-use crate::admin::{AdminState, NodeAddress};
+use crate::admin::settings::AdminSettings;
+use crate::admin::AdminState;
 use crate::config::Config;
-use crate::ingress::{self, IngressContext};
+use crate::ingress::{self, IngressContext, IngressSettings};
+use crate::lifecycle::diff::Bound;
 use crate::lifecycle::link::{self, Feed, Request};
+use crate::lifecycle::reload::{Reloader, Targets, Trigger};
 use crate::lifecycle::state::WorkerState;
 use crate::lifecycle::{notify, sockets};
 use crate::spool::{Spool, SpoolError, SpoolWriter};
 use crate::{supervise, upstream};
 
-/// The signals a worker handles, installed before anything is announced, so that a signal
-/// that arrives right after the ready line is handled and not the default (fatal) action.
+/// SIGTERM/SIGINT/SIGHUP handlers, installed before anything is announced (the signals are
+/// blocked until then: [`crate::lifecycle::signals`]), so a signal that arrives right after
+/// the ready line is a graceful stop or a reload and not the default (fatal) action.
 struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
     hup: Option<tokio::signal::unix::Signal>,
 }
 
-/// What a signal asks of the relay.
+/// What a signal asks for.
 enum Asked {
     Stop,
     Reload,
 }
 
 impl Signals {
-    fn install() -> Signals {
+    /// `reload`: also catch SIGHUP (the relay); tools keep its default action.
+    fn install(reload: bool) -> Signals {
         use tokio::signal::unix::{signal, SignalKind};
         let term = signal(SignalKind::terminate()).ok();
         let int = signal(SignalKind::interrupt()).ok();
-        let hup = signal(SignalKind::hangup()).ok();
-        if term.is_none() || int.is_none() || hup.is_none() {
+        let hup = reload.then(|| signal(SignalKind::hangup()).ok()).flatten();
+        if term.is_none() || int.is_none() {
             warn!("cannot install signal handlers; stop with SIGKILL");
+        }
+        if reload && hup.is_none() {
+            warn!("cannot install the SIGHUP handler; reload with `ackgate reload` or POST /api/reload");
         }
         Signals { term, int, hup }
     }
 
-    async fn wait(&mut self) -> Asked {
-        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
-            match signal {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending::<()>().await,
+    /// The next stop or reload signal.
+    async fn next(&mut self) -> Asked {
+        tokio::select! {
+            // The reload logs its own line (trigger="signal").
+            _ = recv(&mut self.hup) => Asked::Reload,
+            _ = recv(&mut self.term) => {
+                info!(signal = "SIGTERM", "shutting down");
+                Asked::Stop
+            }
+            _ = recv(&mut self.int) => {
+                info!(signal = "SIGINT", "shutting down");
+                Asked::Stop
             }
         }
-        tokio::select! {
-            _ = next(&mut self.term) => { info!(signal = "SIGTERM", "shutting down"); Asked::Stop }
-            _ = next(&mut self.int) => { info!(signal = "SIGINT", "shutting down"); Asked::Stop }
-            _ = next(&mut self.hup) => Asked::Reload,
+    }
+}
+
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
         }
+        None => std::future::pending::<()>().await,
     }
 }
 
 /// Wait for SIGTERM or SIGINT (the Forward tools' stop).
 pub async fn wait_for_signal() {
-    let mut signals = Signals::install();
-    while let Asked::Reload = signals.wait().await {}
+    let mut signals = Signals::install(false);
+    while let Asked::Reload = signals.next().await {}
 }
 
 /// How a worker's run ends.
@@ -77,19 +98,20 @@ enum Ending {
 
 /// The worker: start spool, ingress and upstream (for an upgrade, first prepare and wait to be
 /// activated), say READY, and serve until a stop (SIGTERM/SIGINT, or the supervisor gone) or a
-/// handover. A stop reads every connection the supervisor still hands over until it is quiet
-/// at a request boundary (or `shutdown_grace` ends), gives in-flight chunks `shutdown_grace`,
-/// and commits what the spool holds; a handover parks every connection with nothing owed and
-/// leaves them to the next worker. If a core component dies, exit with an error at once
-/// (invariant 9): the supervisor starts a new worker, and nothing was released that was not
-/// stored.
+/// handover; SIGHUP re-reads `path` and puts it in force in place. A stop reads every
+/// connection the supervisor still hands over until it is quiet at a request boundary (or
+/// `shutdown_grace` ends), gives in-flight chunks `shutdown_grace`, and commits what the spool
+/// holds; a handover parks every connection with nothing owed and leaves them to the next
+/// worker. If a core component dies, exit with an error at once (invariant 9): the supervisor
+/// starts a new worker, and nothing was released that was not stored.
 pub async fn run(
     config: Config,
+    path: PathBuf,
     sockets: sockets::Inherited,
     link: link::Link,
     standby: bool,
 ) -> anyhow::Result<()> {
-    let mut signals = Signals::install();
+    let mut signals = Signals::install(true);
     crate::lifecycle::signals::unblock();
     let link::Link {
         connections,
@@ -101,15 +123,20 @@ pub async fn run(
         wait_for_activation(&mut requests, &mut signals).await?;
     }
     let (watchdog, mut deaths) = supervise::watchdog();
-    let relay = Relay::start(&config, &watchdog, sockets, connections).await?;
+    let relay = Relay::start(config, path, &watchdog, sockets, connections).await?;
     notify::ready("relaying");
     // The supervisor may say its accept queue is drained before the stop signal is seen here.
     let mut drained = false;
+    let died = relay.writer.died();
+    tokio::pin!(died);
     let ending = loop {
         tokio::select! {
-            asked = signals.wait() => match asked {
+            asked = signals.next() => match asked {
                 Asked::Stop => break Ending::Stop,
-                Asked::Reload => warn!("SIGHUP: reloading the configuration is not available in this build"),
+                // The outcome is logged, counted and shown in /api/status by the reloader.
+                Asked::Reload => {
+                    let _ = relay.reloader.reload(Trigger::Signal).await;
+                }
             },
             request = requests.recv() => match request {
                 Some(Request::Handover) => break Ending::Handover,
@@ -124,28 +151,26 @@ pub async fn run(
                 }
                 Some(other) => debug!(request = ?other, "request ignored while serving"),
             },
-            reason = relay.writer.died() => return Err(core_died(reason)),
+            reason = &mut died => return Err(core_died(reason)),
             reason = deaths.next() => return Err(core_died(reason)),
         }
     };
     match ending {
-        Ending::Stop => relay.stop(&config, &mut requests, drained).await,
-        Ending::Handover => relay.handover(&config).await,
+        Ending::Stop => relay.stop(&mut requests, drained).await,
+        Ending::Handover => relay.handover().await,
     }
 }
 
 /// Check, before anything is taken over, what a new worker can check without the spool: the
 /// config loaded already; the TLS settings must load too.
 fn prepare(config: &Config) -> anyhow::Result<()> {
-    if let Some(tls) = &config.ingress.tls {
-        crate::tls::server_config(&crate::tls::ServerTlsSettings {
-            cert: tls.cert.clone(),
-            key: tls.key.clone(),
-            client_ca: tls.client_ca.clone(),
-        })
-        .context("ingress TLS")?;
-    }
-    upstream::check_tls(&config.upstream).context("upstream TLS")?;
+    IngressSettings::build(
+        config.ingress.clone(),
+        !config.upstream.nodes.is_empty(),
+        config.upstream.shutdown_grace.0,
+    )
+    .context("ingress TLS")?;
+    upstream::check(&config.upstream).context("upstream TLS")?;
     info!("prepared to take over: waiting for the running worker to hand over");
     Ok(())
 }
@@ -161,7 +186,7 @@ async fn wait_for_activation(
                 Some(Request::Gone) | None => anyhow::bail!("the supervisor went away before the handover"),
                 Some(_) => {}
             },
-            asked = signals.wait() => {
+            asked = signals.next() => {
                 if let Asked::Stop = asked {
                     anyhow::bail!("stopped before the handover");
                 }
@@ -189,6 +214,8 @@ struct Relay {
     connections: TaskTracker,
     nodes: TaskTracker,
     admin: Option<tokio::task::JoinHandle<()>>,
+    /// The settings in force, and SIGHUP's reload.
+    reloader: Arc<Reloader>,
     /// This worker's lifecycle, as the admin API shows it.
     lifecycle: Arc<WorkerState>,
 }
@@ -203,7 +230,8 @@ const PARK_WAIT: Duration = Duration::from_secs(30);
 
 impl Relay {
     async fn start(
-        config: &Config,
+        config: Config,
+        path: PathBuf,
         watchdog: &supervise::Watchdog,
         sockets: sockets::Inherited,
         connections_in: tokio::sync::mpsc::UnboundedReceiver<Feed>,
@@ -215,9 +243,17 @@ impl Relay {
             anyhow::bail!("upstream.socket_mark = {mark} needs CAP_NET_ADMIN, which this process does not have (systemd: AmbientCapabilities=CAP_NET_ADMIN)");
         }
         let supervisor_pid = sockets.supervisor_pid;
-        let (spool, writer) = open_spool(config).await?;
+        let (spool, writer) = open_spool(&config).await?;
         let ingress_sockets = sockets::ingress(&config.ingress, sockets.tcp, sockets.udp).await?;
         let local = ingress_sockets.local;
+        let admin_listener = sockets::admin(&config, sockets.admin).await?;
+        let bound = Bound {
+            ingress: local,
+            admin: match &admin_listener {
+                Some(listener) => Some(listener.local_addr()?),
+                None => None,
+            },
+        };
         let ingress_stop = CancellationToken::new();
         let closed = CancellationToken::new();
         let upstream_stop = CancellationToken::new();
@@ -232,11 +268,14 @@ impl Relay {
         if let Some(router) = &upstream.router {
             router.discover();
         }
-        let mut ingress_ctx = IngressContext::new(config.ingress.clone(), spool.clone())
-            .context("cannot set up ingress TLS")?;
+        let settings = IngressSettings::build(
+            config.ingress.clone(),
+            !config.upstream.nodes.is_empty(),
+            config.upstream.shutdown_grace.0,
+        )
+        .context("cannot set up ingress TLS")?;
+        let mut ingress_ctx = IngressContext::with_settings(settings, spool.clone());
         ingress_ctx.router = upstream.router.clone();
-        ingress_ctx.default_nodes = !config.upstream.nodes.is_empty();
-        ingress_ctx.shutdown_grace = config.upstream.shutdown_grace.0;
         ingress_ctx.peek = crate::ingress::peek_supported();
         let staged_spool = spool.clone();
         if let Ok(Ok(staged)) =
@@ -266,6 +305,24 @@ impl Relay {
                 ingress::run_udp_heartbeat(socket, spool.clone(), closed.clone()),
             )
         });
+        let upstream = Arc::new(upstream);
+        let admin_settings = config.admin().map(AdminSettings::new);
+        let nodes = config.upstream.nodes.len();
+        if config.metrics.is_some() {
+            warn!("[metrics] is the old name of [admin]: rename the section");
+        }
+        let reloader = Reloader::new(
+            path,
+            config,
+            bound,
+            Targets {
+                ingress: ctx.clone(),
+                spool: spool.clone(),
+                upstream: upstream.clone(),
+                admin: admin_settings.clone(),
+            },
+        );
+        let peek = ctx.peek;
         let mut relay = Relay {
             spool,
             writer,
@@ -280,61 +337,44 @@ impl Relay {
             connections,
             nodes: upstream.tracker.clone(),
             admin: None,
-            lifecycle: Arc::new(WorkerState::new(
-                supervisor_pid,
-                crate::ingress::peek_supported(),
-            )),
+            reloader,
+            lifecycle: Arc::new(WorkerState::new(supervisor_pid, peek)),
         };
-        let admin_listener = sockets::admin(config, sockets.admin).await?;
-        relay.admin = relay
-            .start_admin(config, &upstream, local, admin_listener)
-            .await?;
-        info!(listen = %local, nodes = config.upstream.nodes.len(),
-            crash_safe_reading = relay.ingress.peek, "ackgate ready");
+        if let (Some(listener), Some(settings)) = (admin_listener, admin_settings) {
+            info!(listen = %listener.local_addr()?, "admin and metrics listening");
+            relay.admin = Some(relay.start_admin(listener, settings, &upstream, local));
+        }
+        if !peek {
+            warn!("this kernel cannot peek TCP at an offset (SO_PEEK_OFF, Linux 6.10+): a crash of the worker loses what it had read and not yet committed; reloads, upgrades and stops lose nothing");
+        }
+        info!(listen = %local, nodes, crash_safe_reading = peek, "ackgate ready");
         Ok(relay)
     }
 
-    /// The admin listener, when `[admin]` (or the old `[metrics]`) is set.
-    async fn start_admin(
+    /// Serve the admin listener (`[admin]`, or the old `[metrics]`).
+    fn start_admin(
         &self,
-        config: &Config,
+        listener: tokio::net::TcpListener,
+        settings: Arc<AdminSettings>,
         upstream: &upstream::Upstream,
         ingress_listen: std::net::SocketAddr,
-        listener: Option<tokio::net::TcpListener>,
-    ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-        let (Some(admin), Some(listener)) = (config.admin(), listener) else {
-            return Ok(None);
-        };
-        info!(listen = %listener.local_addr()?, "admin and metrics listening");
-        if config.metrics.is_some() {
-            warn!("[metrics] is the old name of [admin]: rename the section");
-        }
-        let nodes: Vec<NodeAddress> = config
-            .upstream
-            .nodes
-            .iter()
-            .map(|n| NodeAddress {
-                name: n.display_name().to_string(),
-                address: n.address.clone(),
-            })
-            .collect();
+    ) -> tokio::task::JoinHandle<()> {
         let state = Arc::new(AdminState {
             spool: self.spool.clone(),
             dispatcher: upstream.dispatcher.clone(),
             balancer: upstream.balancer.clone(),
             router: upstream.router.clone(),
-            rates: Rates::new(nodes.iter().map(|n| n.name.clone()).collect()),
+            rates: Rates::new(),
             accepting: self.accepting.clone(),
             started: std::time::Instant::now(),
             ingress_listen: ingress_listen.to_string(),
-            nodes,
-            token: admin.token.clone(),
+            configured: upstream.configured.clone(),
+            settings,
+            reloader: self.reloader.clone(),
             lifecycle: self.lifecycle.clone(),
         });
         let stop = self.admin_stop.clone();
-        Ok(Some(tokio::spawn(async move {
-            crate::admin::serve(listener, state, &admin, stop).await
-        })))
+        tokio::spawn(async move { crate::admin::serve(listener, state, stop).await })
     }
 
     /// A stop: no more credit for new connections, every connection reads on until quiet at a
@@ -342,11 +382,11 @@ impl Relay {
     /// served the same way until it says it is drained.
     async fn stop(
         mut self,
-        config: &Config,
         requests: &mut tokio::sync::mpsc::UnboundedReceiver<Request>,
         drained: bool,
     ) -> anyhow::Result<()> {
         notify::stopping();
+        let config = self.reloader.config();
         self.accepting
             .store(false, std::sync::atomic::Ordering::Release);
         self.ingress_stop.cancel();
@@ -386,9 +426,10 @@ impl Relay {
     /// parks once nothing is owed on it and goes back to the supervisor with its state, TLS
     /// connections finish their request and close, nodes drain their windows, and the spool is
     /// closed for the new worker to open.
-    async fn handover(mut self, config: &Config) -> anyhow::Result<()> {
+    async fn handover(mut self) -> anyhow::Result<()> {
         info!("handing over to the new worker");
         notify::status("handing over");
+        let config = self.reloader.config();
         self.accepting
             .store(false, std::sync::atomic::Ordering::Release);
         self.close_ingress().await;

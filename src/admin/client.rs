@@ -8,9 +8,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::header;
 use hyper_util::rt::TokioIo;
+use serde::Deserialize;
 use tokio::net::TcpStream;
 
-use crate::config::Config;
+use crate::config::{AdminConfig, Config, ConfigError, MetricsConfig};
 
 /// Deadline for one request, connect included.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
@@ -20,6 +21,8 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 pub enum ClientError {
     #[error("{config} has no [admin] section: add `[admin]` with `listen = \"127.0.0.1:24231\"` and restart ackgate")]
     NotConfigured { config: String },
+    #[error("cannot find ackgate's admin listener in {config}: {reason}")]
+    NoAdminSection { config: String, reason: String },
     #[error("cannot reach ackgate's admin listener at {address}: {reason} (is ackgate running with this config?)")]
     Unreachable { address: SocketAddr, reason: String },
     #[error("the admin listener at {address} refused the request: {status} {body}")]
@@ -73,6 +76,48 @@ impl AdminClient {
         let admin = config.admin().ok_or_else(|| ClientError::NotConfigured {
             config: path.display().to_string(),
         })?;
+        Ok(AdminClient::of(admin))
+    }
+
+    /// The admin listener of the relay run with the config at `path`: from the whole file, or,
+    /// when it does not validate (an edit not yet reloaded), from its `[admin]` section alone,
+    /// with the file's error beside it. `ackgate reload` and `ackgate status` still reach the
+    /// relay then, and its answer says which key it refused.
+    pub fn for_file(
+        path: &std::path::Path,
+    ) -> (Result<AdminClient, ClientError>, Option<ConfigError>) {
+        match Config::load(path) {
+            Ok(config) => (AdminClient::from_config(&config, path), None),
+            Err(invalid) => (AdminClient::from_admin_section(path), Some(invalid)),
+        }
+    }
+
+    /// The admin listener named by the `[admin]` (or `[metrics]`) section of a file that may
+    /// not validate as a whole.
+    pub fn from_admin_section(path: &std::path::Path) -> Result<AdminClient, ClientError> {
+        let fail = |reason: String| ClientError::NoAdminSection {
+            config: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        let admin = match (table.get("admin"), table.get("metrics")) {
+            (Some(admin), _) => AdminConfig::deserialize(admin.clone())
+                .map_err(|e| fail(format!("[admin]: {e}")))?,
+            (None, Some(metrics)) => {
+                let metrics = MetricsConfig::deserialize(metrics.clone())
+                    .map_err(|e| fail(format!("[metrics]: {e}")))?;
+                let mut table = toml::Table::new();
+                table.insert("listen".into(), metrics.listen.to_string().into());
+                AdminConfig::deserialize(toml::Value::Table(table))
+                    .map_err(|e| fail(e.to_string()))?
+            }
+            (None, None) => return Err(fail("no [admin] section".into())),
+        };
+        Ok(AdminClient::of(admin))
+    }
+
+    fn of(admin: AdminConfig) -> AdminClient {
         let mut address = admin.listen;
         if address.ip().is_unspecified() {
             address.set_ip(match address.ip() {
@@ -80,10 +125,10 @@ impl AdminClient {
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             });
         }
-        Ok(AdminClient {
+        AdminClient {
             address,
             token: admin.token.map(|t| t.expose().to_string()),
-        })
+        }
     }
 
     pub fn address(&self) -> SocketAddr {

@@ -9,15 +9,18 @@
 //!   running relay ([`routes`], [`status`]);
 //! - `POST /api/upgrade`: ask the supervisor to upgrade to the executable at the path
 //!   ackgate was started from (`ackgate upgrade`).
+//! - `POST /api/reload`: re-read the config file, as SIGHUP does (`ackgate reload`).
 //!
 //! Limits, like the Forward port's: a connection cap taken before accept, a deadline on the
 //! request head and on every answer (`admin.request_timeout`), accept errors backed off.
 //! With `admin.token` set, every request but /health and /ready must carry it as a bearer
-//! token; config validation requires one on a non-loopback address.
+//! token; config validation requires one on a non-loopback address. Token, deadline and cap
+//! are read from [`settings`] at each request, so a reload changes them.
 
 pub mod client;
 pub mod rates;
 pub mod routes;
+pub mod settings;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -27,23 +30,17 @@ use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
-use crate::config::{AdminConfig, Secret};
+use crate::lifecycle::reload::Reloader;
 use crate::spool::Spool;
 use crate::upstream::dispatcher::Dispatcher;
 use crate::upstream::health::Balancer;
+use crate::upstream::Pipeline;
 use rates::Rates;
-
-/// A node as configured: name and address.
-#[derive(Debug, Clone)]
-pub struct NodeAddress {
-    pub name: String,
-    pub address: String,
-}
+use settings::AdminSettings;
 
 /// What the handlers read and act on.
 pub struct AdminState {
@@ -57,38 +54,44 @@ pub struct AdminState {
     pub accepting: Arc<AtomicBool>,
     pub started: Instant,
     pub ingress_listen: String,
-    pub nodes: Vec<NodeAddress>,
-    pub token: Option<Secret>,
     /// The worker's own lifecycle (and the supervisor's notices).
     pub lifecycle: Arc<crate::lifecycle::state::WorkerState>,
+    /// The configured nodes, as a reload leaves them.
+    pub configured: Arc<Pipeline>,
+    /// Token, deadline and connection cap in force.
+    pub settings: Arc<AdminSettings>,
+    /// `POST /api/reload`, and the last reload's outcome for `/api/status`.
+    pub reloader: Arc<Reloader>,
 }
 
 /// Longest an idle keep-alive connection is kept.
 const IDLE_CONNECTION: Duration = Duration::from_secs(60);
 
 /// Serve until shutdown; samples the event rates meanwhile.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AdminState>,
-    config: &AdminConfig,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
     let sampler = {
         let state = state.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { state.rates.run(shutdown).await })
+        tokio::spawn(async move {
+            let names = || {
+                state
+                    .configured
+                    .nodes()
+                    .into_iter()
+                    .map(|n| n.name)
+                    .collect()
+            };
+            state.rates.run(shutdown, names).await
+        })
     };
-    let timeout = config.request_timeout.0;
-    let router = routes::router(state, timeout);
-    let permits = Arc::new(Semaphore::new(config.max_connections as usize));
+    let settings = state.settings.clone();
+    let router = routes::router(state);
+    let permits = settings.connections.clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         // The permit before accept: with none free, clients wait in the kernel's backlog.
         let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
+            permit = permits.acquire() => permit,
             _ = shutdown.cancelled() => break,
         };
         let (stream, peer) = tokio::select! {
@@ -108,6 +111,7 @@ pub async fn serve(
         };
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let timeout = settings.current().request_timeout.0;
         tokio::spawn(async move {
             let _permit = permit;
             serve_connection(stream, peer, router, timeout, shutdown).await;

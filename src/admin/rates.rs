@@ -2,9 +2,11 @@
 //!
 //! A sampler reads the cumulative counters once a second and keeps the last minute of them;
 //! a rate is the difference over a window. Cheap for the hot path (it only bumps counters it
-//! bumps anyway) and exact for the windows the API reports.
+//! bumps anyway) and exact for the windows the API reports. Nodes are sampled by name, as the
+//! node list is at each sample: a node a reload adds starts its series then, a removed one's
+//! series goes.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -72,26 +74,27 @@ impl Series {
     }
 }
 
-/// The series of ingress and of every node.
+/// The series of ingress and of every node, by name.
+#[derive(Default)]
 pub struct Rates {
-    nodes: Vec<String>,
-    series: Mutex<(Series, Vec<Series>)>,
+    series: Mutex<(Series, HashMap<String, Series>)>,
 }
 
 impl Rates {
-    pub fn new(nodes: Vec<String>) -> Rates {
-        let per_node = nodes.iter().map(|_| Series::default()).collect();
-        Rates {
-            nodes,
-            series: Mutex::new((Series::default(), per_node)),
-        }
+    pub fn new() -> Rates {
+        Rates::default()
     }
 
-    fn sample(&self, m: &Metrics) {
+    fn sample(&self, m: &Metrics, nodes: &[String]) {
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
         series.0.push(m.events_in.get());
-        for (node, s) in self.nodes.iter().zip(series.1.iter_mut()) {
-            s.push(Metrics::node_count(&m.events_out, node));
+        series.1.retain(|name, _| nodes.contains(name));
+        for node in nodes {
+            series
+                .1
+                .entry(node.clone())
+                .or_default()
+                .push(Metrics::node_count(&m.events_out, node));
         }
     }
 
@@ -101,23 +104,23 @@ impl Rates {
         (series.0.rate(), series.0.history())
     }
 
-    /// Events per second acked by node `index`.
-    pub fn events_out(&self, index: usize) -> (Rate, Vec<u64>) {
+    /// Events per second acked by the node named `name`.
+    pub fn events_out(&self, name: &str) -> (Rate, Vec<u64>) {
         let series = self.series.lock().unwrap_or_else(|p| p.into_inner());
         series
             .1
-            .get(index)
+            .get(name)
             .map(|s| (s.rate(), s.history()))
             .unwrap_or_default()
     }
 
-    /// Sample every second until shutdown.
-    pub async fn run(&self, shutdown: CancellationToken) {
+    /// Sample every second until shutdown, the nodes `nodes` names at each sample.
+    pub async fn run(&self, shutdown: CancellationToken, nodes: impl Fn() -> Vec<String>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.sample(metrics()),
+                _ = tick.tick() => self.sample(metrics(), &nodes()),
                 _ = shutdown.cancelled() => return,
             }
         }

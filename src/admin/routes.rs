@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -30,7 +29,7 @@ const DEFAULT_RECORDS_PAGE: usize = 100;
 
 type Shared = State<Arc<AdminState>>;
 
-pub fn router(state: Arc<AdminState>, timeout: Duration) -> Router {
+pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/health", get(health))
@@ -44,11 +43,10 @@ pub fn router(state: Arc<AdminState>, timeout: Duration) -> Router {
         .route("/api/dead-letters/requeue", post(requeue))
         .route("/api/dead-letters/purge", post(purge))
         .route("/api/upgrade", post(upgrade))
+        .route("/api/reload", post(reload))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
-        .layer(middleware::from_fn(move |request: Request, next: Next| {
-            deadline(timeout, request, next)
-        }))
+        .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .with_state(state)
 }
 
@@ -92,7 +90,9 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-async fn deadline(timeout: Duration, request: Request, next: Next) -> Response {
+/// `admin.request_timeout` as in force when the request came.
+async fn deadline(State(state): Shared, request: Request, next: Next) -> Response {
+    let timeout = state.settings.current().request_timeout.0;
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => text(
@@ -113,7 +113,8 @@ fn same_token(given: &[u8], expected: &[u8]) -> bool {
 }
 
 async fn authorize(State(state): Shared, request: Request, next: Next) -> Response {
-    let Some(token) = &state.token else {
+    let settings = state.settings.current();
+    let Some(token) = &settings.token else {
         return next.run(request).await;
     };
     let path = request.uri().path().to_string();
@@ -229,6 +230,33 @@ async fn retry(State(state): Shared) -> Response {
     )
 }
 
+/// Re-read the config file, as SIGHUP does: 200 with what changed; 422 (the file does not
+/// validate, or something it names cannot be built) or 409 (a change needs a restart) with
+/// the key and why. Either way the outcome is in `/api/status`.
+async fn reload(State(state): Shared) -> Response {
+    let outcome = state
+        .reloader
+        .reload(crate::lifecycle::reload::Trigger::Api)
+        .await;
+    let code = match &outcome {
+        Ok(_) => StatusCode::OK,
+        Err(e) if e.needs_restart() => StatusCode::CONFLICT,
+        Err(_) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    let body = match outcome {
+        Ok(applied) => json!({
+            "config": state.reloader.path().display().to_string(),
+            "changed": applied.changed,
+        }),
+        Err(e) => json!({
+            "config": state.reloader.path().display().to_string(),
+            "error": e.to_string(),
+            "key": e.key(),
+        }),
+    };
+    (code, Json(body)).into_response()
+}
+
 async fn status(State(state): Shared) -> Response {
     let mut queue = QueueStatus {
         in_flight: 0,
@@ -237,7 +265,7 @@ async fn status(State(state): Shared) -> Response {
     };
     let routed = state.router.iter().flat_map(|r| r.all());
     let dispatchers =
-        std::iter::once(state.dispatcher.clone()).chain(routed.map(|(_, p)| p.dispatcher));
+        std::iter::once(state.dispatcher.clone()).chain(routed.map(|(_, p)| p.dispatcher.clone()));
     for dispatcher in dispatchers {
         let audit = dispatcher.audit().await;
         queue.in_flight += audit.in_flight.len() as u64;

@@ -9,6 +9,7 @@ use super::rates::Rate;
 use super::AdminState;
 use crate::clock::now_ms;
 use crate::metrics::{metrics, Metrics};
+use crate::upstream::NodeView;
 
 /// Share of `spool.max_bytes` above which the spool needs attention.
 pub const SPOOL_ATTENTION_RATIO: f64 = 0.8;
@@ -30,6 +31,9 @@ pub struct Status {
     /// Which processes serve, and what the supervisor last said (invariant 10).
     #[serde(default)]
     pub lifecycle: LifecycleStatus,
+    /// The last reload since start (SIGHUP, `ackgate reload`, `POST /api/reload`), if any.
+    #[serde(default)]
+    pub reload: Option<ReloadStatus>,
 }
 
 /// `lifecycle` in `/api/status`.
@@ -45,6 +49,20 @@ pub struct LifecycleStatus {
     pub crash_safe_reading: bool,
     /// The supervisor's last message (an upgrade that failed, and why), with when it came.
     pub last_notice: Option<crate::lifecycle::state::Notice>,
+}
+
+/// How the last reload went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    pub at_ms: u64,
+    /// "signal", "api".
+    pub trigger: String,
+    /// The new config is in force. When false the one before it still runs.
+    pub ok: bool,
+    /// What changed (keys, and nodes by name); empty if nothing did.
+    pub changed: Vec<String>,
+    /// Why it was refused: the key and the problem.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,11 +179,21 @@ impl Status {
             .destinations
             .set_queued(&state.spool.queued_by_destination());
         let ingress = ingress_status(state);
-        let mut nodes: Vec<NodeStatus> = (0..state.nodes.len())
-            .map(|i| node_status(state, i, now))
+        let mut nodes: Vec<NodeStatus> = state
+            .configured
+            .nodes()
+            .into_iter()
+            .map(|view| node_status(state, view, now))
             .collect();
         for (destination, pipeline) in state.router.iter().flat_map(|r| r.all()) {
-            nodes.push(routed_node_status(&pipeline.balancer, destination, now));
+            for view in pipeline.nodes() {
+                nodes.push(routed_node_status(
+                    &pipeline.balancer,
+                    view.slot,
+                    destination,
+                    now,
+                ));
+            }
         }
         let mut status = Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -184,6 +212,7 @@ impl Status {
                 crash_safe_reading: state.lifecycle.crash_safe_reading,
                 last_notice: state.lifecycle.last_notice(),
             },
+            reload: state.reloader.last(),
         };
         status.attention = status.needs_attention();
         status.healthy = status.attention.is_empty();
@@ -212,6 +241,12 @@ impl Status {
             out.push(format!(
                 "{} dead letter(s): see `ackgate spool dead-letters list`",
                 self.spool.dead_letters
+            ));
+        }
+        if let Some(reload) = self.reload.as_ref().filter(|r| !r.ok) {
+            out.push(format!(
+                "the last reload was refused ({}): the config before it still runs",
+                reload.error.as_deref().unwrap_or("no reason recorded")
             ));
         }
         for node in self.nodes.iter().filter(|n| !n.available && n.weight > 0) {
@@ -287,23 +322,23 @@ fn ingress_status(state: &AdminState) -> IngressStatus {
     }
 }
 
-fn node_status(state: &AdminState, index: usize, now: u64) -> NodeStatus {
-    let (rate, history) = state.rates.events_out(index);
-    let address = state.nodes[index].address.clone();
+fn node_status(state: &AdminState, view: NodeView, now: u64) -> NodeStatus {
+    let (rate, history) = state.rates.events_out(&view.name);
     NodeStatus {
         events_per_second: rate,
         events_history: history,
-        ..health_status(&state.balancer, index, address, now)
+        ..health_status(&state.balancer, view.slot, view.address, now)
     }
 }
 
 /// Route "original": an original destination's node (its rates are not sampled).
 fn routed_node_status(
     balancer: &crate::upstream::health::Balancer,
+    slot: usize,
     destination: std::net::SocketAddr,
     now: u64,
 ) -> NodeStatus {
-    health_status(balancer, 0, destination.to_string(), now)
+    health_status(balancer, slot, destination.to_string(), now)
 }
 
 fn health_status(
@@ -318,8 +353,8 @@ fn health_status(
     let name = health.name.clone();
     NodeStatus {
         address,
-        weight: health.weight,
-        standby: health.standby,
+        weight: health.weight(),
+        standby: health.standby(),
         available: snapshot.available,
         since_ms: snapshot.since_ms,
         since_seconds: age_seconds(now, snapshot.since_ms),

@@ -1,8 +1,9 @@
 //! `ackgate status`: one screen on a running relay, from `/api/status`.
 //!
 //! Exit code for scripts and monitors: 0 healthy, 1 up but something needs attention (a node
-//! down, dead letters, the spool over 80 % or its disk full), 2 not reachable (and then how to
-//! enable the admin listener).
+//! down, dead letters, the spool over 80 % or its disk full, the last reload refused), 2 not
+//! reachable (and then how to enable the admin listener). A config file that does not validate
+//! (an edit not reloaded yet) still names the listener through its `[admin]` section.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,7 +11,6 @@ use std::process::ExitCode;
 
 use crate::admin::client::AdminClient;
 use crate::admin::status::{NodeStatus, Status};
-use crate::config::Config;
 
 /// Exit code: healthy.
 pub const HEALTHY: u8 = 0;
@@ -19,10 +19,23 @@ pub const ATTENTION: u8 = 1;
 /// Exit code: the relay cannot be reached.
 pub const UNREACHABLE: u8 = 2;
 
-pub async fn run(config: &Config, path: &Path, json: bool) -> ExitCode {
-    let status = match AdminClient::from_config(config, path) {
-        Ok(client) => client.status().await,
-        Err(e) => Err(e),
+pub async fn run(path: &Path, json: bool) -> ExitCode {
+    let status = match AdminClient::for_file(path) {
+        (Ok(client), invalid) => {
+            if let Some(invalid) = invalid {
+                // Not fatal: the relay runs the config it has, and its status says whether a
+                // reload of this file was refused.
+                eprintln!("warning: {invalid}");
+            }
+            client.status().await
+        }
+        // No admin listener to be found in a file that does not validate: as before, the
+        // file's error (exit 1, like `ackgate check`).
+        (Err(_), Some(invalid)) => {
+            eprintln!("error: {invalid}");
+            return ExitCode::FAILURE;
+        }
+        (Err(e), None) => Err(e),
     };
     let status = match status {
         Ok(status) => status,
@@ -63,6 +76,7 @@ pub fn render(status: &Status) -> String {
     out.push('\n');
     render_spool(status, &mut out);
     render_ingress(status, &mut out);
+    render_reload(status, &mut out);
     out.push('\n');
     render_nodes(&status.nodes, &mut out);
     out
@@ -147,6 +161,24 @@ fn render_ingress(status: &Status, out: &mut String) {
             count(d.queued_records)
         );
     }
+}
+
+/// The last reload: when, how it was asked for, and what it changed or why it was refused.
+fn render_reload(status: &Status, out: &mut String) {
+    let Some(reload) = &status.reload else {
+        return;
+    };
+    let ago = duration(status.now_ms.saturating_sub(reload.at_ms) as f64 / 1000.0);
+    let outcome = match (&reload.error, reload.changed.is_empty()) {
+        (Some(error), _) => format!("REFUSED, the config before it runs: {error}"),
+        (None, true) => "ok, nothing changed".into(),
+        (None, false) => format!("ok, changed {}", reload.changed.join(", ")),
+    };
+    let _ = writeln!(
+        out,
+        "reload   last {ago} ago ({}): {outcome}",
+        reload.trigger
+    );
 }
 
 fn render_nodes(nodes: &[NodeStatus], out: &mut String) {

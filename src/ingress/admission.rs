@@ -1,7 +1,8 @@
 //! Whether an accepted connection may be served: its source in `ingress.allow`, not one of
 //! ackgate's own upstream connections come back in (a loop), and, in transparent mode, its
 //! original destination in `ingress.allow_destinations`. Every refusal is logged with the
-//! peer and the reason and counted in `rejected_connections`.
+//! peer and the reason and counted in `rejected_connections`. Decided on the settings in
+//! force at the moment of the accept (a reload changes the lists for the next connection).
 
 use std::net::SocketAddr;
 
@@ -28,7 +29,8 @@ pub(super) fn admit(
     stream: &TcpStream,
     peer: SocketAddr,
 ) -> Option<Admitted> {
-    if !ctx.allowed(&peer) {
+    let settings = ctx.settings();
+    if !settings.allowed(&peer) {
         warn!(%peer, reason = "source address not in ingress.allow", "connection refused");
         metrics().reject("not_allowed");
         return None;
@@ -41,7 +43,7 @@ pub(super) fn admit(
         metrics().reject("loop");
         return None;
     }
-    let destination = match ctx.config.transparent {
+    let destination = match settings.config.transparent {
         Transparent::Off => None,
         Transparent::Redirect => match stream
             .local_addr()
@@ -57,7 +59,7 @@ pub(super) fn admit(
         },
     };
     if let Some(destination) = destination {
-        let rules = &ctx.config.allow_destinations;
+        let rules = &settings.config.allow_destinations;
         if !rules.is_empty() && !rules.iter().any(|rule| rule.contains(destination)) {
             warn!(%peer, %destination, reason = "original destination not in ingress.allow_destinations",
                 "connection refused");
@@ -74,7 +76,7 @@ pub(super) fn admit(
                     return None;
                 }
             }
-            None if !ctx.default_nodes => {
+            None if !settings.default_nodes => {
                 warn!(%peer, reason = "not redirected (no original destination) and no [[upstream.nodes]] to send it to",
                     "connection refused");
                 metrics().reject("no_route");

@@ -20,6 +20,11 @@
 //! request boundary (or `shutdown_grace` ends) and closes it; a handover for an upgrade
 //! *parks* it instead: nothing more is read, every ack owed is written, and the socket goes
 //! back to the supervisor with its state ([`Parked`]).
+//!
+//! A reload reaches an open connection between requests ([`Connection::follow_reload`]): with
+//! nothing buffered it takes the new request limits, pending-request bound and idle timeout
+//! (the idle clock restarts then, so a shorter timeout never closes a connection at once).
+//! Its TLS session and handshake stay those it was accepted with.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +32,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -37,7 +43,7 @@ use super::handshake;
 use super::io::ConnIo;
 use super::partial::PartialBytes;
 use super::recent::ChunkKey;
-use super::IngressContext;
+use super::{IngressContext, IngressSettings};
 use crate::clock::sleep_until_opt;
 use crate::forward::frame::Signal;
 use crate::forward::{Decoded, Frame};
@@ -172,8 +178,11 @@ pub(super) async fn serve<I: ConnIo>(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut released = 0;
     let mut held = held;
-    if let Some(auth) = &ctx.security {
-        let deadline = Instant::now() + ctx.config.handshake_timeout.0;
+    let live = ctx.subscribe();
+    // A clone, not the borrow: a watch borrow held across the handshake would block a reload.
+    let settings = live.borrow().clone();
+    if let Some(auth) = &settings.security {
+        let deadline = Instant::now() + settings.config.handshake_timeout.0;
         let resume = match held.as_ref().map(|s| &s.handshake) {
             Some(Handshake::Done) => None,
             Some(Handshake::Helo { nonce, auth }) => Some(Some((nonce.clone(), auth.clone()))),
@@ -223,7 +232,9 @@ pub(super) async fn serve<I: ConnIo>(
         }
         _ => 0,
     };
-    let mut connection = Connection::new(io, buf, released, kept, peer, ctx, shutdown, held);
+    let mut connection = Connection::new(io, buf, released, kept, peer, ctx, live, shutdown, held);
+    // As it was accepted, even if a reload came during the handshake.
+    connection.secured = settings.security.is_some();
     if let Some((destination, events)) = destination {
         connection.destination = Some(destination);
         connection.destination_events = Some(events);
@@ -241,6 +252,11 @@ struct Connection<I> {
     released: u64,
     peer: SocketAddr,
     ctx: Arc<IngressContext>,
+    /// The settings this connection reads now, and where a reload's arrive.
+    settings: Arc<IngressSettings>,
+    live: watch::Receiver<Arc<IngressSettings>>,
+    /// The shared-key handshake was required when it was accepted (JSON is refused then).
+    secured: bool,
     shutdown: CancellationToken,
     /// The supervisor's name for this connection, when it holds it.
     held: Option<ConnState>,
@@ -283,12 +299,14 @@ impl<I: ConnIo> Connection<I> {
         kept: u64,
         peer: SocketAddr,
         ctx: Arc<IngressContext>,
+        mut live: watch::Receiver<Arc<IngressSettings>>,
         shutdown: CancellationToken,
         held: Option<ConnState>,
     ) -> Self {
-        let idle = ctx.config.idle_timeout.0;
+        let settings = live.borrow_and_update().clone();
+        let idle = settings.config.idle_timeout.0;
         let decoder = if held.as_ref().is_some_and(|s| s.json) {
-            Decoder::json(ctx.limits)
+            Decoder::json(settings.limits)
         } else {
             Decoder::Unknown
         };
@@ -298,8 +316,11 @@ impl<I: ConnIo> Connection<I> {
             released,
             buf,
             peer,
-            partial: PartialBytes::new(ctx.partial.clone(), ctx.limits.max_frame_bytes),
-            max_pending: ctx.config.max_pending_frames as usize,
+            partial: PartialBytes::new(ctx.partial.clone(), settings.limits.max_frame_bytes),
+            max_pending: settings.config.max_pending_frames as usize,
+            secured: settings.security.is_some(),
+            settings,
+            live,
             ctx,
             shutdown,
             held,
@@ -325,6 +346,7 @@ impl<I: ConnIo> Connection<I> {
 
     async fn run(mut self) -> Option<Parked<I>> {
         loop {
+            self.follow_reload();
             let buffered_before = self.buf.len();
             self.decode_buffered();
             if self.buf.len() < buffered_before {
@@ -425,6 +447,23 @@ impl<I: ConnIo> Connection<I> {
         }
     }
 
+    /// Between requests (nothing buffered), take the settings a reload put in force.
+    fn follow_reload(&mut self) {
+        if !self.buf.is_empty() || !self.live.has_changed().unwrap_or(false) {
+            return;
+        }
+        let settings = self.live.borrow_and_update().clone();
+        self.decoder.renew(settings.limits);
+        self.partial.set_max_frame(settings.limits.max_frame_bytes);
+        self.max_pending = settings.config.max_pending_frames as usize;
+        let idle = settings.config.idle_timeout.0;
+        if idle != self.idle {
+            self.idle = idle;
+            self.idle_deadline = Instant::now() + idle;
+        }
+        self.settings = settings;
+    }
+
     /// Decode what is buffered, as long as there is room for more pending requests.
     fn decode_buffered(&mut self) {
         // Parked in peek mode, what is not decoded yet stays in the kernel for the next worker.
@@ -435,10 +474,10 @@ impl<I: ConnIo> Connection<I> {
             && self.staged.is_none()
             && self.acks.len() < self.max_pending
         {
-            let secured = self.ctx.security.is_some();
             let was_json = self.decoder.is_json();
             if let Err(PickError::JsonOnSecuredPort) =
-                self.decoder.pick(&self.buf, self.ctx.limits, secured)
+                self.decoder
+                    .pick(&self.buf, self.settings.limits, self.secured)
             {
                 warn!(peer = %self.peer, reason = "JSON request on a port that requires the shared-key handshake",
                     "closing connection: invalid request; nothing of it was spooled");
@@ -684,7 +723,7 @@ impl<I: ConnIo> Connection<I> {
             } => self.on_read(result, at_boundary),
             Event::Idle => self.on_idle(),
             Event::ShutdownBegun => {
-                self.shutdown_deadline = Some(Instant::now() + self.ctx.shutdown_grace);
+                self.shutdown_deadline = Some(Instant::now() + self.settings.shutdown_grace);
             }
             Event::GraceOver => self.on_grace_over(),
             Event::QuietOver => {
@@ -804,7 +843,7 @@ impl<I: ConnIo> Connection<I> {
         if self.held.is_some() {
             self.parking = true;
         } else if self.shutdown_deadline.is_none() {
-            self.shutdown_deadline = Some(Instant::now() + self.ctx.shutdown_grace);
+            self.shutdown_deadline = Some(Instant::now() + self.settings.shutdown_grace);
         }
     }
 

@@ -47,6 +47,16 @@ impl Decoder {
         Ok(())
     }
 
+    /// Read the next requests against new limits (a reload), keeping the wire format. Only
+    /// between requests: with nothing buffered a fresh decoder is the same as this one.
+    pub(super) fn renew(&mut self, limits: Limits) {
+        match self {
+            Decoder::Unknown => {}
+            Decoder::Msgpack(_) => *self = Decoder::Msgpack(FrameDecoder::new(limits)),
+            Decoder::Json(_) => *self = Decoder::Json(JsonDecoder::new(limits)),
+        }
+    }
+
     pub(super) fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, DecodeError> {
         match self {
             Decoder::Unknown => Ok(None),

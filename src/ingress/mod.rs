@@ -2,7 +2,8 @@
 //! [`admission`]'s call) and the UDP heartbeat responder ([`udp`]). Each connection is served by [`connection`] (its wire format picked by
 //! [`decoder`], its acks settled by [`acks`]); the shared-key handshake
 //! is in [`handshake`]; [`partial`] is the memory budget of unfinished requests; [`recent`]
-//! remembers committed chunk ids to absorb sender retransmits.
+//! remembers committed chunk ids to absorb sender retransmits; [`settings`] is what a reload
+//! replaces ([`IngressContext::apply`]), read by the accept loop and every connection.
 //!
 //! Owns the sender sockets. Must not: touch redb (requests go to [`crate::spool::Spool`]), or
 //! ack anything the spool has not reported committed (invariant 1).
@@ -15,6 +16,7 @@ pub mod handshake;
 pub(crate) mod io;
 pub mod partial;
 pub mod recent;
+pub mod settings;
 mod udp;
 
 use std::net::SocketAddr;
@@ -25,50 +27,43 @@ use std::os::fd::AsFd;
 
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::IngressConfig;
-use crate::forward::handshake::ServerAuth;
-use crate::forward::Limits;
 use crate::lifecycle::link::{Feed, Handed};
 use crate::lifecycle::names::ConnState;
 use crate::lifecycle::notify;
+use crate::limit::{Permit, Resizable};
 use crate::metrics::metrics;
 use crate::middlebox::canonical_addr;
 use crate::spool::Spool;
-use crate::tls::{server_config, ServerTlsSettings, TlsError};
+use crate::tls::TlsError;
 use admission::Admitted;
 use io::{Socket, Streamed};
 use recent::RecentChunks;
+pub use settings::IngressSettings;
 pub use udp::run_udp_heartbeat;
 
 /// What the accept loop and every connection share.
 pub struct IngressContext {
-    pub config: IngressConfig,
+    /// The settings in force: the one value a reload replaces ([`IngressContext::apply`]);
+    /// the accept loop and connections take snapshots of it.
+    settings: watch::Sender<Arc<IngressSettings>>,
     pub spool: Spool,
-    pub limits: Limits,
-    /// Shared-key handshake settings, when `[ingress.security]` is set.
-    pub security: Option<ServerAuth>,
-    /// TLS, when `[ingress.tls]` is set.
-    pub tls: Option<TlsAcceptor>,
     /// Recently committed chunk ids per sender.
     pub recent: RecentChunks,
     /// Bytes of unfinished requests all connections may still hold ([`partial`]).
-    pub partial: Arc<Semaphore>,
+    pub partial: Arc<Resizable>,
+    /// `ingress.max_connections`: a permit is taken before each accept.
+    pub connections: Arc<Resizable>,
     /// Route "original": every redirected connection's destination gets its node here.
     pub router: Option<Arc<crate::upstream::router::Router>>,
-    /// `[[upstream.nodes]]` is not empty: records without an original destination have
-    /// somewhere to go.
-    pub default_nodes: bool,
     /// Cancelled when a handover begins: connections park instead of being read.
     pub park: CancellationToken,
-    /// How long a stop reads on (`upstream.shutdown_grace`).
-    pub shutdown_grace: Duration,
     /// Plain TCP connections are read with `MSG_PEEK` and released once stored
     /// ([`io::Socket`]): the kernel has TCP `SO_PEEK_OFF`.
     pub peek: bool,
@@ -80,48 +75,50 @@ pub struct IngressContext {
 impl IngressContext {
     /// Build the shared state; fails only on unreadable TLS files.
     pub fn new(config: IngressConfig, spool: Spool) -> Result<Self, TlsError> {
-        let limits = Limits {
-            max_frame_bytes: config.max_frame_bytes.0 as usize,
-            max_decompressed_bytes: config.max_decompressed_bytes.0 as usize,
-            ..Limits::default()
-        };
-        let security = config.security.as_ref().map(|s| ServerAuth {
-            self_hostname: s.self_hostname.clone(),
-            shared_key: s.shared_key.expose().to_string(),
-            users: s
-                .users
-                .iter()
-                .map(|u| (u.username.clone(), u.password.expose().to_string()))
-                .collect(),
-            user_auth: s.user_auth,
-        });
-        let tls = match &config.tls {
-            Some(t) => Some(TlsAcceptor::from(server_config(&ServerTlsSettings {
-                cert: t.cert.clone(),
-                key: t.key.clone(),
-                client_ca: t.client_ca.clone(),
-            })?)),
-            None => None,
-        };
-        let recent = RecentChunks::new(config.recent_chunks_per_peer as usize);
-        let partial = Arc::new(Semaphore::new(
-            usize::try_from(config.max_partial_bytes.0).unwrap_or(usize::MAX >> 4),
-        ));
-        Ok(IngressContext {
-            config,
+        Ok(IngressContext::with_settings(
+            IngressSettings::build(config, true, Duration::from_secs(5))?,
             spool,
-            limits,
-            security,
-            tls,
+        ))
+    }
+
+    /// The shared state around settings already built.
+    pub fn with_settings(settings: IngressSettings, spool: Spool) -> Self {
+        let recent = RecentChunks::new(settings.config.recent_chunks_per_peer as usize);
+        let partial = Resizable::new(settings.partial_budget());
+        let connections = Resizable::new(settings.config.max_connections as usize);
+        IngressContext {
+            settings: watch::Sender::new(Arc::new(settings)),
+            spool,
             recent,
             partial,
+            connections,
             router: None,
-            default_nodes: true,
             park: CancellationToken::new(),
-            shutdown_grace: Duration::from_secs(5),
             peek: false,
             staged: Default::default(),
-        })
+        }
+    }
+
+    /// The settings in force now.
+    pub fn settings(&self) -> Arc<IngressSettings> {
+        self.settings.borrow().clone()
+    }
+
+    /// The settings in force, and every later replacement.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<IngressSettings>> {
+        self.settings.subscribe()
+    }
+
+    /// Put `settings` in force (a reload): limits are resized (never closing a connection:
+    /// a smaller limit is reached as connections end or give bytes back), new connections
+    /// get the new TLS acceptor and handshake, open ones pick up the rest between requests.
+    pub fn apply(&self, settings: IngressSettings) {
+        self.connections
+            .resize(settings.config.max_connections as usize);
+        self.partial.resize(settings.partial_budget());
+        self.recent
+            .set_per_peer(settings.config.recent_chunks_per_peer as usize);
+        self.settings.send_replace(Arc::new(settings));
     }
 
     /// Whether an earlier worker kept part of `conn`'s unfinished request (asked once per
@@ -145,10 +142,6 @@ impl IngressContext {
             self.spool.unstage(conn);
         }
     }
-
-    fn allowed(&self, peer: &SocketAddr) -> bool {
-        self.config.allow.is_empty() || self.config.allow.iter().any(|c| c.contains(peer.ip()))
-    }
 }
 
 /// New connections asked of the supervisor at a time: it accepts only as many as this
@@ -167,8 +160,8 @@ pub async fn run_handed(
     closed: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(ctx.config.max_connections as usize));
-    let mut reserved: Vec<OwnedSemaphorePermit> = Vec::new();
+    let permits = ctx.connections.clone();
+    let mut reserved: Vec<Permit> = Vec::new();
     let mut granted: u64 = 0;
     // Connections an earlier worker left come first, with no credit asked for them.
     let mut adopting = true;
@@ -183,7 +176,7 @@ pub async fn run_handed(
                         metrics().connections_adopted.inc();
                     }
                     let permit = if adopting { None } else { reserved.pop() }
-                        .or_else(|| permits.clone().try_acquire_owned().ok());
+                        .or_else(|| permits.try_acquire());
                     serve_handed(handed, permit, &ctx, &shutdown, &tracker);
                 }
                 Some(Feed::Adopted(count)) => {
@@ -199,7 +192,7 @@ pub async fn run_handed(
                 reserved.push(permit);
                 granted += 1;
                 while reserved.len() < CREDIT {
-                    let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+                    let Some(permit) = permits.try_acquire() else { break };
                     reserved.push(permit);
                     granted += 1;
                 }
@@ -211,18 +204,15 @@ pub async fn run_handed(
 }
 
 /// A connection slot, once the spool has room (cancel-safe: nothing is held unless it returns).
-async fn reserve_slot(permits: &Arc<Semaphore>, spool: &Spool) -> OwnedSemaphorePermit {
+async fn reserve_slot(permits: &Arc<Resizable>, spool: &Spool) -> Permit {
     spool.wait_for_room().await;
-    match permits.clone().acquire_owned().await {
-        Ok(permit) => permit,
-        Err(_) => std::future::pending().await,
-    }
+    permits.acquire().await
 }
 
 /// Admit one handed connection and serve it on its own task.
 fn serve_handed(
     handed: Handed,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Permit>,
     ctx: &Arc<IngressContext>,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
@@ -294,7 +284,9 @@ async fn handle(
     m.connections_total.inc();
     m.connections_open.inc();
     let _open = OnDrop(|| metrics().connections_open.dec());
-    let Some(acceptor) = &ctx.tls else {
+    // The TLS acceptor in force when the connection came: its session lives with it.
+    let settings = ctx.settings();
+    let Some(acceptor) = &settings.tls else {
         match Socket::new(stream, ctx.peek) {
             Ok(io) => {
                 let held = Some((state, has_kept));
@@ -313,7 +305,7 @@ async fn handle(
     // A TLS session lives in this process and cannot be handed on: the supervisor lets go of
     // the connection before the handshake reads anything.
     notify::unstore(&state.name());
-    match timeout(ctx.config.handshake_timeout.0, acceptor.accept(stream)).await {
+    match timeout(settings.config.handshake_timeout.0, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             connection::serve(Streamed(tls), peer, counted, ctx.clone(), shutdown, None).await;
         }

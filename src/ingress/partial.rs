@@ -11,17 +11,20 @@
 //! (the str/bin entries of PackedForward and of fluentd v0.10's layout, the large ones) takes
 //! what it still needs in one FIFO acquisition, so such readers never hold part of the budget
 //! while they wait for the rest.
+//!
+//! A reload may resize the budget ([`Resizable`]): a shrink takes effect as connections give
+//! bytes back, and no connection is closed for it.
 
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
+use crate::limit::Resizable;
 
 /// Bytes of an unfinished request a connection holds without the budget.
 pub const FREE_BYTES: usize = 16 << 10;
 
 /// One connection's share of the budget.
 pub struct PartialBytes {
-    budget: Arc<Semaphore>,
+    budget: Arc<Resizable>,
     /// Permits taken and not yet given back.
     held: usize,
     /// Largest request: more is never needed (the decoder rejects it first).
@@ -29,7 +32,7 @@ pub struct PartialBytes {
 }
 
 impl PartialBytes {
-    pub fn new(budget: Arc<Semaphore>, max_frame: usize) -> PartialBytes {
+    pub fn new(budget: Arc<Resizable>, max_frame: usize) -> PartialBytes {
         PartialBytes {
             budget,
             held: 0,
@@ -61,13 +64,14 @@ impl PartialBytes {
     /// Take `bytes` permits, waiting (FIFO) until they are free. Cancel-safe: nothing is held
     /// unless it returns.
     pub async fn take(&mut self, bytes: usize) {
-        let Ok(count) = u32::try_from(bytes) else {
-            return;
-        };
-        if let Ok(permit) = self.budget.acquire_many(count).await {
-            permit.forget();
+        if self.budget.take(bytes).await {
             self.held += bytes;
         }
+    }
+
+    /// A reload changed `ingress.max_frame_bytes`: read the next request against it.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
     }
 
     /// Keep only what `buffered` bytes of an unfinished request need.
@@ -75,7 +79,7 @@ impl PartialBytes {
         let keep = buffered.saturating_sub(FREE_BYTES).min(self.held);
         let surplus = self.held - keep;
         if surplus > 0 {
-            self.budget.add_permits(surplus);
+            self.budget.give_back(surplus);
             self.held = keep;
         }
     }
@@ -96,7 +100,7 @@ mod tests {
 
     #[test]
     fn idle_connections_hold_nothing_and_small_requests_need_no_budget() {
-        let budget = Arc::new(Semaphore::new(1 << 20));
+        let budget = Resizable::new(1 << 20);
         let share = PartialBytes::new(budget, 16 << 20);
         assert_eq!(share.missing(0, 0, CHUNK), 0);
         assert_eq!(share.allowance(), FREE_BYTES);
@@ -106,7 +110,7 @@ mod tests {
 
     #[test]
     fn a_declared_length_is_taken_at_once_and_capped_at_the_frame_limit() {
-        let budget = Arc::new(Semaphore::new(64 << 20));
+        let budget = Resizable::new(64 << 20);
         let share = PartialBytes::new(budget, 1 << 20);
         assert_eq!(share.missing(10, 900_000, CHUNK), 900_000 - FREE_BYTES);
         assert_eq!(
@@ -118,7 +122,7 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_go_back_when_the_request_completes_or_the_connection_ends() {
-        let budget = Arc::new(Semaphore::new(1 << 20));
+        let budget = Resizable::new(1 << 20);
         let mut share = PartialBytes::new(budget.clone(), 16 << 20);
         share.take(300_000).await;
         assert_eq!(budget.available_permits(), (1 << 20) - 300_000);
@@ -130,7 +134,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_empty_budget_makes_the_reader_wait_until_another_gives_back() {
-        let budget = Arc::new(Semaphore::new(100_000));
+        let budget = Resizable::new(100_000);
         let mut first = PartialBytes::new(budget.clone(), 16 << 20);
         first.take(100_000).await;
         let mut second = PartialBytes::new(budget.clone(), 16 << 20);

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -55,7 +56,9 @@ impl ChunkKey {
 
 /// Per-peer ring of recently committed chunks.
 pub struct RecentChunks {
-    per_peer: usize,
+    /// `ingress.recent_chunks_per_peer`; a reload may change it (longer rings shrink as
+    /// their peers commit more).
+    per_peer: AtomicUsize,
     peers: Mutex<Peers>,
 }
 
@@ -69,13 +72,21 @@ struct Peers {
 impl RecentChunks {
     pub fn new(per_peer: usize) -> Self {
         RecentChunks {
-            per_peer,
+            per_peer: AtomicUsize::new(per_peer),
             peers: Mutex::new(Peers::default()),
         }
     }
 
     pub fn enabled(&self) -> bool {
-        self.per_peer > 0
+        self.per_peer.load(Ordering::Relaxed) > 0
+    }
+
+    /// A reload changed `ingress.recent_chunks_per_peer`; 0 turns the memory off (and frees it).
+    pub fn set_per_peer(&self, per_peer: usize) {
+        self.per_peer.store(per_peer, Ordering::Relaxed);
+        if per_peer == 0 {
+            *self.peers.lock().unwrap_or_else(|p| p.into_inner()) = Peers::default();
+        }
     }
 
     /// Whether this peer already had this chunk committed.
@@ -101,17 +112,18 @@ impl RecentChunks {
             *peers = Peers::default();
         }
         peers.bytes += key.cost();
-        let per_peer = self.per_peer;
+        let per_peer = self.per_peer.load(Ordering::Relaxed);
         let ring = peers.rings.entry(peer).or_default();
-        let evicted = if ring.len() >= per_peer {
-            ring.pop_front().map(|old| old.cost())
-        } else {
-            None
-        };
-        ring.push_back(key);
-        if let Some(cost) = evicted {
-            peers.bytes = peers.bytes.saturating_sub(cost);
+        let mut evicted = 0;
+        // A loop, not one eviction: a reload may have lowered the bound below this ring.
+        while ring.len() >= per_peer {
+            match ring.pop_front() {
+                Some(old) => evicted += old.cost(),
+                None => break,
+            }
         }
+        ring.push_back(key);
+        peers.bytes = peers.bytes.saturating_sub(evicted);
     }
 }
 

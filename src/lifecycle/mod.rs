@@ -7,11 +7,15 @@
 //! - [`supervisor`]: `ackgate run`, which holds the sockets, starts and restarts the worker,
 //!   and runs upgrades; it imports nothing of the relay, only [`names`], [`protocol`] and
 //!   [`socket`], which import nothing of it either.
+//! - [`reload`]: the config file read again and put in force in place, all or nothing;
+//!   [`diff`]: what a new config changes, and what of it needs a restart.
 
+pub mod diff;
 pub mod link;
 pub mod names;
 pub mod notify;
 pub mod protocol;
+pub mod reload;
 pub mod signals;
 pub mod socket;
 pub mod sockets;

@@ -50,6 +50,9 @@ pub struct Metrics {
     pub dead_letters: Counter,
     pub splits: Counter,
     pub spool_reopens: Counter,
+    /// Reloads by `result`: `ok`, `invalid` (the file, or something it names, is not
+    /// usable), `restart_required` (a key that only a restart changes).
+    pub reloads: Family<Labels, Counter>,
     pub commit_seconds: Histogram,
     /// Per request: handed to the spool writer → its group commit starts.
     pub commit_queue_seconds: Histogram,
@@ -109,6 +112,7 @@ impl Metrics {
             dead_letters: Counter::default(),
             splits: Counter::default(),
             spool_reopens: Counter::default(),
+            reloads: Family::default(),
             commit_seconds: latency_histogram(),
             commit_queue_seconds: latency_histogram(),
             commit_wait_seconds: latency_histogram(),
@@ -284,6 +288,11 @@ impl Metrics {
         );
         r.register("spool_commits", "Spool commits", self.spool_commits.clone());
         r.register("spool_reopens", "Times the spool database was closed and opened again after an I/O error or a failed commit", self.spool_reopens.clone());
+        r.register(
+            "reloads",
+            "Config reloads (SIGHUP, ackgate reload, POST /api/reload) by result: ok, invalid, restart_required",
+            self.reloads.clone(),
+        );
     }
 
     /// Set the spool gauges (before a scrape).

@@ -4,7 +4,9 @@
 //! its socket while it waits for them; an upstream ack (delete) or a dead letter gives them
 //! back. Two more bounds ride on the same budget: bytes handed to the writer but not yet
 //! committed (they sit in memory meanwhile), and a "blocked" flag set while the disk is full,
-//! when nothing fits whatever the counters say. No I/O here.
+//! when nothing fits whatever the counters say. No I/O here. Both bounds follow a reload
+//! ([`Budget::set_bounds`]): a larger one wakes the waiting connections at once, a smaller one
+//! stops reservations until deletes bring the bytes under it (nothing already stored moves).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -15,7 +17,7 @@ pub(super) struct Budget {
     /// Bytes of stored records plus reservations not yet committed.
     used: AtomicU64,
     /// `spool.max_bytes`.
-    max: u64,
+    max: AtomicU64,
     /// Woken whenever room may have appeared (a release, a settled group, the disk unblocked).
     freed: Notify,
     /// Set while the disk is full.
@@ -24,7 +26,7 @@ pub(super) struct Budget {
     uncommitted: AtomicU64,
     /// Bound on `uncommitted`: with the writer behind, ingress stops reading, so memory stays
     /// flat however many connections pipeline requests.
-    max_uncommitted: u64,
+    max_uncommitted: AtomicU64,
     /// Requests waiting in [`Budget::reserve`] for room.
     waiting: AtomicU64,
 }
@@ -33,11 +35,11 @@ impl Budget {
     pub(super) fn new(used: u64, max: u64, max_uncommitted: u64) -> Budget {
         Budget {
             used: AtomicU64::new(used),
-            max,
+            max: AtomicU64::new(max),
             freed: Notify::new(),
             blocked: AtomicBool::new(false),
             uncommitted: AtomicU64::new(0),
-            max_uncommitted,
+            max_uncommitted: AtomicU64::new(max_uncommitted),
             waiting: AtomicU64::new(0),
         }
     }
@@ -47,7 +49,15 @@ impl Budget {
     }
 
     pub(super) fn max(&self) -> u64 {
-        self.max
+        self.max.load(Ordering::Acquire)
+    }
+
+    /// New bounds (a reload); whoever waits for room looks again.
+    pub(super) fn set_bounds(&self, max: u64, max_uncommitted: u64) {
+        self.max.store(max, Ordering::Release);
+        self.max_uncommitted
+            .store(max_uncommitted, Ordering::Release);
+        self.freed.notify_waiters();
     }
 
     pub(super) fn uncommitted(&self) -> u64 {
@@ -68,7 +78,7 @@ impl Budget {
     /// No room for more requests now: some wait for room, the bytes reached max_bytes, or the
     /// disk is full. What /ready and the UDP heartbeat call full.
     pub(super) fn is_full(&self) -> bool {
-        self.is_blocked() || self.waiting.load(Ordering::Acquire) > 0 || self.used() >= self.max
+        self.is_blocked() || self.waiting.load(Ordering::Acquire) > 0 || self.used() >= self.max()
     }
 
     /// Take `bytes` if they fit now.
@@ -77,14 +87,15 @@ impl Budget {
             return false;
         }
         let pending = self.uncommitted();
-        if pending > 0 && pending + bytes > self.max_uncommitted {
+        if pending > 0 && pending + bytes > self.max_uncommitted.load(Ordering::Acquire) {
             return false;
         }
+        let max = self.max();
         let mut used = self.used();
         loop {
             // A request larger than the whole budget is let through when the spool is empty,
             // so a misconfiguration cannot wedge a connection forever.
-            if used + bytes > self.max && used > 0 {
+            if used + bytes > max && used > 0 {
                 return false;
             }
             match self.used.compare_exchange_weak(
@@ -239,6 +250,36 @@ mod tests {
         assert!(budget.try_reserve(10));
         budget.reset(500, 200);
         assert_eq!(budget.used(), 310);
+    }
+
+    #[tokio::test]
+    async fn a_larger_max_bytes_wakes_a_waiting_request_and_a_smaller_one_stops_reservations() {
+        let budget = Arc::new(Budget::new(0, 100, 1000));
+        assert!(budget.try_reserve(100));
+        budget.committed(100, 100);
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(50).await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while budget.waiting.load(Ordering::Acquire) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        budget.set_bounds(200, 1000);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(budget.used(), 150);
+        budget.committed(50, 50);
+        budget.set_bounds(120, 1000);
+        assert!(budget.is_full(), "150 stored over the new 120");
+        assert!(!budget.try_reserve(1));
+        budget.release(40);
+        assert!(budget.try_reserve(10), "back under the bound");
     }
 
     #[tokio::test]

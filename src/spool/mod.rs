@@ -124,6 +124,33 @@ pub(crate) struct Shared {
     fresh: Fresh,
     /// Records and bytes queued per original destination, as last committed.
     queued: queued::QueuedByDestination,
+    /// `spool.group_commit_bytes`, read by the writer for each group (a reload may change it).
+    group_bytes: AtomicU64,
+    /// `spool.dead_letter_max_bytes`, read by the writer for each group.
+    dead_max_bytes: AtomicU64,
+}
+
+/// The spool bounds a reload may change; the rest of `[spool]` needs a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolLimits {
+    pub max_bytes: u64,
+    pub group_commit_bytes: u64,
+    pub dead_letter_max_bytes: u64,
+}
+
+impl SpoolLimits {
+    pub fn of(config: &SpoolConfig) -> SpoolLimits {
+        SpoolLimits {
+            max_bytes: config.max_bytes.0,
+            group_commit_bytes: config.group_commit_bytes.0,
+            dead_letter_max_bytes: config.dead_letter_max_bytes.0,
+        }
+    }
+
+    /// Bytes handed to the writer and not yet committed, at most: four groups (and 1 MiB).
+    fn max_uncommitted(&self) -> u64 {
+        self.group_commit_bytes.saturating_mul(4).max(1 << 20)
+    }
 }
 
 /// Handle to the spool: cheap to clone, usable from any task or thread.
@@ -216,10 +243,10 @@ impl Spool {
                 "cannot allocate the spool's disk reserve: a full disk may stall until space frees up");
         }
         let (committed, _) = watch::channel(counters.next_key - 1);
-        let max_uncommitted = config.group_commit_bytes.0.saturating_mul(4).max(1 << 20);
+        let limits = SpoolLimits::of(config);
         let shared = Arc::new(Shared {
             store,
-            budget: Budget::new(counters.bytes, config.max_bytes.0, max_uncommitted),
+            budget: Budget::new(counters.bytes, limits.max_bytes, limits.max_uncommitted()),
             records: AtomicU64::new(counters.records),
             dead_bytes: AtomicU64::new(counters.dead_bytes),
             commits: AtomicU64::new(0),
@@ -228,6 +255,8 @@ impl Spool {
             committed,
             fresh: Fresh::default(),
             queued: queued::QueuedByDestination::default(),
+            group_bytes: AtomicU64::new(limits.group_commit_bytes),
+            dead_max_bytes: AtomicU64::new(limits.dead_letter_max_bytes),
         });
         shared.queued.replace(queued_now);
         let (tx, rx) = mpsc::channel();
@@ -235,8 +264,6 @@ impl Spool {
             shared: shared.clone(),
             commands: rx,
             counters,
-            dead_max_bytes: config.dead_letter_max_bytes.0,
-            group_bytes: config.group_commit_bytes.0,
             reserve,
             pending: Vec::new(),
             oldest_pending: None,
@@ -273,6 +300,33 @@ impl Spool {
 
     pub fn path(&self) -> &Path {
         self.shared.store.path()
+    }
+
+    /// Put new bounds in force (a reload). A smaller `max_bytes` stops reservations until
+    /// deletes bring the spool under it; a smaller `dead_letter_max_bytes` evicts the oldest
+    /// dead letters at the next commit; the next group is cut at the new `group_commit_bytes`.
+    /// The disk reserve keeps the size it was given at start.
+    pub fn set_limits(&self, limits: SpoolLimits) {
+        let shared = &self.shared;
+        shared
+            .group_bytes
+            .store(limits.group_commit_bytes, Ordering::Release);
+        shared
+            .dead_max_bytes
+            .store(limits.dead_letter_max_bytes, Ordering::Release);
+        shared
+            .budget
+            .set_bounds(limits.max_bytes, limits.max_uncommitted());
+    }
+
+    /// The bounds in force.
+    pub fn limits(&self) -> SpoolLimits {
+        let shared = &self.shared;
+        SpoolLimits {
+            max_bytes: shared.budget.max(),
+            group_commit_bytes: shared.group_bytes.load(Ordering::Acquire),
+            dead_letter_max_bytes: shared.dead_max_bytes.load(Ordering::Acquire),
+        }
     }
 
     /// Bytes a request will take in the spool (what [`Spool::reserve`] must be given).

@@ -220,8 +220,6 @@ pub(super) struct Writer {
     pub shared: Arc<Shared>,
     pub commands: mpsc::Receiver<Command>,
     pub counters: Counters,
-    pub dead_max_bytes: u64,
-    pub group_bytes: u64,
     pub reserve: DiskReserve,
     pub pending: Vec<Maintenance>,
     /// Since when the oldest pending maintenance waits.
@@ -299,6 +297,7 @@ impl Writer {
             reopen: None,
         };
         let mut group = 0u64;
+        let group_bytes = self.shared.group_bytes.load(Ordering::Acquire);
         let mut next = first;
         while let Some(command) = next.take() {
             match command {
@@ -315,7 +314,7 @@ impl Writer {
                 #[cfg(test)]
                 Command::Panic => panic!("writer thread told to panic by a unit test"),
             }
-            if group >= self.group_bytes {
+            if group >= group_bytes {
                 break;
             }
             next = self.commands.try_recv().ok();
@@ -414,7 +413,7 @@ impl Writer {
                 appends,
                 pending: &self.pending,
                 counters: self.counters,
-                dead_max_bytes: self.dead_max_bytes,
+                dead_max_bytes: self.shared.dead_max_bytes.load(Ordering::Acquire),
                 now_ms: now_ms(),
                 destinations_queued: !self.shared.queued.is_empty(),
             },

@@ -160,8 +160,8 @@ pub struct Dispatcher {
     tracking: SyncMutex<Tracking>,
     /// Wakes idle connections when a retry is queued.
     requeued: Notify,
-    pub backoff: Backoff,
-    policy: PoisonPolicy,
+    /// Backoff and poison policy in force: a reload replaces them ([`Dispatcher::tune`]).
+    tuning: SyncMutex<(Backoff, PoisonPolicy)>,
     /// Acks received from any node since start.
     acks: AtomicU64,
 }
@@ -193,14 +193,29 @@ impl Dispatcher {
             }),
             tracking: SyncMutex::new(Tracking::default()),
             requeued: Notify::new(),
-            backoff,
-            policy,
+            tuning: SyncMutex::new((backoff, policy)),
             acks: AtomicU64::new(0),
         }
     }
 
     fn tracking(&self) -> MutexGuard<'_, Tracking> {
         self.tracking.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tuning(&self) -> (Backoff, PoisonPolicy) {
+        *self.tuning.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Put a reload's retry settings, `split_after_attempts` and `spool.max_age` in force:
+    /// for the next failure and the next record taken. Retries already waiting keep their
+    /// due time.
+    pub fn tune(&self, backoff: Backoff, policy: PoisonPolicy) {
+        *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = (backoff, policy);
+    }
+
+    /// The backoff in force.
+    pub fn backoff(&self) -> Backoff {
+        self.tuning().0
     }
 
     /// The record left the queue for good (acked, split, dead-lettered, expired).
@@ -223,7 +238,7 @@ impl Dispatcher {
 
     /// Whether `record` is past `max_age` (then it was moved to the dead letters).
     fn expire(&self, record: &StoredRecord) -> bool {
-        let Some(max_age) = self.policy.max_age else {
+        let Some(max_age) = self.tuning().1.max_age else {
             return false;
         };
         let age = Duration::from_millis(crate::clock::now_ms().saturating_sub(record.received_ms));
@@ -378,11 +393,12 @@ impl Dispatcher {
             .first_failure
             .entry(record.key)
             .or_insert(acks);
-        let poisoned = attempts >= self.policy.split_after_attempts && acks > first;
+        let (backoff, policy) = self.tuning();
+        let poisoned = attempts >= policy.split_after_attempts && acks > first;
         if poisoned && self.settle_poisoned(record, attempts, error, node).await {
             return;
         }
-        let due = Instant::now() + self.backoff.delay(attempts);
+        let due = Instant::now() + backoff.delay(attempts);
         self.spool
             .note_failure(record.key, attempts, error.to_string());
         let mut state = self.state.lock().await;
@@ -470,6 +486,19 @@ impl Dispatcher {
         drop(state);
         self.requeued.notify_waiters();
         count
+    }
+
+    /// Give back a record that was sent but is not a failure: its node was removed by a
+    /// reload and gave up waiting for the ack. Due at once, attempts unchanged, no backoff:
+    /// another node sends it now (with the same chunk id).
+    pub async fn give_back(&self, record: &Sent) {
+        let mut state = self.state.lock().await;
+        state
+            .retries
+            .push(Reverse((Instant::now(), record.key, record.attempts)));
+        self.tracking().in_flight.remove(&record.key);
+        drop(state);
+        self.requeued.notify_waiters();
     }
 
     /// Give a record back untouched (taken but never sent, e.g. during shutdown).

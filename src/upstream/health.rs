@@ -10,9 +10,15 @@
 //! Weights: every available primary gets records in proportion to its weight (each may run at
 //! most one window ahead of its share, so a slow node holds back only its own share); standby
 //! nodes take records only while no primary is available.
+//!
+//! Nodes live in slots: a node's index is fixed for its life and never reused, so a reload
+//! that adds, removes or reorders `[[upstream.nodes]]` cannot make a node task, a heartbeat
+//! reply or the admin API speak for another node. A removed node's slot is retired (never
+//! eligible again); weights, standby and the health settings change in place.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -48,6 +54,11 @@ impl PhiDetector {
             self.gaps.push_back(gap);
         }
         self.last = Some(now);
+    }
+
+    /// A reload changed `heartbeat_interval`: the samples stay, the shift follows.
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.interval = interval.as_secs_f64().max(0.001);
     }
 
     pub fn sample_size(&self) -> usize {
@@ -147,14 +158,49 @@ pub struct NodeSnapshot {
 #[derive(Debug)]
 pub struct NodeHealth {
     pub name: String,
-    pub weight: u32,
-    pub standby: bool,
+    weight: AtomicU32,
+    standby: AtomicBool,
+    /// Removed by a reload: never eligible again.
+    retired: AtomicBool,
     state: Mutex<NodeState>,
 }
 
 impl NodeHealth {
+    fn new(name: String, weight: u32, standby: bool, settings: &HealthSettings) -> NodeHealth {
+        let mut detector = PhiDetector::new(settings.interval);
+        detector.add(Instant::now());
+        NodeHealth {
+            name,
+            weight: AtomicU32::new(weight),
+            standby: AtomicBool::new(standby),
+            retired: AtomicBool::new(false),
+            // Optimistic start, like fluentd: a node is available until proven not.
+            state: Mutex::new(NodeState {
+                available: weight > 0,
+                detector,
+                taken: 0,
+                connected: false,
+                since_ms: crate::clock::now_ms(),
+                last_error: None,
+                last_ack_ms: None,
+            }),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, NodeState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Acquire)
+    }
+
+    pub fn standby(&self) -> bool {
+        self.standby.load(Ordering::Acquire)
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     pub fn is_available(&self) -> bool {
@@ -180,53 +226,48 @@ impl NodeHealth {
 /// Every node's health, and the weighted choice between them.
 #[derive(Debug)]
 pub struct Balancer {
-    nodes: Vec<NodeHealth>,
-    settings: HealthSettings,
+    /// Slots, by node index; only ever appended to.
+    nodes: RwLock<Vec<Arc<NodeHealth>>>,
+    settings: Mutex<HealthSettings>,
     /// Records a node may run ahead of its weighted share.
-    slack: u64,
+    slack: AtomicU64,
     /// Woken when availability or shares change.
     pub changed: Notify,
 }
 
 impl Balancer {
-    /// Mirror node availability into `ackgate_node_available`.
+    fn slots(&self) -> RwLockReadGuard<'_, Vec<Arc<NodeHealth>>> {
+        self.nodes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mirror node availability into `ackgate_node_available`; a retired node's series goes
+    /// (unless a live node has its name).
     fn publish(&self) {
         let m = crate::metrics::metrics();
-        for node in &self.nodes {
-            m.node_available
-                .get_or_create(&crate::metrics::label("node", &node.name))
-                .set(node.is_available() as i64);
+        let nodes = self.slots();
+        for node in nodes.iter() {
+            let labels = crate::metrics::label("node", &node.name);
+            if !node.is_retired() {
+                m.node_available
+                    .get_or_create(&labels)
+                    .set(node.is_available() as i64);
+            } else if !nodes.iter().any(|n| !n.is_retired() && n.name == node.name) {
+                m.node_available.remove(&labels);
+            }
         }
     }
 
     pub fn new(nodes: Vec<(String, u32, bool)>, settings: HealthSettings, slack: u64) -> Self {
-        let now = Instant::now();
         let nodes = nodes
             .into_iter()
             .map(|(name, weight, standby)| {
-                let mut detector = PhiDetector::new(settings.interval);
-                detector.add(now);
-                NodeHealth {
-                    name,
-                    weight,
-                    standby,
-                    // Optimistic start, like fluentd: a node is available until proven not.
-                    state: Mutex::new(NodeState {
-                        available: weight > 0,
-                        detector,
-                        taken: 0,
-                        connected: false,
-                        since_ms: crate::clock::now_ms(),
-                        last_error: None,
-                        last_ack_ms: None,
-                    }),
-                }
+                Arc::new(NodeHealth::new(name, weight, standby, &settings))
             })
             .collect();
         let balancer = Balancer {
-            nodes,
-            settings,
-            slack: slack.max(1),
+            nodes: RwLock::new(nodes),
+            settings: Mutex::new(settings),
+            slack: AtomicU64::new(slack.max(1)),
             changed: Notify::new(),
         };
         balancer.publish();
@@ -234,30 +275,83 @@ impl Balancer {
     }
 
     pub fn settings(&self) -> HealthSettings {
-        self.settings
+        *self.settings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn node(&self, index: usize) -> &NodeHealth {
-        &self.nodes[index]
+    fn slack(&self) -> u64 {
+        self.slack.load(Ordering::Acquire)
     }
 
+    /// The node in slot `index`.
+    pub fn node(&self, index: usize) -> Arc<NodeHealth> {
+        self.slots()[index].clone()
+    }
+
+    /// Slots, retired ones included.
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.slots().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.slots().is_empty()
+    }
+
+    /// A node added by a reload: a new slot (its index), available until proven not.
+    pub fn add(&self, name: String, weight: u32, standby: bool) -> usize {
+        let settings = self.settings();
+        let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        nodes.push(Arc::new(NodeHealth::new(name, weight, standby, &settings)));
+        nodes.len() - 1
+    }
+
+    /// A reload changed a node's weight or standby flag. A node that had weight 0 (never
+    /// used, so never judged) starts available, as at start-up.
+    pub fn update(&self, index: usize, weight: u32, standby: bool) {
+        let node = self.node(index);
+        let before = node.weight.swap(weight, Ordering::AcqRel);
+        node.standby.store(standby, Ordering::Release);
+        if before == 0 && weight > 0 {
+            node.lock().set_available(true);
+        }
+    }
+
+    /// A reload removed the node: it is never chosen again.
+    pub fn retire(&self, index: usize) {
+        self.node(index).retired.store(true, Ordering::Release);
+    }
+
+    /// A reload changed the health settings or the window (the slack of a share).
+    pub fn tune(&self, settings: HealthSettings, slack: u64) {
+        *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings;
+        self.slack.store(slack.max(1), Ordering::Release);
+        let nodes: Vec<Arc<NodeHealth>> = self.slots().clone();
+        for node in nodes {
+            node.lock().detector.set_interval(settings.interval);
+        }
+    }
+
+    /// After a reload changed the node set or the weights: shares start again from zero (a
+    /// node whose share grew would otherwise take every record until it "caught up"), the
+    /// metrics follow, and waiting nodes look again.
+    pub fn reshare(&self) {
+        let nodes: Vec<Arc<NodeHealth>> = self.slots().clone();
+        for node in nodes {
+            node.lock().taken = 0;
+        }
+        self.publish();
+        self.changed.notify_waiters();
     }
 
     /// Nodes that may take records now: available primaries, else available standbys.
     fn eligible(&self) -> Vec<usize> {
-        let available: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].weight > 0 && self.nodes[i].is_available())
+        let nodes = self.slots();
+        let available: Vec<usize> = (0..nodes.len())
+            .filter(|&i| !nodes[i].is_retired() && nodes[i].weight() > 0 && nodes[i].is_available())
             .collect();
         let primaries: Vec<usize> = available
             .iter()
             .copied()
-            .filter(|&i| !self.nodes[i].standby)
+            .filter(|&i| !nodes[i].standby())
             .collect();
         if primaries.is_empty() {
             available
@@ -275,59 +369,69 @@ impl Balancer {
         // (taken + 1 − slack) / weight ≤ every eligible node's taken / weight, in integers:
         // in floating point, 6/60 > 5/60 + 1/60, and a lone node with window = 1 stopped
         // taking after its fifth record.
-        let node = &self.nodes[index];
-        let weight = u128::from(node.weight.max(1));
-        let need = u128::from((node.taken() + 1).saturating_sub(self.slack));
+        let nodes = self.slots();
+        let node = &nodes[index];
+        let weight = u128::from(node.weight().max(1));
+        let need = u128::from((node.taken() + 1).saturating_sub(self.slack()));
         eligible.iter().all(|&i| {
-            let other = &self.nodes[i];
-            need * u128::from(other.weight.max(1)) <= u128::from(other.taken()) * weight
+            let other = &nodes[i];
+            need * u128::from(other.weight().max(1)) <= u128::from(other.taken()) * weight
         })
     }
 
     /// Whether node `index` should try to connect now (it is eligible, or it is unavailable
     /// with no heartbeats to bring it back, so its own connect is the probe).
     pub fn should_connect(&self, index: usize) -> bool {
-        let node = &self.nodes[index];
-        if node.weight == 0 {
+        let node = self.node(index);
+        if node.weight() == 0 || node.is_retired() {
             return false;
         }
         if node.is_available() {
             return self.eligible().contains(&index);
         }
-        self.settings.heartbeat == HeartbeatKind::None && !self.standby_blocked(index)
+        self.settings().heartbeat == HeartbeatKind::None && !self.standby_blocked(index)
     }
 
     fn standby_blocked(&self, index: usize) -> bool {
-        self.nodes[index].standby
-            && self
-                .nodes
+        let nodes = self.slots();
+        nodes[index].standby()
+            && nodes
                 .iter()
-                .any(|n| !n.standby && n.weight > 0 && n.is_available())
+                .any(|n| !n.is_retired() && !n.standby() && n.weight() > 0 && n.is_available())
     }
 
     /// A node that comes back starts at the current floor of the others' shares, so it does
     /// not take every record until it has "caught up" on the time it was away.
     fn rebase(&self, index: usize) {
-        let floor = (0..self.nodes.len())
-            .filter(|&i| i != index && self.nodes[i].weight > 0 && self.nodes[i].is_available())
-            .map(|i| self.nodes[i].taken() as f64 / self.nodes[i].weight.max(1) as f64)
+        let nodes = self.slots();
+        let floor = (0..nodes.len())
+            .filter(|&i| {
+                i != index
+                    && !nodes[i].is_retired()
+                    && nodes[i].weight() > 0
+                    && nodes[i].is_available()
+            })
+            .map(|i| nodes[i].taken() as f64 / nodes[i].weight().max(1) as f64)
             .fold(f64::INFINITY, f64::min);
         if floor.is_finite() {
-            let node = &self.nodes[index];
+            let node = &nodes[index];
             let mut state = node.lock();
-            state.taken = state.taken.max((floor * node.weight.max(1) as f64) as u64);
+            state.taken = state
+                .taken
+                .max((floor * node.weight().max(1) as f64) as u64);
         }
     }
 
     pub fn record_taken(&self, index: usize) {
-        self.nodes[index].lock().taken += 1;
+        self.node(index).lock().taken += 1;
         // Others may now be within their share again.
         self.changed.notify_waiters();
     }
 
     /// A record taken by `index` went back to the queue unsent or unacked.
     pub fn record_returned(&self, index: usize) {
-        let mut state = self.nodes[index].lock();
+        let node = self.node(index);
+        let mut state = node.lock();
         state.taken = state.taken.saturating_sub(1);
         drop(state);
         self.publish();
@@ -336,39 +440,42 @@ impl Balancer {
 
     /// An ack arrived: a heartbeat sample that cannot re-enable a node (fluentd `heartbeat(false)`).
     pub fn ack_received(&self, index: usize) {
-        let mut state = self.nodes[index].lock();
+        let node = self.node(index);
+        let mut state = node.lock();
         state.detector.add(Instant::now());
         state.last_ack_ms = Some(crate::clock::now_ms());
     }
 
     /// Connect succeeded. Without heartbeats this is what brings a node back.
     pub fn connected(&self, index: usize) {
-        let mut state = self.nodes[index].lock();
+        let node = self.node(index);
+        let mut state = node.lock();
         state.connected = true;
-        if self.settings.heartbeat == HeartbeatKind::None && !state.available {
+        if self.settings().heartbeat == HeartbeatKind::None && !state.available {
             state.set_available(true);
             drop(state);
             self.rebase(index);
-            tracing::info!(node = %self.nodes[index].name, "upstream node available again");
+            tracing::info!(node = %node.name, "upstream node available again");
             self.publish();
             self.changed.notify_waiters();
         }
     }
 
     pub fn disconnected(&self, index: usize) {
-        self.nodes[index].lock().connected = false;
+        self.node(index).lock().connected = false;
     }
 
     /// Connect failure, ack timeout, broken connection: unavailable until proven healthy.
     pub fn failed(&self, index: usize, reason: &str) {
-        let mut state = self.nodes[index].lock();
+        let node = self.node(index);
+        let mut state = node.lock();
         let was = state.available;
         state.set_available(false);
         state.last_error = Some(reason.to_string());
         state.detector.clear();
         drop(state);
         if was {
-            tracing::warn!(node = %self.nodes[index].name, %reason, "upstream node marked unavailable");
+            tracing::warn!(node = %node.name, %reason, "upstream node marked unavailable");
         }
         self.publish();
         self.changed.notify_waiters();
@@ -377,17 +484,19 @@ impl Balancer {
     /// A heartbeat reply arrived (fluentd `heartbeat(true)`): may re-enable the node.
     pub fn heartbeat(&self, index: usize) {
         let now = Instant::now();
-        let needed = (self.settings.recover_wait.as_secs_f64()
-            / self.settings.interval.as_secs_f64().max(0.001))
+        let settings = self.settings();
+        let needed = (settings.recover_wait.as_secs_f64()
+            / settings.interval.as_secs_f64().max(0.001))
         .ceil() as usize;
-        let mut state = self.nodes[index].lock();
+        let node = self.node(index);
+        let mut state = node.lock();
         state.detector.add(now);
         // fluentd: `sample_size > recover_wait / heartbeat_interval`.
         if !state.available && state.detector.sample_size() > needed {
             state.set_available(true);
             drop(state);
             self.rebase(index);
-            tracing::info!(node = %self.nodes[index].name, "upstream node recovered (heartbeats)");
+            tracing::info!(node = %node.name, "upstream node recovered (heartbeats)");
             self.publish();
             self.changed.notify_waiters();
         }
@@ -395,22 +504,27 @@ impl Balancer {
 
     /// Periodic check: phi or hard timeout may mark a node unavailable.
     pub fn check(&self, index: usize) {
-        if self.settings.heartbeat == HeartbeatKind::None {
+        let settings = self.settings();
+        if settings.heartbeat == HeartbeatKind::None {
             return;
         }
         let now = Instant::now();
-        let mut state = self.nodes[index].lock();
+        let node = self.node(index);
+        if node.is_retired() {
+            return;
+        }
+        let mut state = node.lock();
         if !state.available {
             return;
         }
         let silent = state.detector.since_last(now).unwrap_or_default();
         let phi = state.detector.phi(now);
-        let reason = if silent > self.settings.hard_timeout {
+        let reason = if silent > settings.hard_timeout {
             Some(format!("no heartbeat for {silent:?} (hard_timeout)"))
-        } else if self.settings.phi_failure_detector && phi > self.settings.phi_threshold {
+        } else if settings.phi_failure_detector && phi > settings.phi_threshold {
             Some(format!(
                 "phi {phi:.1} above phi_threshold {}",
-                self.settings.phi_threshold
+                settings.phi_threshold
             ))
         } else {
             None
@@ -420,7 +534,7 @@ impl Balancer {
             state.last_error = Some(reason.clone());
             state.detector.clear();
             drop(state);
-            tracing::warn!(node = %self.nodes[index].name, %reason, "upstream node detached by its failure detector");
+            tracing::warn!(node = %node.name, %reason, "upstream node detached by its failure detector");
             self.publish();
             self.changed.notify_waiters();
         }
@@ -505,6 +619,48 @@ mod tests {
             balancer.heartbeat(0);
         }
         assert!(balancer.node(0).is_available());
+    }
+
+    #[test]
+    fn a_reload_adds_retires_and_reweights_nodes_in_their_slots() {
+        let balancer = Balancer::new(
+            vec![("a".into(), 60, false), ("b".into(), 60, false)],
+            settings(HeartbeatKind::None),
+            1,
+        );
+        let share = |balancer: &Balancer, rounds: usize| {
+            let mut taken = vec![0usize; balancer.len()];
+            for _ in 0..rounds {
+                let i = (0..balancer.len())
+                    .find(|&i| balancer.may_take(i))
+                    .expect("some node may take");
+                balancer.record_taken(i);
+                taken[i] += 1;
+            }
+            taken
+        };
+        // b removed, c added: b's slot stays where it was (index 1) and takes nothing more;
+        // c gets a new slot (2), never b's.
+        balancer.retire(1);
+        let c = balancer.add("c".into(), 20, false);
+        assert_eq!(c, 2);
+        balancer.reshare();
+        assert_eq!(balancer.node(1).name, "b");
+        assert!(!balancer.should_connect(1) && !balancer.may_take(1));
+        let taken = share(&balancer, 8000);
+        assert_eq!(taken[1], 0, "a retired node takes no record");
+        let ratio = taken[0] as f64 / 8000.0;
+        assert!((0.73..=0.77).contains(&ratio), "a:c = 60:20, a got {ratio}");
+        // Reweighted in place: c now weighs as much as a.
+        balancer.update(c, 60, false);
+        balancer.reshare();
+        let taken = share(&balancer, 8000);
+        let ratio = taken[0] as f64 / 8000.0;
+        assert!((0.47..=0.53).contains(&ratio), "a:c = 60:60, a got {ratio}");
+        // A node made a standby takes nothing while a primary is up.
+        balancer.update(c, 60, true);
+        balancer.reshare();
+        assert_eq!(share(&balancer, 100)[c], 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,8 @@
 //! Node health probes: every `upstream.heartbeat_interval`, a UDP datagram or a TCP connect
 //! to each node (fluentd's out_forward heartbeat, PROTOCOL.md §8); replies feed the balancer's
-//! failure detectors, which detach silent nodes and bring them back.
+//! failure detectors, which detach silent nodes and bring them back. Replies are credited to
+//! the node's balancer slot ([`NodeSettings::index`]), never to a position in this list: a
+//! reload restarts this task with the new node list while slots stay where they are.
 
 use std::sync::Arc;
 
@@ -49,6 +51,7 @@ pub async fn run_heartbeats(
     if let Some(socket) = udp.clone() {
         let balancer = balancer.clone();
         let targets = targets.clone();
+        let slots: Vec<usize> = nodes.iter().map(|n| n.index).collect();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 64];
@@ -59,7 +62,7 @@ pub async fn run_heartbeats(
                 };
                 if let Ok((_, from)) = received {
                     match targets.iter().position(|t| *t == Some(from)) {
-                        Some(index) => balancer.heartbeat(index),
+                        Some(position) => balancer.heartbeat(slots[position]),
                         None => debug!(%from, "heartbeat reply from an unknown address"),
                     }
                 }
@@ -73,8 +76,9 @@ pub async fn run_heartbeats(
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        for (index, node) in nodes.iter().enumerate() {
-            match (&udp, targets[index]) {
+        for (position, node) in nodes.iter().enumerate() {
+            let index = node.index;
+            match (&udp, targets[position]) {
                 (Some(socket), Some(target)) => {
                     let _ = socket.send_to(b"\0", target).await;
                 }

@@ -92,24 +92,47 @@ struct InFlight {
     sent_at: Instant,
 }
 
-/// Run one node until shutdown: wait for work, connect, send, reconnect with backoff.
+/// What a reload can tell a running node. New settings are taken between chunks (the
+/// connection is kept: timing and window changes cause no duplicate); new TLS and handshake
+/// settings are used from the next connect. Retirement (a node removed from the config) drains
+/// like a shutdown: no new chunk, up to `shutdown_grace` for the acks of those in flight, then
+/// the connection is aborted and the rest go back to the queue at once, for the other nodes.
+pub struct NodeControl {
+    pub settings: watch::Receiver<Arc<NodeSettings>>,
+    /// Cancelled when a reload removes the node (its stop token is cancelled with it).
+    pub retired: CancellationToken,
+}
+
+impl NodeControl {
+    /// Settings no reload will change (unit tests, tools).
+    pub fn fixed(settings: NodeSettings) -> NodeControl {
+        NodeControl {
+            settings: watch::channel(Arc::new(settings)).1,
+            retired: CancellationToken::new(),
+        }
+    }
+}
+
+/// Run one node until shutdown (or retirement): wait for work, connect, send, reconnect with
+/// backoff.
 pub async fn run_node(
-    settings: NodeSettings,
+    control: NodeControl,
     dispatcher: Arc<Dispatcher>,
     balancer: Arc<Balancer>,
     shutdown: CancellationToken,
 ) {
-    let target = settings.clone();
+    let live = control.settings.clone();
     let connector = move || {
-        let target = target.clone();
+        // The settings in force at each connect: a reload's certificates and credentials.
+        let target = live.borrow().clone();
         async move { connect(&target).await }
     };
-    run_node_with(settings, dispatcher, balancer, shutdown, connector).await
+    run_node_with(control, dispatcher, balancer, shutdown, connector).await
 }
 
 /// [`run_node`] over any link: unit tests hand it in-memory pipes.
 async fn run_node_with<L, F>(
-    settings: NodeSettings,
+    control: NodeControl,
     dispatcher: Arc<Dispatcher>,
     balancer: Arc<Balancer>,
     shutdown: CancellationToken,
@@ -118,12 +141,17 @@ async fn run_node_with<L, F>(
     L: Link,
     F: Future<Output = Result<L, NodeError>>,
 {
-    let index = settings.index;
+    let NodeControl {
+        settings: mut live,
+        retired,
+    } = control;
+    let index = live.borrow().index;
     let mut committed = dispatcher.spool().subscribe();
     let mut failures: u32 = 0;
     // Set by connect failures, so "reachable again" is said once, after the node was not.
     let mut unreachable = false;
     loop {
+        let settings = live.borrow_and_update().clone();
         if !wait_until_needed(&settings, &dispatcher, &balancer, &shutdown, &mut committed).await {
             return;
         }
@@ -149,7 +177,8 @@ async fn run_node_with<L, F>(
         }
         balancer.connected(index);
         let mut session = Session {
-            settings: &settings,
+            settings,
+            live: &mut live,
             dispatcher: &dispatcher,
             balancer: &balancer,
             stream,
@@ -169,10 +198,15 @@ async fn run_node_with<L, F>(
                 } else {
                     1
                 };
+                let settings = session.settings.clone();
                 // Abort before anything else: the RST must be on the wire before the chunks
                 // can go out again, or a network that heals during the backoff delivers the
                 // abandoned connection's queued chunks beside their retries (DESIGN.md).
                 let in_flight = session.abort();
+                if retired.is_cancelled() {
+                    give_back_all(&settings, &dispatcher, &balancer, in_flight, &e).await;
+                    return;
+                }
                 report_failure(&settings, &e, in_flight.len());
                 balancer.failed(index, &e.to_string());
                 requeue_all(&settings, &dispatcher, &balancer, in_flight, &e.to_string()).await;
@@ -184,6 +218,34 @@ async fn run_node_with<L, F>(
         if shutdown.is_cancelled() {
             return;
         }
+    }
+}
+
+/// A retired node's connection ended with chunks unacked: they go back at once, with their
+/// attempts unchanged, for the other nodes (the removal is not the records' failure).
+async fn give_back_all(
+    settings: &NodeSettings,
+    dispatcher: &Dispatcher,
+    balancer: &Balancer,
+    in_flight: VecDeque<InFlight>,
+    error: &NodeError,
+) {
+    warn!(node = %settings.name, chunks = in_flight.len(), reason = %error,
+        "removed upstream node: aborted its connection; its unacked chunks go to the other nodes now, with the same chunk ids");
+    crate::metrics::metrics()
+        .in_flight
+        .get_or_create(&label("node", &settings.name))
+        .set(0);
+    for done in in_flight {
+        balancer.record_returned(settings.index);
+        dispatcher.give_back(&done.record).await;
+    }
+}
+
+/// Resolves when a reload sent new settings; never, once nobody can send any.
+async fn settings_changed(live: &mut watch::Receiver<Arc<NodeSettings>>) {
+    if live.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -319,7 +381,9 @@ async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
 type Taking<'a> = Pin<Box<dyn Future<Output = Result<Taken, SpoolError>> + Send + 'a>>;
 
 struct Session<'a, L> {
-    settings: &'a NodeSettings,
+    /// The settings in force, refreshed between loop turns.
+    settings: Arc<NodeSettings>,
+    live: &'a mut watch::Receiver<Arc<NodeSettings>>,
     dispatcher: &'a Dispatcher,
     balancer: &'a Balancer,
     stream: L,
@@ -345,6 +409,9 @@ impl<'a, L: Link> Session<'a, L> {
         let mut taking: Option<Taking<'a>> = None;
         let mut spool_retry_at: Option<Instant> = None;
         loop {
+            if self.live.has_changed().unwrap_or(false) {
+                self.settings = self.live.borrow_and_update().clone();
+            }
             let window_open = draining_until.is_none() && self.window_open();
             let may_take = window_open && spool_retry_at.is_none() && self.balancer.may_take(index);
             if draining_until.is_some() && self.in_flight.is_empty() {
@@ -404,6 +471,8 @@ impl<'a, L: Link> Session<'a, L> {
                 }
                 // Shares and availability changed: take again, or stop taking.
                 _ = self.balancer.changed.notified(), if window_open => {}
+                // A reload: the window, the ack timeout, the payload settings.
+                _ = settings_changed(self.live) => {}
                 _ = shutdown.cancelled(), if draining_until.is_none() => {
                     draining_until = Some(Instant::now() + self.settings.shutdown_grace);
                 }
@@ -574,6 +643,7 @@ mod tests {
         dispatcher: Arc<Dispatcher>,
         links: mpsc::UnboundedSender<DuplexStream>,
         shutdown: CancellationToken,
+        retired: CancellationToken,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -599,6 +669,11 @@ mod tests {
     /// `records` spooled (on the real clock), then the clock paused and the node started with
     /// a connector that hands out the pipes the test pushes.
     async fn start(records: u8) -> Harness {
+        start_with(records, settings()).await
+    }
+
+    /// [`start`] with these node settings.
+    async fn start_with(records: u8, settings: NodeSettings) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let (spool, writer) = Spool::open(&config(&dir)).unwrap();
         for i in 0..records {
@@ -628,8 +703,10 @@ mod tests {
             async move { rx.lock().await.recv().await.ok_or(NodeError::Closed(0)) }
         };
         let shutdown = CancellationToken::new();
+        let control = NodeControl::fixed(settings);
+        let retired = control.retired.clone();
         let task = tokio::spawn(run_node_with(
-            settings(),
+            control,
             dispatcher.clone(),
             balancer,
             shutdown.clone(),
@@ -642,6 +719,7 @@ mod tests {
             dispatcher,
             links,
             shutdown,
+            retired,
             task,
         }
     }
@@ -788,5 +866,60 @@ mod tests {
         assert_eq!(again.request().await.chunk, request.chunk);
         again.ack(&request).await;
         harness.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_retired_node_drains_then_gives_its_unacked_chunks_back_at_once() {
+        // An ack timeout longer than the grace: what ends the drain is the removal's grace.
+        let settings = NodeSettings {
+            ack_timeout: Duration::from_secs(60),
+            ..settings()
+        };
+        let grace = settings.shutdown_grace;
+        let harness = start_with(2, settings).await;
+        let mut aggregator = harness.connect();
+        let first = aggregator.request().await;
+        let second = aggregator.request().await;
+        // One ack arrives; the node is removed with the other chunk in flight (no wait on
+        // the spool here: the paused clock would jump to the ack deadline meanwhile).
+        aggregator.ack(&first).await;
+        // Removed by a reload: retired, then stopped (as the pipeline does).
+        let retired_at = Instant::now();
+        harness.retired.cancel();
+        harness.shutdown.cancel();
+        let closed = aggregator.closed().await;
+        let waited = closed - retired_at;
+        assert!(
+            waited >= grace && waited <= grace + Duration::from_millis(5),
+            "the unacked chunk had shutdown_grace to be acked: closed after {waited:?}"
+        );
+        tokio::time::timeout(WAIT, &mut { harness.task })
+            .await
+            .unwrap()
+            .unwrap();
+        // Back at once (no backoff) and not counted as a failed attempt: the next node that
+        // takes finds it due now, with the same key (hence the same chunk id).
+        let taken = harness
+            .dispatcher
+            .take()
+            .await
+            .unwrap()
+            .expect("due at once");
+        assert_eq!(
+            taken.record.attempts, 0,
+            "the removal is not the record's failure"
+        );
+        let keys = keys_after_flush(&harness.spool).await;
+        assert_eq!(keys, vec![taken.record.key]);
+        let chunk_id = chunk_id_base64(&taken.record.chunk_id);
+        assert!(
+            second
+                .chunk
+                .as_ref()
+                .unwrap()
+                .ends_with(chunk_id.as_bytes()),
+            "the same chunk id as the chunk in flight"
+        );
+        stop(harness.writer).await;
     }
 }

@@ -425,6 +425,7 @@ mod tests {
                 node("b", "127.0.0.1:1", false),
             ],
             lifecycle: Default::default(),
+            reload: None,
         }
     }
 
