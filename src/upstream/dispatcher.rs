@@ -668,18 +668,31 @@ mod tests {
         taken.expect("a record is due").record
     }
 
-    /// Take until a due record comes (retries fall due after QUICK's few ms).
+    /// Take until a due record comes (retries fall due after QUICK's few ms), waiting on the
+    /// dispatcher's own event between tries (a commit, a requeue, a retry falling due), as a
+    /// node does.
     async fn take_eventually(dispatcher: &Dispatcher) -> StoredRecord {
-        timeout(WAIT, async {
-            loop {
-                if let Some(taken) = dispatcher.take().await.unwrap() {
-                    return taken.record;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+        timeout(WAIT, take_until_empty(dispatcher))
+            .await
+            .unwrap()
+            .expect("a record is left to take")
+    }
+
+    /// The next due record, or `None` once the spool holds none: a record the dispatcher
+    /// dead-letters inside `take` (a single event that failed again) leaves the spool by a lazy
+    /// commit, flushed here before looking.
+    async fn take_until_empty(dispatcher: &Dispatcher) -> Option<StoredRecord> {
+        let mut committed = dispatcher.spool().subscribe();
+        loop {
+            if let Some(taken) = dispatcher.take().await.unwrap() {
+                return Some(taken.record);
             }
-        })
-        .await
-        .unwrap()
+            dispatcher.spool().flush().await.unwrap();
+            if dispatcher.spool().keys().unwrap().is_empty() {
+                return None;
+            }
+            dispatcher.wait_for_work(&mut committed).await;
+        }
     }
 
     async fn drain(dispatcher: &Dispatcher) -> Vec<StoredRecord> {
@@ -905,10 +918,8 @@ mod tests {
         for r in held {
             d.acked(&Sent::of(&r));
         }
-        while !d.spool().keys().unwrap().is_empty() {
-            let r = take_eventually(&d).await;
+        while let Some(r) = timeout(WAIT, take_until_empty(&d)).await.unwrap() {
             d.acked(&Sent::of(&r));
-            timeout(WAIT, d.spool().flush()).await.unwrap().unwrap();
         }
         assert_every_record_placed(&d).await;
         stop(writer).await;
