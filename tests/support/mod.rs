@@ -26,6 +26,7 @@
 //! - Fault injection: [`netns`] (network namespace), [`tmpfs`] (a disk that fills), [`eio`]
 //!   (an LD_PRELOAD shim failing disk calls with EIO).
 //! - [`interop`]: the real client libraries, a recording proxy and decoders for what it saw.
+//! - [`skip`]: a test that cannot run here says why, and fails instead under `CI`.
 
 #![allow(dead_code, unused_imports)]
 
@@ -48,6 +49,7 @@ mod process;
 mod receiver;
 mod report;
 mod requests;
+mod skip;
 mod spool;
 mod tmpfs;
 mod wire;
@@ -70,6 +72,7 @@ pub use process::*;
 pub use receiver::*;
 pub use report::*;
 pub use requests::*;
+pub use skip::*;
 pub use spool::*;
 pub use tmpfs::*;
 pub use wire::*;
