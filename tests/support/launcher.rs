@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::process::{
-    ackgate_command, ackgate_in_netns, collect_lines, send_signal, wait_child, LogLines,
+    ackgate_at, ackgate_command, collect_lines, send_signal, wait_child, LineOrEnd, LogLines,
 };
 
 /// How long ackgate may take to print its ready line.
@@ -30,9 +30,17 @@ pub struct AckgateBuilder {
     harness_timing: bool,
     envs: Vec<(String, String)>,
     netns: Option<String>,
+    binary: Option<PathBuf>,
 }
 
 impl AckgateBuilder {
+    /// Run the executable at `path` instead of the one cargo built (a copy a test can replace
+    /// while ackgate runs, as an operator upgrading it does).
+    pub fn binary(mut self, path: &Path) -> Self {
+        self.binary = Some(path.to_path_buf());
+        self
+    }
+
     /// Run ackgate inside this network namespace (`ip netns exec`, which keeps the pid).
     pub fn netns(mut self, name: &str) -> Self {
         self.netns = Some(name.to_string());
@@ -91,6 +99,10 @@ impl AckgateBuilder {
             generation: 0,
             envs: self.envs.clone(),
             netns: self.netns.clone(),
+            binary: self
+                .binary
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ackgate"))),
         };
         gate.spawn();
         gate
@@ -164,6 +176,8 @@ pub struct Ackgate {
     envs: Vec<(String, String)>,
     /// The network namespace it runs in, from [`AckgateBuilder::netns`].
     netns: Option<String>,
+    /// The executable every (re)start runs, from [`AckgateBuilder::binary`].
+    binary: PathBuf,
 }
 
 impl Ackgate {
@@ -174,6 +188,7 @@ impl Ackgate {
             harness_timing: true,
             envs: Vec::new(),
             netns: None,
+            binary: None,
         }
     }
 
@@ -185,7 +200,7 @@ impl Ackgate {
     fn spawn(&mut self) {
         self.generation += 1;
         self.start_mark = self.log.len();
-        let mut child = ackgate_in_netns(self.netns.as_deref())
+        let mut child = ackgate_at(&self.binary, self.netns.as_deref())
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -309,6 +324,46 @@ impl Ackgate {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// Send `signal` to the `ackgate run` process.
+    pub fn signal(&self, signal: libc::c_int) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// The executable it runs.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// Streams of its stderr that have ended so far: a mark for [`Ackgate::wait_line_or_exit`].
+    pub fn exit_mark(&self) -> u64 {
+        self.log.ended()
+    }
+
+    /// Wait for a log line after `mark` containing every one of `needles`, or for the process
+    /// to exit (its stderr, which nothing else holds, ends after `exit_mark`); at most
+    /// `timeout`. An exited process is still to be reaped ([`Ackgate::reap`]).
+    pub fn wait_line_or_exit(
+        &self,
+        mark: usize,
+        exit_mark: u64,
+        needles: &[&str],
+        timeout: Duration,
+    ) -> LineOrEnd {
+        self.log
+            .wait_for_line_or_end(mark, exit_mark, timeout, |l| {
+                needles.iter().all(|n| l.contains(n))
+            })
+    }
+
+    /// Reap a process that exited (or is exiting) by itself; its exit status, or `None` if it
+    /// was not running or did not exit within `timeout` (then it is SIGKILLed).
+    pub fn reap(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let status = wait_child(&mut child, timeout);
+        self.join_stderr();
+        status
     }
 
     /// SIGKILL and reap.
