@@ -21,6 +21,8 @@
 //!   each holds.
 //! - [`ledger`]: what was handed over against what arrived; [`load`]: sender threads for the
 //!   fault tests; [`report`]: FAULTS.md rows; [`spool`]: a spool file read with ackgate's code.
+//! - [`lifecycle`]: ackgate's own lifecycle as the fault (kill -9 of the worker, stop and
+//!   start, reload, upgrade) on pinned addresses, and the wait until it holds nothing.
 //! - [`metrics`]: the admin listener and Prometheus text; [`pki`]: TLS certificates.
 //! - [`handshake_oracle`]: an independent client side of the shared-key handshake.
 //! - Fault injection: [`netns`] (network namespace), [`tmpfs`] (a disk that fills), [`eio`]
@@ -39,6 +41,7 @@ mod handshake_oracle;
 mod interop;
 mod launcher;
 mod ledger;
+mod lifecycle;
 mod load;
 mod metrics;
 mod msgpack;
@@ -62,6 +65,7 @@ pub use handshake_oracle::*;
 pub use interop::*;
 pub use launcher::*;
 pub use ledger::*;
+pub use lifecycle::*;
 pub use load::*;
 pub use metrics::*;
 pub use msgpack::*;
