@@ -20,6 +20,8 @@ use super::process::{
 
 /// How long ackgate may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long ackgate's stderr may stay open after it exited (see [`Ackgate::join_stderr`]).
+const STDERR_END: Duration = Duration::from_secs(10);
 
 /// Builds the TOML config of an [`Ackgate`].
 pub struct AckgateBuilder {
@@ -96,6 +98,7 @@ impl AckgateBuilder {
             addr: "127.0.0.1:0".parse().expect("addr"),
             log: Arc::new(LogLines::default()),
             start_mark: 0,
+            exits_before: 0,
             generation: 0,
             envs: self.envs.clone(),
             netns: self.netns.clone(),
@@ -171,6 +174,8 @@ pub struct Ackgate {
     log: Arc<LogLines>,
     /// Log lines before the current incarnation's first.
     start_mark: usize,
+    /// Streams of the log that had ended when the current incarnation started.
+    exits_before: u64,
     generation: u32,
     /// Extra environment of the child, from [`AckgateBuilder::env`].
     envs: Vec<(String, String)>,
@@ -200,6 +205,7 @@ impl Ackgate {
     fn spawn(&mut self) {
         self.generation += 1;
         self.start_mark = self.log.len();
+        self.exits_before = self.log.ended();
         let mut child = ackgate_at(&self.binary, self.netns.as_deref())
             .arg("run")
             .arg("--config")
@@ -357,6 +363,20 @@ impl Ackgate {
             })
     }
 
+    /// Wait up to `timeout` for the process to exit, without reaping it or closing its log
+    /// (for a test that must act between the exit and the reap). A child's exit has no event
+    /// of its own here: it is polled every 20 ms, as [`wait_child`] does.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.is_running() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// Reap a process that exited (or is exiting) by itself; its exit status, or `None` if it
     /// was not running or did not exit within `timeout` (then it is SIGKILLed).
     pub fn reap(&mut self, timeout: Duration) -> Option<ExitStatus> {
@@ -418,10 +438,23 @@ impl Ackgate {
         std::fs::write(&self.config_path, text.replace(from, to)).expect("write config");
     }
 
+    /// Wait for the stderr reader to reach the end of the pipe, which closes when the child
+    /// exits, unless a process it started outlives it holding the pipe: then, after 10 s,
+    /// the reader is left to run (its lines still reach the log) and the test goes on.
     fn join_stderr(&mut self) {
         if let Some(thread) = self.stderr_thread.take() {
-            // The pipe closes when the child exits; the thread then ends.
-            let _ = thread.join();
+            let ended =
+                self.log
+                    .wait_for_line_or_end(usize::MAX, self.exits_before, STDERR_END, |_| false);
+            if ended == LineOrEnd::Ended {
+                let _ = thread.join();
+            } else {
+                eprintln!(
+                    "ackgate#{}'s stderr is still open {STDERR_END:?} after its exit: a process \
+                     it started holds it",
+                    self.generation
+                );
+            }
         }
     }
 }

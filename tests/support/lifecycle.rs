@@ -95,6 +95,8 @@ pub struct LifecycleRelay {
     _ports: [ReservedPort; 2],
     /// Where the copy of the executable lives, when P runs from one.
     _bin_dir: Option<tempfile::TempDir>,
+    /// P's worker when the current fault began, if P had one.
+    worker: Option<u32>,
 }
 
 impl LifecycleRelay {
@@ -122,6 +124,7 @@ impl LifecycleRelay {
             admin,
             _ports: ports,
             _bin_dir: bin_dir,
+            worker: None,
         }
     }
 
@@ -141,6 +144,10 @@ impl LifecycleRelay {
 
     /// Apply `fault` and return once ackgate serves again.
     pub fn inject(&mut self, fault: Fault) -> FaultOutcome {
+        if fault == Fault::UpgradeReplaced {
+            self.replace_binary();
+        }
+        self.worker = worker_child(self.gate.pid());
         let started = Instant::now();
         let mut outcome = match fault {
             Fault::None => FaultOutcome {
@@ -153,8 +160,8 @@ impl LifecycleRelay {
             Fault::StopStart => self.stop_start(),
             Fault::Reload => self.reload(RELOADED_ACK_TIMEOUT, false),
             Fault::ReloadBroken => self.reload(BROKEN_ACK_TIMEOUT, true),
-            Fault::Upgrade => self.upgrade(false),
-            Fault::UpgradeReplaced => self.upgrade(true),
+            Fault::Upgrade => self.upgrade("SIGUSR2"),
+            Fault::UpgradeReplaced => self.upgrade("SIGUSR2 (executable replaced)"),
         };
         outcome.gap = started.elapsed();
         outcome
@@ -180,12 +187,10 @@ impl LifecycleRelay {
             .gate
             .wait_line_or_exit(mark, exits, READY, READY_TIMEOUT)
         {
-            LineOrEnd::Line(_) => FaultOutcome {
-                what: format!("worker {worker} SIGKILLed; ackgate run (pid {p}) started a new one"),
-                unexpected_exit: false,
-                restarts: 0,
-                gap: Duration::ZERO,
-            },
+            LineOrEnd::Line(_) => self.alive_or_restart(
+                p,
+                format!("worker {worker} SIGKILLed; ackgate run started a new one"),
+            ),
             LineOrEnd::Ended => {
                 let status = self.gate.reap(Duration::from_secs(10));
                 self.restart(format!(
@@ -199,15 +204,25 @@ impl LifecycleRelay {
         }
     }
 
+    /// SIGTERM, wait for the exit (bounded), start again. A stop that does not end within
+    /// [`STOP_TIMEOUT`] is a finding: P is SIGKILLed and started again.
     fn stop_start(&mut self) -> FaultOutcome {
+        let p = self.gate.pid();
         let stopping = Instant::now();
-        let status = self.gate.terminate(STOP_TIMEOUT);
+        self.gate.signal(libc::SIGTERM);
+        if !self.gate.wait_exit(STOP_TIMEOUT) {
+            return self.restart(format!(
+                "SIGTERM: ackgate run (pid {p}) still running {STOP_TIMEOUT:?} later"
+            ));
+        }
         let stopped_in = stopping.elapsed();
+        let orphan = self.kill_orphaned_worker();
+        let status = self.gate.reap(Duration::from_secs(10));
         self.gate.restart();
         FaultOutcome {
             what: format!(
-                "SIGTERM: exited ({}) after {:.1} s; started again",
-                describe(Some(status)),
+                "SIGTERM: exited ({}) after {:.1} s{orphan}; started again",
+                describe(status),
                 stopped_in.as_secs_f64()
             ),
             unexpected_exit: false,
@@ -252,17 +267,22 @@ impl LifecycleRelay {
         }
     }
 
-    /// SIGUSR2, after renaming a fresh copy of the executable over P's path when `replace`;
-    /// wait for a new ready line or P's exit.
-    fn upgrade(&mut self, replace: bool) -> FaultOutcome {
-        let mut what = String::from("SIGUSR2");
-        if replace {
-            let path = self.gate.binary().to_path_buf();
-            let new = path.with_extension("new");
-            std::fs::copy(built_binary(), &new).expect("copy the new executable");
-            std::fs::rename(&new, &path).expect("rename the new executable over the old");
-            what.push_str(" (executable replaced)");
-        }
+    /// Put a new copy of the executable where P was started from, as an operator does with
+    /// `cp` and `mv`: write it beside (`path.new`), rename it over the path. Its ~97 MB (a
+    /// release build with debug info) are written just before the signal, and ext4 writes them
+    /// out with the next journal commits, which the spool's fsyncs wait for: today's ackgate
+    /// loses several times more here than with the same executable for that reason alone (a
+    /// copy made and synced before the load, only renamed here, lost as much as the same
+    /// executable in 10 runs each). The fault's clock starts after this.
+    fn replace_binary(&self) {
+        let path = self.gate.binary().to_path_buf();
+        let new = path.with_extension("new");
+        std::fs::copy(built_binary(), &new).expect("copy the new executable");
+        std::fs::rename(&new, &path).expect("rename the new executable over the old");
+    }
+
+    /// SIGUSR2; wait for a new ready line or P's exit.
+    fn upgrade(&mut self, what: &str) -> FaultOutcome {
         let p = self.gate.pid();
         let (mark, exits) = (self.gate.log_mark(), self.gate.exit_mark());
         self.gate.signal(libc::SIGUSR2);
@@ -294,12 +314,20 @@ impl LifecycleRelay {
                 gap: Duration::ZERO,
             };
         }
-        let status = self.gate.reap(Duration::from_secs(10));
-        self.restart(format!("{what}; then exited ({})", describe(status)))
+        self.restart(format!("{what}; then exited"))
     }
 
-    /// P is gone or useless where it should not be: start it again (a finding).
-    fn restart(&mut self, what: String) -> FaultOutcome {
+    /// P is gone or useless where it should not be: start it again (a finding). A worker
+    /// that outlived P (holding the sockets, the spool and P's stderr) is killed first.
+    fn restart(&mut self, mut what: String) -> FaultOutcome {
+        if self.gate.is_running() {
+            self.worker = self.worker.or_else(|| worker_child(self.gate.pid()));
+            self.gate.signal(libc::SIGKILL);
+        }
+        what.push_str(&self.kill_orphaned_worker());
+        if let Some(status) = self.gate.reap(Duration::from_secs(10)) {
+            what.push_str(&format!(" ({status})"));
+        }
         self.gate.restart();
         FaultOutcome {
             what: format!("{what}; started again by the harness"),
@@ -307,6 +335,30 @@ impl LifecycleRelay {
             restarts: 1,
             gap: Duration::ZERO,
         }
+    }
+
+    /// Once P is gone (or SIGKILLed): SIGKILL its worker if that outlives it by a second (it
+    /// would hold the sockets, the spool and P's stderr), and say so (empty when there was
+    /// none). The second is for a worker that dies with its parent (PDEATHSIG) to do so.
+    fn kill_orphaned_worker(&mut self) -> String {
+        let Some(worker) = self
+            .worker
+            .take()
+            .filter(|&w| !wait_gone(w, Duration::from_secs(1)))
+        else {
+            return String::new();
+        };
+        // SAFETY: kill(2) on the pid of a process this test's child started.
+        unsafe { libc::kill(worker as libc::pid_t, libc::SIGKILL) };
+        let gone = wait_gone(worker, Duration::from_secs(10));
+        format!(
+            "; its worker {worker} outlived it: SIGKILLed{}",
+            if gone {
+                ""
+            } else {
+                ", and still there 10 s later"
+            }
+        )
     }
 
     /// Wait (bounded by `timeout`) until ackgate holds nothing of what it was sent: no sender
@@ -342,14 +394,14 @@ impl LifecycleRelay {
 }
 
 impl Drop for LifecycleRelay {
-    /// A worker P started goes with P (P itself is the launcher's to stop).
+    /// P first (a supervisor would start a new worker), then its worker if that outlives it.
     fn drop(&mut self) {
         if self.gate.is_running() {
-            if let Some(worker) = worker_child(self.gate.pid()) {
-                // SAFETY: kill(2) on a child of the process this test started.
-                unsafe { libc::kill(worker as libc::pid_t, libc::SIGKILL) };
-            }
+            self.worker = worker_child(self.gate.pid());
+            self.gate.signal(libc::SIGKILL);
         }
+        self.kill_orphaned_worker();
+        self.gate.kill9();
     }
 }
 
@@ -371,6 +423,28 @@ pub fn worker_child(p: u32) -> Option<u32> {
             .is_ok_and(|cmd| cmd.split(|&b| b == 0).any(|arg| arg == b"worker"))
     };
     pids.iter().find(is_worker).or(pids.first()).copied()
+}
+
+/// Whether process `pid` exists and is not a zombie (`/proc/PID/stat`'s state).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// Wait until process `pid`, not a child of the test (its parent died), is gone; false after
+/// `timeout`. Nothing signals the exit of another's child: `/proc` is polled every 20 ms.
+fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while process_alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 /// `text` (a config) with `upstream.ack_timeout = value`, other keys as they were. The value
