@@ -14,7 +14,8 @@
 //! - Readiness is an event: an `ackgate ready listen=` line after the fault's log mark; an exit
 //!   is one too: P's stderr ends. Today SIGHUP and SIGUSR2 terminate P (their default action):
 //!   that is reported as an unexpected exit, and P is started again on the same config and spool
-//!   so that the run can finish and count the loss.
+//!   so that the run can finish and count the loss. A worker that outlives P (it would hold the
+//!   sockets, the spool and P's stderr) is SIGKILLed and reported before P starts again.
 
 use std::net::SocketAddr;
 use std::path::Path;
