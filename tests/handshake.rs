@@ -37,7 +37,10 @@ fn secured_gate(agg: &Aggregator, extra: &str) -> Ackgate {
 fn py_sha512(parts: &[&[u8]]) -> Option<String> {
     let digest = python_sha512_hex(&parts.concat());
     if digest.is_none() {
-        eprintln!("SKIPPED: python3 is not installed; the digests must be checked independently");
+        skip(
+            "handshake",
+            "python3 is not installed; the digests must be checked independently",
+        );
     }
     digest
 }

@@ -341,7 +341,7 @@ fn an_upgrade_to_a_replaced_executable_runs_it_everywhere() {
         Ackgate::builder()
             .node("agg", agg.addr())
             .product_upstream_timing()
-            .executable(&exe),
+            .binary(&exe),
     );
     let config = gate.config_path().to_path_buf();
     upgrade_under_load(&mut gate, &agg, |_| {
@@ -375,7 +375,7 @@ fn an_upgrade_to_an_executable_that_fails_keeps_the_running_one_and_says_why() {
     let (_dir, exe) = executable_copy();
     let agg = Aggregator::start();
     let (mut gate, _admin) =
-        start_with_admin(Ackgate::builder().node("agg", agg.addr()).executable(&exe));
+        start_with_admin(Ackgate::builder().node("agg", agg.addr()).binary(&exe));
     let worker = gate.worker_pid();
     let original = std::fs::read(&exe).expect("read");
     replace_executable(
@@ -456,7 +456,7 @@ fn a_stop_commits_what_the_kernel_accepted_and_takes_no_new_connection() {
         late.is_err(),
         "a connection was accepted after the stop began"
     );
-    let status = gate.wait_exit(WAIT);
+    let status = gate.reap(WAIT).expect("ackgate exits after SIGTERM");
     assert!(status.success(), "{status}; log:\n{}", gate.log().dump());
     drop(idle);
     // Committed during the stop: the next start delivers them.

@@ -243,5 +243,6 @@ fn the_service_manager_hears_ready_reloading_stopping_and_keeps_every_socket() {
     drop(sender);
     send_signal(gate.pid(), libc::SIGTERM);
     manager.wait_for("STOPPING=1", |n| n.text.contains("STOPPING=1"));
-    assert!(gate.wait_exit(WAIT).success(), "{}", gate.log().dump());
+    let status = gate.reap(WAIT).expect("ackgate exits after SIGTERM");
+    assert!(status.success(), "{}", gate.log().dump());
 }

@@ -15,11 +15,13 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::process::{
-    ackgate_command, ackgate_in_netns, collect_lines, send_signal, wait_child, LogLines,
+    ackgate_at, ackgate_command, collect_lines, send_signal, wait_child, LineOrEnd, LogLines,
 };
 
 /// How long ackgate may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long ackgate's stderr may stay open after it exited (see [`Ackgate::join_stderr`]).
+const STDERR_END: Duration = Duration::from_secs(10);
 
 /// Builds the TOML config of an [`Ackgate`].
 pub struct AckgateBuilder {
@@ -30,13 +32,14 @@ pub struct AckgateBuilder {
     harness_timing: bool,
     envs: Vec<(String, String)>,
     netns: Option<String>,
-    executable: Option<PathBuf>,
+    binary: Option<PathBuf>,
 }
 
 impl AckgateBuilder {
-    /// Run this executable instead of the one cargo built (an upgrade test replaces it).
-    pub fn executable(mut self, path: &Path) -> Self {
-        self.executable = Some(path.to_path_buf());
+    /// Run the executable at `path` instead of the one cargo built (a copy a test can replace
+    /// while ackgate runs, as an operator upgrading it does).
+    pub fn binary(mut self, path: &Path) -> Self {
+        self.binary = Some(path.to_path_buf());
         self
     }
 
@@ -95,10 +98,14 @@ impl AckgateBuilder {
             addr: "127.0.0.1:0".parse().expect("addr"),
             log: Arc::new(LogLines::default()),
             start_mark: 0,
+            exits_before: 0,
             generation: 0,
             envs: self.envs.clone(),
             netns: self.netns.clone(),
-            executable: self.executable.clone(),
+            binary: self
+                .binary
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ackgate"))),
         };
         gate.spawn();
         gate
@@ -167,13 +174,15 @@ pub struct Ackgate {
     log: Arc<LogLines>,
     /// Log lines before the current incarnation's first.
     start_mark: usize,
+    /// Streams of the log that had ended when the current incarnation started.
+    exits_before: u64,
     generation: u32,
     /// Extra environment of the child, from [`AckgateBuilder::env`].
     envs: Vec<(String, String)>,
     /// The network namespace it runs in, from [`AckgateBuilder::netns`].
     netns: Option<String>,
-    /// From [`AckgateBuilder::executable`].
-    executable: Option<PathBuf>,
+    /// The executable every (re)start runs, from [`AckgateBuilder::binary`].
+    binary: PathBuf,
 }
 
 impl Ackgate {
@@ -184,7 +193,7 @@ impl Ackgate {
             harness_timing: true,
             envs: Vec::new(),
             netns: None,
-            executable: None,
+            binary: None,
         }
     }
 
@@ -196,11 +205,8 @@ impl Ackgate {
     fn spawn(&mut self) {
         self.generation += 1;
         self.start_mark = self.log.len();
-        let mut command = match &self.executable {
-            Some(path) => Command::new(path),
-            None => ackgate_in_netns(self.netns.as_deref()),
-        };
-        let mut child = command
+        self.exits_before = self.log.ended();
+        let mut child = ackgate_at(&self.binary, self.netns.as_deref())
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -251,13 +257,7 @@ impl Ackgate {
     /// waited for, so it exists.
     pub fn worker_pid(&self) -> u32 {
         let supervisor = self.pid();
-        let children =
-            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
-                .unwrap_or_default();
-        children
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
+        super::lifecycle::worker_child(supervisor)
             .unwrap_or_else(|| panic!("ackgate run (pid {supervisor}) has no worker process"))
     }
 
@@ -341,6 +341,60 @@ impl Ackgate {
         }
     }
 
+    /// Send `signal` to the `ackgate run` process.
+    pub fn signal(&self, signal: libc::c_int) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// The executable it runs.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// Streams of its stderr that have ended so far: a mark for [`Ackgate::wait_line_or_exit`].
+    pub fn exit_mark(&self) -> u64 {
+        self.log.ended()
+    }
+
+    /// Wait for a log line after `mark` containing every one of `needles`, or for the process
+    /// to exit (its stderr, which nothing else holds, ends after `exit_mark`); at most
+    /// `timeout`. An exited process is still to be reaped ([`Ackgate::reap`]).
+    pub fn wait_line_or_exit(
+        &self,
+        mark: usize,
+        exit_mark: u64,
+        needles: &[&str],
+        timeout: Duration,
+    ) -> LineOrEnd {
+        self.log
+            .wait_for_line_or_end(mark, exit_mark, timeout, |l| {
+                needles.iter().all(|n| l.contains(n))
+            })
+    }
+
+    /// Wait up to `timeout` for the process to exit, without reaping it or closing its log
+    /// (for a test that must act between the exit and the reap). A child's exit has no event
+    /// of its own here: it is polled every 20 ms, as [`wait_child`] does.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.is_running() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    /// Reap a process that exited (or is exiting) by itself; its exit status, or `None` if it
+    /// was not running or did not exit within `timeout` (then it is SIGKILLed).
+    pub fn reap(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let status = wait_child(&mut child, timeout);
+        self.join_stderr();
+        status
+    }
+
     /// SIGKILL and reap.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -359,20 +413,6 @@ impl Ackgate {
         status.unwrap_or_else(|| {
             panic!(
                 "ackgate did not exit within {timeout:?} of SIGTERM; log:\n{}",
-                self.log.dump()
-            )
-        })
-    }
-
-    /// Wait up to `timeout` for an exit a signal sent by the test asked for.
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("ackgate not running");
-        let status = wait_child(&mut child, timeout);
-        self.join_stderr();
-        status.unwrap_or_else(|| {
-            let _ = child.kill();
-            panic!(
-                "ackgate did not exit within {timeout:?}; log:\n{}",
                 self.log.dump()
             )
         })
@@ -407,10 +447,23 @@ impl Ackgate {
         std::fs::write(&self.config_path, text.replace(from, to)).expect("write config");
     }
 
+    /// Wait for the stderr reader to reach the end of the pipe, which closes when the child
+    /// exits, unless a process it started outlives it holding the pipe: then, after 10 s,
+    /// the reader is left to run (its lines still reach the log) and the test goes on.
     fn join_stderr(&mut self) {
         if let Some(thread) = self.stderr_thread.take() {
-            // The pipe closes when the child exits; the thread then ends.
-            let _ = thread.join();
+            let ended =
+                self.log
+                    .wait_for_line_or_end(usize::MAX, self.exits_before, STDERR_END, |_| false);
+            if ended == LineOrEnd::Ended {
+                let _ = thread.join();
+            } else {
+                eprintln!(
+                    "ackgate#{}'s stderr is still open {STDERR_END:?} after its exit: a process \
+                     it started holds it",
+                    self.generation
+                );
+            }
         }
     }
 }

@@ -77,15 +77,55 @@ pub fn ids_of_entries(entries: &[u8]) -> (Vec<u64>, u64) {
     (ids, foreign)
 }
 
-/// Event ids unique within a test.
+/// Event ids unique within a test: taken from one counter ([`Ids::take`]), or per sender
+/// thread as (sender, seq) ([`Ids::sender`], [`SenderIds`]), both from the same `Ids`
+/// without overlap.
 #[derive(Default)]
-pub struct Ids(AtomicU64);
+pub struct Ids {
+    next: AtomicU64,
+    senders: AtomicU64,
+}
+
+/// An id made by [`SenderIds`] is `sender << SENDER_SHIFT | seq`: 2^40 events per sender, and
+/// ids taken from the plain counter stay below 2^40 (sender 0).
+pub const SENDER_SHIFT: u32 = 40;
 
 impl Ids {
     pub fn take(&self, n: usize) -> Vec<u64> {
-        let first = self.0.fetch_add(n as u64, Ordering::Relaxed) + 1;
+        let first = self.next.fetch_add(n as u64, Ordering::Relaxed) + 1;
         (first..first + n as u64).collect()
     }
+
+    /// The ids of one more sender thread (numbered from 1).
+    pub fn sender(&self) -> SenderIds {
+        SenderIds {
+            sender: self.senders.fetch_add(1, Ordering::Relaxed) + 1,
+            seq: 0,
+        }
+    }
+}
+
+/// The ids of one sender thread, `(sender, seq)` with seq counting from 1, so that what arrives
+/// says which sender wrote it and where in its stream.
+#[derive(Debug)]
+pub struct SenderIds {
+    pub sender: u64,
+    seq: u64,
+}
+
+impl SenderIds {
+    pub fn take(&mut self, n: usize) -> Vec<u64> {
+        let first = self.seq + 1;
+        self.seq += n as u64;
+        (first..=self.seq)
+            .map(|seq| (self.sender << SENDER_SHIFT) | seq)
+            .collect()
+    }
+}
+
+/// The sender number of an id made by [`SenderIds`] (0 for [`Ids::take`]'s).
+pub fn sender_of(id: u64) -> u64 {
+    id >> SENDER_SHIFT
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -109,6 +149,34 @@ pub struct LedgerState {
     /// For each written legacy event, the [`Target`](super::Target) generation (ackgate
     /// incarnation) it was written to.
     pub legacy_gen: HashMap<u64, u64>,
+    /// Legacy chunks sent again after a refused connect or a failed write (with
+    /// [`Load::retry_failed`](super::Load), as fluentd v0.10 keeps its buffer).
+    pub legacy_retries: u64,
+    /// Events of persistent no-ack senders (one long-lived connection, never reading) whose
+    /// write returned.
+    pub persistent_written: HashSet<u64>,
+    /// Events of persistent senders given up on (never written within `give_up_after`).
+    pub persistent_failed: HashSet<u64>,
+    /// Writes that failed on a persistent sender's established connection: the resets it saw
+    /// (each followed by a reconnect and the same request again), by error kind.
+    pub persistent_resets: std::collections::BTreeMap<String, u64>,
+    /// Connects of persistent senders that failed (ackgate not listening).
+    pub persistent_connect_failures: u64,
+    /// Attempts of acking senders that ended without the ack (closed, reset, timed out, failed
+    /// to connect), by reason; each is followed by the same chunk again.
+    pub ack_attempts_failed: std::collections::BTreeMap<String, u64>,
+}
+
+impl LedgerState {
+    /// Every reset persistent senders saw.
+    pub fn resets(&self) -> u64 {
+        self.persistent_resets.values().sum()
+    }
+
+    /// Every attempt of an acking sender that got no ack.
+    pub fn acks_missing(&self) -> u64 {
+        self.ack_attempts_failed.values().sum()
+    }
 }
 
 /// What the senders handed over, shared by every sender thread.

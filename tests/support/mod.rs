@@ -21,11 +21,14 @@
 //!   each holds.
 //! - [`ledger`]: what was handed over against what arrived; [`load`]: sender threads for the
 //!   fault tests; [`report`]: FAULTS.md rows; [`spool`]: a spool file read with ackgate's code.
+//! - [`lifecycle`]: ackgate's own lifecycle as the fault (kill -9 of the worker, stop and
+//!   start, reload, upgrade) on pinned addresses, and the wait until it holds nothing.
 //! - [`metrics`]: the admin listener and Prometheus text; [`pki`]: TLS certificates.
 //! - [`handshake_oracle`]: an independent client side of the shared-key handshake.
 //! - Fault injection: [`netns`] (network namespace), [`tmpfs`] (a disk that fills), [`eio`]
 //!   (an LD_PRELOAD shim failing disk calls with EIO).
 //! - [`interop`]: the real client libraries, a recording proxy and decoders for what it saw.
+//! - [`skip`]: a test that cannot run here says why, and fails instead under `CI`.
 
 #![allow(dead_code, unused_imports)]
 
@@ -38,6 +41,7 @@ mod handshake_oracle;
 mod interop;
 mod launcher;
 mod ledger;
+mod lifecycle;
 mod load;
 mod metrics;
 mod msgpack;
@@ -48,6 +52,7 @@ mod process;
 mod receiver;
 mod report;
 mod requests;
+mod skip;
 mod spool;
 mod tmpfs;
 mod wire;
@@ -60,6 +65,7 @@ pub use handshake_oracle::*;
 pub use interop::*;
 pub use launcher::*;
 pub use ledger::*;
+pub use lifecycle::*;
 pub use load::*;
 pub use metrics::*;
 pub use msgpack::*;
@@ -70,6 +76,7 @@ pub use process::*;
 pub use receiver::*;
 pub use report::*;
 pub use requests::*;
+pub use skip::*;
 pub use spool::*;
 pub use tmpfs::*;
 pub use wire::*;

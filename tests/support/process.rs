@@ -11,27 +11,57 @@ use std::time::{Duration, Instant};
 
 use super::{lock, wait_for_condition};
 
-/// Lines a child wrote to stderr, with a condition variable signalled on every new line.
+/// Lines a child wrote to stderr, with a condition variable signalled on every new line and
+/// when a stream ends (the child, and whatever inherited its stderr, exited).
 #[derive(Default)]
 pub struct LogLines {
-    lines: Mutex<Vec<String>>,
+    state: Mutex<LogState>,
     added: Condvar,
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<String>,
+    /// Streams read to their end so far (one per process incarnation writing here).
+    ended: u64,
+}
+
+/// What [`LogLines::wait_for_line_or_end`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineOrEnd {
+    /// A matching line.
+    Line(String),
+    /// No matching line, and the stream ended: the writer exited.
+    Ended,
+    /// Neither before the deadline.
+    Timeout,
 }
 
 impl LogLines {
     fn push(&self, line: String) {
-        lock(&self.lines).push(line);
+        lock(&self.state).lines.push(line);
+        self.added.notify_all();
+    }
+
+    fn end(&self) {
+        lock(&self.state).ended += 1;
         self.added.notify_all();
     }
 
     /// Every line so far.
     pub fn all(&self) -> Vec<String> {
-        lock(&self.lines).clone()
+        lock(&self.state).lines.clone()
     }
 
     /// Number of lines so far (a mark for [`LogLines::wait_for_from`]).
     pub fn len(&self) -> usize {
-        lock(&self.lines).len()
+        lock(&self.state).lines.len()
+    }
+
+    /// How many streams writing here have ended so far (a mark for
+    /// [`LogLines::wait_for_line_or_end`]).
+    pub fn ended(&self) -> u64 {
+        lock(&self.state).ended
     }
 
     /// Wait for a line at index ≥ `from` that satisfies `matches`; `None` on timeout.
@@ -41,22 +71,53 @@ impl LogLines {
         timeout: Duration,
         matches: impl Fn(&str) -> bool,
     ) -> Option<String> {
+        match self.wait_for(from, None, timeout, matches) {
+            LineOrEnd::Line(line) => Some(line),
+            _ => None,
+        }
+    }
+
+    /// Wait for a line at index ≥ `from` that satisfies `matches`, or for one more stream to
+    /// end than the `ended` mark counted: an exit is an event too, so a test can wait for
+    /// "ready again, or dead" without polling the process.
+    pub fn wait_for_line_or_end(
+        &self,
+        from: usize,
+        ended: u64,
+        timeout: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> LineOrEnd {
+        self.wait_for(from, Some(ended), timeout, matches)
+    }
+
+    fn wait_for(
+        &self,
+        from: usize,
+        ended: Option<u64>,
+        timeout: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> LineOrEnd {
         let mut checked = from;
-        let mut found = None;
-        let _ = wait_for_condition(&self.lines, &self.added, timeout, |lines| {
-            found = lines[checked.min(lines.len())..]
+        let mut found = LineOrEnd::Timeout;
+        let _ = wait_for_condition(&self.state, &self.added, timeout, |state| {
+            let lines = &state.lines;
+            if let Some(line) = lines[checked.min(lines.len())..]
                 .iter()
                 .find(|l| matches(l))
-                .cloned();
+            {
+                found = LineOrEnd::Line(line.clone());
+            } else if ended.is_some_and(|mark| state.ended > mark) {
+                found = LineOrEnd::Ended;
+            }
             checked = lines.len();
-            found.is_some()
+            found != LineOrEnd::Timeout
         });
         found
     }
 
     /// The whole log, for panic messages.
     pub fn dump(&self) -> String {
-        lock(&self.lines).join("\n")
+        lock(&self.state).lines.join("\n")
     }
 }
 
@@ -72,7 +133,10 @@ pub fn collect_lines(
         loop {
             raw.clear();
             match reader.read_until(b'\n', &mut raw) {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => {
+                    log.end();
+                    return;
+                }
                 Ok(_) => {
                     let line = String::from_utf8_lossy(&raw).trim_end().to_string();
                     eprintln!("[{prefix}] {line}");
@@ -202,22 +266,27 @@ fn which(program: &std::ffi::OsStr) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// `ackgate` with these arguments; hermetic: no log filter or secret from the developer's
-/// shell.
 /// The ackgate binary as a command, run inside network namespace `netns` when given
 /// (`ip netns exec`, which execs it: the child's pid is ackgate's).
 pub fn ackgate_in_netns(netns: Option<&str>) -> Command {
-    let bin = env!("CARGO_BIN_EXE_ackgate");
+    ackgate_at(Path::new(env!("CARGO_BIN_EXE_ackgate")), netns)
+}
+
+/// [`ackgate_in_netns`] for the executable at `bin` (a copy of the binary cargo built, which a
+/// test may replace while it runs: an upgrade).
+pub fn ackgate_at(bin: &Path, netns: Option<&str>) -> Command {
     match netns {
         Some(ns) => {
             let mut command = Command::new("ip");
-            command.args(["netns", "exec", ns, bin]);
+            command.args(["netns", "exec", ns]).arg(bin);
             command
         }
         None => Command::new(bin),
     }
 }
 
+/// `ackgate` with these arguments; hermetic: no log filter or secret from the developer's
+/// shell.
 pub fn ackgate_command<I, S>(args: I) -> Command
 where
     I: IntoIterator<Item = S>,

@@ -116,15 +116,24 @@ impl Row {
             self.notes
         );
         eprintln!("FAULTS-ROW {line}");
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("faults")
-            .join(if soak() { "soak" } else { "short" });
-        let _ = std::fs::create_dir_all(&dir);
-        let name: String = self
-            .scenario
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let _ = std::fs::write(dir.join(format!("{name}.md")), format!("{line}\n"));
+        save_result(
+            if soak() { "soak" } else { "short" },
+            &self.scenario,
+            &format!("{line}\n"),
+        );
     }
+}
+
+/// Write `text` to `target/tmp/faults/<mode>/<scenario>.md` (the scenario's name with every
+/// character but ASCII letters and digits as `_`), where FAULTS.md's figures are collected.
+pub fn save_result(mode: &str, scenario: &str, text: &str) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("faults")
+        .join(mode);
+    let _ = std::fs::create_dir_all(&dir);
+    let name: String = scenario
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let _ = std::fs::write(dir.join(format!("{name}.md")), text);
 }

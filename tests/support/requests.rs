@@ -120,6 +120,22 @@ pub fn legacy_request_parts(tag: &str, entries: &[u8]) -> Vec<Vec<u8>> {
     vec![vec![0x92], tag_bytes, len, entries.to_vec()]
 }
 
+/// What fluent-logger-golang (docker's fluentd log driver) writes without `RequestAck`: each
+/// event as a Message-mode request `[tag, time, record, nil]` (its msgp tuple `Message` with a
+/// nil `Option`), the pending ones back to back in one write. `entries` are `[time, record]`
+/// entries; their time and record bytes are copied as they are.
+pub fn message_requests<'a>(tag: &str, entries: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in entries {
+        assert_eq!(entry.first(), Some(&0x92), "an entry is a 2-array");
+        out.push(0x94);
+        mp_str(&mut out, tag.as_bytes());
+        out.extend_from_slice(&entry[1..]);
+        out.push(0xc0);
+    }
+    out
+}
+
 /// fluentd v0.12 with `require_ack_response`: `93 <tag> db <len> <entries> {"chunk": str}`.
 pub fn ack_request(tag: &str, entries: &[u8], chunk: &str) -> Vec<u8> {
     let mut out = vec![0x93];
