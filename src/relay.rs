@@ -125,8 +125,6 @@ pub async fn run(
     let (watchdog, mut deaths) = supervise::watchdog();
     let relay = Relay::start(config, path, &watchdog, sockets, connections).await?;
     notify::ready("relaying");
-    // The supervisor may say its accept queue is drained before the stop signal is seen here.
-    let mut drained = false;
     let died = relay.writer.died();
     tokio::pin!(died);
     let ending = loop {
@@ -144,7 +142,6 @@ pub async fn run(
                     warn!(notice = %text, "from the supervisor");
                     relay.lifecycle.record_notice(text);
                 }
-                Some(Request::Drained) => drained = true,
                 Some(Request::Gone) | None => {
                     warn!("the supervisor is gone: stopping");
                     break Ending::Stop;
@@ -156,7 +153,7 @@ pub async fn run(
         }
     };
     match ending {
-        Ending::Stop => relay.stop(&mut requests, drained).await,
+        Ending::Stop => relay.stop().await,
         Ending::Handover => relay.handover().await,
     }
 }
@@ -379,31 +376,19 @@ impl Relay {
 
     /// A stop: no more credit for new connections, every connection reads on until quiet at a
     /// request boundary; connections the supervisor still hands over (its accept queue) are
-    /// served the same way until it says it is drained.
-    async fn stop(
-        mut self,
-        requests: &mut tokio::sync::mpsc::UnboundedReceiver<Request>,
-        drained: bool,
-    ) -> anyhow::Result<()> {
+    /// served the same way until it says it is drained (or it is gone).
+    async fn stop(mut self) -> anyhow::Result<()> {
         notify::stopping();
         let config = self.reloader.config();
         self.accepting
             .store(false, std::sync::atomic::Ordering::Release);
         self.ingress_stop.cancel();
         self.upstream_stop.cancel();
-        let drained = async {
-            if drained {
-                return;
+        if let Some(accept) = self.accept.as_mut() {
+            if tokio::time::timeout(DRAIN_WAIT, accept).await.is_err() {
+                warn!(waited = ?DRAIN_WAIT, "the supervisor did not say its accept queue was drained; stopping anyway");
             }
-            loop {
-                match requests.recv().await {
-                    Some(Request::Drained) | Some(Request::Gone) | None => return,
-                    Some(_) => {}
-                }
-            }
-        };
-        if tokio::time::timeout(DRAIN_WAIT, drained).await.is_err() {
-            warn!(waited = ?DRAIN_WAIT, "the supervisor did not say its accept queue was drained; stopping anyway");
+            self.accept = None;
         }
         self.close_ingress().await;
         self.connections.close();

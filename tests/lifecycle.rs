@@ -464,3 +464,135 @@ fn a_stop_commits_what_the_kernel_accepted_and_takes_no_new_connection() {
     assert_all_arrived(&agg, &handed, "chunks queued in the kernel at the stop");
     gate.terminate_cleanly();
 }
+
+#[test]
+fn on_a_kernel_without_peek_offsets_ackgate_says_so_and_an_upgrade_still_loses_nothing() {
+    let shim = match old_kernel_shim() {
+        Ok(shim) => shim,
+        Err(reason) => {
+            skip("old kernel shim", &reason);
+            return;
+        }
+    };
+    let agg = Aggregator::start();
+    let mut gate = Ackgate::builder()
+        .node("agg", agg.addr())
+        .product_upstream_timing()
+        .env("LD_PRELOAD", &shim.to_string_lossy())
+        .metrics()
+        .start();
+    let ready = gate.log_lines_with(&["ackgate ready"]);
+    assert!(
+        ready.iter().all(|l| l.contains("crash_safe_reading=false")),
+        "{ready:?}"
+    );
+    assert!(
+        !gate
+            .log_lines_with(&["cannot peek TCP at an offset"])
+            .is_empty(),
+        "ackgate did not say what a crash can lose here; log:\n{}",
+        gate.log().dump()
+    );
+    // Without peeking, connections park at a request boundary (what was read is stored).
+    upgrade_under_load(&mut gate, &agg, |gate| {
+        send_signal(gate.pid(), libc::SIGUSR2)
+    });
+    gate.terminate_cleanly();
+}
+
+/// Ten events of `ids`, as one request's entries.
+fn events_of(ids: &Ids) -> (Vec<u64>, Vec<u8>) {
+    let batch = ids.take(10);
+    let entries = batch.iter().flat_map(|id| event(*id, 20)).collect();
+    (batch, entries)
+}
+
+/// Whether a PONG accepted the PING (`["PONG", true, …]`).
+fn pong_accepts(pong: &[u8]) -> bool {
+    array_elements(pong).get(1).copied() == Some(&[0xc3][..])
+}
+
+#[test]
+fn a_shared_key_handshake_goes_on_across_an_upgrade_and_a_crash_wherever_it_was() {
+    let agg = Aggregator::start();
+    let mut gate = Ackgate::builder()
+        .node("agg", agg.addr())
+        .section(
+            "ingress",
+            "[security]\nself_hostname = \"ackgate-lc\"\nshared_key = \"k3y\"",
+        )
+        .start();
+    let ids = Ids::default();
+    let mut handed = HashSet::new();
+    let mut send = |stream: &mut TcpStream, chunk: u64| {
+        let (batch, entries) = events_of(&ids);
+        send_acked_on(stream, "lifecycle.secured", &entries, chunk, WAIT);
+        handed.extend(batch);
+    };
+    // A: authenticated before the upgrade.
+    let mut a = connect(gate.addr());
+    client_handshake(&mut a, "sender-a", "k3y", WAIT);
+    send(&mut a, 1);
+    // B: has the HELO, has not answered it yet.
+    let mut b = connect(gate.addr());
+    let helo_b = parse_helo(&read_values(&mut b, 1, WAIT).remove(0));
+    let mark = gate.log().len();
+    send_signal(gate.pid(), libc::SIGUSR2);
+    gate.log()
+        .wait_for_from(mark, WAIT, |l| l.contains("upgrade complete"))
+        .unwrap_or_else(|| panic!("no upgrade; log:\n{}", gate.log().dump()));
+    // The new worker checks B's PING against the HELO the old one sent.
+    b.write_all(&ping_for(&helo_b, "sender-b", "k3y"))
+        .expect("PING");
+    assert!(
+        pong_accepts(&read_values(&mut b, 1, WAIT).remove(0)),
+        "B's PING accepted after the upgrade"
+    );
+    send(&mut b, 2);
+    send(&mut a, 3);
+    // C: has the HELO when the worker is killed; answers the next one.
+    let mut c = connect(gate.addr());
+    let helo_c = parse_helo(&read_values(&mut c, 1, WAIT).remove(0));
+    let mark = gate.log().len();
+    send_signal(gate.worker_pid(), libc::SIGKILL);
+    wait_new_worker(&gate, mark, "a SIGKILL");
+    c.write_all(&ping_for(&helo_c, "sender-c", "k3y"))
+        .expect("PING");
+    assert!(
+        pong_accepts(&read_values(&mut c, 1, WAIT).remove(0)),
+        "C's PING accepted after the crash"
+    );
+    send(&mut c, 4);
+    send(&mut a, 5);
+    send(&mut b, 6);
+    // Duplicates may come from the crash (deliveries whose deletes it lost), not loss.
+    assert_all_arrived(&agg, &handed, "secured senders");
+    gate.terminate_cleanly();
+}
+
+#[test]
+fn a_json_connection_stays_json_across_an_upgrade() {
+    let agg = Aggregator::start();
+    let mut gate = Ackgate::builder().node("agg", agg.addr()).start();
+    let mut stream = connect(gate.addr());
+    let line = |n: u32| format!("[\"lifecycle.json\",1700000000,{{\"n\":{n}}}]\n");
+    stream
+        .write_all(line(1).as_bytes())
+        .expect("first JSON request");
+    agg.wait_for_events(1, WAIT);
+    let mark = gate.log().len();
+    send_signal(gate.pid(), libc::SIGUSR2);
+    gate.log()
+        .wait_for_from(mark, WAIT, |l| l.contains("upgrade complete"))
+        .unwrap_or_else(|| panic!("no upgrade; log:\n{}", gate.log().dump()));
+    // After the newline that ended the last request, the next byte is `[`: without the
+    // connection's state the new worker would still guess right, so send whitespace first,
+    // which only a JSON decoder skips.
+    stream
+        .write_all(format!(" {}", line(2)).as_bytes())
+        .expect("second JSON request");
+    agg.wait_for_events(2, WAIT);
+    let rejected = gate.log_lines_with(&["invalid request"]);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    gate.terminate_cleanly();
+}

@@ -1,5 +1,6 @@
 //! The real ackgate, run as a child process on a generated config, and what /proc says about
-//! it: resident memory (VmRSS, VmHWM) sampled during a run, CPU time (utime + stime) over it.
+//! it and its worker: resident memory (VmRSS, VmHWM) sampled during a run, CPU time (utime +
+//! stime) over it, both summed over the supervisor and the worker.
 //!
 //! Readiness is the `ackgate ready listen=IP:PORT` line on its stderr, never a sleep. Its
 //! stderr is read to the end (a full pipe would stall it) and the last lines are kept for the
@@ -354,6 +355,23 @@ pub fn read_proc(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// [`read_proc`] of `pid` and its children, summed: `ackgate run` is a supervisor, and the
+/// relay's work (and most of its memory) is in its worker.
+pub fn read_proc_tree(pid: u32) -> Option<ProcSample> {
+    let mut total = read_proc(pid)?;
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+        if let Some(s) = read_proc(child) {
+            total.rss_kib += s.rss_kib;
+            total.hwm_kib += s.hwm_kib;
+            total.cpu_ticks += s.cpu_ticks;
+            total.user_ticks += s.user_ticks;
+        }
+    }
+    Some(total)
+}
+
 pub fn clock_ticks_per_s() -> f64 {
     let ticks = rustix::param::clock_ticks_per_second();
     if ticks > 0 {
@@ -380,7 +398,7 @@ pub struct ProcStats {
     pub samples: u64,
 }
 
-/// Samples a process every `every` until finished.
+/// Samples a process and its children every `every` until finished.
 pub struct Sampler {
     pid: u32,
     stop: CancellationToken,
@@ -393,12 +411,12 @@ pub struct Sampler {
 impl Sampler {
     pub fn start(pid: u32, every: Duration) -> Sampler {
         let stop = CancellationToken::new();
-        let first = read_proc(pid).unwrap_or_default();
+        let first = read_proc_tree(pid).unwrap_or_default();
         let token = stop.clone();
         let task = tokio::spawn(async move {
             let (mut max, mut sum, mut n) = (0u64, 0u64, 0u64);
             loop {
-                if let Some(s) = read_proc(pid) {
+                if let Some(s) = read_proc_tree(pid) {
                     max = max.max(s.rss_kib);
                     sum += s.rss_kib;
                     n += 1;
@@ -420,7 +438,7 @@ impl Sampler {
     }
 
     pub async fn finish(self) -> ProcStats {
-        let end = read_proc(self.pid).unwrap_or_default();
+        let end = read_proc_tree(self.pid).unwrap_or_default();
         let wall = self.start.elapsed().as_secs_f64().max(1e-9);
         self.stop.cancel();
         let (max, sum, n) = self.task.await.unwrap_or((0, 0, 0));

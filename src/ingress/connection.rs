@@ -148,6 +148,19 @@ pub(super) struct Parked<I> {
     pub state: ConnState,
 }
 
+/// How a connection's service ended, for the one who holds its socket.
+pub(super) enum Ending<I> {
+    /// Given back for the next worker.
+    Parked(Parked<I>),
+    /// To be reset (`SO_LINGER` 0 is set): ackgate closed it while the sender may still write
+    /// (a stop, an idle timeout). A FIN would let the sender's next write succeed and vanish
+    /// in the reset that answers it; a reset makes that write fail, and a no-ack sender
+    /// (fluent-logger, docker's driver) resends it on a new connection. The caller closes the
+    /// last copy (the supervisor's too).
+    Reset(I, Option<ConnState>),
+    Closed,
+}
+
 /// Whether and how much to read this turn.
 #[derive(Debug, Clone, Copy)]
 struct ReadPlan {
@@ -170,7 +183,7 @@ pub(super) async fn serve<I: ConnIo>(
     ctx: Arc<IngressContext>,
     shutdown: CancellationToken,
     held: Option<(ConnState, bool)>,
-) -> Option<Parked<I>> {
+) -> Ending<I> {
     let (held, has_kept) = match held {
         Some((state, kept)) => (Some(state), kept),
         None => (None, false),
@@ -197,15 +210,23 @@ pub(super) async fn serve<I: ConnIo>(
                     }
                 }
             };
+            let park = ctx.park.clone();
             let outcome =
-                handshake::accept(&mut io, &mut buf, auth, deadline, resume, &mut mark).await;
+                handshake::accept(&mut io, &mut buf, auth, deadline, resume, &mut mark, &park)
+                    .await;
             match outcome {
                 Ok(ping_len) => released = ping_len,
+                Err(handshake::HandshakeFailure::Parked) if held.is_some() => {
+                    if let Some(state) = held {
+                        debug!(%peer, "connection parked during the handshake");
+                        return Ending::Parked(Parked { io, state });
+                    }
+                }
                 Err(e) => {
                     warn!(%peer, reason = %e, "closing connection: shared-key handshake failed");
                     metrics().reject(e.kind());
                     let _ = io.shutdown().await;
-                    return None;
+                    return Ending::Closed;
                 }
             }
             debug!(%peer, "shared-key handshake accepted");
@@ -225,9 +246,9 @@ pub(super) async fn serve<I: ConnIo>(
                 Ok(Err(e)) => {
                     warn!(%peer, error = %e, "cannot read the kept part of an unfinished request: closing the connection");
                     let _ = io.shutdown().await;
-                    return None;
+                    return Ending::Closed;
                 }
-                Err(_) => return None,
+                Err(_) => return Ending::Closed,
             }
         }
         _ => 0,
@@ -278,6 +299,8 @@ struct Connection<I> {
     keeping: Option<Keeping>,
     /// Nothing more will be read.
     eof: bool,
+    /// The sender closed its side (it will write no more).
+    peer_closed: bool,
     end: Option<Close>,
     requests: u64,
     /// The last request was larger than [`READ_CHUNK`]: peek at the next one's header first.
@@ -335,6 +358,7 @@ impl<I: ConnIo> Connection<I> {
             kept,
             keeping: None,
             eof: false,
+            peer_closed: false,
             end: None,
             requests: 0,
             large_requests: false,
@@ -344,7 +368,7 @@ impl<I: ConnIo> Connection<I> {
         }
     }
 
-    async fn run(mut self) -> Option<Parked<I>> {
+    async fn run(mut self) -> Ending<I> {
         loop {
             self.follow_reload();
             let buffered_before = self.buf.len();
@@ -740,6 +764,9 @@ impl<I: ConnIo> Connection<I> {
     /// Count what was stored, remember its chunk ids, write the acks it is owed in one write;
     /// after a failed commit, stop answering: the sender resends what was not acked.
     async fn answer(&mut self, settled: Settled) {
+        // Released before the acks are written: an acked request is never read again by a
+        // worker that comes after a crash.
+        self.release_stored();
         let m = metrics();
         let now = Instant::now();
         for done in &settled.stored {
@@ -790,6 +817,7 @@ impl<I: ConnIo> Connection<I> {
         match result {
             Ok(0) => {
                 self.eof = true;
+                self.peer_closed = true;
                 if !self.buf.is_empty() {
                     warn!(peer = %self.peer, discarded_bytes = self.buf.len(),
                         "peer closed in the middle of a request; the partial request is not spooled");
@@ -847,7 +875,7 @@ impl<I: ConnIo> Connection<I> {
         }
     }
 
-    async fn close(mut self) -> Option<Parked<I>> {
+    async fn close(mut self) -> Ending<I> {
         let reason = self
             .end
             .take()
@@ -863,11 +891,16 @@ impl<I: ConnIo> Connection<I> {
         }
         if let (Close::Parked, Some(state)) = (&reason, self.held.take()) {
             debug!(peer = %self.peer, requests = self.requests, "connection parked for the next worker");
-            return Some(Parked { io: self.io, state });
+            return Ending::Parked(Parked { io: self.io, state });
+        }
+        let sender_may_write = matches!(reason, Close::Shutdown | Close::Idle) && !self.peer_closed;
+        if sender_may_write && self.io.abort() {
+            debug!(peer = %self.peer, requests = self.requests, ?reason, "connection reset (its sender may still write)");
+            return Ending::Reset(self.io, self.held.take());
         }
         debug!(peer = %self.peer, requests = self.requests, ?reason, "connection closed");
         let _ = timeout(ACK_WRITE_TIMEOUT, self.io.shutdown()).await;
-        None
+        Ending::Closed
     }
 }
 

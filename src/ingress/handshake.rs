@@ -8,6 +8,7 @@
 
 use bytes::BytesMut;
 use tokio::time::{timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
 
 use super::io::ConnIo;
 use crate::forward::handshake::{answer_ping, encode_helo, message_len, Helo, ServerAuth};
@@ -32,6 +33,10 @@ pub enum HandshakeFailure {
     Rejected(String),
     #[error("JSON request on a port that requires the shared-key handshake (JSON cannot be authenticated; fluentd refuses it too)")]
     Json,
+    /// A handover began while the PING was awaited: the connection goes to the next worker,
+    /// which checks the PING against the same HELO. Not a failure.
+    #[error("handed over to the next worker during the handshake")]
+    Parked,
 }
 
 impl HandshakeFailure {
@@ -57,6 +62,7 @@ pub(crate) async fn accept<I: ConnIo>(
     deadline: Instant,
     resume: Option<(Vec<u8>, Vec<u8>)>,
     mark: &mut impl FnMut(Option<std::os::fd::BorrowedFd<'_>>, Handshake),
+    park: &CancellationToken,
 ) -> Result<u64, HandshakeFailure> {
     let helo = match resume {
         Some((nonce, salt)) => Helo {
@@ -95,9 +101,15 @@ pub(crate) async fn accept<I: ConnIo>(
                 return Err(HandshakeFailure::NotPing(e.to_string()));
             }
         }
-        let n = timeout_at(deadline, io.fill(buf, FILL_BYTES))
-            .await
-            .map_err(|_| HandshakeFailure::Timeout)??;
+        // Parked only when nothing read is lost by it: in peek mode the PING stays in the
+        // socket; otherwise only before any of it was read.
+        let may_park = io.keeps_unreleased() || buf.is_empty();
+        let n = tokio::select! {
+            filled = timeout_at(deadline, io.fill(buf, FILL_BYTES)) => {
+                filled.map_err(|_| HandshakeFailure::Timeout)??
+            }
+            _ = park.cancelled(), if may_park => return Err(HandshakeFailure::Parked),
+        };
         if n == 0 {
             return Err(HandshakeFailure::Closed);
         }

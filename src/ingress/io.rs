@@ -33,6 +33,12 @@ pub(crate) trait ConnIo {
     /// The socket, when it is one the supervisor may hold (plain TCP).
     fn descriptor(&self) -> Option<BorrowedFd<'_>>;
 
+    /// Make the connection end with a reset when its last descriptor closes (`SO_LINGER` 0),
+    /// if this transport can; false if it cannot.
+    fn abort(&mut self) -> bool {
+        false
+    }
+
     async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
 
     /// No more bytes either way (FIN).
@@ -133,6 +139,10 @@ impl ConnIo for Socket {
 
     fn descriptor(&self) -> Option<BorrowedFd<'_>> {
         Some(self.stream.as_fd())
+    }
+
+    fn abort(&mut self) -> bool {
+        self.stream.set_zero_linger().is_ok()
     }
 
     async fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {

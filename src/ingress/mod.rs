@@ -43,6 +43,7 @@ use crate::middlebox::canonical_addr;
 use crate::spool::Spool;
 use crate::tls::TlsError;
 use admission::Admitted;
+use connection::Ending;
 use io::{Socket, Streamed};
 use recent::RecentChunks;
 pub use settings::IngressSettings;
@@ -150,9 +151,10 @@ impl IngressContext {
 const CREDIT: usize = 16;
 
 /// Serve the connections the supervisor hands over (it accepted them, or an earlier worker
-/// served them) until `closed`. Credit for new ones is given only while a connection slot
-/// (`max_connections`) is free and the spool has room, and not once `shutdown` began (a stop
-/// or a handover); what the supervisor still hands over is served until it says it is done.
+/// served them) until `closed` (a handover: what is still queued stays with the supervisor)
+/// or the supervisor says it is drained (a stop: everything it accepted has been served).
+/// Credit for new ones is given only while a connection slot (`max_connections`) is free and
+/// the spool has room, and not once `shutdown` began.
 pub async fn run_handed(
     mut feed: mpsc::UnboundedReceiver<Feed>,
     ctx: Arc<IngressContext>,
@@ -178,6 +180,12 @@ pub async fn run_handed(
                     let permit = if adopting { None } else { reserved.pop() }
                         .or_else(|| permits.try_acquire());
                     serve_handed(handed, permit, &ctx, &shutdown, &tracker);
+                }
+                // A stop, and every connection the supervisor accepted is served: this is the
+                // feed's end as the relay asked for it, not a death.
+                Some(Feed::Drained) => {
+                    closed.cancel();
+                    return;
                 }
                 Some(Feed::Adopted(count)) => {
                     adopting = false;
@@ -290,10 +298,11 @@ async fn handle(
         match Socket::new(stream, ctx.peek) {
             Ok(io) => {
                 let held = Some((state, has_kept));
-                let parked =
-                    connection::serve(io, peer, counted, ctx.clone(), shutdown, held).await;
-                if let Some(parked) = parked {
-                    hand_back(parked);
+                match connection::serve(io, peer, counted, ctx.clone(), shutdown, held).await {
+                    Ending::Parked(parked) => hand_back(parked),
+                    // The supervisor lets go of its copy: the last close sends the reset.
+                    Ending::Reset(_io, Some(state)) => notify::unstore(&state.name()),
+                    Ending::Reset(_, None) | Ending::Closed => {}
                 }
             }
             Err(e) => {

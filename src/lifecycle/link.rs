@@ -28,6 +28,9 @@ pub enum Feed {
     /// Every connection an earlier worker left was handed over (this many): what follows is
     /// new, sent on credit.
     Adopted(u64),
+    /// A stop: the supervisor closed its listeners; no connection comes after this one. In the
+    /// same queue as the connections, so that every one sent before it is served.
+    Drained,
 }
 
 /// A request of the supervisor's.
@@ -35,7 +38,6 @@ pub enum Feed {
 pub enum Request {
     Handover,
     Activate,
-    Drained,
     Notice(String),
     /// The control channel closed: the supervisor is gone.
     Gone,
@@ -97,7 +99,10 @@ pub fn start(control: OwnedFd) -> io::Result<Link> {
                 }
                 Control::Handover => Request::Handover,
                 Control::Activate => Request::Activate,
-                Control::Drained => Request::Drained,
+                Control::Drained => {
+                    let _ = conn_tx.send(Feed::Drained);
+                    continue;
+                }
                 Control::Notice(text) => Request::Notice(text),
             };
             debug!(?request, "request from the supervisor");

@@ -1,6 +1,7 @@
 //! The Rust side of `eio_shim.c`: build the LD_PRELOAD library once per test binary run, give
 //! `ackgate run` the environment that loads it, and switch faults on and off through its
-//! control file while ackgate runs.
+//! control file while ackgate runs. Also `old_kernel_shim.c`, built the same way: a kernel
+//! without TCP `SO_PEEK_OFF`.
 //!
 //! The control file (`CTL_SIZE` bytes, host byte order) is shared with the shim, which maps it
 //! `MAP_SHARED`; the test uses plain `pwrite`/`pread` on it (Linux keeps a shared mapping
@@ -92,7 +93,7 @@ impl EioShim {
     /// run (the first caller compiles, the others get its result).
     pub fn build() -> Result<PathBuf, String> {
         static LIB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-        LIB.get_or_init(compile).clone()
+        LIB.get_or_init(|| compile_shim("eio_shim")).clone()
     }
 
     /// A fresh control file (mode off) for descriptors whose path ends with `suffix`.
@@ -171,14 +172,22 @@ impl Drop for EioShim {
     }
 }
 
-fn compile() -> Result<PathBuf, String> {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/eio_shim.c");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("eio_shim");
+/// The LD_PRELOAD shim that makes this kernel look like one without TCP `SO_PEEK_OFF`
+/// (before Linux 6.10: `old_kernel_shim.c`), built once per test binary run.
+pub fn old_kernel_shim() -> Result<PathBuf, String> {
+    static LIB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    LIB.get_or_init(|| compile_shim("old_kernel_shim")).clone()
+}
+
+/// Compile `tests/support/NAME.c` into `target/tmp/NAME/libNAME.so`.
+fn compile_shim(name: &str) -> Result<PathBuf, String> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/support/{name}.c"));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let lib = dir.join("libeio_shim.so");
+    let lib = dir.join(format!("lib{name}.so"));
     // Compiled under a private name, then renamed: a concurrent run, or an ackgate still
     // mapping the previous library, never sees a half-written file.
-    let partial = dir.join(format!("libeio_shim.so.{}.tmp", std::process::id()));
+    let partial = dir.join(format!("lib{name}.so.{}.tmp", std::process::id()));
     let out = Command::new("cc")
         .args(["-shared", "-fPIC", "-O2", "-Wall", "-o"])
         .arg(&partial)

@@ -125,6 +125,19 @@ pub fn python_sha512_hex(data: &[u8]) -> Option<String> {
     }
 }
 
+/// The PING a fluentd sender answers `helo` with (sha2 digests, no user).
+pub fn ping_for(helo: &HeloSeen, hostname: &str, shared_key: &str) -> Vec<u8> {
+    let salt = b"0123456789abcdef0123456789abcdef";
+    let digest = sha512_hex(&[
+        salt,
+        hostname.as_bytes(),
+        &helo.nonce,
+        shared_key.as_bytes(),
+    ]);
+    let pass = sha512_hex(&[&helo.auth, b"", b""]);
+    encode_ping(hostname, salt, &digest, "", &pass)
+}
+
 /// Complete a shared-key handshake as a fluentd sender would (sha2 digests): read the HELO,
 /// send a PING, read the PONG. Returns the PONG's raw bytes.
 pub fn client_handshake(
@@ -138,16 +151,8 @@ pub fn client_handshake(
         .unwrap_or_else(|got| panic!("no HELO: {}", hex(&got)))
         .remove(0);
     let helo = parse_helo(&helo);
-    let salt = b"0123456789abcdef0123456789abcdef";
-    let digest = sha512_hex(&[
-        salt,
-        hostname.as_bytes(),
-        &helo.nonce,
-        shared_key.as_bytes(),
-    ]);
-    let pass = sha512_hex(&[&helo.auth, b"", b""]);
     stream
-        .write_all(&encode_ping(hostname, salt, &digest, "", &pass))
+        .write_all(&ping_for(&helo, hostname, shared_key))
         .expect("write PING");
     let pong = read_msgpack_values(stream, 1, deadline)
         .unwrap_or_else(|got| panic!("no PONG: {}", hex(&got)))
