@@ -11,10 +11,11 @@
 //!
 //! - [`forward`]: the wire format only: bytes in, frames out; no socket, no clock. Event bytes
 //!   are sliced, never re-encoded (6); invalid input is an error, never a panic (4).
-//! - [`ingress`]: the sender side: accept under a connection cap and the partial-request
-//!   budget, handshake, acks in order only after the commit (1), a bad request closes only its
-//!   connection and is dead-lettered (4), no read while the spool is full (5). It must not touch
-//!   redb: it only hands requests to the spool.
+//! - [`ingress`]: the sender side: connections the supervisor hands over under a connection cap
+//!   and the partial-request budget, handshake, acks in order only after the commit (1), bytes
+//!   released from the socket only once stored (10), a bad request closes only its connection
+//!   and is dead-lettered (4), no read while the spool is full (5). It must not touch redb: it
+//!   only hands requests to the spool.
 //! - [`spool`]: the redb file and its one writer thread: group commit with fsync (1), records
 //!   removed only by an ack's delete or a dead letter (2, 8), chunk ids drawn once (3), the byte
 //!   budget (5), recovery from I/O errors and a full disk without a restart (9).
@@ -22,10 +23,12 @@
 //!   once, resend with the same chunk id: 3, 7), weighted choice and health.
 //! - [`admin`]: the operator's HTTP listener (metrics, health, the JSON API); reads state, and
 //!   acts only through the spool's and dispatcher's own calls.
-//! - [`relay`]: one process's relay: everything above started together and stopped in order.
+//! - [`relay`]: the worker's relay: everything above started together, stopped or handed over
+//!   in order.
 //! - [`supervise`]: core tasks that must not end while ackgate runs (9).
-//! - [`lifecycle`]: sockets that outlive the process reading them; reload (the one owner of
-//!   the settings in force), upgrade and the service manager's protocols (10).
+//! - [`lifecycle`]: sockets that outlive the process reading them (10): `ackgate run`'s
+//!   supervisor (it imports nothing of the relay), the worker's side of its protocols, reload
+//!   (the one owner of the settings in force) and upgrade.
 //! - [`config`]: the TOML file, strict, every error naming its key.
 //! - [`metrics`]: metric names and their text; reads nothing, owns no socket.
 //! - [`middlebox`]: transparent mode's socket options (original destination, `SO_MARK`) and

@@ -30,17 +30,17 @@
 //! and upgrade reset no persistent connection and miss no ack, and keep ackgate's pid; SIGTERM
 //! then start loses 0 events of one-connection-per-chunk senders (what persistent senders lose
 //! there is measured and reported, not asserted). In every scenario no acked event is lost
-//! (invariant 7). Today's ackgate misses them: those tests are `#[ignore]`d until the lifecycle
-//! work lands. The control run, with no fault, must count exactly: 0 lost, 0 duplicates, 0
-//! resets, every ack; it runs by default and checks the harness itself.
+//! (invariant 7). The control run, with no fault, must count exactly: 0 lost, 0 duplicates,
+//! 0 resets, every ack; it checks the harness itself.
 //!
-//! Modes: by default each scenario runs once (the non-ignored ones are in `cargo test
-//! --release`); `ACKGATE_LIFECYCLE_RUNS=20` runs each 20 times. `ACKGATE_LIFECYCLE_MEASURE=1`
-//! prints every figure and the targets missed without failing (the "before" of issue 21):
+//! Modes: by default each scenario runs once (in `cargo test --release`);
+//! `ACKGATE_LIFECYCLE_RUNS=20` runs each 20 times. `ACKGATE_LIFECYCLE_MEASURE=1` prints every
+//! figure and the targets missed without failing (how the "before" of FAULTS.md scenario 10
+//! was measured: this harness on 6211cdb, the tree before the lifecycle work):
 //!
 //! ```sh
-//! ACKGATE_LIFECYCLE_MEASURE=1 ACKGATE_LIFECYCLE_RUNS=5 \
-//!   cargo test --release --test faults_lifecycle -- --include-ignored --test-threads 1
+//! ACKGATE_LIFECYCLE_MEASURE=1 ACKGATE_LIFECYCLE_RUNS=20 \
+//!   cargo test --release --test faults_lifecycle -- --test-threads 1
 //! ```
 //!
 //! One `LIFECYCLE-RUN` line per run, one `LIFECYCLE-SUMMARY` line per scenario, also saved

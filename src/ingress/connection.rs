@@ -57,6 +57,11 @@ const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// On a stop, a connection quiet this long at a request boundary is closed: a sender that
 /// writes in bursts is closed between them, not in the middle of one.
 const STOP_QUIET: Duration = Duration::from_millis(100);
+/// Once `shutdown_grace` is over, a connection that is not at a request boundary with nothing
+/// unread gets this much longer to reach one; then it closes wherever it is.
+const LAST_BOUNDARY_WAIT: Duration = Duration::from_secs(1);
+/// In that last wait, how soon after its last read a connection at a boundary closes.
+const LAST_QUIET: Duration = Duration::from_millis(1);
 /// Bytes of a rejected request kept as a dead letter for inspection.
 const REJECTED_KEEP_BYTES: usize = 64 * 1024;
 /// Bytes read from a socket per read call.
@@ -152,12 +157,11 @@ pub(super) struct Parked<I> {
 pub(super) enum Ending<I> {
     /// Given back for the next worker.
     Parked(Parked<I>),
-    /// To be reset (`SO_LINGER` 0 is set): ackgate closed it while the sender may still write
-    /// (a stop, an idle timeout). A FIN would let the sender's next write succeed and vanish
-    /// in the reset that answers it; a reset makes that write fail, and a no-ack sender
-    /// (fluent-logger, docker's driver) resends it on a new connection. The caller closes the
-    /// last copy (the supervisor's too).
-    Reset(I, Option<ConnState>),
+    /// Reset: ackgate ended it while the sender may still write (a stop, an idle timeout). A
+    /// FIN would let the sender's next write succeed and vanish in the reset that answers it;
+    /// a reset makes that write fail, and a no-ack sender (fluent-logger, docker's driver)
+    /// resends it on a new connection.
+    Reset,
     Closed,
 }
 
@@ -292,6 +296,8 @@ struct Connection<I> {
     shutdown_deadline: Option<Instant>,
     /// Stopping: when the connection last read bytes (it closes once quiet at a boundary).
     last_read: Instant,
+    /// `shutdown_grace` is over: close at the first boundary with nothing unread.
+    grace_over: bool,
     /// A handover began: read nothing more, and park once nothing is owed.
     parking: bool,
     /// Bytes of the unfinished request kept in the spool and released from the socket.
@@ -353,6 +359,7 @@ impl<I: ConnIo> Connection<I> {
             idle,
             idle_deadline: Instant::now() + idle,
             shutdown_deadline: None,
+            grace_over: false,
             last_read: Instant::now(),
             parking: false,
             kept,
@@ -678,11 +685,32 @@ impl<I: ConnIo> Connection<I> {
         waiting.then(|| self.last_read + KEEP_AFTER_PAUSE)
     }
 
-    /// Stopping, at a request boundary with nothing owed: close once quiet for [`STOP_QUIET`].
+    /// Stopping, at a request boundary with nothing owed: close once quiet for [`STOP_QUIET`]
+    /// ([`LAST_QUIET`] once the grace is over).
     fn quiet_deadline(&self) -> Option<Instant> {
-        let at_boundary = self.buf.is_empty() && self.acks.is_empty() && self.staged.is_none();
-        (self.shutdown_deadline.is_some() && at_boundary && self.end.is_none())
-            .then(|| self.last_read + STOP_QUIET)
+        let quiet = if self.grace_over {
+            LAST_QUIET
+        } else {
+            STOP_QUIET
+        };
+        (self.shutdown_deadline.is_some() && self.at_boundary() && self.end.is_none())
+            .then(|| self.last_read + quiet)
+    }
+
+    /// Every request read is stored and answered, and nothing of the next one was read.
+    fn at_boundary(&self) -> bool {
+        self.buf.is_empty() && self.acks.is_empty() && self.staged.is_none()
+    }
+
+    /// Whether the kernel holds bytes of this connection that were not read yet: a close now
+    /// would lose them, though the sender's write of them succeeded.
+    fn unread_in_kernel(&self) -> bool {
+        let peeked = if self.io.keeps_unreleased() {
+            self.filled - self.released
+        } else {
+            0
+        };
+        self.io.queued() as u64 > peeked
     }
 
     async fn next_event(&mut self, plan: ReadPlan) -> Event {
@@ -750,11 +778,7 @@ impl<I: ConnIo> Connection<I> {
                 self.shutdown_deadline = Some(Instant::now() + self.settings.shutdown_grace);
             }
             Event::GraceOver => self.on_grace_over(),
-            Event::QuietOver => {
-                debug!(peer = %self.peer, "stopping: closing a connection quiet at a request boundary");
-                self.end = Some(Close::Shutdown);
-                self.eof = true;
-            }
+            Event::QuietOver => self.on_quiet(),
             Event::ParkBegun => self.on_park(),
             Event::Kept(result) => self.on_kept(result),
             Event::Paused => self.keep_unfinished(true),
@@ -852,7 +876,26 @@ impl<I: ConnIo> Connection<I> {
         self.eof = true;
     }
 
+    /// Stopping, and quiet at a boundary: close, unless bytes arrived since the last read (a
+    /// close now would lose them; they are read first, and the quiet starts over).
+    fn on_quiet(&mut self) {
+        if self.unread_in_kernel() {
+            self.last_read = Instant::now();
+            return;
+        }
+        debug!(peer = %self.peer, "stopping: closing a connection quiet at a request boundary");
+        self.end = Some(Close::Shutdown);
+        self.eof = true;
+    }
+
     fn on_grace_over(&mut self) {
+        if !self.grace_over && !(self.at_boundary() && !self.unread_in_kernel()) {
+            // A sender that never pauses: close it at the next boundary with nothing unread,
+            // which comes between two of its writes, rather than after one it thinks done.
+            self.grace_over = true;
+            self.shutdown_deadline = Some(Instant::now() + LAST_BOUNDARY_WAIT);
+            return;
+        }
         if !self.buf.is_empty() || self.staged.is_some() {
             warn!(peer = %self.peer, partial_bytes = self.buf.len(), waiting_for_spool_room = self.staged.is_some(),
                 "shutting down with a request not yet stored; it is not spooled and not acked");
@@ -896,7 +939,7 @@ impl<I: ConnIo> Connection<I> {
         let sender_may_write = matches!(reason, Close::Shutdown | Close::Idle) && !self.peer_closed;
         if sender_may_write && self.io.abort() {
             debug!(peer = %self.peer, requests = self.requests, ?reason, "connection reset (its sender may still write)");
-            return Ending::Reset(self.io, self.held.take());
+            return Ending::Reset;
         }
         debug!(peer = %self.peer, requests = self.requests, ?reason, "connection closed");
         let _ = timeout(ACK_WRITE_TIMEOUT, self.io.shutdown()).await;

@@ -33,10 +33,14 @@ pub(crate) trait ConnIo {
     /// The socket, when it is one the supervisor may hold (plain TCP).
     fn descriptor(&self) -> Option<BorrowedFd<'_>>;
 
-    /// Make the connection end with a reset when its last descriptor closes (`SO_LINGER` 0),
-    /// if this transport can; false if it cannot.
+    /// Reset the connection now, if this transport can (false if it cannot).
     fn abort(&mut self) -> bool {
         false
+    }
+
+    /// Bytes the kernel holds for this connection, read (peeked) or not (0 if unknown).
+    fn queued(&self) -> usize {
+        0
     }
 
     async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
@@ -72,6 +76,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ConnIo for Streamed<S> {
     async fn shutdown(&mut self) -> io::Result<()> {
         AsyncWriteExt::shutdown(&mut self.0).await
     }
+}
+
+/// The most one release hands the kernel at once.
+const RELEASE_SINK_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// Where released bytes "go": MSG_TRUNC on TCP discards without copying, so this buffer
+    /// is never written and its zeroed pages are never touched (no memory is spent on it). One
+    /// per thread, allocated once: a fresh buffer per release cost an mmap and a munmap.
+    static RELEASE_SINK: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; RELEASE_SINK_BYTES].into_boxed_slice());
 }
 
 /// A plain TCP socket: peek-then-release reading when `peek`, plain reads otherwise.
@@ -114,14 +129,15 @@ impl ConnIo for Socket {
         }
         let mut left = n;
         while left > 0 {
-            // MSG_TRUNC on TCP discards without copying: the buffer is never written. A
-            // zeroed allocation of this size is lazily mapped, so it costs no page either.
-            let mut sink = vec![0u8; left];
-            let (_, dropped) = rustix::net::recv(
-                &self.stream,
-                &mut sink[..],
-                rustix::net::RecvFlags::TRUNC | rustix::net::RecvFlags::DONTWAIT,
-            )?;
+            let dropped = RELEASE_SINK.with_borrow_mut(|sink| {
+                let chunk = left.min(sink.len());
+                rustix::net::recv(
+                    &self.stream,
+                    &mut sink[..chunk],
+                    rustix::net::RecvFlags::TRUNC | rustix::net::RecvFlags::DONTWAIT,
+                )
+                .map(|(_, dropped)| dropped)
+            })?;
             if dropped == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -142,7 +158,15 @@ impl ConnIo for Socket {
     }
 
     fn abort(&mut self) -> bool {
-        self.stream.set_zero_linger().is_ok()
+        // connect(AF_UNSPEC) disconnects the socket itself (tcp_disconnect: a RST, queues
+        // dropped), whoever else holds a descriptor of it: the supervisor's copy sees the
+        // hang-up and lets go. A close would wait for the last copy.
+        rustix::net::connect_unspec(&self.stream).is_ok()
+    }
+
+    fn queued(&self) -> usize {
+        rustix::io::ioctl_fionread(&self.stream)
+            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     async fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {

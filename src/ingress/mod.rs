@@ -300,9 +300,7 @@ async fn handle(
                 let held = Some((state, has_kept));
                 match connection::serve(io, peer, counted, ctx.clone(), shutdown, held).await {
                     Ending::Parked(parked) => hand_back(parked),
-                    // The supervisor lets go of its copy: the last close sends the reset.
-                    Ending::Reset(_io, Some(state)) => notify::unstore(&state.name()),
-                    Ending::Reset(_, None) | Ending::Closed => {}
+                    Ending::Reset | Ending::Closed => {}
                 }
             }
             Err(e) => {
