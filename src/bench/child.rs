@@ -324,13 +324,16 @@ fn parse_commits(text: &str) -> Option<u64> {
 pub struct ProcSample {
     pub rss_kib: u64,
     pub hwm_kib: u64,
+    /// The anonymous part of `rss_kib` (RssAnon): the process's own memory, without the pages
+    /// of files (its executable) it may share with others.
+    pub anon_kib: u64,
     /// utime + stime in clock ticks.
     pub cpu_ticks: u64,
     /// utime alone (user space), in clock ticks.
     pub user_ticks: u64,
 }
 
-/// Read VmRSS, VmHWM and utime + stime of `pid`.
+/// Read VmRSS, VmHWM, RssAnon and utime + stime of `pid`.
 pub fn read_proc(pid: u32) -> Option<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib = |key: &str| -> u64 {
@@ -350,21 +353,31 @@ pub fn read_proc(pid: u32) -> Option<ProcSample> {
     Some(ProcSample {
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
+        anon_kib: kib("RssAnon:"),
         cpu_ticks: utime + stime,
         user_ticks: utime,
     })
 }
 
 /// [`read_proc`] of `pid` and its children, summed: `ackgate run` is a supervisor, and the
-/// relay's work (and most of its memory) is in its worker.
+/// relay's work (and most of its memory) is in its worker. A parent's memory counts only its
+/// anonymous pages: the rest is the executable, whose pages its worker maps too and has in its
+/// own RSS (summing both RSS would count them twice).
 pub fn read_proc_tree(pid: u32) -> Option<ProcSample> {
     let mut total = read_proc(pid)?;
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut first = true;
     for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
         if let Some(s) = read_proc(child) {
+            if first {
+                total.rss_kib = total.anon_kib;
+                total.hwm_kib = total.anon_kib;
+                first = false;
+            }
             total.rss_kib += s.rss_kib;
             total.hwm_kib += s.hwm_kib;
+            total.anon_kib += s.anon_kib;
             total.cpu_ticks += s.cpu_ticks;
             total.user_ticks += s.user_ticks;
         }

@@ -507,7 +507,7 @@ impl BenchReport {
                     base,
                 )?;
             }
-            writeln!(f, "  (latencies in ms; RSS = max VmRSS of ackgate during the load; CPU % of one core, ackgate only;")?;
+            writeln!(f, "  (latencies in ms; RSS = max VmRSS of ackgate during the load (worker + supervisor's own pages); CPU % of one core, ackgate only;")?;
             writeln!(
                 f,
                 "   ns/ev = ackgate's user + sys CPU time ÷ events acked;"

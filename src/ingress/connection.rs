@@ -889,7 +889,7 @@ impl<I: ConnIo> Connection<I> {
     }
 
     fn on_grace_over(&mut self) {
-        if !self.grace_over && !(self.at_boundary() && !self.unread_in_kernel()) {
+        if !self.grace_over && (!self.at_boundary() || self.unread_in_kernel()) {
             // A sender that never pauses: close it at the next boundary with nothing unread,
             // which comes between two of its writes, rather than after one it thinks done.
             self.grace_over = true;

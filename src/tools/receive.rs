@@ -342,7 +342,7 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         let mut no_marks = |_: Option<std::os::fd::BorrowedFd<'_>>, _| {};
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            done = accept(&mut io, &mut buf, auth, deadline, None, &mut no_marks, &shutdown) => {
+            done = accept(&mut io, &mut buf, auth, deadline, None, &mut no_marks, shutdown) => {
                 done?;
             }
         }

@@ -708,7 +708,7 @@ impl Supervisor {
         self.acceptors.clear();
         self.held
             .listeners
-            .retain(|l| !(l.name == names::LISTEN_TCP && !l.activated));
+            .retain(|l| l.name != names::LISTEN_TCP || l.activated);
         if let Phase::Stopping(stop) = &mut self.phase {
             stop.draining = false;
         }
