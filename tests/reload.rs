@@ -202,23 +202,17 @@ fn per_request_sender(
     traffic: &(Mutex<Traffic>, Condvar),
     stop: &AtomicBool,
 ) -> Result<(), String> {
-    while !stop.load(Ordering::Acquire) {
-        let batch = ids.take(EVENTS_PER_REQUEST);
-        let entries: Vec<u8> = batch.iter().flat_map(|&id| event(id, 40)).collect();
+    let write = |entries: &[u8]| {
         let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
         lock(&traffic.0).connections += 1;
-        for part in legacy_request_parts("reload.v010", &entries) {
+        for part in legacy_request_parts("reload.v010", entries) {
             stream
                 .write_all(&part)
                 .map_err(|e| format!("the per-request sender's write failed: {e}"))?;
         }
-        drop(stream);
-        lock(&traffic.0).written.extend(batch);
-        traffic.1.notify_all();
-        // A load rate, not a synchronisation.
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
+        Ok(())
+    };
+    no_ack_sender(ids, traffic, stop, Duration::from_millis(5), write)
 }
 
 fn silent_sender(
@@ -227,16 +221,30 @@ fn silent_sender(
     traffic: &(Mutex<Traffic>, Condvar),
     stop: &AtomicBool,
 ) -> Result<(), String> {
+    let write = |entries: &[u8]| {
+        stream
+            .write_all(&legacy_request("reload.silent", entries))
+            .map_err(|e| format!("the persistent sender's write failed: {e}"))
+    };
+    no_ack_sender(ids, traffic, stop, Duration::from_millis(2), write)
+}
+
+/// Write requests with `write` until `stop`, `pause` apart (a load rate, not a
+/// synchronisation); an event counts as written once its request's write returned.
+fn no_ack_sender(
+    ids: &Ids,
+    traffic: &(Mutex<Traffic>, Condvar),
+    stop: &AtomicBool,
+    pause: Duration,
+    mut write: impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(), String> {
     while !stop.load(Ordering::Acquire) {
         let batch = ids.take(EVENTS_PER_REQUEST);
         let entries: Vec<u8> = batch.iter().flat_map(|&id| event(id, 40)).collect();
-        stream
-            .write_all(&legacy_request("reload.silent", &entries))
-            .map_err(|e| format!("the persistent sender's write failed: {e}"))?;
+        write(&entries)?;
         lock(&traffic.0).written.extend(batch);
         traffic.1.notify_all();
-        // A load rate, not a synchronisation.
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(pause);
     }
     Ok(())
 }

@@ -252,8 +252,9 @@ mod tests {
         assert_eq!(budget.used(), 310);
     }
 
-    #[tokio::test]
-    async fn a_larger_max_bytes_wakes_a_waiting_request_and_a_smaller_one_stops_reservations() {
+    /// A budget of 100 bytes, all committed, and a task waiting (already counted as waiting)
+    /// to reserve 50 more.
+    async fn full_budget_with_a_waiting_request() -> (Arc<Budget>, tokio::task::JoinHandle<()>) {
         let budget = Arc::new(Budget::new(0, 100, 1000));
         assert!(budget.try_reserve(100));
         budget.committed(100, 100);
@@ -268,6 +269,12 @@ mod tests {
         })
         .await
         .unwrap();
+        (budget, waiter)
+    }
+
+    #[tokio::test]
+    async fn a_larger_max_bytes_wakes_a_waiting_request_and_a_smaller_one_stops_reservations() {
+        let (budget, waiter) = full_budget_with_a_waiting_request().await;
         budget.set_bounds(200, 1000);
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
@@ -284,20 +291,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_request_is_woken_by_a_release_and_counts_as_full_meanwhile() {
-        let budget = Arc::new(Budget::new(0, 100, 1000));
-        assert!(budget.try_reserve(100));
-        budget.committed(100, 100);
-        let waiter = tokio::spawn({
-            let budget = budget.clone();
-            async move { budget.reserve(50).await }
-        });
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while budget.waiting.load(Ordering::Acquire) == 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        let (budget, waiter) = full_budget_with_a_waiting_request().await;
         assert!(budget.is_full());
         budget.release(60);
         tokio::time::timeout(Duration::from_secs(5), waiter)
