@@ -9,7 +9,9 @@
 //! Scenarios:
 //! - relay (default): ceiling, then the *direct path* (senders straight to the aggregator),
 //!   then ackgate at each `--rtt`, then optionally at half of its measured maximum
-//!   (`--half-load`) for the ack-latency target;
+//!   (`--half-load`) for the ack-latency target; with `--baseline-bin OTHER`, the runs
+//!   through ackgate alternate with runs through OTHER (`--rounds` pairs), for a before/after
+//!   in one invocation;
 //! - backlog (`--backlog-gib X` or `--records N`): aggregator down, fill the spool, measure RSS
 //!   while it holds the backlog, restart ackgate and time its start-up, then drain;
 //! - fsyncs (`--count-fsyncs`): count ackgate's fsync calls with strace, with and without
@@ -116,6 +118,13 @@ pub struct BenchArgs {
     /// The ackgate binary to run (default: this executable).
     #[arg(long)]
     pub ackgate_bin: Option<PathBuf>,
+    /// Another ackgate binary (e.g. the build before a change) to run the same load through,
+    /// alternating with --ackgate-bin: the report gives each one's means and their ratios.
+    #[arg(long, conflicts_with_all = ["rtt", "backlog_gib", "records", "count_fsyncs"])]
+    pub baseline_bin: Option<PathBuf>,
+    /// With --baseline-bin: how many pairs of runs (baseline, then ackgate) to alternate.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50), requires = "baseline_bin")]
+    pub rounds: u32,
     /// Also print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -310,12 +319,18 @@ impl Ctx {
             progress("direct path: senders straight to the aggregator");
             report.direct = Some(self.direct_run().await?);
         }
+        if let Some(baseline) = &self.args.baseline_bin {
+            self.alternate(baseline, report).await?;
+        }
         let rtts: Vec<Option<Duration>> = if self.args.rtt.is_empty() {
             vec![None]
         } else {
             self.args.rtt.iter().copied().map(Some).collect()
         };
         for (i, rtt) in rtts.iter().enumerate() {
+            if self.args.baseline_bin.is_some() {
+                break; // the alternated rounds were the runs through ackgate
+            }
             let name = format!("run-{i}");
             let label = match rtt {
                 Some(rtt) => format!("ackgate rtt={}ms", rtt.as_millis()),
@@ -345,6 +360,33 @@ impl Ctx {
             // The disk drifts within a minute here: measure again, judge against the stricter.
             report.ceiling_after = Some(self.ceiling().await?);
         }
+        Ok(())
+    }
+
+    /// `--rounds` pairs of runs at the same load: the baseline binary, then ackgate's, so that
+    /// the machine's drift falls on both alike.
+    async fn alternate(&self, baseline: &Path, report: &mut BenchReport) -> Result<(), BenchError> {
+        for round in 1..=self.args.rounds {
+            let label = format!("baseline #{round}");
+            progress(&format!("{label}: load through {}", baseline.display()));
+            let run = self
+                .run_through(
+                    baseline,
+                    &format!("baseline-{round}"),
+                    &label,
+                    None,
+                    self.args.rate,
+                )
+                .await?;
+            report.baseline_runs.push(run);
+            let label = format!("ackgate #{round}");
+            progress(&format!("{label}: load through {}", self.exe.display()));
+            let run = self
+                .ackgate_run(&format!("run-{round}"), &label, None, self.args.rate)
+                .await?;
+            report.runs.push(run);
+        }
+        report.baseline_bin = Some(baseline.display().to_string());
         Ok(())
     }
 
@@ -382,9 +424,22 @@ impl Ctx {
         Ok(figures)
     }
 
-    /// One run through ackgate: fresh spool, fresh aggregator, optional delay proxy.
+    /// One run through ackgate (`--ackgate-bin`).
     async fn ackgate_run(
         &self,
+        name: &str,
+        label: &str,
+        rtt: Option<Duration>,
+        rate: Option<f64>,
+    ) -> Result<RunFigures, BenchError> {
+        self.run_through(&self.exe, name, label, rtt, rate).await
+    }
+
+    /// One run through the ackgate binary `exe`: fresh spool, fresh aggregator, optional
+    /// delay proxy.
+    async fn run_through(
+        &self,
+        exe: &Path,
         name: &str,
         label: &str,
         rtt: Option<Duration>,
@@ -405,7 +460,8 @@ impl Ctx {
             None => None,
         };
         let node = proxy.as_ref().map_or(aggregator.addr, |p| p.addr);
-        let spec = self.prepare(name, &node.to_string(), self.args.spool_max_bytes)?;
+        let mut spec = self.prepare(name, &node.to_string(), self.args.spool_max_bytes)?;
+        spec.exe = exe.to_path_buf();
         let child = child::spawn(&spec).await?;
         let mut load_spec = self.spec();
         load_spec.rate = rate;

@@ -298,6 +298,11 @@ pub struct BenchReport {
     pub ceiling_after: Option<DiskCeiling>,
     pub direct: Option<RunFigures>,
     pub runs: Vec<RunFigures>,
+    /// With `--baseline-bin`: the runs through that binary, alternated with `runs`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub baseline_runs: Vec<RunFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_bin: Option<String>,
     pub half_load: Option<RunFigures>,
     pub backlog: Option<BacklogReport>,
     pub fsyncs: Option<FsyncReport>,
@@ -326,6 +331,8 @@ impl BenchReport {
             ceiling_after: None,
             direct: None,
             runs: Vec::new(),
+            baseline_runs: Vec::new(),
+            baseline_bin: None,
             half_load: None,
             backlog: None,
             fsyncs: None,
@@ -371,6 +378,36 @@ impl BenchReport {
     }
 }
 
+/// Means over runs of one binary: throughput, ackgate's CPU per event and its peak RSS.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Means {
+    events_per_s: f64,
+    ns_per_event: f64,
+    rss_mib: f64,
+}
+
+impl Means {
+    /// `None` without runs, or when a run has no CPU or memory sample of ackgate.
+    fn of(runs: &[RunFigures]) -> Option<Means> {
+        let n = runs.len() as f64;
+        let mut sum = Means {
+            events_per_s: 0.0,
+            ns_per_event: 0.0,
+            rss_mib: 0.0,
+        };
+        for run in runs {
+            sum.events_per_s += run.events_per_s;
+            sum.ns_per_event += run.cpu_ns_per_event()?.0;
+            sum.rss_mib += run.ackgate?.rss_max_mib;
+        }
+        (!runs.is_empty()).then(|| Means {
+            events_per_s: sum.events_per_s / n,
+            ns_per_event: sum.ns_per_event / n,
+            rss_mib: sum.rss_mib / n,
+        })
+    }
+}
+
 fn opt_ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.1}"))
 }
@@ -380,6 +417,7 @@ impl fmt::Display for BenchReport {
         self.write_load(f)?;
         self.write_ceiling(f)?;
         self.write_runs(f)?;
+        self.write_comparison(f)?;
         self.write_backlog(f)?;
         self.write_fsyncs(f)?;
         if let Some(crash) = &self.crash {
@@ -451,6 +489,7 @@ impl BenchReport {
             .direct
             .iter()
             .chain(self.runs.iter())
+            .chain(self.baseline_runs.iter())
             .chain(self.half_load.iter())
             .collect();
         if !runs.is_empty() {
@@ -517,6 +556,7 @@ impl BenchReport {
                 .direct
                 .iter()
                 .chain(self.runs.iter())
+                .chain(self.baseline_runs.iter())
                 .chain(self.half_load.iter())
             {
                 let drain = r
@@ -545,6 +585,35 @@ impl BenchReport {
             }
         }
         Ok(())
+    }
+
+    /// With `--baseline-bin`: each binary's means over its rounds, and ackgate's as a ratio.
+    fn write_comparison(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (Some(bin), Some(base), Some(new)) = (
+            &self.baseline_bin,
+            Means::of(&self.baseline_runs),
+            Means::of(&self.runs),
+        ) else {
+            return Ok(());
+        };
+        writeln!(f)?;
+        writeln!(
+            f,
+            "against the baseline {bin} ({} alternated rounds, means):",
+            self.runs.len()
+        )?;
+        writeln!(
+            f,
+            "  ev/s {:.0} → {:.0} (× {:.2}); CPU ns/ev {:.0} → {:.0} (× {:.2}); RSS MiB {:.1} → {:.1}",
+            base.events_per_s,
+            new.events_per_s,
+            new.events_per_s / base.events_per_s.max(1e-9),
+            base.ns_per_event,
+            new.ns_per_event,
+            new.ns_per_event / base.ns_per_event.max(1e-9),
+            base.rss_mib,
+            new.rss_mib,
+        )
     }
 
     /// The backlog fill, hold, restart and drain.
