@@ -194,6 +194,15 @@ fn a_worker_killed_at_any_moment_loses_nothing_and_resets_no_connection() {
     gate.terminate_cleanly();
 }
 
+/// A fluentd v0.10 request of about `size` bytes (events of ~1 KB), and its event ids.
+fn big_request(ids: &Ids, size: usize) -> (Vec<u64>, Vec<u8>) {
+    let pad = 900;
+    let count = size / (event(0, pad).len());
+    let batch = ids.take(count);
+    let entries: Vec<u8> = batch.iter().flat_map(|id| event(*id, pad)).collect();
+    (batch, legacy_request("lifecycle.big", &entries))
+}
+
 #[test]
 fn a_request_larger_than_the_socket_survives_a_worker_killed_in_its_middle() {
     let agg = Aggregator::start();
@@ -205,11 +214,7 @@ fn a_request_larger_than_the_socket_survives_a_worker_killed_in_its_middle() {
     let metrics = metrics_addr(&gate);
     let ids = Arc::new(Ids::default());
     for size in [8 << 20, 16 << 20] {
-        let pad = 900;
-        let count = size / (event(0, pad).len());
-        let batch = ids.take(count);
-        let entries: Vec<u8> = batch.iter().flat_map(|id| event(*id, pad)).collect();
-        let request = legacy_request("lifecycle.big", &entries);
+        let (batch, request) = big_request(&ids, size);
         let (head, tail) = request.split_at(request.len() / 2);
         let kept_before = scrape_sum(metrics, "ackgate_kept_bytes_total").unwrap_or(0.0);
         let mut stream = connect(gate.addr());
@@ -462,6 +467,118 @@ fn a_stop_commits_what_the_kernel_accepted_and_takes_no_new_connection() {
     // Committed during the stop: the next start delivers them.
     gate.restart();
     assert_all_arrived(&agg, &handed, "chunks queued in the kernel at the stop");
+    gate.terminate_cleanly();
+}
+
+/// The worst moment of a large request's kill: a part of it is committed in the spool (the
+/// commit's fdatasync returned) and not yet released from the socket, so its last bytes are in
+/// both. The LD_PRELOAD shim SIGKILLs the worker right after that fdatasync. The next worker
+/// must release those bytes, not read them again after the kept part: read again, they would
+/// join the request wrongly, and it would be refused and lost.
+#[test]
+fn a_worker_killed_between_keeping_a_part_and_releasing_it_reads_none_of_it_twice() {
+    if !runnable(
+        "lifecycle kill after keeping a part",
+        EioShim::unavailable(),
+    ) {
+        return;
+    }
+    let shim = EioShim::new("spool.redb").unwrap_or_else(|e| panic!("{e}"));
+    for size in [8 << 20, 16 << 20] {
+        let agg = Aggregator::start();
+        let mut builder = Ackgate::builder()
+            .node("agg", agg.addr())
+            .product_upstream_timing()
+            .metrics();
+        for (key, value) in shim.env() {
+            builder = builder.env(&key, &value);
+        }
+        let mut gate = builder.start();
+        let ids = Ids::default();
+        let (batch, request) = big_request(&ids, size);
+        let (head, tail) = request.split_at(request.len() / 2);
+        let mut stream = connect(gate.addr());
+        // Nothing else commits in an idle ackgate: the next commit keeps a part of the head.
+        let mark = gate.log().len();
+        shim.set(EioMode::KillAfterSync);
+        stream.write_all(head).expect("first half");
+        wait_new_worker(&gate, mark, "a SIGKILL right after keeping a part");
+        assert_eq!(shim.mode_bits() & 8, 0, "the shim did not kill");
+        stream
+            .write_all(tail)
+            .expect("second half, to the next worker");
+        drop(stream);
+        let handed: HashSet<u64> = batch.into_iter().collect();
+        let duplicates = assert_all_arrived(&agg, &handed, &format!("a {size}-byte request"));
+        assert_eq!(
+            duplicates, 0,
+            "a {size}-byte request arrived more than once"
+        );
+        let skipped = gate.log_lines_with(&["were still in the socket: released, not read again"]);
+        assert_eq!(
+            skipped.len(),
+            1,
+            "the next worker did not find the kept bytes in the socket; log:\n{}",
+            gate.log().dump()
+        );
+        gate.terminate_cleanly();
+    }
+}
+
+/// The other worst moment: the request kept in part is complete and stored whole (its kept
+/// parts give way to a mark of where it ends), and the worker dies before it released the
+/// request's last bytes from the socket. The next worker must release them by the mark, and
+/// read the sender's next request, written on the same connection, as the next request.
+#[test]
+fn a_worker_killed_after_storing_a_kept_request_whole_reads_the_next_one_right() {
+    if !runnable(
+        "lifecycle kill after storing a kept request",
+        EioShim::unavailable(),
+    ) {
+        return;
+    }
+    let shim = EioShim::new("spool.redb").unwrap_or_else(|e| panic!("{e}"));
+    let agg = Aggregator::start();
+    let mut builder = Ackgate::builder()
+        .node("agg", agg.addr())
+        .product_upstream_timing()
+        .metrics();
+    for (key, value) in shim.env() {
+        builder = builder.env(&key, &value);
+    }
+    let mut gate = builder.start();
+    let metrics = metrics_addr(&gate);
+    let ids = Ids::default();
+    let (big, request) = big_request(&ids, 8 << 20);
+    let tail_len = 100;
+    let (head, tail) = request.split_at(request.len() - tail_len);
+    let mut stream = connect(gate.addr());
+    stream.write_all(head).expect("all but the last bytes");
+    // The sender pauses: all of the head is kept in the spool and released.
+    poll_metric_sum(metrics, "ackgate_kept_bytes_total", WAIT, |v| {
+        v >= head.len() as f64
+    });
+    let mark = gate.log().len();
+    // The next commit stores the request whole: the worker dies right after it.
+    shim.set(EioMode::KillAfterSync);
+    stream.write_all(tail).expect("the last bytes");
+    wait_new_worker(&gate, mark, "a SIGKILL right after storing the request");
+    assert_eq!(shim.mode_bits() & 8, 0, "the shim did not kill");
+    let next_batch = ids.take(10);
+    let entries: Vec<u8> = next_batch.iter().flat_map(|&id| event(id, 40)).collect();
+    stream
+        .write_all(&legacy_request("lifecycle.next", &entries))
+        .expect("the next request, to the next worker");
+    drop(stream);
+    let handed: HashSet<u64> = big.into_iter().chain(next_batch).collect();
+    let duplicates = assert_all_arrived(&agg, &handed, "a stored request and the next one");
+    assert_eq!(duplicates, 0, "the stored request arrived more than once");
+    let skipped = gate.log_lines_with(&["were still in the socket: released, not read again"]);
+    assert!(
+        skipped.len() == 1 && skipped[0].contains(&format!("bytes={tail_len}")),
+        "the next worker did not release the stored request's last bytes: {skipped:?}; log:\n{}",
+        gate.log().dump()
+    );
     gate.terminate_cleanly();
 }
 

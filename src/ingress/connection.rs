@@ -50,7 +50,7 @@ use crate::forward::{Decoded, Frame};
 use crate::lifecycle::names::{ConnState, Handshake};
 use crate::lifecycle::notify;
 use crate::metrics::metrics;
-use crate::spool::Spool;
+use crate::spool::{Kept, Spool, Unstage};
 
 /// Deadline for writing acks to a sender.
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,7 +90,7 @@ struct Staged {
     /// Where it starts in the connection's byte stream.
     start: u64,
     /// Its prefix was kept in the spool under this connection id.
-    unstage: Option<u128>,
+    unstage: Option<Unstage>,
 }
 
 /// Why a connection ended.
@@ -240,24 +240,32 @@ pub(super) async fn serve<I: ConnIo>(
         Some(state) if has_kept => {
             let spool = ctx.spool.clone();
             let id = state.id.0;
-            match tokio::task::spawn_blocking(move || spool.staged(id)).await {
-                Ok(Ok(prefix)) => {
-                    info!(%peer, bytes = prefix.len(), "going on with a request an earlier worker kept in part");
+            let resumed = match tokio::task::spawn_blocking(move || spool.staged(id)).await {
+                Ok(Ok(kept)) => resume_kept(&mut io, kept, peer),
+                Ok(Err(e)) => Err(format!("cannot read it: {e}")),
+                Err(e) => Err(format!("cannot read it: {e}")),
+            };
+            match resumed {
+                Ok(prefix) => {
+                    if !prefix.is_empty() {
+                        info!(%peer, bytes = prefix.len(), "going on with a request an earlier worker kept in part");
+                    }
                     buf.extend_from_slice(&prefix);
                     released += prefix.len() as u64;
                     prefix.len() as u64
                 }
-                Ok(Err(e)) => {
-                    warn!(%peer, error = %e, "cannot read the kept part of an unfinished request: closing the connection");
+                Err(reason) => {
+                    warn!(%peer, %reason, "cannot go on with the kept part of an unfinished request: closing the connection");
+                    ctx.spool.unstage(id);
                     let _ = io.shutdown().await;
                     return Ending::Closed;
                 }
-                Err(_) => return Ending::Closed,
             }
         }
         _ => 0,
     };
     let mut connection = Connection::new(io, buf, released, kept, peer, ctx, live, shutdown, held);
+    connection.kept_in_spool = has_kept;
     // As it was accepted, even if a reload came during the handshake.
     connection.secured = settings.security.is_some();
     if let Some((destination, events)) = destination {
@@ -265,6 +273,39 @@ pub(super) async fn serve<I: ConnIo>(
         connection.destination_events = Some(events);
     }
     connection.run().await
+}
+
+/// What an earlier worker kept of this connection's unfinished request (or the mark of where
+/// its last one kept in part ends), with the socket moved past what of it is still there.
+fn resume_kept<I: ConnIo>(io: &mut I, kept: Kept, peer: SocketAddr) -> Result<Vec<u8>, String> {
+    let Some(stream_end) = kept.stream_end else {
+        return Ok(kept.prefix);
+    };
+    let consumed = io
+        .consumed()
+        .map_err(|e| format!("cannot read the socket's position: {e}"))?;
+    let skip = kept_still_in_socket(kept.prefix.is_empty(), stream_end, consumed)?;
+    if skip > 0 {
+        // Committed in the spool, never released: the earlier worker died in between.
+        io.release(usize::try_from(skip).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("cannot release {skip} bytes kept already: {e}"))?;
+        info!(%peer, bytes = skip, "bytes an earlier worker kept were still in the socket: released, not read again");
+    }
+    Ok(kept.prefix)
+}
+
+/// How many bytes at the head of the socket were kept already (the worker that kept them
+/// died before it released them): the socket stands at `consumed`, what was kept ends at
+/// `stream_end`. Past it is fine only for a mark (the request was stored whole, and the
+/// socket went on): past a kept prefix, bytes after it would have left the socket unkept.
+fn kept_still_in_socket(only_a_mark: bool, stream_end: u64, consumed: u64) -> Result<u64, String> {
+    match stream_end.checked_sub(consumed) {
+        Some(skip) => Ok(skip),
+        None if only_a_mark => Ok(0),
+        None => Err(format!(
+            "the socket is at byte {consumed} of the stream, past the kept part's end at {stream_end}"
+        )),
+    }
 }
 
 /// One connection's state between two events.
@@ -302,6 +343,14 @@ struct Connection<I> {
     parking: bool,
     /// Bytes of the unfinished request kept in the spool and released from the socket.
     kept: u64,
+    /// What the kernel had let go of of this stream before `released` began counting: a
+    /// position `p` of this connection (`filled`, `released`) is `stream_base + p` in the
+    /// socket's. Read from the socket when a part is first kept (its parts say where they
+    /// end).
+    stream_base: Option<u64>,
+    /// The spool may hold kept parts of this connection's request, or the mark of where the
+    /// last one kept in part ends: removed when it closes.
+    kept_in_spool: bool,
     keeping: Option<Keeping>,
     /// Nothing more will be read.
     eof: bool,
@@ -363,6 +412,8 @@ impl<I: ConnIo> Connection<I> {
             last_read: Instant::now(),
             parking: false,
             kept,
+            stream_base: None,
+            kept_in_spool: false,
             keeping: None,
             eof: false,
             peer_closed: false,
@@ -436,12 +487,41 @@ impl<I: ConnIo> Connection<I> {
                 return;
             }
         }
+        let conn = state.id.0;
+        let base = match self.stream_base() {
+            Ok(base) => base,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "cannot tell where the socket stands to keep an unfinished request: closing the connection; the sender resends what it did not finish");
+                self.end = Some(Close::Io);
+                self.eof = true;
+                return;
+            }
+        };
+        // The part ends with what was read (`filled`), at this place in the socket's stream.
         let bytes = bytes::Bytes::copy_from_slice(&self.buf[self.kept as usize..]);
-        let commit = self.ctx.spool.stage(state.id.0, self.kept, bytes);
+        let commit = self
+            .ctx
+            .spool
+            .stage(conn, self.kept, base + self.filled, bytes);
+        self.kept_in_spool = true;
         self.keeping = Some(Keeping {
             commit,
             len: unreleased,
         });
+    }
+
+    /// [`Connection::stream_base`], read from the socket the first time.
+    fn stream_base(&mut self) -> std::io::Result<u64> {
+        if let Some(base) = self.stream_base {
+            return Ok(base);
+        }
+        let base = self
+            .io
+            .consumed()?
+            .checked_sub(self.released)
+            .ok_or_else(|| std::io::Error::other("the socket let go of less than was released"))?;
+        self.stream_base = Some(base);
+        Ok(base)
     }
 
     fn on_kept(&mut self, result: Result<(), crate::spool::SpoolError>) {
@@ -561,10 +641,22 @@ impl<I: ConnIo> Connection<I> {
             return;
         }
         let cost = Spool::cost(frame.signal, self.destination, &frame.tag, &frame.entries);
-        // Its prefix was kept in the spool: removed with the commit that stores it whole.
-        let unstage = (self.kept > 0)
-            .then(|| self.held.as_ref().map(|s| s.id.0))
-            .flatten();
+        // Its prefix was kept in the spool: replaced, in the commit that stores it whole, by
+        // the mark of where it ends (the decoder took it out of `buf`).
+        let conn = self.held.as_ref().map(|state| state.id.0);
+        let unstage = match conn {
+            Some(conn) if self.kept > 0 => {
+                let end = self.filled - self.buf.len() as u64;
+                let base = self.stream_base().map_err(|e| {
+                    warn!(peer = %self.peer, error = %e, "cannot tell where the socket stands: a crash before the next release would read the rest of this request again as a new one");
+                });
+                Some(Unstage {
+                    conn,
+                    stream_end: base.ok().map(|base| base + end),
+                })
+            }
+            _ => None,
+        };
         self.kept = 0;
         let staged = Staged {
             key,
@@ -927,7 +1019,7 @@ impl<I: ConnIo> Connection<I> {
             } else {
                 Close::Eof
             });
-        if self.kept > 0 && !matches!(reason, Close::Parked) {
+        if self.kept_in_spool && !matches!(reason, Close::Parked) {
             if let Some(state) = &self.held {
                 self.ctx.spool.unstage(state.id.0);
             }

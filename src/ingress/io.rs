@@ -43,6 +43,12 @@ pub(crate) trait ConnIo {
         0
     }
 
+    /// Bytes of the stream the kernel has let go of since the connection began (released by
+    /// this worker or an earlier one): where the socket's oldest unreleased byte stands.
+    fn consumed(&self) -> io::Result<u64> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
     async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
 
     /// No more bytes either way (FIN).
@@ -169,6 +175,10 @@ impl ConnIo for Socket {
             .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
     }
 
+    fn consumed(&self) -> io::Result<u64> {
+        consumed_bytes(&self.stream)
+    }
+
     async fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             self.stream.writable().await?;
@@ -222,6 +232,67 @@ fn set_peek_offset(stream: &impl AsRawFd, offset: i32) -> io::Result<()> {
     }
 }
 
+/// TCP states (include/net/tcp_states.h; libc has no names for them) in which the peer's FIN
+/// came: TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING.
+const TCP_STATES_AFTER_PEER_FIN: [u8; 4] = [6, 8, 9, 11];
+
+/// How many times [`consumed_bytes`] reads again while bytes keep arriving under it.
+const CONSUMED_ATTEMPTS: usize = 100;
+
+/// Bytes of `stream` the kernel has let go of: received (`tcpi_bytes_received`, Linux 4.1+)
+/// minus still queued (`FIONREAD`). Only a release moves it, so it is exact, provided nothing
+/// arrives between the two readings: they are taken again until a reading of the queue falls
+/// between two equal readings of the counter. A FIN counts in the received bytes (its sequence
+/// number) but not in the queue: one less once it came.
+fn consumed_bytes(stream: &TcpStream) -> io::Result<u64> {
+    for _ in 0..CONSUMED_ATTEMPTS {
+        let before = tcp_info(stream)?;
+        let queued = rustix::io::ioctl_fionread(stream)?;
+        let after = tcp_info(stream)?;
+        if (before.tcpi_bytes_received, before.tcpi_state)
+            == (after.tcpi_bytes_received, after.tcpi_state)
+        {
+            let fin_received = TCP_STATES_AFTER_PEER_FIN.contains(&after.tcpi_state);
+            return after
+                .tcpi_bytes_received
+                .checked_sub(queued + u64::from(fin_received))
+                .ok_or_else(|| io::Error::other("the kernel queues more than it received"));
+        }
+    }
+    Err(io::Error::other(
+        "bytes kept arriving while the socket's position was read",
+    ))
+}
+
+/// `TCP_INFO`, which must reach `tcpi_bytes_received` (Linux 4.1 and later).
+fn tcp_info(stream: &TcpStream) -> io::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain data (integers), for which all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which outlives the call, on a
+    // descriptor `stream` keeps open; nix and rustix have no wrapper for TCP_INFO.
+    let result = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    if (len as usize) < needed {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this kernel's TCP_INFO has no tcpi_bytes_received (Linux 4.1+)",
+        ));
+    }
+    Ok(info)
+}
+
 /// Whether this kernel peeks TCP at an offset (Linux 6.10 and later): without it, a worker
 /// that dies loses what it had read and not yet committed.
 pub fn tcp_peek_offset_supported() -> bool {
@@ -235,6 +306,36 @@ pub fn tcp_peek_offset_supported() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn consumed_counts_released_bytes_only_and_not_the_fin() {
+        if !tcp_peek_offset_supported() {
+            eprintln!("skipped: this kernel has no TCP SO_PEEK_OFF");
+            return;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut io = Socket::new(accepted, true).unwrap();
+        assert_eq!(io.consumed().unwrap(), 0);
+        sender.write_all(b"hello world").await.unwrap();
+        let mut buf = BytesMut::new();
+        while buf.len() < 11 {
+            io.fill(&mut buf, 64).await.unwrap();
+        }
+        assert_eq!(io.consumed().unwrap(), 0, "peeked is not let go of");
+        io.release(6).unwrap();
+        assert_eq!(io.consumed().unwrap(), 6);
+        // The sender closes: its FIN has a sequence number, but it is no byte of the stream.
+        sender.shutdown().await.unwrap();
+        drop(sender);
+        assert_eq!(io.fill(&mut buf, 64).await.unwrap(), 0, "the FIN came");
+        assert_eq!(io.consumed().unwrap(), 6);
+        io.release(5).unwrap();
+        assert_eq!(io.consumed().unwrap(), 11);
+    }
 
     #[tokio::test]
     async fn peeked_bytes_stay_until_released_and_a_new_reader_starts_over() {

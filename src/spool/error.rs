@@ -39,6 +39,9 @@ pub enum SpoolError {
     Unavailable,
     #[error("spool record {key} is damaged: {source}")]
     Damaged { key: u64, source: RecordError },
+    /// A kept part of an unfinished request is shorter than its own header.
+    #[error("a kept part of an unfinished request is damaged ({len} bytes)")]
+    DamagedStaged { len: usize },
     /// The disk stayed full until shutdown, so these requests were never stored.
     #[error("shutting down with the spool disk full")]
     DiskFullAtShutdown,

@@ -252,8 +252,12 @@ impl Tables<'_> {
     /// (no copy built first) and kept, as the requests' own bytes, for sending from memory.
     fn add_appends(&mut self, appends: &[Append]) -> TxResult<()> {
         self.applied.keys = vec![0; appends.len()];
-        for conn in appends.iter().filter_map(|a| a.unstage) {
-            self.unstage(conn)?;
+        for done in appends.iter().filter_map(|a| a.unstage) {
+            self.unstage(done.conn)?;
+            if let Some(stream_end) = done.stream_end {
+                let mark = super::staged::encode(stream_end, &[]);
+                self.staged.insert((done.conn, 0), &mark[..])?;
+            }
         }
         for merged in merge(appends) {
             let members = || merged.members.iter().map(|&i| &appends[i]);
@@ -349,10 +353,12 @@ impl Tables<'_> {
             Maintenance::Stage {
                 conn,
                 offset,
+                stream_end,
                 bytes,
                 ..
             } => {
-                self.staged.insert((*conn, *offset), &bytes[..])?;
+                let value = super::staged::encode(*stream_end, bytes);
+                self.staged.insert((*conn, *offset), &value[..])?;
                 Ok(Outcome::Done)
             }
             Maintenance::Unstage(conn) => {
@@ -362,7 +368,7 @@ impl Tables<'_> {
         }
     }
 
-    /// Remove every staged part of `conn`'s request.
+    /// Remove every staged part of `conn`'s request, and its mark.
     fn unstage(&mut self, conn: u128) -> TxResult<()> {
         self.staged
             .retain_in((conn, 0)..=(conn, u64::MAX), |_, _| false)?;

@@ -28,6 +28,7 @@ mod read;
 mod reader;
 pub mod record;
 mod reserve;
+mod staged;
 mod store;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -50,6 +51,7 @@ pub use group::MERGE_LIMIT;
 pub use queued::Queued;
 pub use reader::SpoolReader;
 pub use record::{DeadKind, DeadLetter, Entries, RecordError, StoredRecord};
+pub use staged::{Kept, Unstage};
 pub use writer::LAZY_FLUSH;
 
 use budget::Budget;
@@ -371,8 +373,8 @@ impl Spool {
         self.append_unstaging(signal, destination, tag, entries, events, reserved, None)
     }
 
-    /// [`Spool::append`] a request whose prefix was staged under `unstage` ([`Spool::stage`]):
-    /// the staged parts are removed in the same transaction.
+    /// [`Spool::append`] a request whose prefix was staged ([`Spool::stage`]): in the same
+    /// transaction its parts are replaced by the mark of where it ends.
     #[allow(clippy::too_many_arguments)]
     pub fn append_unstaging(
         &self,
@@ -382,7 +384,7 @@ impl Spool {
         entries: Bytes,
         events: u32,
         reserved: u64,
-        unstage: Option<u128>,
+        unstage: Option<Unstage>,
     ) -> oneshot::Receiver<Result<u64, SpoolError>> {
         let (reply, rx) = oneshot::channel();
         let append = Append {
@@ -406,18 +408,21 @@ impl Spool {
         rx
     }
 
-    /// Keep `bytes`, part of a request still arriving on connection `conn` at `offset` in it,
-    /// durably (invariant 10: it may then leave its socket). Resolves once committed.
+    /// Keep `bytes`, part of a request still arriving on connection `conn` at `offset` in it
+    /// and ending at `stream_end` in the connection's stream, durably (invariant 10: it may
+    /// then leave its socket). Resolves once committed.
     pub fn stage(
         &self,
         conn: u128,
         offset: u64,
+        stream_end: u64,
         bytes: Bytes,
     ) -> oneshot::Receiver<Result<(), SpoolError>> {
         let (reply, rx) = oneshot::channel();
         self.maintain(Maintenance::Stage {
             conn,
             offset,
+            stream_end,
             bytes,
             reply,
         });
@@ -431,7 +436,7 @@ impl Spool {
 
     /// What was staged for `conn`, in order (a worker going on with a connection an earlier
     /// one left). Blocking.
-    pub fn staged(&self, conn: u128) -> Result<Vec<u8>, SpoolError> {
+    pub fn staged(&self, conn: u128) -> Result<Kept, SpoolError> {
         self.with_read(|txn| read::staged(txn, conn))
     }
 

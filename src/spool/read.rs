@@ -8,21 +8,25 @@ use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 
 use super::error::SpoolError;
 use super::record::{self, DeadLetter};
+use super::staged::Kept;
 use super::store::{DEAD, RECORDS, RETRIES, STAGED};
 use super::{DamagedRecord, ReadBatch};
 
-/// What was staged for `conn`'s request, its parts concatenated in order.
-pub(super) fn staged(txn: &ReadTransaction, conn: u128) -> Result<Vec<u8>, SpoolError> {
+/// What was staged for `conn`'s request, its parts concatenated in order, and where the last
+/// part (or the mark of a request stored whole) ends in the connection's stream.
+pub(super) fn staged(txn: &ReadTransaction, conn: u128) -> Result<Kept, SpoolError> {
     let table = txn.open_table(STAGED).map_err(SpoolError::read)?;
-    let mut prefix = Vec::new();
+    let mut kept = Kept::default();
     for item in table
         .range((conn, 0)..=(conn, u64::MAX))
         .map_err(SpoolError::read)?
     {
         let (_, value) = item.map_err(SpoolError::read)?;
-        prefix.extend_from_slice(value.value());
+        let (stream_end, bytes) = super::staged::decode(value.value())?;
+        kept.prefix.extend_from_slice(bytes);
+        kept.stream_end = Some(stream_end);
     }
-    Ok(prefix)
+    Ok(kept)
 }
 
 /// The connections with staged parts.

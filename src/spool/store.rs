@@ -27,8 +27,10 @@ pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 /// `dead_letter_max_bytes`.
 pub(super) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 /// Prefixes of requests too large to wait unread in their socket (invariant 10): (connection
-/// id, offset in the request) → bytes. Durable before they leave the socket, removed in the
-/// transaction that stores the whole request, or when its connection ends without it.
+/// id, offset in the request) → [`super::staged`] value: where the part ends in the
+/// connection's stream, then its bytes. Durable before they leave the socket; replaced, in the
+/// transaction that stores the whole request, by a mark with no bytes saying where that
+/// request ends; removed when the connection ends.
 pub(super) const STAGED: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("staged");
 pub(super) const META_NEXT_KEY: &str = "next_key";
 pub(super) const META_BYTES: &str = "bytes";

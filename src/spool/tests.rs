@@ -451,3 +451,58 @@ async fn queued_by_destination_is_cleared_when_the_spool_empties_after_a_damaged
     assert_eq!(spool.queued_by_destination(), vec![]);
     stop(writer).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_parts_say_where_they_end_and_the_request_stored_whole_leaves_its_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, writer) = Spool::open(&config(&dir)).unwrap();
+    let conn = 0xfeed_u128;
+    let staged = |spool: &Spool| spool.staged(conn).unwrap();
+    assert_eq!(staged(&spool), Kept::default(), "nothing kept yet");
+    for (offset, stream_end, part) in [(0, 1_005, &b"hello "[..]), (6, 1_010, &b"world"[..])] {
+        let rx = spool.stage(conn, offset, stream_end, Bytes::from_static(part));
+        timeout(WAIT, rx).await.unwrap().unwrap().unwrap();
+    }
+    let kept = staged(&spool);
+    assert_eq!(kept.prefix, b"hello world");
+    assert_eq!(kept.stream_end, Some(1_010), "where the last part ends");
+    assert_eq!(spool.staged_connections().unwrap(), vec![conn]);
+
+    // The whole request (11 kept + 4 more bytes) is stored: the parts go, a mark stays.
+    let e = entry(1);
+    let cost = Spool::cost(Signal::Logs, None, b"t", &e);
+    assert!(spool.try_reserve(cost));
+    let unstage = Some(Unstage {
+        conn,
+        stream_end: Some(1_014),
+    });
+    let rx = spool.append_unstaging(
+        Signal::Logs,
+        None,
+        Bytes::from("t"),
+        Bytes::from(e),
+        1,
+        cost,
+        unstage,
+    );
+    timeout(WAIT, rx).await.unwrap().unwrap().unwrap();
+    let mark = staged(&spool);
+    assert!(mark.prefix.is_empty(), "a mark keeps no bytes");
+    assert_eq!(mark.stream_end, Some(1_014));
+
+    // The next request kept in part replaces the mark.
+    let rx = spool.stage(conn, 0, 1_020, Bytes::from_static(b"next"));
+    timeout(WAIT, rx).await.unwrap().unwrap().unwrap();
+    let kept = staged(&spool);
+    assert_eq!(
+        (kept.prefix.as_slice(), kept.stream_end),
+        (&b"next"[..], Some(1_020))
+    );
+
+    // The connection ends: nothing of it stays.
+    spool.unstage(conn);
+    timeout(WAIT, spool.flush()).await.unwrap().unwrap();
+    assert_eq!(staged(&spool), Kept::default());
+    assert!(spool.staged_connections().unwrap().is_empty());
+    stop(writer).await;
+}

@@ -77,9 +77,9 @@ pub(super) struct Append {
     pub queued_at: Instant,
     /// Bytes reserved in the budget for this request (given back if it fails).
     pub reserved: u64,
-    /// The request's prefix was staged under this connection id: removed in the same
-    /// transaction.
-    pub unstage: Option<u128>,
+    /// The request's prefix was staged: its parts are replaced by a mark of where the request
+    /// ends in the same transaction.
+    pub unstage: Option<super::Unstage>,
     pub reply: oneshot::Sender<Result<u64, SpoolError>>,
 }
 
@@ -123,6 +123,8 @@ pub(super) enum Maintenance {
     Stage {
         conn: u128,
         offset: u64,
+        /// Where the part ends in the connection's stream ([`super::staged`]).
+        stream_end: u64,
         bytes: Bytes,
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },

@@ -10,7 +10,7 @@
 //! | offset | type | field |
 //! |---|---|---|
 //! | 0 | u32 | magic `CTL_MAGIC` (the shim ignores a file without it) |
-//! | 4 | u32 | mode: bit 0 fail reads, bit 1 fail writes, bit 2 fail fdatasync/fsync |
+//! | 4 | u32 | mode: bit 0 fail reads, bit 1 fail writes, bit 2 fail fdatasync/fsync, bit 3 SIGKILL after the next commit's fdatasync/fsync (once) |
 //! | 8 | u64 | read failures injected |
 //! | 16 | u64 | write failures injected |
 //! | 24 | u64 | sync failures injected |
@@ -39,6 +39,9 @@ pub enum EioMode {
     FailReads,
     /// `pwrite`, `pwrite64`, `pwritev`, `fdatasync` and `fsync` fail with EIO.
     FailWrites,
+    /// The next `fdatasync` or `fsync` that succeeds after a write at offset 0 (redb's header:
+    /// the commit is durable) SIGKILLs its process; the mode is then off again.
+    KillAfterSync,
 }
 
 impl EioMode {
@@ -47,6 +50,7 @@ impl EioMode {
             EioMode::Off => 0,
             EioMode::FailReads => 1,
             EioMode::FailWrites => 2 | 4,
+            EioMode::KillAfterSync => 8,
         }
     }
 }
@@ -154,6 +158,15 @@ impl EioShim {
     /// Processes whose shim mapped this control file (one per ackgate start).
     pub fn attached(&self) -> u64 {
         self.read_u64(OFF_ATTACHED)
+    }
+
+    /// The mode now (the shim switches [`EioMode::KillAfterSync`] off once it killed).
+    pub fn mode_bits(&self) -> u32 {
+        let mut b = [0u8; 4];
+        self.ctl
+            .read_exact_at(&mut b, OFF_MODE)
+            .expect("read the fault mode");
+        u32::from_ne_bytes(b)
     }
 
     fn read_u64(&self, offset: u64) -> u64 {

@@ -22,6 +22,12 @@
  *   offset  4  u32  mode             bit 0 fail reads  (pread, pread64, preadv)
  *                                    bit 1 fail writes (pwrite, pwrite64, pwritev)
  *                                    bit 2 fail syncs  (fdatasync, fsync)
+ *                                    bit 3 kill after a commit: the next fdatasync/fsync
+ *                                          that succeeds after a write at offset 0 (redb
+ *                                          writes its header only to commit; a sync without
+ *                                          one is the file growing) clears this bit, then
+ *                                          SIGKILLs its process (one process, once: a commit
+ *                                          is durable, and nothing after it ran)
  *   offset  8  u64  read_failures    calls this shim failed, per kind (atomic adds)
  *   offset 16  u64  write_failures
  *   offset 24  u64  sync_failures
@@ -33,6 +39,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,6 +56,7 @@
 #define FAIL_READS 1u
 #define FAIL_WRITES 2u
 #define FAIL_SYNCS 4u
+#define KILL_AFTER_SYNC 8u
 
 struct ctl {
     uint32_t magic;
@@ -148,12 +156,78 @@ INTERPOSE(ssize_t, pread, FAIL_READS, reads,
           (int fd, void *buf, size_t count, off_t offset), (fd, buf, count, offset))
 INTERPOSE(ssize_t, preadv, FAIL_READS, reads,
           (int fd, const struct iovec *iov, int iovcnt, off_t offset), (fd, iov, iovcnt, offset))
-INTERPOSE(ssize_t, pwrite64, FAIL_WRITES, writes,
-          (int fd, const void *buf, size_t count, off64_t offset), (fd, buf, count, offset))
-INTERPOSE(ssize_t, pwrite, FAIL_WRITES, writes,
-          (int fd, const void *buf, size_t count, off_t offset), (fd, buf, count, offset))
-INTERPOSE(ssize_t, pwritev, FAIL_WRITES, writes,
-          (int fd, const struct iovec *iov, int iovcnt, off_t offset), (fd, iov, iovcnt, offset))
-INTERPOSE(int, fdatasync, FAIL_SYNCS, syncs, (int fd), (fd))
-INTERPOSE(int, fsync, FAIL_SYNCS, syncs, (int fd), (fd))
 /* clang-format on */
+
+/* Whether a commit must kill (the mode has KILL_AFTER_SYNC) and fd is the targeted file. */
+static int kill_armed(int fd)
+{
+    struct ctl *c = __atomic_load_n(&ctl, __ATOMIC_ACQUIRE);
+    return c && (__atomic_load_n(&c->mode, __ATOMIC_RELAXED) & KILL_AFTER_SYNC) && targeted(fd);
+}
+
+/* A header write (offset 0) since the last sync of the targeted file, while armed. */
+static int header_written;
+
+static void note_write(int fd, off64_t offset)
+{
+    if (offset == 0 && kill_armed(fd))
+        __atomic_store_n(&header_written, 1, __ATOMIC_RELEASE);
+}
+
+ssize_t pwrite64(int fd, const void *buf, size_t count, off64_t offset)
+{
+    REAL(pwrite64);
+    if (inject(FAIL_WRITES, fd, writes))
+        return -1;
+    note_write(fd, offset);
+    return real_pwrite64(fd, buf, count, offset);
+}
+
+ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
+{
+    REAL(pwrite);
+    if (inject(FAIL_WRITES, fd, writes))
+        return -1;
+    note_write(fd, offset);
+    return real_pwrite(fd, buf, count, offset);
+}
+
+ssize_t pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset)
+{
+    REAL(pwritev);
+    if (inject(FAIL_WRITES, fd, writes))
+        return -1;
+    note_write(fd, offset);
+    return real_pwritev(fd, iov, iovcnt, offset);
+}
+
+/* After a sync that succeeded: a commit (its header was written since the last sync) kills
+ * if the test asked for it; the first such sync of any attached process takes the bit, so
+ * exactly one dies. */
+static int kill_if_asked(int fd, int result)
+{
+    if (result != 0 || !kill_armed(fd))
+        return result;
+    if (!__atomic_exchange_n(&header_written, 0, __ATOMIC_ACQ_REL))
+        return result;
+    struct ctl *c = __atomic_load_n(&ctl, __ATOMIC_ACQUIRE);
+    if (__atomic_fetch_and(&c->mode, ~KILL_AFTER_SYNC, __ATOMIC_ACQ_REL) & KILL_AFTER_SYNC)
+        raise(SIGKILL);
+    return result;
+}
+
+int fdatasync(int fd)
+{
+    REAL(fdatasync);
+    if (inject(FAIL_SYNCS, fd, syncs))
+        return -1;
+    return kill_if_asked(fd, real_fdatasync(fd));
+}
+
+int fsync(int fd)
+{
+    REAL(fsync);
+    if (inject(FAIL_SYNCS, fd, syncs))
+        return -1;
+    return kill_if_asked(fd, real_fsync(fd));
+}

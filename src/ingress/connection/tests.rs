@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::serve;
+use super::{kept_still_in_socket, serve};
 use crate::config::Config;
 use crate::forward::ack::encode_ack;
 use crate::ingress::io::Streamed;
@@ -321,4 +321,17 @@ async fn shutdown_lets_the_request_being_read_finish_and_acks_it() {
     task.await.unwrap();
     assert_eq!(h.keys_after_flush().await.len(), 1);
     h.stop().await;
+}
+
+#[test]
+fn bytes_kept_but_not_released_are_skipped_and_a_socket_past_a_prefix_is_an_error() {
+    // The worker died after the part was committed, before its release: skip the rest.
+    assert_eq!(kept_still_in_socket(false, 1_000, 600), Ok(400));
+    // It died after the release: nothing to skip.
+    assert_eq!(kept_still_in_socket(false, 1_000, 1_000), Ok(0));
+    // A mark of a request stored whole, and requests released after it: nothing to skip.
+    assert_eq!(kept_still_in_socket(true, 1_000, 5_000), Ok(0));
+    assert_eq!(kept_still_in_socket(true, 1_000, 900), Ok(100));
+    // Bytes after a kept prefix left the socket unkept: that cannot be joined.
+    assert!(kept_still_in_socket(false, 1_000, 1_001).is_err());
 }
