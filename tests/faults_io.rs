@@ -43,23 +43,17 @@ const SPOOL_SUFFIX: &str = "spool.redb";
 /// ackgate with defaults, its metrics on, its spool at the harness's path, and the shim
 /// preloaded (mode off) if one is given.
 fn start_gate(node: SocketAddr, shim: Option<&EioShim>) -> Ackgate {
-    let mut builder = Ackgate::builder()
+    Ackgate::builder()
         .node("agg", node)
         .section("upstream", DEFAULT_UPSTREAM)
-        .metrics();
-    for (key, value) in shim.map(EioShim::env).unwrap_or_default() {
-        builder = builder.env(&key, &value);
-    }
-    builder.start()
+        .metrics()
+        .envs(&shim.map(EioShim::env).unwrap_or_default())
+        .start()
 }
 
 /// The shim with a fresh control file, or `None` (printed) where it cannot be built.
 fn shim_or_skip(test: &str) -> Option<EioShim> {
-    if !runnable(&format!("faults_io {test}"), EioShim::unavailable()) {
-        return None;
-    }
-    // cc is there: a shim that does not compile is a failure, not a skip.
-    Some(EioShim::new(SPOOL_SUFFIX).unwrap_or_else(|e| panic!("{e}")))
+    EioShim::for_test(&format!("faults_io {test}"), SPOOL_SUFFIX)
 }
 
 /// Acking senders of `events` 140-byte events per request.

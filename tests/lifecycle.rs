@@ -203,6 +203,37 @@ fn big_request(ids: &Ids, size: usize) -> (Vec<u64>, Vec<u8>) {
     (batch, legacy_request("lifecycle.big", &entries))
 }
 
+/// Write the rest of a big request to the next worker and close: every event of it arrives,
+/// once.
+fn finish_big_request(
+    agg: &Aggregator,
+    mut stream: TcpStream,
+    tail: &[u8],
+    batch: Vec<u64>,
+    size: usize,
+) {
+    stream
+        .write_all(tail)
+        .expect("second half, to the next worker");
+    drop(stream);
+    let handed: HashSet<u64> = batch.into_iter().collect();
+    let duplicates = assert_all_arrived(agg, &handed, &format!("a {size}-byte request"));
+    assert_eq!(
+        duplicates, 0,
+        "a {size}-byte request arrived more than once"
+    );
+}
+
+/// ackgate at the product's upstream timing with the disk fault shim preloaded (mode off).
+fn gate_with_shim(agg: &Aggregator, shim: &EioShim) -> Ackgate {
+    Ackgate::builder()
+        .node("agg", agg.addr())
+        .product_upstream_timing()
+        .metrics()
+        .envs(&shim.env())
+        .start()
+}
+
 #[test]
 fn a_request_larger_than_the_socket_survives_a_worker_killed_in_its_middle() {
     let agg = Aggregator::start();
@@ -227,16 +258,7 @@ fn a_request_larger_than_the_socket_survives_a_worker_killed_in_its_middle() {
         let mark = gate.log().len();
         send_signal(gate.worker_pid(), libc::SIGKILL);
         wait_new_worker(&gate, mark, "a SIGKILL mid-request");
-        stream
-            .write_all(tail)
-            .expect("second half, to the next worker");
-        drop(stream);
-        let handed: HashSet<u64> = batch.into_iter().collect();
-        let duplicates = assert_all_arrived(&agg, &handed, &format!("a {size}-byte request"));
-        assert_eq!(
-            duplicates, 0,
-            "a {size}-byte request arrived more than once"
-        );
+        finish_big_request(&agg, stream, tail, batch, size);
         let resumed = gate.log_lines_with(&["going on with a request an earlier worker kept"]);
         assert!(
             !resumed.is_empty(),
@@ -477,23 +499,12 @@ fn a_stop_commits_what_the_kernel_accepted_and_takes_no_new_connection() {
 /// join the request wrongly, and it would be refused and lost.
 #[test]
 fn a_worker_killed_between_keeping_a_part_and_releasing_it_reads_none_of_it_twice() {
-    if !runnable(
-        "lifecycle kill after keeping a part",
-        EioShim::unavailable(),
-    ) {
+    let Some(shim) = EioShim::for_test("lifecycle kill after keeping a part", "spool.redb") else {
         return;
-    }
-    let shim = EioShim::new("spool.redb").unwrap_or_else(|e| panic!("{e}"));
+    };
     for size in [8 << 20, 16 << 20] {
         let agg = Aggregator::start();
-        let mut builder = Ackgate::builder()
-            .node("agg", agg.addr())
-            .product_upstream_timing()
-            .metrics();
-        for (key, value) in shim.env() {
-            builder = builder.env(&key, &value);
-        }
-        let mut gate = builder.start();
+        let mut gate = gate_with_shim(&agg, &shim);
         let ids = Ids::default();
         let (batch, request) = big_request(&ids, size);
         let (head, tail) = request.split_at(request.len() / 2);
@@ -503,17 +514,8 @@ fn a_worker_killed_between_keeping_a_part_and_releasing_it_reads_none_of_it_twic
         shim.set(EioMode::KillAfterSync);
         stream.write_all(head).expect("first half");
         wait_new_worker(&gate, mark, "a SIGKILL right after keeping a part");
-        assert_eq!(shim.mode_bits() & 8, 0, "the shim did not kill");
-        stream
-            .write_all(tail)
-            .expect("second half, to the next worker");
-        drop(stream);
-        let handed: HashSet<u64> = batch.into_iter().collect();
-        let duplicates = assert_all_arrived(&agg, &handed, &format!("a {size}-byte request"));
-        assert_eq!(
-            duplicates, 0,
-            "a {size}-byte request arrived more than once"
-        );
+        assert!(!shim.kill_pending(), "the shim did not kill");
+        finish_big_request(&agg, stream, tail, batch, size);
         let skipped = gate.log_lines_with(&["were still in the socket: released, not read again"]);
         assert_eq!(
             skipped.len(),
@@ -531,22 +533,12 @@ fn a_worker_killed_between_keeping_a_part_and_releasing_it_reads_none_of_it_twic
 /// read the sender's next request, written on the same connection, as the next request.
 #[test]
 fn a_worker_killed_after_storing_a_kept_request_whole_reads_the_next_one_right() {
-    if !runnable(
-        "lifecycle kill after storing a kept request",
-        EioShim::unavailable(),
-    ) {
+    let Some(shim) = EioShim::for_test("lifecycle kill after storing a kept request", "spool.redb")
+    else {
         return;
-    }
-    let shim = EioShim::new("spool.redb").unwrap_or_else(|e| panic!("{e}"));
+    };
     let agg = Aggregator::start();
-    let mut builder = Ackgate::builder()
-        .node("agg", agg.addr())
-        .product_upstream_timing()
-        .metrics();
-    for (key, value) in shim.env() {
-        builder = builder.env(&key, &value);
-    }
-    let mut gate = builder.start();
+    let mut gate = gate_with_shim(&agg, &shim);
     let metrics = metrics_addr(&gate);
     let ids = Ids::default();
     let (big, request) = big_request(&ids, 8 << 20);
@@ -563,7 +555,7 @@ fn a_worker_killed_after_storing_a_kept_request_whole_reads_the_next_one_right()
     shim.set(EioMode::KillAfterSync);
     stream.write_all(tail).expect("the last bytes");
     wait_new_worker(&gate, mark, "a SIGKILL right after storing the request");
-    assert_eq!(shim.mode_bits() & 8, 0, "the shim did not kill");
+    assert!(!shim.kill_pending(), "the shim did not kill");
     let next_batch = ids.take(10);
     let entries: Vec<u8> = next_batch.iter().flat_map(|&id| event(id, 40)).collect();
     stream

@@ -307,17 +307,26 @@ pub fn tcp_peek_offset_supported() -> bool {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn consumed_counts_released_bytes_only_and_not_the_fin() {
+    /// A sender and the accepted end on 127.0.0.1, or `None` (printed) on a kernel without
+    /// TCP `SO_PEEK_OFF`.
+    async fn connected_pair() -> Option<(TcpStream, TcpStream)> {
         if !tcp_peek_offset_supported() {
             eprintln!("skipped: this kernel has no TCP SO_PEEK_OFF");
-            return;
+            return None;
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
+        let sender = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
+        Some((sender, accepted))
+    }
+
+    #[tokio::test]
+    async fn consumed_counts_released_bytes_only_and_not_the_fin() {
+        let Some((mut sender, accepted)) = connected_pair().await else {
+            return;
+        };
         let mut io = Socket::new(accepted, true).unwrap();
         assert_eq!(io.consumed().unwrap(), 0);
         sender.write_all(b"hello world").await.unwrap();
@@ -339,15 +348,9 @@ mod tests {
 
     #[tokio::test]
     async fn peeked_bytes_stay_until_released_and_a_new_reader_starts_over() {
-        if !tcp_peek_offset_supported() {
-            eprintln!("skipped: this kernel has no TCP SO_PEEK_OFF");
+        let Some((mut sender, accepted)) = connected_pair().await else {
             return;
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
+        };
         let kept = accepted.into_std().unwrap();
         let copy = kept.try_clone().unwrap();
         let mut io = Socket::new(TcpStream::from_std(copy).unwrap(), true).unwrap();

@@ -100,6 +100,16 @@ impl EioShim {
         LIB.get_or_init(|| compile_shim("eio_shim")).clone()
     }
 
+    /// [`EioShim::new`] for `test`, or `None` where it cannot be built (printed; under CI a
+    /// failure: [`runnable`](super::runnable)). With a C compiler, a shim that does not
+    /// compile is a failure, not a skip.
+    pub fn for_test(test: &str, suffix: &str) -> Option<EioShim> {
+        if !super::runnable(test, EioShim::unavailable()) {
+            return None;
+        }
+        Some(EioShim::new(suffix).unwrap_or_else(|e| panic!("{e}")))
+    }
+
     /// A fresh control file (mode off) for descriptors whose path ends with `suffix`.
     pub fn new(suffix: &str) -> Result<EioShim, String> {
         let lib = EioShim::build()?;
@@ -160,13 +170,14 @@ impl EioShim {
         self.read_u64(OFF_ATTACHED)
     }
 
-    /// The mode now (the shim switches [`EioMode::KillAfterSync`] off once it killed).
-    pub fn mode_bits(&self) -> u32 {
+    /// [`EioMode::KillAfterSync`] is still set: no process was killed yet (the shim switches
+    /// it off when it kills).
+    pub fn kill_pending(&self) -> bool {
         let mut b = [0u8; 4];
         self.ctl
             .read_exact_at(&mut b, OFF_MODE)
             .expect("read the fault mode");
-        u32::from_ne_bytes(b)
+        u32::from_ne_bytes(b) & EioMode::KillAfterSync.bits() != 0
     }
 
     fn read_u64(&self, offset: u64) -> u64 {

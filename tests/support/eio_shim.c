@@ -174,32 +174,22 @@ static void note_write(int fd, off64_t offset)
         __atomic_store_n(&header_written, 1, __ATOMIC_RELEASE);
 }
 
-ssize_t pwrite64(int fd, const void *buf, size_t count, off64_t offset)
-{
-    REAL(pwrite64);
-    if (inject(FAIL_WRITES, fd, writes))
-        return -1;
-    note_write(fd, offset);
-    return real_pwrite64(fd, buf, count, offset);
-}
+/* A write interposed as INTERPOSE does, that also notes a header write for KILL_AFTER_SYNC. */
+#define INTERPOSE_WRITE(name, params, args)                                        \
+    ssize_t name params                                                            \
+    {                                                                              \
+        REAL(name);                                                                \
+        if (inject(FAIL_WRITES, fd, writes))                                       \
+            return -1;                                                             \
+        note_write(fd, offset);                                                    \
+        return real_##name args;                                                   \
+    }
 
-ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
-{
-    REAL(pwrite);
-    if (inject(FAIL_WRITES, fd, writes))
-        return -1;
-    note_write(fd, offset);
-    return real_pwrite(fd, buf, count, offset);
-}
-
-ssize_t pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset)
-{
-    REAL(pwritev);
-    if (inject(FAIL_WRITES, fd, writes))
-        return -1;
-    note_write(fd, offset);
-    return real_pwritev(fd, iov, iovcnt, offset);
-}
+/* clang-format off */
+INTERPOSE_WRITE(pwrite64, (int fd, const void *buf, size_t count, off64_t offset), (fd, buf, count, offset))
+INTERPOSE_WRITE(pwrite, (int fd, const void *buf, size_t count, off_t offset), (fd, buf, count, offset))
+INTERPOSE_WRITE(pwritev, (int fd, const struct iovec *iov, int iovcnt, off_t offset), (fd, iov, iovcnt, offset))
+/* clang-format on */
 
 /* After a sync that succeeded: a commit (its header was written since the last sync) kills
  * if the test asked for it; the first such sync of any attached process takes the bit, so
@@ -216,18 +206,15 @@ static int kill_if_asked(int fd, int result)
     return result;
 }
 
-int fdatasync(int fd)
-{
-    REAL(fdatasync);
-    if (inject(FAIL_SYNCS, fd, syncs))
-        return -1;
-    return kill_if_asked(fd, real_fdatasync(fd));
-}
+/* A sync interposed as INTERPOSE does, then killed after if KILL_AFTER_SYNC asks. */
+#define INTERPOSE_SYNC(name)                                                       \
+    int name(int fd)                                                               \
+    {                                                                              \
+        REAL(name);                                                                \
+        if (inject(FAIL_SYNCS, fd, syncs))                                         \
+            return -1;                                                             \
+        return kill_if_asked(fd, real_##name(fd));                                 \
+    }
 
-int fsync(int fd)
-{
-    REAL(fsync);
-    if (inject(FAIL_SYNCS, fd, syncs))
-        return -1;
-    return kill_if_asked(fd, real_fsync(fd));
-}
+INTERPOSE_SYNC(fdatasync)
+INTERPOSE_SYNC(fsync)

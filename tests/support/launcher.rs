@@ -82,6 +82,12 @@ impl AckgateBuilder {
         self
     }
 
+    /// [`AckgateBuilder::env`] for each pair (an LD_PRELOAD shim's [`EioShim::env`](super::EioShim::env)).
+    pub fn envs(mut self, vars: &[(String, String)]) -> Self {
+        self.envs.extend(vars.iter().cloned());
+        self
+    }
+
     /// Write the config into a new temp dir and start the binary.
     pub fn start(self) -> Ackgate {
         let dir = tempfile::tempdir().expect("create temp dir");
