@@ -164,10 +164,7 @@ impl ConnIo for Socket {
     }
 
     fn abort(&mut self) -> bool {
-        // connect(AF_UNSPEC) disconnects the socket itself (tcp_disconnect: a RST, queues
-        // dropped), whoever else holds a descriptor of it: the supervisor's copy sees the
-        // hang-up and lets go. A close would wait for the last copy.
-        rustix::net::connect_unspec(&self.stream).is_ok()
+        reset(&self.stream).is_ok()
     }
 
     fn queued(&self) -> usize {
@@ -230,6 +227,13 @@ fn set_peek_offset(stream: &impl AsRawFd, offset: i32) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Reset `stream` now: connect(AF_UNSPEC) disconnects the socket itself (tcp_disconnect: a RST,
+/// queues dropped), whoever else holds a descriptor of it, so the supervisor's copy sees the
+/// hang-up and lets go. A close would wait for the last copy, and a shutdown sends a FIN first.
+pub(crate) fn reset(stream: &TcpStream) -> io::Result<()> {
+    rustix::net::connect_unspec(stream).map_err(io::Error::from)
 }
 
 /// TCP states (include/net/tcp_states.h; libc has no names for them) in which the peer's FIN

@@ -272,8 +272,9 @@ fn serve_handed(
 /// Refuse a connection: a reset, on the socket itself (the supervisor holds a copy, which
 /// lets go once the socket hangs up).
 fn refuse(stream: &TcpStream) {
-    let _ = stream.set_zero_linger();
-    let _ = SockRef::from(stream).shutdown(std::net::Shutdown::Both);
+    // Not a shutdown with SO_LINGER 0: that sends a FIN, and the RST only once the supervisor
+    // lets go of its copy (a sender could see its connection half closed, not refused).
+    let _ = io::reset(stream);
 }
 
 /// Count the connection, do TLS if configured, and serve it.
